@@ -1,0 +1,160 @@
+"""The `ds4bench` command: a thin front that maps subcommands onto library calls.
+
+User errors (bad files, unknown modes, invalid specs) become one line on stderr and exit 2 here,
+in one place; the library raises, it never prints or exits.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from . import config as C
+
+
+class UserError(Exception):
+    """A problem with the user's input; printed as one line."""
+
+
+def load_model(model: str | None = None, preset: str | None = None, variant: str | None = None, seed: int = 0):
+    """A ModelFile from a GGUF path or a synthetic preset (generated in memory)."""
+    from .gguf_io import load_gguf, tensor_specs
+    from .synth import make_model
+    if model:
+        expect = C.preset(preset, variant) if preset else None
+        return load_gguf(model, expect)
+    cfg = C.preset(preset or "tiny", variant)
+    need = sum(s.nbytes for s in tensor_specs(cfg))
+    avail = _host_available()
+    if avail and need > 0.6 * avail:
+        raise UserError(f"preset {cfg.name} ({cfg.variant}) needs {need / 2**30:.1f} GiB of host memory, "
+                        f"{avail / 2**30:.1f} GiB is available; use a smaller preset or write it with "
+                        f"`ds4bench model make` on a larger machine")
+    return make_model(cfg, seed)
+
+
+def _host_available() -> int:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
+    if positional:
+        p.add_argument("file", nargs="?", help="a DS4 GGUF file")
+    else:
+        p.add_argument("--model", "-m", help="a DS4 GGUF file (default: a synthetic preset)")
+    p.add_argument("--preset", help=f"synthetic preset: {', '.join(C.PRESETS)} (default tiny)")
+    p.add_argument("--variant", choices=("q2", "q4"), help="routed-expert weights of the preset")
+    p.add_argument("--seed", type=int, default=0, help="synthetic weight seed (default 0)")
+
+
+# ---- model ---------------------------------------------------------------------------------
+def cmd_model_make(a) -> int:
+    from .synth import write_model
+    cfg = C.preset(a.preset or "tiny", a.variant)
+    size = write_model(cfg, a.output, a.seed)
+    print(f"wrote {a.output}: preset {cfg.name} ({cfg.variant}), seed {a.seed}, {size:,} bytes")
+    return 0
+
+
+def cmd_model_info(a) -> int:
+    from .gguf_io import load_gguf
+    from .modelinfo import report
+    if a.file:
+        mf = load_gguf(a.file, C.preset(a.preset, a.variant) if a.preset else None)
+        print(report(mf.cfg, f"{a.file} ({os.path.getsize(a.file):,} bytes; "
+                              f"{len(mf.tensors)} tensors validated: names, shapes, types)"))
+    else:
+        cfg = C.preset(a.preset or "tiny", a.variant)
+        print(report(cfg, f"preset {cfg.name}"))
+    return 0
+
+
+# ---- generate --------------------------------------------------------------------------------
+def engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache", default=os.environ.get("DS4BENCH_CACHE", "f32"),
+                   help="numeric mode: q8 | f16 | f32 (env DS4BENCH_CACHE; default f32)")
+    p.add_argument("--backend", default=os.environ.get("DS4BENCH_BACKEND", "numpy"),
+                   help="numpy | cupy (env DS4BENCH_BACKEND; default numpy)")
+    p.add_argument("--batch", "-b", type=int, default=1, help="sequences decoded per step (1..64)")
+    p.add_argument("--ctx", type=int, default=4096, help="context allocated per sequence")
+    p.add_argument("--chunk", type=int, default=512, help="prefill chunk (tokens)")
+
+
+def cmd_generate(a) -> int:
+    from .generate import Engine, generate
+    from .tokenizer import Tokenizer
+    mf = load_model(a.model, a.preset, a.variant, a.seed)
+    tok = Tokenizer.from_gguf_metadata(mf.metadata)
+    ids = tok.encode(a.prompt) if a.raw else tok.chat(a.prompt)
+    ctx = max(a.ctx, len(ids) + a.n + 1)
+    eng = Engine(mf, cache=a.cache, backend=a.backend, batch=a.batch, ctx=ctx, prefill_chunk=a.chunk)
+    res = generate(eng, [("prompt", ids)], a.n, tok.decode)
+    fp, t = res.fingerprints[0], res.timing
+    print(fp.text)
+    print(f"--- {mf.cfg.name} ({a.backend}, cache {a.cache}, batch {a.batch}): prompt {len(ids)} tokens, "
+          f"prefill {t.prefill_tps:.1f} tok/s, decode {t.decode_tps:.1f} tok/s, {a.n} tokens, sha256 {fp.sha256[:16]}"
+          + (" NON-FINITE LOGITS" if fp.nonfinite else "")
+          + (f" REPLICA MISMATCH x{fp.replica_mismatch}" if fp.replica_mismatch else ""))
+    return 1 if fp.nonfinite or fp.replica_mismatch else 0
+
+
+# ---- entry -------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="ds4bench", description="DeepSeek V4 Flash engine benchmarks: "
+                                 "speed and greedy-output correctness recorded together")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    mp = sub.add_parser("model", help="make or inspect DS4 GGUF models").add_subparsers(dest="model_cmd", required=True)
+    p = mp.add_parser("make", help="write a synthetic DS4 GGUF")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--variant", choices=("q2", "q4"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-o", "--output", required=True)
+    p.set_defaults(func=cmd_model_make)
+    p = mp.add_parser("info", help="tensors, sizes and per-token read bytes of a file or preset")
+    model_args(p, positional=True)
+    p.set_defaults(func=cmd_model_info)
+
+    p = sub.add_parser("generate", help="greedy generation with timing and a fingerprint")
+    model_args(p)
+    engine_args(p)
+    p.add_argument("-p", "--prompt", default="What is the capital of France? One word.")
+    p.add_argument("-n", type=int, default=32, help="tokens to generate")
+    p.add_argument("--raw", action="store_true", help="no chat template")
+    p.set_defaults(func=cmd_generate)
+
+    for mod in ("cli_matrix",):
+        try:
+            m = __import__(f"ds4bench.{mod}", fromlist=["register"])
+        except ImportError as e:
+            if e.name != f"ds4bench.{mod}":
+                raise
+            continue
+        m.register(sub)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .generate import load_plugins
+    ap = build_parser()
+    a = ap.parse_args(argv)
+    try:
+        load_plugins()
+        return int(a.func(a) or 0)
+    except KeyboardInterrupt:
+        print("ds4bench: interrupted", file=sys.stderr)
+        return 130
+    except (UserError, ValueError, OSError, MemoryError, ImportError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"ds4bench: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

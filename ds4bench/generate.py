@@ -1,0 +1,224 @@
+"""Prefill, decode, batched greedy generation and the fingerprints the matrix compares.
+
+An `Engine` owns one model, one numeric mode and one run state allocated for (batch, ctx).
+`generate` runs prompts as B sequences decoded together: with fewer prompts than B the prompts
+are repeated to fill every slot (a batch is measured full), with more they run in groups of B.
+Each prompt's fingerprint is taken from its first slot; the other slots holding the same prompt
+must produce the same tokens, and a mismatch is reported (`replica_mismatch`).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .gguf_io import ModelFile
+from .model import DS4Model
+from .profiling import Profiler
+from .state import RunState
+
+TOP_K = 20
+
+
+def token_hash(tokens) -> str:
+    """sha256 of the token ids as little-endian int32 (the fingerprint of a greedy output)."""
+    return hashlib.sha256(np.asarray(tokens, dtype="<i4").tobytes()).hexdigest()
+
+
+@dataclass
+class Fingerprint:
+    prompt_id: str
+    prompt_tokens: int
+    tokens: list[int]
+    sha256: str
+    text: str
+    topk_ids: list[list[int]]           # per generated step, best first
+    topk_logprobs: list[list[float]]
+    nonfinite: bool = False             # NaN/Inf seen in any step's logits
+    replica_mismatch: int = 0           # other slots with this prompt that generated different tokens
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Timing:
+    prefill_s: float = 0.0              # all prompt processing
+    prefill_tokens: int = 0
+    ttft_s: list[float] = field(default_factory=list)    # per sequence: its prefill + first token
+    step_s: list[float] = field(default_factory=list)    # per decode step (B tokens each)
+    step_tokens: list[int] = field(default_factory=list)
+
+    @property
+    def prefill_tps(self) -> float:
+        return self.prefill_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        t = sum(self.step_s)
+        return sum(self.step_tokens) / t if t > 0 else 0.0
+
+
+@dataclass
+class GenerationResult:
+    fingerprints: list[Fingerprint]
+    timing: Timing
+    first_logits: dict[str, np.ndarray]     # prompt id -> float32 [V] logits of the first generated step
+
+
+# Extra numeric modes registered at run time, e.g. by a plugin module named in DS4BENCH_PLUGINS.
+# The tests register a deliberately broken one to check that the matrix catches it.
+EXTRA_MODES: dict[str, Callable] = {}
+
+
+def register_mode(name: str, factory: Callable) -> None:
+    """`factory(model, backend, **opts)` returns an ops object for cache mode `name`."""
+    EXTRA_MODES[name] = factory
+
+
+def load_plugins(spec: str | None = None) -> list[str]:
+    """Import the comma-separated modules in `spec` (default: $DS4BENCH_PLUGINS)."""
+    names = [n.strip() for n in (spec if spec is not None else os.environ.get("DS4BENCH_PLUGINS", "")).split(",")]
+    for n in filter(None, names):
+        importlib.import_module(n)
+    return [n for n in names if n]
+
+
+def make_ops(model: ModelFile, backend: str, cache: str, **opts):
+    if cache in EXTRA_MODES:
+        return EXTRA_MODES[cache](model, backend, **opts)
+    if backend == "numpy":
+        from .ops_ref import RefOps
+        if opts:
+            raise ValueError(f"options {sorted(opts)} apply to the GPU backend only")
+        return RefOps(model, cache)
+    if backend == "cupy":
+        from .ops_gpu import GpuOps      # imported only when asked: the CPU path never needs CuPy
+        return GpuOps(model, cache, **opts)
+    raise ValueError(f"unknown backend {backend!r}; choose numpy or cupy")
+
+
+class Engine:
+    def __init__(self, model: ModelFile, cache: str = "f32", backend: str = "numpy", batch: int = 1,
+                 ctx: int = 4096, prefill_chunk: int = 512, profiler: Profiler | None = None, ops=None, **opts):
+        if not 1 <= batch <= 64:
+            raise ValueError(f"batch must be in 1..64, got {batch}")
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill chunk must be positive, got {prefill_chunk}")
+        self.model, self.cfg = model, model.cfg
+        self.cache, self.backend, self.batch, self.ctx = cache, backend, batch, ctx
+        self.prefill_chunk = prefill_chunk
+        self.ops = ops if ops is not None else make_ops(model, backend, cache, **opts)
+        self.xp = self.ops.xp
+        self.net = DS4Model(self.cfg, self.ops, profiler)
+        self.state = RunState.allocate(self.cfg, batch, ctx, self.xp, getattr(self.ops, "alloc", None))
+
+    @property
+    def prof(self) -> Profiler:
+        return self.net.prof
+
+    def sync(self) -> None:
+        getattr(self.ops, "sync", lambda: None)()
+
+    def prefill(self, slot: int, ids) -> np.ndarray:
+        """Prompt tokens into one slot, in chunks, layer-major; returns the last token's logits [V]."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if len(ids) == 0:
+            raise ValueError("empty prompt")
+        if len(ids) + int(self.state.pos[slot]) > self.ctx:
+            raise ValueError(f"prompt of {len(ids)} tokens does not fit context {self.ctx}")
+        logits = None
+        with self.prof.range("prefill"):
+            for c0 in range(0, len(ids), self.prefill_chunk):
+                chunk = ids[c0:c0 + self.prefill_chunk]
+                logits = self.net.forward(self.state, chunk[None, :], np.array([slot]))
+        return self.to_host(logits[0])
+
+    def decode(self, tokens, slots) -> np.ndarray:
+        """One token for each slot in one step; returns logits [B, V] on the host."""
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1, 1)
+        with self.prof.range("decode"):
+            logits = self.net.forward(self.state, tokens, np.asarray(slots))
+        return self.to_host(logits)
+
+    def to_host(self, a) -> np.ndarray:
+        return a.get() if hasattr(a, "get") else np.asarray(a)
+
+
+def topk_logprobs(logits: np.ndarray, k: int = TOP_K) -> tuple[np.ndarray, np.ndarray]:
+    """Best-first ids and log-probabilities (float64 log-softmax) of one step's logits [V]."""
+    z = logits.astype(np.float64)
+    m = np.max(z)
+    lp = z - m - np.log(np.sum(np.exp(z - m)))
+    ids = np.argsort(-lp, kind="stable")[:k]
+    return ids, lp[ids]
+
+
+def greedy(logits: np.ndarray) -> int:
+    """argmax with ties to the lower id; a NaN row picks token 0 (and is flagged by the caller)."""
+    row = np.where(np.isfinite(logits), logits, -np.inf)
+    return int(np.argmax(row))
+
+
+def generate(engine: Engine, prompts: list[tuple[str, list[int]]], n_gen: int, decode_text=None,
+             top_k: int = TOP_K) -> GenerationResult:
+    """Greedy-generate n_gen tokens for every prompt with engine.batch sequences per step."""
+    if n_gen < 1:
+        raise ValueError("n_gen must be at least 1")
+    B = engine.batch
+    timing = Timing()
+    fps: dict[str, Fingerprint] = {}
+    first_logits: dict[str, np.ndarray] = {}
+    # slot assignment: fill every slot, cycling through prompts; more prompts -> more groups
+    order = list(range(len(prompts)))
+    groups = [order[i:i + B] for i in range(0, len(order), B)]
+    for group in groups:
+        members = [group[b % len(group)] for b in range(B)]
+        slots = np.arange(B)
+        engine.state.reset()
+        outs: list[list[int]] = [[] for _ in range(B)]
+        steps: list[list[tuple]] = [[] for _ in range(B)]
+        bad = [False] * B
+        last = np.zeros(B, dtype=np.int64)
+        for b, pi in enumerate(members):
+            t0 = time.perf_counter()
+            logits = engine.prefill(b, prompts[pi][1])
+            tok = greedy(logits)
+            dt = time.perf_counter() - t0
+            timing.prefill_s += dt
+            timing.prefill_tokens += len(prompts[pi][1])
+            timing.ttft_s.append(dt)
+            _record(outs[b], steps[b], logits, tok, top_k)
+            bad[b] |= not np.isfinite(logits).all()
+            first_logits.setdefault(prompts[pi][0], logits.astype(np.float32))
+            last[b] = tok
+        for _ in range(n_gen - 1):
+            t0 = time.perf_counter()
+            logits = engine.decode(last, slots)                                  # [B, V]
+            last = np.array([greedy(row) for row in logits], dtype=np.int64)
+            timing.step_s.append(time.perf_counter() - t0)
+            timing.step_tokens.append(B)
+            for b in range(B):
+                _record(outs[b], steps[b], logits[b], int(last[b]), top_k)
+                bad[b] |= not np.isfinite(logits[b]).all()
+        for b, pi in enumerate(members):
+            pid, ids = prompts[pi]
+            if pid in fps:
+                fps[pid].replica_mismatch += int(fps[pid].tokens != outs[b])
+                continue
+            fps[pid] = Fingerprint(
+                prompt_id=pid, prompt_tokens=len(ids), tokens=outs[b], sha256=token_hash(outs[b]),
+                text=decode_text(outs[b]) if decode_text else "",
+                topk_ids=[s[0] for s in steps[b]], topk_logprobs=[s[1] for s in steps[b]], nonfinite=bad[b])
+    return GenerationResult([fps[p[0]] for p in prompts], timing, first_logits)
+
+
+def _record(out: list, steps: list, logits: np.ndarray, tok: int, k: int) -> None:
+    ids, lps = topk_logprobs(logits, k)
+    out.append(tok)
+    steps.append(([int(i) for i in ids], [round(float(v), 6) for v in lps]))

@@ -1,0 +1,350 @@
+"""The DS4 forward pass, op by op in the order of ds4-spec section 3.3.
+
+Written once against an array module `xp` (NumPy or CuPy); the heavy operations (quantized
+projections, routed experts, simulated-precision rounding) go through an `ops` object that
+defines the numeric mode (`ops_ref.RefOps` for NumPy; the GPU engine brings its own).
+
+One call processes T new tokens for each of B sequences: chunked prefill is B=1, T=chunk;
+batched decode is B sequences, T=1. Positions differ per sequence.
+
+Dimension legend: B sequences, T new tokens per sequence, N = B*T tokens, S HC streams,
+D model dim, H heads, K head dim, Q q-LoRA rank, G output groups, O output LoRA rank,
+R raw keys in view (W ring rows + T new), C compressed rows, I indexer head dim,
+J indexer heads, E experts, A active experts, V vocabulary, w compressor width.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .config import ModelConfig
+from .profiling import Profiler
+from .state import RunState
+
+
+# ---- small math, array-module generic ---------------------------------------------------------
+def rms_norm(xp, x, weight, eps):
+    """x / sqrt(mean(x^2) + eps) * weight over the last axis (weight None: no gain)."""
+    y = x * (1.0 / xp.sqrt(xp.mean(x * x, axis=-1, keepdims=True) + eps)).astype(xp.float32)
+    return y if weight is None else y * weight
+
+
+def sigmoid(xp, x):
+    return 1.0 / (1.0 + xp.exp(-x))
+
+
+def silu(xp, x):
+    return x / (1.0 + xp.exp(-x))
+
+
+def softmax(xp, x, axis=-1):
+    e = xp.exp(x - xp.max(x, axis=axis, keepdims=True))
+    return e / xp.sum(e, axis=axis, keepdims=True)
+
+
+def rope_inv_freq(cfg: ModelConfig, compressed: bool) -> np.ndarray:
+    """Per-pair angular frequency (float64): plain on uncompressed layers, YaRN-blended on compressed."""
+    n = cfg.n_rot
+    base = cfg.compress_rope_base if compressed else cfg.rope_base
+    inv = base ** (-np.arange(0, n, 2, dtype=np.float64) / n)              # [n/2]
+    if not compressed:
+        return inv
+
+    def corr_dim(beta):
+        return n * math.log(cfg.rope_orig_ctx / (beta * 2 * math.pi)) / (2 * math.log(base))
+    lo = max(math.floor(corr_dim(cfg.yarn_beta_fast)), 0)
+    hi = min(math.ceil(corr_dim(cfg.yarn_beta_slow)), n - 1)
+    i = np.arange(n // 2, dtype=np.float64)
+    ramp = 1.0 - np.clip((i - lo) / max(0.001, hi - lo), 0.0, 1.0)          # 1: extrapolate, 0: interpolate
+    return inv * ramp + inv / cfg.rope_scale_factor * (1.0 - ramp)
+
+
+def rope(xp, x, pos, inv_freq, inverse=False):
+    """Rotate the last len(inv_freq)*2 dims of x in adjacent pairs (GPT-J) by pos*freq.
+
+    x [..., K] with pos broadcastable to x.shape[:-1] (host int array). Returns a new array.
+    """
+    n = 2 * len(inv_freq)
+    ang = np.asarray(pos, dtype=np.float64)[..., None] * inv_freq             # [..., n/2]
+    cos = xp.asarray(np.cos(ang).astype(np.float32))
+    sin = xp.asarray(np.sin(ang).astype(np.float32))
+    if inverse:
+        sin = -sin
+    out = x.copy()
+    x0, x1 = x[..., -n::2], x[..., -n + 1::2]                                  # [..., n/2] each
+    out[..., -n::2] = x0 * cos - x1 * sin
+    out[..., -n + 1::2] = x0 * sin + x1 * cos
+    return out
+
+
+# ---- the model -----------------------------------------------------------------------------------
+class DS4Model:
+    """Forward pass over a `RunState`. `ops` supplies projections and numeric modes."""
+
+    def __init__(self, cfg: ModelConfig, ops, profiler: Profiler | None = None):
+        self.cfg, self.ops, self.xp = cfg, ops, ops.xp
+        self.prof = profiler or Profiler()
+        self.inv_freq = {False: rope_inv_freq(cfg, False), True: rope_inv_freq(cfg, True)}
+        self.p = ops.param                     # small F32 tensors (norms, scales, sinks) as xp arrays
+
+    # -- hyper-connections ----------------------------------------------------------------------
+    def hc_pre(self, X, prefix):
+        """Collapse S streams into one sublayer input; return it with the post gates and comb."""
+        xp, cfg, S = self.xp, self.cfg, self.cfg.hc_streams
+        N = X.shape[0]
+        flat = rms_norm(xp, X.reshape(N, cfg.hc_dim), None, cfg.rms_eps)       # [N, S*D]
+        mix = self.ops.linear(f"{prefix}_fn.weight", flat)                     # [N, S*(S+2)]
+        s, b = self.p(f"{prefix}_scale.weight"), self.p(f"{prefix}_base.weight")
+        pre = sigmoid(xp, mix[:, :S] * s[0] + b[:S]) + cfg.hc_eps               # [N, S]
+        post = 2.0 * sigmoid(xp, mix[:, S:2 * S] * s[1] + b[S:2 * S])           # [N, S]
+        comb = (mix[:, 2 * S:] * s[2] + b[2 * S:]).reshape(N, S, S)            # [N, S, S] row i, col j
+        comb = softmax(xp, comb, axis=-1) + cfg.hc_eps
+        comb = comb / (comb.sum(axis=-2, keepdims=True) + cfg.hc_eps)
+        for _ in range(cfg.hc_sinkhorn_iters - 1):
+            comb = comb / (comb.sum(axis=-1, keepdims=True) + cfg.hc_eps)
+            comb = comb / (comb.sum(axis=-2, keepdims=True) + cfg.hc_eps)
+        x = xp.einsum("ns,nsd->nd", pre, X)                                     # [N, D]
+        return x, post, comb
+
+    def hc_post(self, X, y, post, comb):
+        """X' = post * y + comb^T X  (stream d takes sum_s comb[s, d] * X[s])."""
+        return post[:, :, None] * y[:, None, :] + self.xp.einsum("nst,nsd->ntd", comb, X)  # [N, S, D]
+
+    # -- compressor --------------------------------------------------------------------------------
+    def compress(self, ring_k, ring_s, ck, cs, P, ratio, width, norm):
+        """Append new (kv, score) rows to a compressor ring and pool every window that completes.
+
+        ring_k/ring_s [B, L, w] (row = pos % L); ck/cs [B, T, w]; P [B, T] positions (host).
+        Returns (b, t, rows [nE, width]) for the windows ending at (b, t), normalized, not roped.
+        Ratio 4 pools 8 candidates per dim: the previous window's first half and the current
+        window's second half (overlapping windows); other ratios pool the current window.
+        """
+        xp = self.xp
+        B, T, _ = ck.shape
+        L = ring_k.shape[1]
+        pos0 = P[:, 0]
+        hist = (pos0[:, None] - L + np.arange(L)) % L                          # [B, L] ring rows of pos0-L..pos0-1
+        bi = np.arange(B)[:, None]
+        tl_k = xp.concatenate([ring_k[bi, hist], ck], axis=1)                   # [B, L+T, w]
+        tl_s = xp.concatenate([ring_s[bi, hist], cs], axis=1)                   # [B, L+T, w]
+        eb, et = np.nonzero((P + 1) % ratio == 0)                               # emitting tokens
+        rows = None
+        if len(eb):
+            cur = L + et[:, None] - ratio + 1 + np.arange(ratio)                 # [nE, ratio] timeline idx
+            k_cur, s_cur = tl_k[eb[:, None], cur], tl_s[eb[:, None], cur]         # [nE, ratio, w]
+            if ratio == 4:
+                k_prev, s_prev = tl_k[eb[:, None], cur - 4], tl_s[eb[:, None], cur - 4]
+                first = xp.asarray((P[eb, et] + 1 - ratio) == 0)[:, None, None]   # no previous window
+                s_prev = xp.where(first, -xp.inf, s_prev[..., :width])
+                kk = xp.concatenate([k_prev[..., :width], k_cur[..., width:]], axis=1)   # [nE, 8, width]
+                ss = xp.concatenate([s_prev, s_cur[..., width:]], axis=1)                # [nE, 8, width]
+            else:
+                kk, ss = k_cur, s_cur                                                     # [nE, ratio, width]
+            pooled = xp.sum(softmax(xp, ss, axis=1) * kk, axis=1)                          # [nE, width]
+            rows = rms_norm(xp, pooled, norm, self.cfg.rms_eps)                            # [nE, width]
+        n = min(T, L)                                                            # keep the last L rows
+        ring_k[bi, P[:, -n:] % L] = ck[:, -n:]
+        ring_s[bi, P[:, -n:] % L] = cs[:, -n:]
+        return eb, et, rows
+
+    # -- attention sublayer --------------------------------------------------------------------------
+    def attention(self, il, X, tokens, P, ls, slots):
+        xp, cfg, ops, prof = self.xp, self.cfg, self.ops, self.prof
+        B, T = P.shape
+        N, H, K, W = B * T, cfg.n_head, cfg.head_dim, cfg.sliding_window
+        ratio = cfg.ratio(il)
+        pre = f"blk.{il}."
+        freq = self.inv_freq[ratio != 0]
+        bi = np.arange(B)[:, None]
+        with prof.range("hc_pre"):
+            x, post, comb = self.hc_pre(X, pre + "hc_attn")                       # [N, D], [N, S], [N, S, S]
+            xn = rms_norm(xp, x, self.p(pre + "attn_norm.weight"), cfg.rms_eps)   # [N, D]
+        with prof.range("attn.q"):
+            qr = ops.linear(pre + "attn_q_a.weight", xn)                          # [N, Q]
+            qrn = rms_norm(xp, qr, self.p(pre + "attn_q_a_norm.weight"), cfg.rms_eps)
+            q = ops.linear(pre + "attn_q_b.weight", qrn).reshape(N, H, K)          # [N, H, K]
+            q = rms_norm(xp, q, None, cfg.rms_eps)                                 # per head, no gain
+            q = rope(xp, q, P.reshape(N, 1), freq)                                 # [N, H, K]
+        with prof.range("attn.kv"):
+            kv = ops.linear(pre + "attn_kv.weight", xn)                            # [N, K]
+            kv = rms_norm(xp, kv, self.p(pre + "attn_kv_a_norm.weight"), cfg.rms_eps)
+            kv = ops.kv_round(rope(xp, kv, P.reshape(N), freq)).reshape(B, T, K)   # [B, T, K] FP8 nope, F16
+
+        n_comp = (P[:, -1] + 1) // ratio if ratio else np.zeros(B, np.int64)    # [B] rows after this call
+        cmax = int(n_comp.max()) if ratio else 0
+        if ratio:
+            with prof.range("compressor"):
+                w = cfg.compressor_width(il)
+                ape = self.p(pre + "attn_compressor_ape.weight")                    # [ratio, w]
+                ck = ops.linear(pre + "attn_compressor_kv.weight", xn).reshape(B, T, w)
+                cs = ops.linear(pre + "attn_compressor_gate.weight", xn).reshape(B, T, w) + ape[P % ratio]
+                eb, et, rows = self.compress(ls.ck, ls.cs, ck, cs, P, ratio, K,
+                                             self.p(pre + "attn_compressor_norm.weight"))
+                if rows is not None:
+                    rows = ops.kv_round(rope(xp, rows, P[eb, et] + 1 - ratio, freq))   # [nE, K]
+                    ls.comp[eb, (P[eb, et] + 1) // ratio - 1] = rows
+        visible = None
+        if cmax:
+            crow = np.arange(cmax)
+            visible = crow[None, None, :] < ((P + 1) // ratio)[:, :, None]       # [B, T, C] causal
+            if cfg.has_indexer(il):
+                with prof.range("indexer"):
+                    visible = self.indexer(il, xn, qrn, P, ls, visible)
+        with prof.range("attention"):
+            hist = (P[:, :1] - W + np.arange(W)) % W                              # [B, W] ring rows
+            keys = xp.concatenate([ls.raw[bi, hist], kv], axis=1)                  # [B, W+T, K]
+            kpos = P[:, :1] - W + np.arange(W + T)                                 # [B, W+T]
+            mask = (kpos[:, None, :] >= 0) & (kpos[:, None, :] <= P[:, :, None]) \
+                & (kpos[:, None, :] > P[:, :, None] - W)                             # [B, T, W+T]
+            if cmax:
+                keys = xp.concatenate([keys, ls.comp[:, :cmax]], axis=1)           # [B, R+C, K]
+                mask = np.concatenate([mask, visible], axis=-1)                      # [B, T, R+C]
+            o = self.attend(q.reshape(B, T, H, K), keys, mask, self.p(pre + "attn_sinks.weight"))  # [B, T, H, K]
+            n = min(T, W)
+            ls.raw[bi, P[:, -n:] % W] = kv[:, -n:]
+        with prof.range("attn.out"):
+            o = rope(xp, o.reshape(N, H, K), P.reshape(N, 1), freq, inverse=True)   # [N, H, K]
+            G = cfg.o_groups
+            low = ops.linear_grouped(pre + "attn_output_a.weight", o.reshape(N, G, -1))   # [N, G, O]
+            y = ops.linear(pre + "attn_output_b.weight", low.reshape(N, -1))        # [N, D]
+            return self.hc_post(X, y, post, comb)                                    # [N, S, D]
+
+    def attend(self, q, keys, mask, sinks):
+        """Softmax attention with a per-head sink; V = K. q [B,T,H,K], keys [B,J,K], mask [B,T,J]."""
+        xp = self.xp
+        B, T, H, K = q.shape
+        s = (q.reshape(B, T * H, K) @ keys.transpose(0, 2, 1)).reshape(B, T, H, -1)   # [B, T, H, J]
+        s = s * np.float32(1.0 / math.sqrt(K))
+        s = xp.where(xp.asarray(mask)[:, :, None, :], s, -xp.inf)
+        m = xp.maximum(xp.max(s, axis=-1), sinks)                                       # [B, T, H]
+        e = xp.exp(s - m[..., None])                                                     # [B, T, H, J]
+        den = xp.sum(e, axis=-1) + xp.exp(sinks - m)                                     # [B, T, H]
+        p = e / den[..., None]
+        return (p.reshape(B, T * H, -1) @ keys).reshape(B, T, H, K)                     # [B, T, H, K]
+
+    def indexer(self, il, xn, qrn, P, ls, visible):
+        """Indexer keys for new compressed rows, then top-k selection of visible rows per token."""
+        xp, cfg, ops = self.xp, self.cfg, self.ops
+        B, T = P.shape
+        N, I, J = B * T, cfg.indexer_dim, cfg.indexer_heads
+        pre = f"blk.{il}."
+        freq = self.inv_freq[True]
+        ape = self.p(pre + "indexer_compressor_ape.weight")                          # [4, 2I]
+        ck = ops.linear(pre + "indexer_compressor_kv.weight", xn).reshape(B, T, 2 * I)
+        cs = ops.linear(pre + "indexer_compressor_gate.weight", xn).reshape(B, T, 2 * I) + ape[P % 4]
+        eb, et, rows = self.compress(ls.ick, ls.ics, ck, cs, P, 4, I,
+                                     self.p(pre + "indexer_compressor_norm.weight"))
+        if rows is not None:
+            rows = ops.indexer_round(rope(xp, rows, P[eb, et] - 3, freq))             # [nE, I]
+            ls.ik[eb, (P[eb, et] + 1) // 4 - 1] = rows
+        n_vis = visible.sum(axis=-1)                                                  # [B, T]
+        if not (n_vis > cfg.indexer_topk).any():
+            return visible
+        C = visible.shape[-1]
+        iq = ops.linear(pre + "indexer.attn_q_b.weight", qrn).reshape(N, J, I)        # [N, J, I]
+        iq = ops.indexer_round(rope(xp, iq, P.reshape(N, 1), freq)).reshape(B, T * J, I)
+        wt = ops.linear(pre + "indexer.proj.weight", xn) * np.float32(1.0 / math.sqrt(I * J))  # [N, J]
+        dots = xp.maximum(iq @ ls.ik[:, :C].transpose(0, 2, 1), 0.0).reshape(B, T, J, C)  # [B, T, J, C]
+        score = xp.einsum("btj,btjc->btc", wt.reshape(B, T, J), dots)                  # [B, T, C]
+        keep = ops.topk_mask(score, visible, cfg.indexer_topk)                          # [B, T, C]
+        return np.where(n_vis[..., None] > cfg.indexer_topk, keep, visible)
+
+    # -- FFN sublayer ------------------------------------------------------------------------------
+    def ffn(self, il, X, tokens):
+        xp, cfg, ops, prof = self.xp, self.cfg, self.ops, self.prof
+        pre = f"blk.{il}."
+        with prof.range("hc_pre"):
+            x2, post, comb = self.hc_pre(X, pre + "hc_ffn")                             # [N, D], [N, S], [N, S, S]
+            xn2 = rms_norm(xp, x2, self.p(pre + "ffn_norm.weight"), cfg.rms_eps)       # [N, D]
+        with prof.range("moe.router"):
+            sel, wts = self.route(il, xn2, tokens)                                      # [N, A], [N, A]
+        with prof.range("moe.experts"):
+            moe = ops.experts(il, xn2, sel, wts)                                        # [N, D]
+        with prof.range("moe.shared"):
+            c = cfg.swiglu_clamp
+            g = ops.linear(pre + "ffn_gate_shexp.weight", xn2)                          # [N, F]
+            u = ops.linear(pre + "ffn_up_shexp.weight", xn2)                            # [N, F]
+            mid = silu(xp, xp.minimum(g, c)) * xp.clip(u, -c, c)                        # [N, F]
+            sh = ops.linear(pre + "ffn_down_shexp.weight", mid)                         # [N, D]
+        return self.hc_post(X, moe + sh, post, comb)                                    # [N, S, D]
+
+    def route(self, il, xn2, tokens):
+        """sqrt(softplus) scores; hash table on the first layers, biased top-k elsewhere."""
+        xp, cfg, ops = self.xp, self.cfg, self.ops
+        pre = f"blk.{il}."
+        logits = ops.linear(pre + "ffn_gate_inp.weight", xn2)                           # [N, E]
+        p = xp.sqrt(xp.logaddexp(0.0, logits))                                           # [N, E] sqrt(softplus)
+        if il < cfg.n_hash_layers:
+            sel = ops.tid2eid(il, tokens)                                                # [N, A]
+        else:
+            bias = ops.param_opt(pre + "exp_probs_b.bias")
+            sel = ops.topk_ids(p if bias is None else p + bias, cfg.n_expert_used)       # [N, A] best first
+        w = xp.take_along_axis(p, sel, axis=-1)                                          # [N, A]
+        if cfg.expert_weights_norm:
+            w = w / xp.maximum(w.sum(axis=-1, keepdims=True), cfg.route_score_floor)
+        return sel, (w * cfg.expert_weights_scale).astype(xp.float32)
+
+    # -- whole model -------------------------------------------------------------------------------
+    def forward(self, state: RunState, tokens: np.ndarray, slots: np.ndarray, all_logits=False, observe=None):
+        """Process tokens [B, T] for state slots [B]; return logits [B, V] of each last token
+        (or [B, T, V] with all_logits). Advances the slots' positions by T.
+        `observe(il, X)`, when given, sees the HC state [N, S, D] after each layer."""
+        xp, cfg = self.xp, self.cfg
+        tokens = np.asarray(tokens, dtype=np.int64)
+        slots = np.asarray(slots, dtype=np.int64)
+        B, T = tokens.shape
+        P = state.pos[slots][:, None] + np.arange(T)                                    # [B, T]
+        if int(P.max()) >= state.ctx:
+            raise ValueError(f"context overflow: position {int(P.max())} >= ctx {state.ctx}")
+        flat = tokens.reshape(-1)
+        X = xp.repeat(self.ops.embed(flat)[:, None, :], cfg.hc_streams, axis=1)          # [N, S, D]
+        for il in range(cfg.n_layer):
+            ls = _SlotView(state.layers[il], slots)
+            with self.prof.range(f"layer.{il}"):
+                X = self.attention(il, X, flat, P, ls, slots)
+                X = self.ffn(il, X, flat)
+            ls.write_back()
+            if observe is not None:
+                observe(il, X)
+        if not all_logits:
+            X = X.reshape(B, T, *X.shape[1:])[:, -1]
+        with self.prof.range("head"):
+            logits = self.head(X)                                                        # [B(*T), V]
+        state.pos[slots] += T
+        return logits.reshape(B, T, -1) if all_logits else logits
+
+    def head(self, X):
+        xp, cfg = self.xp, self.cfg
+        N = X.shape[0]
+        flat = rms_norm(xp, X.reshape(N, cfg.hc_dim), None, cfg.rms_eps)                 # [N, S*D]
+        pre = self.ops.linear("output_hc_fn.weight", flat)                                # [N, S]
+        wgt = sigmoid(xp, pre * self.p("output_hc_scale.weight")[0]
+                      + self.p("output_hc_base.weight")) + cfg.hc_eps                    # [N, S]
+        x = xp.einsum("ns,nsd->nd", wgt, X)                                               # [N, D]
+        x = rms_norm(xp, x, self.p("output_norm.weight"), cfg.rms_eps)
+        return self.ops.linear("output.weight", x)                                        # [N, V]
+
+
+class _SlotView:
+    """A layer's state restricted to some slots: gathers on entry, scatters back on exit.
+
+    When the slots are 0..B-1 of a B-slot state the arrays are used in place (no copy).
+    """
+
+    def __init__(self, ls, slots):
+        self._ls, self._slots = ls, slots
+        arrays = ls.arrays()
+        B = next(iter(arrays.values())).shape[0]
+        self._inplace = len(slots) == B and bool((slots == np.arange(B)).all())
+        for k, v in arrays.items():
+            setattr(self, k, v if self._inplace else v[slots])
+        for k in ("comp", "ck", "cs", "ik", "ick", "ics"):
+            if not hasattr(self, k):
+                setattr(self, k, None)
+
+    def write_back(self):
+        if self._inplace:
+            return
+        for k in self._ls.arrays():
+            getattr(self._ls, k)[self._slots] = getattr(self, k)

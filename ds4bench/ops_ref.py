@@ -1,0 +1,181 @@
+"""Heavy operations of the NumPy reference engine, per numeric mode (the `--cache` axis).
+
+The mode decides how the cache-eligible Q8_0 weights (attention projections and the shared
+expert, as ds4's Q8->F16 cache) are multiplied:
+  q8   activations quantized to Q8_0 per 32, integer dot products (ds4's dp4a decode kernels);
+  f16  weights expanded to F16 (each d*q rounded to half, as the cache kernel does), float32 math;
+  f32  weights expanded to float32, float32 math.
+In every mode the output head stays on the q8 path (ds4 does not cache it by default), routed
+experts use Q8_K activations with integer dots, and F16 weights (HC, router, compressor,
+indexer) are multiplied in float32. Decoded weights are built lazily and kept, so each tensor
+is expanded once per process.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+
+from . import formats as F
+from .gguf_io import ModelFile
+
+CACHE_MODES = ("q8", "f16", "f32")
+# Q8_0 tensors the dequant cache covers (ds4-spec 6.3): attention projections and shared expert.
+CACHE_ELIGIBLE = ("attn_q_a.weight", "attn_q_b.weight", "attn_kv.weight", "attn_output_a.weight",
+                  "attn_output_b.weight", "ffn_gate_shexp.weight", "ffn_up_shexp.weight",
+                  "ffn_down_shexp.weight")
+
+
+def cache_eligible(name: str) -> bool:
+    return name.split(".", 2)[-1] in CACHE_ELIGIBLE and name.startswith("blk.")
+
+
+def check_cache_mode(cache: str) -> str:
+    if cache not in CACHE_MODES:
+        raise ValueError(f"unknown cache mode {cache!r}; choose one of {', '.join(CACHE_MODES)}")
+    return cache
+
+
+def _sub(W: F.IntWeights, idx) -> F.IntWeights:
+    """Part of a decomposition: one expert (int) of [E, O, n], or a row range (slice) of [O, n]."""
+    q = W.q[idx]
+    return dataclasses.replace(W, q=q, sc=W.sc[idx], d=W.d[idx], shape=tuple(q.shape),
+                               m=None if W.m is None else W.m[idx],
+                               dmin=None if W.dmin is None else W.dmin[idx])
+
+
+class RefOps:
+    xp = np
+
+    def __init__(self, model: ModelFile, cache: str = "f32"):
+        self.model, self.cfg = model, model.cfg
+        self.cache = check_cache_mode(cache)
+        self._dense: dict[str, np.ndarray] = {}      # float32 [O, n] expansions
+        self._int: dict[str, F.IntWeights] = {}      # integer decompositions
+        self._param: dict[str, np.ndarray] = {}
+
+    # -- weights ---------------------------------------------------------------------------------
+    def param(self, name: str) -> np.ndarray:
+        """A small tensor as float32 (norms, scales, bases, sinks, APE)."""
+        p = self._param.get(name)
+        if p is None:
+            t = self.model[name]
+            p = self._param[name] = np.asarray(t.data, dtype=np.float32)
+        return p
+
+    def param_opt(self, name: str):
+        return self.param(name) if self.model.get(name) is not None else None
+
+    def path(self, name: str) -> str:
+        """How a projection is computed in this mode: 'q8', 'f16', 'f32' or 'float' (F16 weights)."""
+        qt = self.model[name].qtype
+        if qt == QT.F16:
+            return "float"
+        if qt != QT.Q8_0:
+            raise TypeError(f"{name}: {qt.name} is not a projection type")
+        return self.cache if cache_eligible(name) else "q8"
+
+    def dense(self, name: str) -> np.ndarray:
+        W = self._dense.get(name)
+        if W is None:
+            t = self.model[name]
+            mode = self.path(name)
+            if mode == "float":
+                W = np.asarray(t.data, dtype=np.float32)
+            elif mode == "f16":
+                W = F.dequantize_q8_0_f16(t.data, t.spec.shape).astype(np.float32)
+            else:
+                W = F.dequantize(t.data, t.qtype, t.spec.shape)
+            self._dense[name] = W
+        return W
+
+    def intw(self, name: str) -> F.IntWeights:
+        W = self._int.get(name)
+        if W is None:
+            t = self.model[name]
+            W = self._int[name] = F.decompose(t.data, t.qtype, t.spec.shape)
+        return W
+
+    # -- projections -------------------------------------------------------------------------------
+    def linear(self, name: str, x: np.ndarray) -> np.ndarray:
+        """x [N, in] -> [N, out] with the tensor `name` ([out, in])."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if self.path(name) == "q8":
+            xq, xd = F.quantize_act_q8_0(x)
+            return F.int_matmul(self.intw(name), xq, xd)
+        return x @ self.dense(name).T
+
+    def linear_grouped(self, name: str, x: np.ndarray) -> np.ndarray:
+        """Grouped projection: x [N, G, in_g]; group g uses output rows g*O..(g+1)*O. -> [N, G, O]."""
+        N, G, _ = x.shape
+        O = self.model[name].spec.shape[0] // G
+        if self.path(name) == "q8":
+            W = self.intw(name)
+            xq, xd = F.quantize_act_q8_0(np.ascontiguousarray(x, dtype=np.float32))
+            out = [F.int_matmul(_sub(W, slice(g * O, (g + 1) * O)), xq[:, g], xd[:, g]) for g in range(G)]
+            return np.stack(out, axis=1)                                              # [N, G, O]
+        W = self.dense(name).reshape(G, O, -1)                                        # [G, O, in_g]
+        return np.einsum("ngi,goi->ngo", x, W, optimize=True).astype(np.float32)
+
+    def embed(self, tokens: np.ndarray) -> np.ndarray:
+        return np.asarray(self.model["token_embd.weight"].data[tokens], dtype=np.float32)   # [N, D]
+
+    # -- simulated precision (part of the model in every mode) ----------------------------------
+    def kv_round(self, x: np.ndarray) -> np.ndarray:
+        """FP8 e4m3 round trip on the nope dims, then the whole row to F16 (stored KV rows)."""
+        nope = self.cfg.n_nope
+        out = np.array(x, dtype=np.float32, copy=True)
+        out[..., :nope] = F.fp8_e4m3_roundtrip(out[..., :nope])
+        return F.round_f16(out)
+
+    def indexer_round(self, x: np.ndarray) -> np.ndarray:
+        """Hadamard rotation then FP4 e2m1 round trip (indexer queries and keys)."""
+        return F.fp4_e2m1_roundtrip(F.hadamard(np.asarray(x, dtype=np.float32)))
+
+    # -- routing ---------------------------------------------------------------------------------
+    def tid2eid(self, il: int, tokens: np.ndarray) -> np.ndarray:
+        return np.asarray(self.model[f"blk.{il}.ffn_gate_tid2eid.weight"].data[tokens], dtype=np.int64)
+
+    @staticmethod
+    def topk_ids(score: np.ndarray, k: int) -> np.ndarray:
+        """Indices of the k largest scores per row, best first; ties go to the lower index."""
+        return np.argsort(-score, axis=-1, kind="stable")[..., :k]
+
+    @staticmethod
+    def topk_mask(score: np.ndarray, visible: np.ndarray, k: int) -> np.ndarray:
+        """Mask of the k best visible entries per row (ties to the lower index, i.e. older rows)."""
+        s = np.where(visible, score, -np.inf)
+        idx = np.argsort(-s, axis=-1, kind="stable")[..., :k]
+        keep = np.zeros(visible.shape, dtype=bool)
+        np.put_along_axis(keep, idx, True, axis=-1)
+        return keep & visible
+
+    # -- routed experts ----------------------------------------------------------------------------
+    def experts(self, il: int, x: np.ndarray, sel: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """sum_a w[n,a] * down_e(clamped SwiGLU(gate_e x, up_e x)), e = sel[n, a]; x [N, D] -> [N, D].
+
+        Activations are quantized to Q8_K once per token (x) and once per (token, expert) (mid);
+        the router weight scales mid before the down projection, as ds4 does.
+        """
+        pre = f"blk.{il}."
+        Wg, Wu, Wd = (self.intw(pre + n) for n in ("ffn_gate_exps.weight", "ffn_up_exps.weight",
+                                                     "ffn_down_exps.weight"))
+        c = self.cfg.swiglu_clamp
+        N, A = sel.shape
+        xq, xd, xb = F.quantize_act_q8_k(np.ascontiguousarray(x, dtype=np.float32))
+        y = np.zeros((N, A, x.shape[1]), dtype=np.float32)                             # [N, A, D]
+        for e in np.unique(sel):
+            n, a = np.nonzero(sel == e)
+            ge, ue, de = _sub(Wg, e), _sub(Wu, e), _sub(Wd, e)
+            g = F.int_matmul(ge, xq[n], xd[n], xb[n])                                  # [n_e, F]
+            u = F.int_matmul(ue, xq[n], xd[n], xb[n])                                  # [n_e, F]
+            g = np.minimum(g, c)
+            mid = (g / (1.0 + np.exp(-g))) * np.clip(u, -c, c) * w[n, a][:, None]      # [n_e, F]
+            mq, md, mb = F.quantize_act_q8_k(mid.astype(np.float32))
+            y[n, a] = F.int_matmul(de, mq, md, mb)                                     # [n_e, D]
+        out = y[:, 0].copy()
+        for a in range(1, A):                                                          # fixed summation order
+            out += y[:, a]
+        return out
+
