@@ -34,7 +34,7 @@ rounding on the e4m3fn (max 448, subnormal step 2⁻⁹) or e2m1 ({0, .5, 1, 1.5
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
@@ -118,15 +118,18 @@ class IntWeights:
     dmin: np.ndarray | None      # f32   [..., O, n//blk]   (Q2_K, Q4_K)
     sub: int
     blk: int
+    # `_Prepared` layouts of this tensor and its views, keyed by where their arrays live; shared
+    # with views made by indexing or dataclasses.replace, which then find their own entry.
+    _memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __getitem__(self, idx) -> "IntWeights":
-        """Index the leading dims, e.g. W[e] is expert e of an [E, O, n] tensor."""
+        """Index the leading dims, e.g. W[e] is expert e of an [E, O, n] tensor, W[a:b] rows of [O, n]."""
         pick = lambda a: None if a is None else a[idx]
         q = self.q[idx]
         if q.ndim < 2:
             raise IndexError(f"{self.qtype.name}: indexing must keep the [O, n] matrix dims")
         return IntWeights(self.qtype, q.shape, q, self.sc[idx], pick(self.m), self.d[idx],
-                          pick(self.dmin), self.sub, self.blk)
+                          pick(self.dmin), self.sub, self.blk, self._memo)
 
 
 @lru_cache(maxsize=1)
@@ -223,7 +226,8 @@ def dequantize_q8_0_f16(raw, shape) -> np.ndarray:
     """Q8_0 -> float16 as ds4's F16 cache kernel builds it: each f16(d)·q product rounded to f16."""
     W = decompose(raw, QT.Q8_0, shape)
     w = W.d[..., None] * W.q.reshape(*W.d.shape, 32).astype(F32)                # exact in f32
-    return w.astype(F16).reshape(W.shape)
+    with np.errstate(over="ignore"):                                             # |w| > 65504 -> inf, as __hmul
+        return w.astype(F16).reshape(W.shape)
 
 
 # --------------------------------------------------------------------------- activation quantizers
@@ -259,7 +263,42 @@ def quantize_act_q8_k(x) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 # --------------------------------------------------------------------------- integer matmul
 
-_CHUNK_ELEMS = 1 << 22       # per-chunk [sub-blocks, T, O] intermediate, float32 and float64
+# Elements per float32 partial sum. Products sc·q_w·q_x are integers and float32 adds integers
+# exactly while every partial sum stays below 2²⁴, whatever order BLAS uses:
+# g·max|sc·q_w|·128 = Q8_0 32·128·128 = 2¹⁹, Q2_K 256·15·3·128 = 1.5e6, Q4_K 128·63·15·128 = 1.55e7,
+# IQ2_XXS 64·31·43·128 = 1.1e7 (128 would be 2.2e7). A group never spans two blocks.
+_GROUP = {QT.Q8_0: 32, QT.Q2_K: 256, QT.Q4_K: 128, QT.IQ2_XXS: 64}
+_CHUNK_ELEMS = 1 << 22       # per-chunk [groups, T, O] intermediate, float32 and float64
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """An [O, n] IntWeights in the layout int_matmul multiplies; all products here are exact."""
+    w: np.ndarray                # f32 [O, n]           sc·q
+    dw: np.ndarray               # f64 [nb, 1, O]       d
+    mdmin: np.ndarray | None     # f64 [nb, n//blk·…]   dmin·m as [nb, blk//sub, O]   (Q2_K, Q4_K)
+    pinned: tuple                # the source arrays, so the addresses in the memo key stay theirs
+
+
+def _prepared(W: IntWeights) -> _Prepared:
+    """W's layout for int_matmul, built once per view (W[e], W[a:b], dataclasses.replace)."""
+    arrays = (W.q, W.sc, W.d, W.m, W.dmin)
+    key = tuple(None if a is None else (a.__array_interface__["data"][0], a.dtype.str, a.shape,
+                                        a.strides) for a in arrays)
+    p = W._memo.get(key)
+    if p is None:
+        O, n = W.q.shape
+        nb, spb = n // W.blk, W.blk // W.sub
+        w = W.q.astype(F32).reshape(O, n // W.sub, W.sub)                       # [O, nsub, sub]
+        if W.qtype != QT.Q8_0:
+            w *= W.sc[:, :, None]
+        mdmin = None
+        if W.m is not None:                                                      # exact: 6 × 11 bits
+            mdmin = W.m.reshape(O, nb, spb) * W.dmin.astype(np.float64)[:, :, None]
+            mdmin = np.ascontiguousarray(mdmin.transpose(1, 2, 0))               # [nb, spb, O]
+        dw = np.ascontiguousarray(W.d.T, dtype=np.float64)[:, None, :]           # [nb, 1, O]
+        p = W._memo[key] = _Prepared(w.reshape(O, n), dw, mdmin, arrays)
+    return p
 
 
 def _sum_in_order(acc) -> np.ndarray:
@@ -275,8 +314,9 @@ def int_matmul(W: IntWeights, xq, xd, bsums=None) -> np.ndarray:
     """y[t, o] = Σ_blk d_x·(d_w·Σ_sub sc·Σ q_w·q_x − dmin_w·Σ_sub m·bsum), as ds4's dot kernels.
 
     W [O, n]; xq int8 [T, n]; xd f32 [T, n//blk]; bsums int32 [T, n//16] -> f32 [T, O].
-    Sub-block sums come from a float32 matmul that is exact (|Σ| < 2²⁴); everything after is
-    elementwise in float64 with blocks summed in order, so a row never depends on T.
+    Integer sums over groups of `_GROUP` elements come from a float32 matmul that is exact; each
+    block's term (d_w·S − dmin_w·M)·d_x is then float64 with one rounding per operation, and blocks
+    are summed in order, so a row never depends on T. Legend: G groups, nb blocks per row.
     """
     xq, xd = np.asarray(xq), np.asarray(xd, dtype=np.float64)
     if W.q.ndim != 2:
@@ -284,46 +324,37 @@ def int_matmul(W: IntWeights, xq, xd, bsums=None) -> np.ndarray:
     O, n = W.q.shape
     single = xq.ndim == 1
     xq, xd = np.atleast_2d(xq), np.atleast_2d(xd)
-    T, sub, blk = xq.shape[0], W.sub, W.blk
-    nsub, nb, spb = n // sub, n // blk, blk // sub
+    T, g, blk = xq.shape[0], _GROUP[W.qtype], W.blk
+    G, nb, spb = n // g, n // blk, blk // W.sub
     act = "Q8_0" if blk == 32 else "Q8_K"
     if xq.shape != (T, n) or xd.shape != (T, nb):
         raise ValueError(f"int_matmul: {W.qtype.name} [{O}, {n}] needs {act} activations q [T, {n}], "
                          f"d [T, {nb}]; got {list(xq.shape)}, {list(xd.shape)}")
-    xs = np.ascontiguousarray(xq.reshape(T, nsub, sub).transpose(1, 0, 2), dtype=F32)  # [nsub, T, sub]
-    dx = np.ascontiguousarray(xd.T)[:, :, None]                                  # [nb, T, 1]
-    if W.m is not None:
+    P = _prepared(W)
+    xs = xq.astype(F32).reshape(T, G, g).transpose(1, 0, 2)                     # [G, T, g]
+    ws = P.w.reshape(O, G, g).transpose(1, 2, 0)                                 # [G, g, O]
+    dx = xd.T[:, :, None]                                                        # [nb, T, 1]
+    if P.mdmin is not None:
         if bsums is None:
             bsums = xq.reshape(T, n // 16, 16).sum(axis=-1, dtype=I32)
-        bs = np.asarray(bsums, dtype=np.float64).reshape(T, nsub, sub // 16).sum(axis=-1)
-        bs = np.ascontiguousarray(bs.reshape(T, nb, spb).transpose(1, 0, 2))     # [nb, T, spb]
+        bs = np.asarray(bsums, dtype=np.float64).reshape(T, nb * spb, W.sub // 16).sum(axis=-1)
+        bs = bs.reshape(T, nb, spb).transpose(1, 0, 2)                           # [nb, T, spb]
 
     y = np.empty((T, O), F32)
     Tc = min(T, 256)
-    Oc = int(min(O, max(16, _CHUNK_ELEMS // (nsub * Tc))))
+    Oc = int(min(O, max(16, _CHUNK_ELEMS // (G * Tc))))
     for o0 in range(0, O, Oc):
         o1 = min(O, o0 + Oc)
-        wq = W.q[o0:o1].reshape(o1 - o0, nsub, sub).astype(F32)                  # [Oc, nsub, sub]
-        if W.qtype != QT.Q8_0:
-            wq *= W.sc[o0:o1, :, None]                                           # sc·q, exact
-        ws = np.ascontiguousarray(wq.transpose(1, 0, 2)).transpose(0, 2, 1)      # [nsub, sub, Oc]
-        dw = W.d[o0:o1].T.astype(np.float64)[:, None, :]                         # [nb, 1, Oc]
-        if W.m is not None:
-            mw = np.ascontiguousarray(W.m[o0:o1].reshape(o1 - o0, nb, spb).transpose(1, 2, 0),
-                                      dtype=np.float64)                          # [nb, spb, Oc]
-            dmw = W.dmin[o0:o1].T.astype(np.float64)[:, None, :]                 # [nb, 1, Oc]
         for t0 in range(0, T, Tc):
             t1 = min(T, t0 + Tc)
-            s = np.matmul(xs[:, t0:t1], ws)                                      # [nsub, Tc, Oc]
-            if spb > 1:
-                acc = s.reshape(nb, spb, t1 - t0, o1 - o0).sum(axis=1, dtype=np.float64)
-                acc *= dw                                                        # [nb, Tc, Oc]
+            s = np.matmul(xs[:, t0:t1], ws[:, :, o0:o1])                         # [G, Tc, Oc] exact
+            if G > nb:
+                acc = s.reshape(nb, G // nb, t1 - t0, o1 - o0).sum(axis=1, dtype=np.float64)
+                acc *= P.dw[:, :, o0:o1]                                         # [nb, Tc, Oc]
             else:
-                acc = np.multiply(s, dw, dtype=np.float64)
-            if W.m is not None:
-                mins = np.matmul(bs[:, t0:t1], mw)                               # [nb, Tc, Oc] exact
-                mins *= dmw
-                acc -= mins
+                acc = np.multiply(s, P.dw[:, :, o0:o1], dtype=np.float64)
+            if P.mdmin is not None:
+                acc -= np.matmul(bs[:, t0:t1], P.mdmin[:, :, o0:o1])             # [nb, Tc, Oc] exact
             acc *= dx[:, t0:t1]
             y[t0:t1, o0:o1] = _sum_in_order(acc)
     return y[0] if single else y

@@ -104,12 +104,15 @@ class DS4Model:
         for _ in range(cfg.hc_sinkhorn_iters - 1):
             comb = comb / (comb.sum(axis=-1, keepdims=True) + cfg.hc_eps)
             comb = comb / (comb.sum(axis=-2, keepdims=True) + cfg.hc_eps)
-        x = xp.einsum("ns,nsd->nd", pre, X)                                     # [N, D]
+        acc = self.ops.acc
+        x = xp.einsum("ns,nsd->nd", pre.astype(acc), X.astype(acc)).astype(xp.float32)   # [N, D]
         return x, post, comb
 
     def hc_post(self, X, y, post, comb):
         """X' = post * y + comb^T X  (stream d takes sum_s comb[s, d] * X[s])."""
-        return post[:, :, None] * y[:, None, :] + self.xp.einsum("nst,nsd->ntd", comb, X)  # [N, S, D]
+        acc = self.ops.acc
+        mixed = self.xp.einsum("nst,nsd->ntd", comb.astype(acc), X.astype(acc)).astype(self.xp.float32)
+        return post[:, :, None] * y[:, None, :] + mixed                                  # [N, S, D]
 
     # -- compressor --------------------------------------------------------------------------------
     def compress(self, ring_k, ring_s, ck, cs, P, ratio, width, norm):
@@ -185,12 +188,14 @@ class DS4Model:
                     rows = ops.kv_round(rope(xp, rows, P[eb, et] + 1 - ratio, freq))   # [nE, K]
                     ls.comp[eb, (P[eb, et] + 1) // ratio - 1] = rows
         visible = None
+        if cfg.has_indexer(il):
+            with prof.range("indexer"):
+                self.indexer_keys(il, xn, P, ls)                                   # every token feeds its ring
         if cmax:
-            crow = np.arange(cmax)
-            visible = crow[None, None, :] < ((P + 1) // ratio)[:, :, None]       # [B, T, C] causal
-            if cfg.has_indexer(il):
+            visible = np.arange(cmax)[None, None, :] < ((P + 1) // ratio)[:, :, None]   # [B, T, C] causal
+            if cfg.has_indexer(il) and (visible.sum(-1) > cfg.indexer_topk).any():
                 with prof.range("indexer"):
-                    visible = self.indexer(il, xn, qrn, P, ls, visible)
+                    visible = self.indexer_select(il, xn, qrn, P, ls, visible)
         with prof.range("attention"):
             hist = (P[:, :1] - W + np.arange(W)) % W                              # [B, W] ring rows
             keys = xp.concatenate([ls.raw[bi, hist], kv], axis=1)                  # [B, W+T, K]
@@ -212,41 +217,49 @@ class DS4Model:
 
     def attend(self, q, keys, mask, sinks):
         """Softmax attention with a per-head sink; V = K. q [B,T,H,K], keys [B,J,K], mask [B,T,J]."""
-        xp = self.xp
+        xp, acc = self.xp, self.ops.acc
         B, T, H, K = q.shape
-        s = (q.reshape(B, T * H, K) @ keys.transpose(0, 2, 1)).reshape(B, T, H, -1)   # [B, T, H, J]
-        s = s * np.float32(1.0 / math.sqrt(K))
+        keys = keys.astype(acc)
+        s = (q.astype(acc).reshape(B, T * H, K) @ keys.transpose(0, 2, 1)).reshape(B, T, H, -1)  # [B, T, H, J]
+        s = s * (1.0 / math.sqrt(K))
         s = xp.where(xp.asarray(mask)[:, :, None, :], s, -xp.inf)
         m = xp.maximum(xp.max(s, axis=-1), sinks)                                       # [B, T, H]
         e = xp.exp(s - m[..., None])                                                     # [B, T, H, J]
         den = xp.sum(e, axis=-1) + xp.exp(sinks - m)                                     # [B, T, H]
         p = e / den[..., None]
-        return (p.reshape(B, T * H, -1) @ keys).reshape(B, T, H, K)                     # [B, T, H, K]
+        return (p.reshape(B, T * H, -1) @ keys).reshape(B, T, H, K).astype(xp.float32)  # [B, T, H, K]
 
-    def indexer(self, il, xn, qrn, P, ls, visible):
-        """Indexer keys for new compressed rows, then top-k selection of visible rows per token."""
+    def indexer_keys(self, il, xn, P, ls):
+        """The indexer's own compressor: one Hadamard/FP4 key per completed ratio-4 window."""
         xp, cfg, ops = self.xp, self.cfg, self.ops
         B, T = P.shape
-        N, I, J = B * T, cfg.indexer_dim, cfg.indexer_heads
+        I = cfg.indexer_dim
         pre = f"blk.{il}."
-        freq = self.inv_freq[True]
         ape = self.p(pre + "indexer_compressor_ape.weight")                          # [4, 2I]
         ck = ops.linear(pre + "indexer_compressor_kv.weight", xn).reshape(B, T, 2 * I)
         cs = ops.linear(pre + "indexer_compressor_gate.weight", xn).reshape(B, T, 2 * I) + ape[P % 4]
         eb, et, rows = self.compress(ls.ick, ls.ics, ck, cs, P, 4, I,
                                      self.p(pre + "indexer_compressor_norm.weight"))
         if rows is not None:
-            rows = ops.indexer_round(rope(xp, rows, P[eb, et] - 3, freq))             # [nE, I]
+            rows = ops.indexer_round(rope(xp, rows, P[eb, et] - 3, self.inv_freq[True]))   # [nE, I]
             ls.ik[eb, (P[eb, et] + 1) // 4 - 1] = rows
+
+    def indexer_select(self, il, xn, qrn, P, ls, visible):
+        """Top-k visible compressed rows per token by ReLU-weighted indexer scores [B, T, C]."""
+        xp, cfg, ops = self.xp, self.cfg, self.ops
+        B, T = P.shape
+        N, I, J = B * T, cfg.indexer_dim, cfg.indexer_heads
+        pre = f"blk.{il}."
+        freq = self.inv_freq[True]
         n_vis = visible.sum(axis=-1)                                                  # [B, T]
-        if not (n_vis > cfg.indexer_topk).any():
-            return visible
         C = visible.shape[-1]
         iq = ops.linear(pre + "indexer.attn_q_b.weight", qrn).reshape(N, J, I)        # [N, J, I]
         iq = ops.indexer_round(rope(xp, iq, P.reshape(N, 1), freq)).reshape(B, T * J, I)
         wt = ops.linear(pre + "indexer.proj.weight", xn) * np.float32(1.0 / math.sqrt(I * J))  # [N, J]
-        dots = xp.maximum(iq @ ls.ik[:, :C].transpose(0, 2, 1), 0.0).reshape(B, T, J, C)  # [B, T, J, C]
-        score = xp.einsum("btj,btjc->btc", wt.reshape(B, T, J), dots)                  # [B, T, C]
+        acc = ops.acc
+        dots = iq.astype(acc) @ ls.ik[:, :C].astype(acc).transpose(0, 2, 1)               # [B, T*J, C]
+        dots = xp.maximum(dots, 0.0).reshape(B, T, J, C)                                # [B, T, J, C]
+        score = xp.einsum("btj,btjc->btc", wt.reshape(B, T, J).astype(acc), dots)      # [B, T, C]
         keep = ops.topk_mask(score, visible, cfg.indexer_topk)                          # [B, T, C]
         return np.where(n_vis[..., None] > cfg.indexer_topk, keep, visible)
 

@@ -47,11 +47,15 @@ def _sub(W: F.IntWeights, idx) -> F.IntWeights:
 
 class RefOps:
     xp = np
+    # Float reductions accumulate in float64 and round once to float32, so a row's result does
+    # not depend on how many rows are computed together: chunked prefill equals token-by-token
+    # decode and a batched sequence equals the same sequence alone, bit for bit.
+    acc = np.float64
 
     def __init__(self, model: ModelFile, cache: str = "f32"):
         self.model, self.cfg = model, model.cfg
         self.cache = check_cache_mode(cache)
-        self._dense: dict[str, np.ndarray] = {}      # float32 [O, n] expansions
+        self._dense: dict[str, np.ndarray] = {}      # [O, n] expansions, held in float64
         self._int: dict[str, F.IntWeights] = {}      # integer decompositions
         self._param: dict[str, np.ndarray] = {}
 
@@ -82,11 +86,11 @@ class RefOps:
             t = self.model[name]
             mode = self.path(name)
             if mode == "float":
-                W = np.asarray(t.data, dtype=np.float32)
+                W = np.asarray(t.data, dtype=np.float64)
             elif mode == "f16":
-                W = F.dequantize_q8_0_f16(t.data, t.spec.shape).astype(np.float32)
+                W = F.dequantize_q8_0_f16(t.data, t.spec.shape).astype(np.float64)
             else:
-                W = F.dequantize(t.data, t.qtype, t.spec.shape)
+                W = F.dequantize(t.data, t.qtype, t.spec.shape).astype(np.float64)
             self._dense[name] = W
         return W
 
@@ -104,7 +108,7 @@ class RefOps:
         if self.path(name) == "q8":
             xq, xd = F.quantize_act_q8_0(x)
             return F.int_matmul(self.intw(name), xq, xd)
-        return x @ self.dense(name).T
+        return (x.astype(np.float64) @ self.dense(name).T).astype(np.float32)
 
     def linear_grouped(self, name: str, x: np.ndarray) -> np.ndarray:
         """Grouped projection: x [N, G, in_g]; group g uses output rows g*O..(g+1)*O. -> [N, G, O]."""
@@ -116,7 +120,8 @@ class RefOps:
             out = [F.int_matmul(_sub(W, slice(g * O, (g + 1) * O)), xq[:, g], xd[:, g]) for g in range(G)]
             return np.stack(out, axis=1)                                              # [N, G, O]
         W = self.dense(name).reshape(G, O, -1)                                        # [G, O, in_g]
-        return np.einsum("ngi,goi->ngo", x, W, optimize=True).astype(np.float32)
+        y = np.matmul(x.astype(np.float64).transpose(1, 0, 2), W.transpose(0, 2, 1))  # [G, N, O]
+        return y.transpose(1, 0, 2).astype(np.float32)
 
     def embed(self, tokens: np.ndarray) -> np.ndarray:
         return np.asarray(self.model["token_embd.weight"].data[tokens], dtype=np.float32)   # [N, D]

@@ -399,6 +399,14 @@ def test_hadamard():
     np.testing.assert_allclose(fm.hadamard(v), v @ H.T / np.sqrt(8), rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="power of two"):
         fm.hadamard(np.zeros(12, np.float32))
+    r = x[0, 0].copy()                                      # ds4's in-place float32 butterflies
+    stride = 1
+    while stride < 128:
+        for base in range(0, 128, 2 * stride):
+            a, b = r[base:base + stride].copy(), r[base + stride:base + 2 * stride].copy()
+            r[base:base + stride], r[base + stride:base + 2 * stride] = a + b, a - b
+        stride *= 2
+    np.testing.assert_array_equal(y[0, 0], r * np.float32(0.08838834764831845))
 
 
 def test_round_f16():

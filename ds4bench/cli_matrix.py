@@ -1,0 +1,254 @@
+"""`ds4bench matrix | compare | show` (and the internal `cell`): the matrix front end.
+
+    ds4bench matrix                         # benchmarks/matrices/default.toml (gpu.toml on a GPU)
+    ds4bench matrix --cache q8,f16 --placement device,managed --batch 1,4,16 --preset tiny
+    ds4bench matrix --spec gpu --exclude cache=q8,batch=16 --reps 3
+    ds4bench matrix --resume RUN            # finish an interrupted run
+    ds4bench show RUN [--format md|csv|json]
+    ds4bench compare RUN_A RUN_B
+
+Axes given on the command line replace those of the spec they start from (--spec, or the
+default spec of the backend); scalar options replace the spec's values. Exit status: 0 when
+every cell is identical, close or drift; 1 when any is broken or failed; 2 for a user error.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+
+AXIS_OPTS = ("preset", "model", "cache", "placement", "batch")
+SCALAR_OPTS = (("prompts", "prompts"), ("n", "n_gen"), ("reps", "reps"), ("warmup", "warmup"),
+               ("timeout", "timeout_s"), ("variant", "variant"), ("seed", "seed"), ("ctx", "ctx"),
+               ("chunk", "chunk"))
+
+
+def register(sub) -> None:
+    p = sub.add_parser("matrix", help="A/B matrix: speed and greedy-output verdicts per cell",
+                       description="Run every combination of the axes, one process per cell, and judge "
+                                   "each cell's greedy output against the baseline cell.")
+    p.add_argument("--spec", help="matrix TOML: a name in benchmarks/matrices/ or a path (default: default, "
+                                  "or gpu when the GPU backend is available)")
+    g = p.add_argument_group("axes (comma lists; they replace the spec's)")
+    g.add_argument("--preset", help="synthetic presets, e.g. tiny,small")
+    g.add_argument("--model", "-m", help="DS4 GGUF files (then --preset, if one, is what they must match)")
+    g.add_argument("--cache", help="numeric modes, e.g. q8,f16,f32")
+    g.add_argument("--placement", help="GPU weight placement: device,managed,managed-hinted,host")
+    g.add_argument("--batch", "-b", help="sequences per decode step, e.g. 1,4,16")
+    p.add_argument("--prompts", help="prompt set name or TOML path (spec default: smoke)")
+    p.add_argument("-n", type=int, help="tokens generated per prompt")
+    p.add_argument("--reps", type=int, help="timed repetitions per cell")
+    p.add_argument("--warmup", type=int, help="untimed full passes before the timed ones")
+    p.add_argument("--exclude", action="append", default=[], metavar="K=V[,K=V]",
+                   help="skip cells matching all pairs, e.g. cache=q8,batch=16 (repeatable)")
+    p.add_argument("--baseline", metavar="K=V[,K=V]",
+                   help="the reference cell (default cache=f32,placement=device,batch=1; on the CPU f32, batch 1)")
+    p.add_argument("--timeout", type=float, help="seconds per cell before it is killed and recorded failed")
+    p.add_argument("--backend", choices=("auto", "numpy", "cupy"), help="default auto: cupy when usable")
+    p.add_argument("--variant", choices=("q2", "q4"))
+    p.add_argument("--seed", type=int, help="synthetic weight seed")
+    p.add_argument("--ctx", type=int, help="context per sequence (default: longest prompt + n + 1)")
+    p.add_argument("--chunk", type=int, help="prefill chunk (tokens)")
+    p.add_argument("--stages", action="store_true", help="one extra pass per cell with per-stage host times")
+    p.add_argument("--tol", type=float, help="override the calibrated |Δlogprob| tolerance")
+    p.add_argument("--tie", type=float, help="override the calibrated near-tie margin")
+    p.add_argument("--out", default="results/runs", help="root of run directories (default results/runs)")
+    p.add_argument("--id", help="run id (default: UTC time, model, backend)")
+    p.add_argument("--resume", metavar="RUN", help="finish an interrupted run (an id under --out or a path)")
+    p.add_argument("--format", choices=("md", "csv", "json"), default="md", help="table printed at the end")
+    p.set_defaults(func=cmd_matrix)
+
+    p = sub.add_parser("show", help="print a stored matrix run")
+    p.add_argument("run", help="run id under --out, or a run directory")
+    p.add_argument("--out", default="results/runs")
+    p.add_argument("--format", choices=("md", "csv", "json"), default="md")
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("compare", help="join two runs' cells: correctness changes, then speedups with p-values")
+    p.add_argument("run_a")
+    p.add_argument("run_b")
+    p.add_argument("--out", default="results/runs")
+    p.add_argument("--alpha", type=float, default=0.05, help="significance level (default 0.05)")
+    p.add_argument("--format", choices=("md", "csv", "json"), default="md")
+    p.set_defaults(func=cmd_compare)
+
+    # internal: one cell in this process; the runner launches it (not listed in --help)
+    p = sub.add_parser("cell")
+    p.add_argument("--params", required=True, help="the cell's parameters as JSON")
+    p.add_argument("--out", required=True, help="where to write the record (JSON)")
+    p.add_argument("--fingerprints", required=True, help="where to write the fingerprints (.npz)")
+    p.set_defaults(func=cmd_cell)
+
+
+# ---- matrix ----------------------------------------------------------------------------------
+def build_spec(a):
+    from . import matrix as M
+    from .cli import UserError
+    requested = a.backend
+    if a.spec:
+        spec = M.load_spec(a.spec)
+        requested = requested or spec.backend
+    backend, why = M.resolve_backend(requested or "auto")
+    if not a.spec:
+        spec = M.load_spec("gpu" if backend == "cupy" else "default")
+    doc = spec.to_dict()
+    for opt in AXIS_OPTS:
+        val = getattr(a, opt)
+        if val is None:
+            continue
+        items = [v.strip() for v in val.split(",") if v.strip()]
+        if not items:
+            raise UserError(f"--{opt} {val!r}: give a comma list of values")
+        if opt == "batch":
+            try:
+                items = [int(v) for v in items]
+            except ValueError:
+                raise UserError(f"--batch {val!r}: batch sizes must be integers, e.g. 1,4,16") from None
+        doc[{"preset": "presets", "model": "models", "cache": "caches", "placement": "placements",
+             "batch": "batches"}[opt]] = items
+        if opt == "model" and a.preset is None:
+            doc["presets"] = []
+    for opt, fld in SCALAR_OPTS:
+        if getattr(a, opt) is not None:
+            doc[fld] = getattr(a, opt)
+    if a.exclude:
+        doc["excludes"] = doc["excludes"] + [M.parse_pairs(e, "--exclude") for e in a.exclude]
+    if a.baseline:
+        doc["baseline"] = M.parse_pairs(a.baseline, "--baseline")
+        if "batch" in doc["baseline"]:
+            doc["baseline"]["batch"] = int(doc["baseline"]["batch"])
+    doc["stages"] = doc["stages"] or a.stages
+    doc["backend"] = backend
+    if doc["models"] and len(doc["presets"]) > 1:
+        raise UserError("--model with --preset: give one preset, the one the files must match")
+    spec = M.MatrixSpec.from_dict(doc)
+    M.validate(spec)
+    return spec, backend, why
+
+
+def cmd_matrix(a) -> int:
+    from . import matrix as M
+    from . import verdict as V
+    from .cli import UserError
+    from .results import RunDir, gate, render
+    if a.resume:
+        given = [f"--{o}" for o in AXIS_OPTS + tuple(o for o, _ in SCALAR_OPTS) + ("spec", "baseline", "backend")
+                 if getattr(a, o, None) not in (None, [])] + (["--exclude"] if a.exclude else [])
+        if given:
+            raise UserError(f"--resume reruns the run's own spec; drop {', '.join(given)}")
+        run = RunDir.open(a.resume, a.out)
+        meta = run.meta()
+        cells = [M.Cell(**c) for c in meta["cells"]]
+        th = V.Thresholds(**meta["thresholds"])
+        if meta["backend"] == "cupy":
+            M.resolve_backend("cupy")
+        print(f"resuming {run.path}: {len(run.records())} of {len(cells)} cells recorded", file=sys.stderr)
+    else:
+        spec, backend, why = build_spec(a)
+        cells, notes = M.expand(spec, backend, why)
+        th = V.Thresholds(**{**V.DEFAULT.to_dict(), **{k: v for k, v in (("tol", a.tol), ("tie", a.tie)) if v is not None}})
+        label = "+".join(dict.fromkeys(c.group for c in cells))
+        meta = {"spec": spec.to_dict(), "backend": backend, "backend_reason": why, "notes": notes,
+                "thresholds": th.to_dict(), "label": label}
+        M.prepare_models(cells, say=lambda s: print(s, file=sys.stderr))
+        meta["cells"] = [vars(c) for c in cells]
+        run = RunDir.create(a.out, meta, a.id)
+        print(f"matrix {spec.source}: {len(cells)} cells, backend {backend} ({why}); run {run.path}", file=sys.stderr)
+        for n in notes:
+            print(f"note: {n}", file=sys.stderr)
+    progress = Progress(len(cells), len(run.records()))
+    old = signal.signal(signal.SIGTERM, _raise_interrupt)
+    status = "interrupted"
+    try:
+        recs = M.run_matrix(cells, run, th, progress)
+        status = "complete"
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        progress.close()
+        recs = run.finalize(status)
+        if status != "complete":
+            print(f"interrupted: {len(recs)} of {len(cells)} cells are saved in {run.path}; "
+                  f"finish with `ds4bench matrix --resume {run.run_id}`", file=sys.stderr)
+    sys.stdout.write(render(recs, a.format))
+    print(f"run {run.path} (summary.md, cells.jsonl, cells.parquet)", file=sys.stderr)
+    return gate(recs)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+class Progress:
+    """A tqdm bar (cells done, ETA, current cell) on a terminal; one plain line per cell otherwise."""
+
+    def __init__(self, total: int, done: int, stream=None):
+        self.stream = stream or sys.stderr
+        self.total, self.done, self.t0, self.ran = total, done, time.perf_counter(), 0
+        self.bar = None
+        if self.stream.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=done, unit="cell", file=self.stream, dynamic_ncols=True)
+
+    def __call__(self, event: str, cell, rec) -> None:
+        if event == "start":
+            if self.bar is not None:
+                self.bar.set_description(cell.key)
+            return
+        self.done += 1
+        self.ran += 1
+        from .results import row_view
+        v = row_view(rec)
+        line = (f"{cell.key}: {v['verdict']}" + (f", decode {v['decode_tps']:.1f} tok/s" if v["decode_tps"] else "")
+                + (f" — {rec.get('error')}" if rec.get("status") == "failed" else ""))
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.write(line)
+        else:
+            per = (time.perf_counter() - self.t0) / self.ran
+            eta = per * (self.total - self.done)
+            print(f"[{self.done}/{self.total}] {line} ({rec.get('wall_s') or 0:.1f} s; ETA {eta:.0f} s)",
+                  file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ---- show, compare, cell ---------------------------------------------------------------------
+def cmd_show(a) -> int:
+    from .results import RunDir, gate, reasons_md, render
+    run = RunDir.open(a.run, a.out)
+    recs = run.records()
+    if a.format == "md":
+        meta = run.meta()
+        print(f"run {run.run_id}: {meta.get('status')}, {len(recs)} of {len(meta.get('cells', []))} cells; "
+              f"backend {meta.get('backend')} ({meta.get('backend_reason')})")
+        for n in meta.get("notes", []):
+            print(f"note: {n}")
+        print()
+    sys.stdout.write(render(recs, a.format))
+    if a.format == "md":
+        why = reasons_md(recs)
+        if why:
+            sys.stdout.write("\n" + why)
+    return gate(recs)
+
+
+def cmd_compare(a) -> int:
+    from .results import RunDir, compare, render_compare
+    ra, rb = RunDir.open(a.run_a, a.out), RunDir.open(a.run_b, a.out)
+    res = compare(ra.records(), rb.records(), a.alpha)
+    sys.stdout.write(render_compare(res, a.format, ra.run_id, rb.run_id))
+    return res["status"]
+
+
+def cmd_cell(a) -> int:
+    from .matrix import run_cell
+    try:
+        params = json.loads(a.params)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--params is not JSON: {e}") from None
+    run_cell(params, a.out, a.fingerprints)
+    return 0

@@ -1,0 +1,546 @@
+"""The A/B matrix: spec -> cells -> one process per cell -> records judged against a baseline.
+
+A spec names axes as lists (llama-bench style) and everything fixed: the prompt set, tokens to
+generate, repetitions, warm-up, excludes, the baseline, the per-cell timeout. It comes from a
+TOML file (benchmarks/matrices/*.toml) or from command-line comma lists:
+
+    preset = ["tiny"]                 # or model = ["path/to/file.gguf"]
+    cache = ["q8", "f16", "f32"]
+    placement = ["device", "managed"] # GPU only; skipped with a stated reason on the CPU
+    batch = [1, 4]
+    prompts = "smoke"                 # a set in benchmarks/prompts/ or a TOML path
+    n = 32                            # tokens generated per prompt
+    reps = 2                          # timed repetitions; warmup = untimed ones before them
+    timeout = 600                     # seconds per cell
+    baseline = { cache = "f32", placement = "device", batch = 1 }
+    exclude = [{ cache = "q8", batch = 16 }]
+    [env]                             # extra environment for every cell
+    DS4BENCH_SOMETHING = "1"
+
+Cells are grouped by model (so a model is generated or paged in once per group) with the
+group's baseline first, then in axis order. Each cell runs `python -m ds4bench cell` in its own
+process and session with its own environment (DS4BENCH_CACHE, DS4BENCH_PLACEMENT, ...): a crash,
+an out-of-memory kill or a timeout becomes that cell's `failed` record and the matrix goes on.
+The matrix process itself never imports CuPy.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import config as C
+from . import record as R
+from . import verdict as V
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+MATRICES_DIR = R.REPO / "benchmarks" / "matrices"
+PLACEMENTS = ("device", "managed", "managed-hinted", "host")
+AXES = ("model", "cache", "placement", "batch")
+SPEC_KEYS = {"description", "preset", "model", "variant", "seed", "cache", "placement", "batch", "prompts", "n",
+             "reps", "warmup", "timeout", "baseline", "exclude", "backend", "ctx", "chunk", "stages", "env"}
+SYNTH_IN_MEMORY_MAX = 256 * 2**20      # larger presets are written to a GGUF once and memory-mapped per cell
+
+
+@dataclass
+class MatrixSpec:
+    presets: list = field(default_factory=lambda: ["tiny"])
+    models: list = field(default_factory=list)          # GGUF files; when given they are the model axis
+    caches: list = field(default_factory=lambda: ["q8", "f16", "f32"])
+    placements: list = field(default_factory=lambda: ["device"])
+    batches: list = field(default_factory=lambda: [1])
+    variant: str | None = None
+    seed: int = 0
+    prompts: str = "smoke"
+    n_gen: int = 32
+    reps: int = 2
+    warmup: int = 0
+    timeout_s: float = 600.0
+    baseline: dict = field(default_factory=dict)
+    excludes: list = field(default_factory=list)
+    backend: str = "auto"
+    ctx: int | None = None
+    chunk: int = 512
+    stages: bool = False
+    env: dict = field(default_factory=dict)
+    description: str = ""
+    source: str = "command line"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MatrixSpec":
+        return cls(**d)
+
+
+@dataclass
+class Cell:
+    cell_id: str
+    key: str                    # the varying parameters, for tables
+    group: str                  # the model it belongs to
+    params: dict                # CellRecord parameter fields
+    is_baseline: bool = False
+    baseline_cell: str | None = None
+
+
+# ---- spec ------------------------------------------------------------------------------------
+def spec_path(name: str) -> Path:
+    p = Path(name)
+    if p.suffix != ".toml" and p.parent == Path("."):
+        p = MATRICES_DIR / f"{name}.toml"
+    if not p.is_file():
+        known = ", ".join(sorted(q.stem for q in MATRICES_DIR.glob("*.toml"))) or "none"
+        raise ValueError(f"matrix spec {name!r}: no file {p} (known specs: {known})")
+    return p
+
+
+def load_spec(name: str) -> MatrixSpec:
+    p = spec_path(name)
+    try:
+        doc = tomllib.loads(p.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{p}: not valid TOML: {e}") from None
+    return spec_from_mapping(doc, str(p))
+
+
+def spec_from_mapping(doc: dict, source: str) -> MatrixSpec:
+    """A spec from TOML-shaped values (lists for axes); raises ValueError naming the bad key."""
+    unknown = set(doc) - SPEC_KEYS
+    if unknown:
+        raise ValueError(f"{source}: unknown key(s) {sorted(unknown)}; known: {', '.join(sorted(SPEC_KEYS))}")
+    s = MatrixSpec(source=source)
+
+    def lst(key, kind, default):
+        v = doc.get(key, default)
+        v = v if isinstance(v, list) else [v]
+        if not v or not all(isinstance(x, kind) and not isinstance(x, bool) for x in v):
+            raise ValueError(f"{source}: {key} must be a non-empty list of {kind.__name__}, found {doc[key]!r}")
+        return list(dict.fromkeys(v))
+
+    def one(key, kind, default):
+        v = doc.get(key, default)
+        if v is not None and (not isinstance(v, kind) or (isinstance(v, bool) and kind is not bool)):
+            raise ValueError(f"{source}: {key} must be {getattr(kind, '__name__', kind)}, found {v!r}")
+        return v
+
+    s.models = lst("model", str, []) if "model" in doc else []
+    s.presets = lst("preset", str, ["tiny"])
+    s.caches = lst("cache", str, s.caches)
+    s.placements = lst("placement", str, s.placements)
+    s.batches = lst("batch", int, s.batches)
+    s.variant = one("variant", str, None)
+    s.seed = one("seed", int, 0)
+    s.prompts = one("prompts", str, s.prompts)
+    s.n_gen = one("n", int, s.n_gen)
+    s.reps = one("reps", int, s.reps)
+    s.warmup = one("warmup", int, s.warmup)
+    s.timeout_s = float(one("timeout", (int, float), s.timeout_s))
+    s.backend = one("backend", str, s.backend)
+    s.ctx = one("ctx", int, None)
+    s.chunk = one("chunk", int, s.chunk)
+    s.stages = one("stages", bool, False)
+    s.description = one("description", str, "")
+    s.baseline = dict(one("baseline", dict, {}))
+    s.excludes = [dict(e) for e in one("exclude", list, [])]
+    s.env = {str(k): str(v) for k, v in one("env", dict, {}).items()}
+    validate(s)
+    return s
+
+
+def parse_pairs(text: str, what: str) -> dict:
+    """'cache=q8,batch=16' -> {'cache': 'q8', 'batch': '16'}."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        k, eq, v = part.partition("=")
+        if not eq or not k.strip() or not v.strip():
+            raise ValueError(f"{what} {text!r}: expected key=value pairs like cache=q8,batch=16")
+        out[k.strip()] = v.strip()
+    return out
+
+
+def validate(s: MatrixSpec) -> None:
+    from .generate import EXTRA_MODES
+    from .ops_ref import CACHE_MODES
+    where = f"matrix spec ({s.source})"
+    modes = list(CACHE_MODES) + sorted(EXTRA_MODES)
+    for c in s.caches:
+        if c not in modes:
+            raise ValueError(f"{where}: unknown cache mode {c!r}; choose from {', '.join(modes)} "
+                             f"(other modes come from a DS4BENCH_PLUGINS module)")
+    for p in s.placements:
+        if p not in PLACEMENTS:
+            raise ValueError(f"{where}: unknown placement {p!r}; choose from {', '.join(PLACEMENTS)}")
+    for b in s.batches:
+        if not 1 <= b <= 64:
+            raise ValueError(f"{where}: batch {b} is outside 1..64")
+    for p in s.presets if not s.models else []:
+        C.preset(p, s.variant)
+    for m in s.models:
+        if not Path(m).is_file():
+            raise ValueError(f"{where}: model file {m} does not exist")
+    if s.variant not in (None, "q2", "q4"):
+        raise ValueError(f"{where}: variant must be q2 or q4, found {s.variant!r}")
+    for name, v, lo in (("n", s.n_gen, 1), ("reps", s.reps, 1), ("warmup", s.warmup, 0), ("chunk", s.chunk, 1)):
+        if v < lo:
+            raise ValueError(f"{where}: {name} must be at least {lo}, found {v}")
+    if s.timeout_s <= 0:
+        raise ValueError(f"{where}: timeout must be positive, found {s.timeout_s:g}")
+    if s.backend not in ("auto", "numpy", "cupy"):
+        raise ValueError(f"{where}: backend must be auto, numpy or cupy, found {s.backend!r}")
+    for d, what in [(s.baseline, "baseline")] + [(e, "exclude") for e in s.excludes]:
+        bad = set(d) - {"cache", "placement", "batch", "model", "preset"}
+        if bad:
+            raise ValueError(f"{where}: {what} keys {sorted(bad)} are not axes; use cache, placement, batch, model")
+    from .prompts import load_prompts
+    load_prompts(s.prompts)
+
+
+# ---- backend ---------------------------------------------------------------------------------
+def resolve_backend(requested: str) -> tuple[str, str]:
+    """(backend, why). auto picks cupy when CuPy imports, a GPU is visible and ds4bench.ops_gpu
+    imports -- checked in a child process, so this process never imports CuPy."""
+    if requested == "numpy":
+        return "numpy", "backend numpy was requested"
+    why = ""
+    if importlib.util.find_spec("cupy") is None:
+        why = "CuPy is not installed"
+    elif importlib.util.find_spec("ds4bench.ops_gpu") is None:
+        why = "ds4bench.ops_gpu (the GPU backend) does not exist in this checkout"
+    else:
+        probe = ("import cupy, ds4bench.ops_gpu; n = cupy.cuda.runtime.getDeviceCount(); "
+                 "assert n > 0, 'no CUDA device is visible'; print(n)")
+        try:
+            r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                               env=_child_env({}))
+            if r.returncode != 0:
+                lines = r.stderr.strip().splitlines()
+                why = f"the GPU probe failed: {lines[-1] if lines else f'exit {r.returncode}'}"
+        except subprocess.TimeoutExpired:
+            why = "the GPU probe did not answer in 120 s"
+    if not why:
+        return "cupy", "CuPy imports, a GPU is visible and ds4bench.ops_gpu imports"
+    if requested == "cupy":
+        raise ValueError(f"backend cupy is unavailable: {why}; use --backend numpy or auto")
+    return "numpy", why
+
+
+# ---- expansion -------------------------------------------------------------------------------
+def expand(spec: MatrixSpec, backend: str, backend_why: str = "") -> tuple[list[Cell], list[str]]:
+    """Cells in run order and the notes (skipped axes, added baselines) to print and record."""
+    notes = []
+    placements = list(spec.placements)
+    if backend == "numpy":
+        placements = [None]
+        notes.append(f"placement axis skipped: the numpy backend keeps every weight in host memory "
+                     f"({backend_why})")
+    models = [("file", m) for m in spec.models] or [("preset", p) for p in spec.presets]
+    base_want = {"cache": "f32", "placement": "device" if backend == "cupy" else None, "batch": 1}
+    base_want.update({k: v for k, v in spec.baseline.items() if k in base_want})
+    if backend == "numpy":
+        base_want["placement"] = None
+    else:
+        base_want["placement"] = str(base_want["placement"])
+    base_want["batch"] = int(base_want["batch"])
+    varying = {a for a, vals in (("model", models), ("cache", spec.caches), ("placement", placements),
+                                 ("batch", spec.batches)) if len(vals) > 1}
+    cells: list[Cell] = []
+    for kind, model in models:
+        label = model if kind == "preset" else Path(model).stem
+        combos = [dict(cache=c, placement=p, batch=b) for c, p, b in itertools.product(spec.caches, placements, spec.batches)]
+        combos = [c for c in combos if not _excluded(c, label, spec.excludes)]
+        base = dict(base_want)
+        if base not in combos:
+            notes.append(f"{label}: baseline {_kv(base)} added: it is not in the matrix")
+            varying |= {a for a in ("cache", "placement", "batch") if len({c[a] for c in combos} | {base[a]}) > 1}
+            combos.insert(0, base)
+        else:
+            combos.insert(0, combos.pop(combos.index(base)))
+        group: list[Cell] = []
+        for combo in combos:
+            params = {"preset": model if kind == "preset" else None, "model_file": model if kind == "file" else None,
+                      "variant": spec.variant, "seed": spec.seed, "backend": backend, **combo,
+                      "n_gen": spec.n_gen, "prompt_set": spec.prompts, "reps": spec.reps, "warmup": spec.warmup,
+                      "ctx": spec.ctx or 0, "chunk": spec.chunk, "stages": spec.stages, "timeout_s": spec.timeout_s,
+                      "env": dict(spec.env)}
+            cid = "-".join([label, combo["cache"]] + ([combo["placement"]] if combo["placement"] else [])
+                           + [f"b{combo['batch']}"])
+            group.append(Cell(cid, "", label, params, is_baseline=combo == base))
+        for c in group:
+            c.baseline_cell = group[0].cell_id
+            parts = {"model": label, **{a: c.params[a] for a in ("cache", "placement", "batch")}}
+            c.key = " ".join(f"{a}={parts[a]}" for a in AXES if a in varying) or c.cell_id
+        cells += group
+    return cells, notes
+
+
+def _excluded(combo: dict, label: str, excludes: list[dict]) -> bool:
+    vals = {**{k: str(v) for k, v in combo.items()}, "model": label, "preset": label}
+    return any(all(vals.get(k) == str(v) for k, v in e.items()) for e in excludes)
+
+
+def _kv(d: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in d.items() if v is not None)
+
+
+def prepare_models(cells: list[Cell], cache_dir: str | None = None, say=print) -> None:
+    """Presets too large to generate in every cell are written to a GGUF once, then mapped."""
+    from .gguf_io import tensor_specs
+    from .synth import write_model
+    root = Path(cache_dir or os.environ.get("DS4BENCH_MODEL_CACHE") or Path.home() / ".cache" / "ds4bench" / "models")
+    for c in cells:
+        p = c.params
+        if p["model_file"] or not p["preset"]:
+            continue
+        cfg = C.preset(p["preset"], p["variant"])
+        if sum(s.nbytes for s in tensor_specs(cfg)) <= SYNTH_IN_MEMORY_MAX:
+            continue
+        path = root / f"{cfg.name}-{cfg.variant}-seed{p['seed']}.gguf"
+        if not path.is_file():
+            root.mkdir(parents=True, exist_ok=True)
+            say(f"writing synthetic {cfg.name} ({cfg.variant}) once to {path}")
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            write_model(cfg, str(tmp), p["seed"])
+            os.replace(tmp, path)
+        p["model_file"] = str(path)
+
+
+# ---- running ---------------------------------------------------------------------------------
+def cell_env(cell: Cell) -> dict:
+    p = cell.params
+    env = {"DS4BENCH_BACKEND": p["backend"], "DS4BENCH_CACHE": p["cache"], "DS4BENCH_BATCH": str(p["batch"])}
+    if p["placement"]:
+        env["DS4BENCH_PLACEMENT"] = p["placement"]
+    env.update(p["env"])
+    return env
+
+
+def _child_env(extra: dict) -> dict:
+    env = dict(os.environ)
+    env.update(extra)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(R.REPO), env.get("PYTHONPATH", "")]))
+    env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")       # NVML and CUDA agree on device numbering
+    return env
+
+
+def _die_with_parent() -> None:
+    """In the child: be killed if the runner dies, so no orphan keeps measuring."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def run_cell_process(cell: Cell, out: Path, fingerprints: Path, log: Path) -> tuple[dict | None, str, float]:
+    """Run one cell as `python -m ds4bench cell`; (record or None, error, wall seconds)."""
+    cmd = [sys.executable, "-m", "ds4bench", "cell", "--params", json.dumps(cell.params),
+           "--out", str(out), "--fingerprints", str(fingerprints)]
+    out.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
+                                env=_child_env(cell_env(cell)), start_new_session=True,
+                                preexec_fn=_die_with_parent)
+        try:
+            rc = proc.wait(timeout=cell.params["timeout_s"])
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            timed_out, rc = True, None
+        finally:
+            if proc.poll() is None:                 # timeout or interrupt: end the cell's whole session
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait()
+    wall = time.perf_counter() - t0
+    if timed_out:
+        return None, f"timed out after {cell.params['timeout_s']:g} s (raise --timeout)", wall
+    if rc == 0 and out.is_file():
+        return json.loads(out.read_text()), "", wall
+    last = _last_line(log)
+    if rc is not None and rc < 0:
+        name = signal.Signals(-rc).name
+        hint = " (out of memory?)" if -rc == signal.SIGKILL else ""
+        return None, f"killed by {name}{hint}" + (f"; last output: {last}" if last else ""), wall
+    return None, last or f"exited with status {rc} without a record", wall
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return lines[-1][:500] if lines else ""
+
+
+def judge(rec: dict, cell_fp: str, base_rec: dict | None, base_fp: str | None,
+          th: V.Thresholds = V.DEFAULT) -> dict:
+    """Fill a finished record's verdict fields against its group's baseline."""
+    if rec["status"] != "ok":
+        return rec
+    if base_rec is None or base_rec["status"] != "ok" or base_fp is None:
+        rec["verdict"] = None
+        rec["verdict_reason"] = f"not judged: baseline cell {rec['baseline_cell']} failed"
+        rec["unavailable"]["verdict"] = rec["verdict_reason"]
+        return rec
+    cfp, bfp = V.load_fingerprints(cell_fp), V.load_fingerprints(base_fp)
+    rec["verdict"], rec["verdict_reason"] = V.judge_cell(rec["prompts"], cfp, bfp, th, bool(rec["deterministic"]))
+    return rec
+
+
+def run_matrix(cells: list[Cell], run, th: V.Thresholds = V.DEFAULT, progress=None) -> list[dict]:
+    """Run the cells `run` (a results.RunDir) has no record of; return every record of the run.
+
+    `progress(event, cell, record)` is told 'start' and 'done' for each cell."""
+    done = {r["cell_id"]: r for r in run.records()}
+    todo = [c for c in cells if c.cell_id not in done]
+    for cell in todo:
+        if progress:
+            progress("start", cell, None)
+        out, fp, log = run.cell_paths(cell.cell_id)
+        rec, err, wall = run_cell_process(cell, out, fp, log)
+        base = {"run_id": run.run_id, "cell_id": cell.cell_id, "key": cell.key, "is_baseline": cell.is_baseline,
+                "baseline_cell": cell.baseline_cell, **cell.params}
+        if rec is None:
+            rec = R.failed_record(base, err, wall)
+        else:
+            rec.update({k: base[k] for k in ("run_id", "cell_id", "key", "is_baseline", "baseline_cell")})
+            rec["wall_s"] = wall
+            b = rec if cell.is_baseline else done.get(cell.baseline_cell)
+            rec = judge(rec, str(fp), b, str(run.cell_paths(cell.baseline_cell)[1]) if b else None, th)
+        out.unlink(missing_ok=True)
+        run.append(rec)
+        done[cell.cell_id] = rec
+        if progress:
+            progress("done", cell, rec)
+    return [done[c.cell_id] for c in cells if c.cell_id in done]
+
+
+# ---- one cell, in process (`ds4bench cell`) --------------------------------------------------
+def run_cell(params: dict, out: str, fingerprints: str) -> dict:
+    """Measure one cell in this process: load, prime, warm up, time the repetitions, fingerprint.
+
+    The prime pass (8 tokens of the first prompt, 2 generated) is never timed: it builds the
+    mode's lazily expanded weights (and compiles kernels on a GPU). `warmup` full passes follow,
+    then `reps` timed ones; with `stages`, one more pass under a HostTimer gives per-stage times."""
+    from .cli import load_model
+    from .generate import Engine, generate
+    from .profiling import HostTimer, stage_of
+    from .prompts import load_prompts
+    from .tokenizer import Tokenizer
+    p = params
+    rec = R.CellRecord.from_dict({k: v for k, v in p.items() if k in R.FIELDS})
+    sw, na = R.software()
+    for k, v in sw.items():
+        setattr(rec, k, v)
+    na = dict(na)
+    rec.utc_start = R.utc_now()
+    t0 = time.perf_counter()
+    mf = load_model(p["model_file"], p["preset"], p["variant"], p["seed"])
+    rec.load_s = time.perf_counter() - t0
+    tok = Tokenizer.from_gguf_metadata(mf.metadata)
+    prompts = [(q.id, tok.chat(q.text)) for q in load_prompts(p["prompt_set"])]
+    longest = max(len(ids) for _, ids in prompts)
+    rec.ctx = p["ctx"] or longest + p["n_gen"] + 1
+    gpu = p["backend"] == "cupy"
+    opts = {"placement": p["placement"]} if gpu and p["placement"] else {}
+    eng = Engine(mf, cache=p["cache"], backend=p["backend"], batch=p["batch"], ctx=rec.ctx,
+                 prefill_chunk=p["chunk"], **opts)
+    generate(eng, [(prompts[0][0], prompts[0][1][:8])], 2)
+    for _ in range(p["warmup"]):
+        generate(eng, prompts, p["n_gen"])
+    probe = R.GpuProbe(_pci_bus_id()) if gpu else None
+    start = probe.sample() if probe and probe.handle else None
+    if probe:
+        probe.start()
+    results = [generate(eng, prompts, p["n_gen"], tok.decode) for _ in range(p["reps"])]
+    if probe:
+        probe.stop()
+    end = probe.sample() if probe and probe.handle else None
+    g, gna = R.gpu_fields(probe, start, end, "" if gpu else "numpy backend: the cell does not use a GPU")
+    for k, v in g.items():
+        setattr(rec, k, v)
+    na.update(gna)
+    if probe:
+        probe.close()
+
+    for k, v in R.timing_fields([r.timing for r in results], rec.gpu_throttle).items():
+        setattr(rec, k, v)
+    if p["stages"]:
+        timer = HostTimer()
+        generate(Engine(mf, cache=p["cache"], backend=p["backend"], batch=p["batch"], ctx=rec.ctx,
+                        prefill_chunk=p["chunk"], profiler=timer, ops=eng.ops), prompts, p["n_gen"])
+        for name, s in timer.summary().items():
+            rec.stage_s[stage_of(name)] = rec.stage_s.get(stage_of(name), 0.0) + s
+    else:
+        na["stage_s"] = "stage times not asked for (--stages)"
+
+    rec.deterministic = all([f.tokens for f in r.fingerprints] == [f.tokens for f in results[0].fingerprints]
+                            for r in results)
+    for i, fp in enumerate(results[0].fingerprints):
+        rec.prompts.append({"prompt_id": fp.prompt_id, "prompt_tokens": fp.prompt_tokens, "sha256": fp.sha256,
+                            "text": fp.text, "tokens": fp.tokens,
+                            "nonfinite": any(r.fingerprints[i].nonfinite for r in results),
+                            "replica_mismatch": max(r.fingerprints[i].replica_mismatch for r in results)})
+    V.save_fingerprints(fingerprints, results[0].fingerprints, results[0].first_logits)
+
+    rec.host_rss_peak_bytes = R.host_rss_peak_bytes()
+    rec.state_bytes, rec.weights_bytes = int(eng.state.nbytes()), int(mf.nbytes)
+    mem = _device_memory(eng) if gpu else {}
+    rec.device_peak_bytes, rec.managed_bytes = mem.get("device_peak_bytes"), mem.get("managed_bytes")
+    for k in ("device_peak_bytes", "managed_bytes"):
+        if getattr(rec, k) is None:
+            na[k] = mem.get("why", "numpy backend: no device memory")
+    steps = [s for r in results for s in r.timing.step_s]
+    why_peak = na.get("gpu_mem_bw_gbs", "") if gpu else "numpy backend: no GPU bandwidth roofline"
+    roof, rna = R.roofline_fields(mf.cfg, p["batch"], longest + p["n_gen"],
+                                  sorted(steps)[len(steps) // 2] if steps else None, rec.gpu_mem_bw_gbs, why_peak)
+    for k, v in roof.items():
+        setattr(rec, k, v)
+    na.update(rna)
+    rec.unavailable = {k: v for k, v in na.items() if getattr(rec, k, None) in (None, [], {})}
+    rec.utc_end = R.utc_now()
+    d = rec.to_dict()
+    tmp = f"{out}.tmp{os.getpid()}"
+    with open(tmp, "w") as fh:
+        json.dump(d, fh)
+    os.replace(tmp, out)
+    return d
+
+
+def _pci_bus_id() -> str | None:
+    try:
+        import cupy
+        return cupy.cuda.runtime.deviceGetPCIBusId(cupy.cuda.runtime.getDevice())
+    except Exception:
+        return None
+
+
+def _device_memory(eng) -> dict:
+    """GPU ops may report {'device_peak_bytes', 'managed_bytes'} through memory_stats(); otherwise
+    the bytes CuPy's pool holds at the end (it keeps freed blocks, so this is its high-water mark)."""
+    stats = getattr(eng.ops, "memory_stats", None)
+    out = dict(stats()) if stats else {}
+    if out.get("device_peak_bytes") is None:
+        try:
+            import cupy
+            out["device_peak_bytes"] = int(cupy.get_default_memory_pool().total_bytes())
+        except Exception as e:
+            out["why"] = f"device memory unknown: {e}"
+    if out.get("managed_bytes") is None:
+        out.setdefault("why", "the GPU ops do not report managed allocations (memory_stats)")
+    return out

@@ -1,0 +1,386 @@
+"""The one flat `CellRecord` of a matrix cell, and the measurements that fill it.
+
+Every view (markdown, CSV, parquet, JSON, compare, plots, asv tracks) reads these fields and
+nothing else. A field is either a real measurement or None; every None has its reason in
+`unavailable[field]` (for example "numpy backend: no device memory"), so an absent GPU is
+never mistaken for a zero.
+
+Units are in the names: `_s` seconds, `_ms` milliseconds, `_bytes`, `_tps` tokens per second,
+`_gbs` 1e9 bytes per second, `_mhz`, `_c` degrees Celsius, `_w` watts, `_pct` percent.
+
+Timing conventions
+  prefill_tps       prompt tokens / prefill seconds, median over repetitions
+  decode_tps        generated tokens / decode seconds (B tokens per step), median over repetitions
+  ttft_ms           median time from a sequence's prefill start to its first token
+  latency_p*_ms     per-token latency = decode step time: each of the B sequences gets one token
+                    per step; percentiles over the raw steps of all repetitions (`step_ms`)
+Roofline (decode, weights only, ds4-spec 5.6)
+  bytes_per_step    gguf_io.decode_read_bytes for the final context of the longest prompt.
+                    For batch B > 1 a step is assumed to read every weight once for the whole
+                    batch and the routed experts as for one token (full overlap), so the bytes
+                    are a lower bound there: bytes_per_token = bytes_per_step / B, and
+                    achieved_gbs / roofline_pct are lower bounds at B > 1.
+  roofline_pct      achieved_gbs over the GPU's peak memory bandwidth (NVML: max memory clock x
+                    bus width x 2); GPU only.
+Each `prompts` entry: prompt_id, prompt_tokens, sha256, text, tokens, nonfinite,
+replica_mismatch, then from the verdict: first_divergence, max_dlogprob, margin_at_divergence,
+nmse, verdict, reason.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import functools
+import importlib.metadata as md
+import json
+import math
+import os
+import platform
+import resource
+import socket
+import subprocess
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+SCHEMA = 1
+REPO = Path(__file__).resolve().parent.parent
+PACKAGES = ("ds4bench", "numpy", "scipy", "pandas", "pyarrow", "gguf", "tokenizers", "tqdm", "nvidia-ml-py")
+RELIABLE_SPREAD = 0.10          # decode tok/s (max - min) / median across repetitions
+
+
+@dataclass
+class CellRecord:
+    # identity and outcome
+    schema: int = SCHEMA
+    run_id: str = ""
+    cell_id: str = ""
+    key: str = ""                       # the varying parameters, "cache=q8 batch=4"
+    status: str = "ok"                  # ok | failed
+    error: str | None = None            # failed: the cell's last stderr line, timeout or signal
+    is_baseline: bool = False
+    baseline_cell: str | None = None    # cell_id this cell was judged against
+    verdict: str | None = None          # identical | close | drift | broken | failed
+    verdict_reason: str = ""
+    deterministic: bool | None = None   # every repetition generated the same tokens
+    # parameters
+    preset: str | None = None
+    model_file: str | None = None
+    variant: str | None = None
+    seed: int = 0
+    backend: str = "numpy"
+    cache: str = "f32"
+    placement: str | None = None
+    batch: int = 1
+    n_gen: int = 32
+    prompt_set: str = "smoke"
+    reps: int = 1
+    warmup: int = 0
+    ctx: int = 0
+    chunk: int = 512
+    stages: bool = False
+    timeout_s: float = 0.0
+    env: dict = field(default_factory=dict)     # DS4BENCH_* and spec variables the cell ran with
+    # provenance
+    git_commit: str | None = None
+    git_dirty: bool | None = None
+    python: str = ""
+    numpy: str = ""
+    cupy: str | None = None
+    cuda_runtime: str | None = None
+    packages: dict = field(default_factory=dict)
+    host: str = ""
+    platform: str = ""
+    cpu: str = ""
+    n_cpus: int = 0
+    utc_start: str = ""
+    utc_end: str = ""
+    gpu_name: str | None = None
+    gpu_driver: str | None = None
+    cuda_driver: str | None = None
+    gpu_mem_bw_gbs: float | None = None
+    gpu_sm_clock_mhz_start: float | None = None
+    gpu_sm_clock_mhz_end: float | None = None
+    gpu_sm_clock_mhz_min: float | None = None
+    gpu_temp_c_start: float | None = None
+    gpu_temp_c_end: float | None = None
+    gpu_power_w_start: float | None = None
+    gpu_power_w_end: float | None = None
+    gpu_throttle: list = field(default_factory=list)   # NVML slowdown reasons seen during the timed reps
+    # timing
+    wall_s: float | None = None
+    load_s: float | None = None
+    prefill_tps: float | None = None
+    decode_tps: float | None = None
+    ttft_ms: float | None = None
+    latency_p50_ms: float | None = None
+    latency_p90_ms: float | None = None
+    latency_p99_ms: float | None = None
+    prefill_tps_reps: list = field(default_factory=list)
+    decode_tps_reps: list = field(default_factory=list)
+    step_ms: list = field(default_factory=list)         # raw decode step samples, all repetitions
+    ttft_samples_ms: list = field(default_factory=list)
+    timing_spread: float | None = None
+    timing_reliable: bool | None = None
+    timing_note: str = ""
+    stage_s: dict = field(default_factory=dict)         # --stages: host seconds per stage, one extra rep
+    # memory
+    host_rss_peak_bytes: int | None = None
+    device_peak_bytes: int | None = None
+    managed_bytes: int | None = None
+    state_bytes: int | None = None
+    weights_bytes: int | None = None
+    # roofline
+    bytes_per_step: int | None = None
+    bytes_per_token: float | None = None
+    achieved_gbs: float | None = None
+    roofline_pct: float | None = None
+    # correctness
+    prompts: list = field(default_factory=list)
+    unavailable: dict = field(default_factory=dict)     # field -> why it is None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CellRecord":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(CellRecord))
+PARAMS = ("preset", "model_file", "variant", "seed", "backend", "cache", "placement", "batch", "n_gen",
+          "prompt_set", "reps", "warmup", "ctx", "chunk", "env")
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def table_row(rec: dict) -> dict:
+    """A record as one flat row: scalars as they are, lists and dicts as JSON text."""
+    return {k: (json.dumps(v, sort_keys=True) if isinstance(v, (list, dict)) else v) for k, v in rec.items()}
+
+
+# ---- provenance ------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def software() -> tuple[dict, dict]:
+    """(fields, unavailable) for git, package versions, Python and the host."""
+    out: dict = {"python": platform.python_version(), "numpy": np.__version__, "host": socket.gethostname(),
+                 "platform": platform.platform(), "cpu": _cpu_model(), "n_cpus": len(os.sched_getaffinity(0))}
+    na: dict = {}
+    out["packages"] = {p: _version(p) for p in PACKAGES}
+    cupy = next((d for d in md.distributions() if (d.metadata["Name"] or "").lower().startswith("cupy")), None)
+    out["packages"]["cupy"] = f"{cupy.metadata['Name']} {cupy.version}" if cupy else None
+    try:
+        commit = _git("rev-parse", "HEAD")
+        out["git_commit"] = commit
+        out["git_dirty"] = bool(_git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.CalledProcessError) as e:
+        reason = (getattr(e, "stderr", "") or str(e)).strip().splitlines()
+        na["git_commit"] = na["git_dirty"] = f"git: {reason[-1] if reason else 'unavailable'} (in {REPO})"
+    return out, na
+
+
+def _git(*args) -> str:
+    return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=True,
+                          timeout=10).stdout.strip()
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def host_rss_peak_bytes() -> int:
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024      # Linux reports KiB
+
+
+# ---- GPU facts through NVML (nvidia-ml-py) ---------------------------------------------------
+SLOWDOWN = {"SwPowerCap": "power cap", "HwSlowdown": "hw slowdown", "SwThermalSlowdown": "sw thermal",
+            "HwThermalSlowdown": "hw thermal", "HwPowerBrakeSlowdown": "power brake"}
+GPU_FIELDS = ("gpu_name", "gpu_driver", "cuda_driver", "gpu_mem_bw_gbs", "gpu_sm_clock_mhz_start",
+              "gpu_sm_clock_mhz_end", "gpu_sm_clock_mhz_min", "gpu_temp_c_start", "gpu_temp_c_end",
+              "gpu_power_w_start", "gpu_power_w_end")
+
+
+class GpuProbe:
+    """One GPU seen through NVML; `reason` says why not when NVML or the device is unavailable.
+
+    A background sampler (start/stop) watches the SM clock and the slowdown reasons while a
+    cell's timed repetitions run, so a throttled measurement is flagged."""
+
+    def __init__(self, pci_bus_id: str | None = None, index: int = 0, interval_s: float = 0.2):
+        self.nvml = self.handle = None
+        self.reason = ""
+        self.interval_s = interval_s
+        self.min_clock: float | None = None
+        self.seen: set[str] = set()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        try:
+            import pynvml
+        except ImportError:
+            self.reason = "nvidia-ml-py (pynvml) is not installed"
+            return
+        try:
+            pynvml.nvmlInit()
+            self.handle = (pynvml.nvmlDeviceGetHandleByPciBusId(pci_bus_id) if pci_bus_id
+                           else pynvml.nvmlDeviceGetHandleByIndex(index))
+            self.nvml = pynvml
+        except Exception as e:              # NVMLError subclasses: no library, no driver, no device
+            self.reason = f"NVML unavailable: {e}"
+
+    def static(self) -> dict:
+        p, h = self.nvml, self.handle
+        out = {"gpu_name": _s(p.nvmlDeviceGetName(h)), "gpu_driver": _s(p.nvmlSystemGetDriverVersion())}
+        v = int(p.nvmlSystemGetCudaDriverVersion_v2())
+        out["cuda_driver"] = f"{v // 1000}.{v % 1000 // 10}"
+        try:
+            mem_mhz = p.nvmlDeviceGetMaxClockInfo(h, p.NVML_CLOCK_MEM)
+            bus_bits = p.nvmlDeviceGetMemoryBusWidth(h)
+            out["gpu_mem_bw_gbs"] = mem_mhz * 1e6 * 2 * bus_bits / 8 / 1e9     # double data rate
+        except p.NVMLError:
+            out["gpu_mem_bw_gbs"] = None
+        return out
+
+    def sample(self) -> dict:
+        p, h = self.nvml, self.handle
+        reasons = self._reasons()
+        self.seen |= reasons
+        return {"sm_clock_mhz": float(p.nvmlDeviceGetClockInfo(h, p.NVML_CLOCK_SM)),
+                "temp_c": float(p.nvmlDeviceGetTemperature(h, p.NVML_TEMPERATURE_GPU)),
+                "power_w": p.nvmlDeviceGetPowerUsage(h) / 1000.0, "throttle": sorted(reasons)}
+
+    def _reasons(self) -> set[str]:
+        p = self.nvml
+        get = getattr(p, "nvmlDeviceGetCurrentClocksEventReasons", None) or p.nvmlDeviceGetCurrentClocksThrottleReasons
+        mask = int(get(self.handle))
+        return {text for name, text in SLOWDOWN.items()
+                if mask & int(getattr(p, f"nvmlClocksEventReason{name}", getattr(p, f"nvmlClocksThrottleReason{name}", 0)))}
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                clk = self.sample()["sm_clock_mhz"]
+            except Exception:               # a sampler must never take the cell down
+                return
+            self.min_clock = clk if self.min_clock is None else min(self.min_clock, clk)
+
+    def start(self) -> None:
+        if self.handle is not None:
+            self._thread = threading.Thread(target=self._watch, daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+
+    def close(self) -> None:
+        self.stop()
+        if self.nvml is not None:
+            try:
+                self.nvml.nvmlShutdown()
+            except Exception:
+                pass
+
+
+def _s(x) -> str:
+    return x.decode() if isinstance(x, bytes) else str(x)
+
+
+def gpu_fields(probe: GpuProbe | None, start: dict | None, end: dict | None, reason: str) -> tuple[dict, dict]:
+    """(fields, unavailable) for the GPU provenance of a cell."""
+    if probe is None or probe.handle is None or start is None or end is None:
+        why = reason or (probe.reason if probe is not None else "no GPU")
+        return {f: None for f in GPU_FIELDS} | {"gpu_throttle": []}, {f: why for f in GPU_FIELDS}
+    out = probe.static()
+    out.update(gpu_sm_clock_mhz_start=start["sm_clock_mhz"], gpu_sm_clock_mhz_end=end["sm_clock_mhz"],
+               gpu_temp_c_start=start["temp_c"], gpu_temp_c_end=end["temp_c"],
+               gpu_power_w_start=start["power_w"], gpu_power_w_end=end["power_w"],
+               gpu_sm_clock_mhz_min=min(x for x in (probe.min_clock, start["sm_clock_mhz"], end["sm_clock_mhz"])
+                                        if x is not None),
+               gpu_throttle=sorted(probe.seen))
+    na = {"gpu_mem_bw_gbs": "NVML does not report the memory clock or bus width"} if out["gpu_mem_bw_gbs"] is None else {}
+    return out, na
+
+
+# ---- timing, roofline ------------------------------------------------------------------------
+def timing_fields(timings: list, throttle: list) -> dict:
+    """Summaries of the generate() Timing of each repetition (see the module docstring)."""
+    pre = [t.prefill_tps for t in timings]
+    dec = [t.decode_tps for t in timings]
+    steps = [s * 1e3 for t in timings for s in t.step_s]
+    ttft = [s * 1e3 for t in timings for s in t.ttft_s]
+    out = {"prefill_tps_reps": pre, "decode_tps_reps": dec, "step_ms": steps, "ttft_samples_ms": ttft,
+           "prefill_tps": float(np.median(pre)), "decode_tps": float(np.median(dec)) if steps else None,
+           "ttft_ms": float(np.median(ttft))}
+    if steps:
+        p50, p90, p99 = np.percentile(steps, [50, 90, 99])
+        out.update(latency_p50_ms=float(p50), latency_p90_ms=float(p90), latency_p99_ms=float(p99))
+    notes = []
+    if len(dec) > 1 and steps:
+        spread = (max(dec) - min(dec)) / float(np.median(dec))
+        out["timing_spread"] = spread
+        reliable = spread <= RELIABLE_SPREAD
+        if not reliable:
+            notes.append(f"decode tok/s spread {spread:.0%} across {len(dec)} reps > {RELIABLE_SPREAD:.0%}")
+    else:
+        reliable = None
+        notes.append("one repetition: spread unknown" if steps else "no decode steps (n=1)")
+    if throttle:
+        reliable = False
+        notes.append(f"GPU clock slowdown seen: {', '.join(throttle)}")
+    out.update(timing_reliable=reliable, timing_note="; ".join(notes))
+    return out
+
+
+def roofline_fields(cfg, batch: int, max_context: int, median_step_s: float | None,
+                    peak_gbs: float | None, why_no_peak: str) -> tuple[dict, dict]:
+    from .gguf_io import decode_read_bytes
+    indexer_active = max_context // 4 > cfg.indexer_topk
+    per_step = int(decode_read_bytes(cfg, indexer_active)["total"])
+    out = {"bytes_per_step": per_step, "bytes_per_token": per_step / batch, "achieved_gbs": None, "roofline_pct": None}
+    na = {}
+    if median_step_s:
+        out["achieved_gbs"] = per_step / median_step_s / 1e9
+    else:
+        na["achieved_gbs"] = "no decode steps (n=1)"
+    if out["achieved_gbs"] is not None and peak_gbs:
+        out["roofline_pct"] = 100.0 * out["achieved_gbs"] / peak_gbs
+    else:
+        na["roofline_pct"] = why_no_peak or na.get("achieved_gbs", "")
+    return out, na
+
+
+def failed_record(base: dict, error: str, wall_s: float | None = None) -> dict:
+    """A record for a cell that produced none: its parameters, provenance of the runner, the error."""
+    rec = CellRecord.from_dict(base)
+    sw, na = software()
+    for k, v in sw.items():
+        setattr(rec, k, v)
+    rec.status, rec.error, rec.verdict, rec.wall_s = "failed", error, "failed", wall_s
+    rec.verdict_reason = error
+    rec.utc_end = utc_now()
+    rec.unavailable = dict(na, measurements="the cell failed before producing a record")
+    return rec.to_dict()
+
+
+def finite_or_none(x):
+    return x if x is None or (isinstance(x, float) and math.isfinite(x)) or not isinstance(x, float) else None

@@ -1,0 +1,314 @@
+"""Run directories, printers and compare.
+
+    results/runs/<run-id>/
+        run.json            spec, backend and why, notes, thresholds, the cell list, status
+        cells.jsonl         one CellRecord per line, appended (one write + fsync) as each cell finishes
+        cells.parquet/.csv  the same records as a flat table (lists and dicts as JSON text)
+        summary.md          provenance, the verdict table, reasons, failures
+        fingerprints/       per cell: tokens, top-k ids/logprobs per step, first-step logits (.npz)
+        logs/               per cell: the cell process's output
+
+cells.jsonl is the truth: the table and summary are rebuilt from it, a torn last line (the
+runner killed mid-write) is ignored, and a cell recorded twice counts once (the later record).
+Every other file is written to a temporary name and renamed into place.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+from . import record as R
+from . import verdict as V
+
+DEFAULT_ROOT = "results/runs"
+METRICS = (("verdict", "verdict"), ("decode_tps", "decode tok/s"), ("prefill_tps", "prefill tok/s"),
+           ("ttft_ms", "TTFT ms"), ("latency_p50_ms", "p50 ms"), ("latency_p99_ms", "p99 ms"),
+           ("roofline_pct", "roofline %"), ("first_div", "1st div"), ("max_dlp", "max |Δlp|"),
+           ("timing", "timing"))
+SHOWN_PARAMS = ("preset", "model_file", "backend", "cache", "placement", "batch", "n_gen", "prompt_set", "reps")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.run_id = self.path.name
+
+    # -- creation and lookup -------------------------------------------------------------------
+    @classmethod
+    def create(cls, root: str, meta: dict, run_id: str | None = None) -> "RunDir":
+        from datetime import datetime, timezone
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        base = run_id or f"{stamp}-{meta.get('label', 'matrix')}-{meta['backend']}"
+        base = re.sub(r"[^A-Za-z0-9._-]+", "_", base)
+        path, n = Path(root) / base, 1
+        while path.exists():
+            n += 1
+            path = Path(root) / f"{base}-{n}"
+        for sub in ("", "fingerprints", "logs", "tmp"):
+            (path / sub).mkdir(parents=True, exist_ok=sub != "")
+        run = cls(path)
+        run.write_meta(dict(meta, run_id=run.run_id, created=R.utc_now(), status="running"))
+        return run
+
+    @classmethod
+    def open(cls, name: str, root: str = DEFAULT_ROOT) -> "RunDir":
+        for p in (Path(name), Path(root) / name):
+            if (p / "run.json").is_file():
+                return cls(p)
+        raise ValueError(f"run {name!r}: no run.json in {name} or {Path(root) / name}; "
+                         f"give a run directory or an id under {root}")
+
+    def meta(self) -> dict:
+        return json.loads((self.path / "run.json").read_text())
+
+    def write_meta(self, meta: dict) -> None:
+        write_atomic(self.path / "run.json", json.dumps(meta, indent=1, sort_keys=True) + "\n")
+
+    def cell_paths(self, cell_id: str) -> tuple[Path, Path, Path]:
+        """(the cell process's record file, its fingerprints, its log)."""
+        return (self.path / "tmp" / f"{cell_id}.json", self.path / "fingerprints" / f"{cell_id}.npz",
+                self.path / "logs" / f"{cell_id}.log")
+
+    # -- records -------------------------------------------------------------------------------
+    def append(self, rec: dict) -> None:
+        line = (json.dumps(rec, sort_keys=True) + "\n").encode()
+        fd = os.open(self.path / "cells.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            if os.fstat(fd).st_size and _last_byte(self.path / "cells.jsonl") != b"\n":
+                os.write(fd, b"\n")                     # close a line torn by a killed runner
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def records(self) -> list[dict]:
+        p = self.path / "cells.jsonl"
+        if not p.is_file():
+            return []
+        by_id: dict[str, dict] = {}
+        for line in p.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue                                # a torn line: that cell reruns on resume
+            if isinstance(rec, dict) and "cell_id" in rec:
+                by_id.pop(rec["cell_id"], None)
+                by_id[rec["cell_id"]] = rec
+        order = [c["cell_id"] for c in self.meta().get("cells", [])]
+        return sorted(by_id.values(), key=lambda r: order.index(r["cell_id"]) if r["cell_id"] in order else len(order))
+
+    def finalize(self, status: str) -> list[dict]:
+        """Rebuild the table and summary from cells.jsonl and record the run's status."""
+        recs = self.records()
+        meta = self.meta()
+        meta.update(status=status, updated=R.utc_now(), n_cells=len(meta.get("cells", [])), n_done=len(recs),
+                    verdicts={v: sum(r["verdict"] == v for r in recs) for v in V.VERDICTS})
+        self.write_meta(meta)
+        if recs:
+            import pandas as pd
+            df = pd.DataFrame([R.table_row(r) for r in recs], columns=list(R.FIELDS))
+            tmp = self.path / f".cells.parquet.tmp{os.getpid()}"
+            df.to_parquet(tmp, index=False)
+            os.replace(tmp, self.path / "cells.parquet")
+            write_atomic(self.path / "cells.csv", df.to_csv(index=False))
+        write_atomic(self.path / "summary.md", summary_md(meta, recs))
+        return recs
+
+
+def _last_byte(p: Path) -> bytes:
+    with open(p, "rb") as fh:
+        fh.seek(-1, os.SEEK_END)
+        return fh.read(1)
+
+
+def gate(recs: list[dict]) -> int:
+    """Exit status: 1 when any cell is broken or failed (or was not judged), else 0."""
+    return int(any(r["verdict"] in V.BAD or r["verdict"] is None for r in recs))
+
+
+# ---- printers --------------------------------------------------------------------------------
+def _fmt(x, nd=1) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return "inf" if math.isinf(x) else f"{x:.{nd}f}"
+    return str(x)
+
+
+def row_view(r: dict) -> dict:
+    """The summary numbers of a record that tables show (nothing is recomputed: it picks)."""
+    ps = r.get("prompts") or []
+    divs = [p.get("first_divergence") for p in ps if p.get("first_divergence") is not None]
+    dlps = [p.get("max_dlogprob") for p in ps if p.get("max_dlogprob") is not None]
+    timing = {True: "ok", False: "UNRELIABLE", None: "–"}[r.get("timing_reliable")]
+    verdict = r.get("verdict") or "not judged"
+    return {"verdict": verdict.upper() if verdict in V.BAD else verdict, "decode_tps": r.get("decode_tps"),
+            "prefill_tps": r.get("prefill_tps"), "ttft_ms": r.get("ttft_ms"),
+            "latency_p50_ms": r.get("latency_p50_ms"), "latency_p99_ms": r.get("latency_p99_ms"),
+            "roofline_pct": r.get("roofline_pct"),
+            "first_div": f"{min(divs)} ({len(divs)}/{len(ps)})" if divs else ("none" if ps else None),
+            "max_dlp": f"{max(dlps):.3g}" if dlps else None, "timing": timing}
+
+
+def varying(recs: list[dict], names=SHOWN_PARAMS) -> tuple[list[str], dict]:
+    """(parameters that differ between records, the ones that do not with their value)."""
+    vary, fixed = [], {}
+    for n in names:
+        vals = {json.dumps(r.get(n), sort_keys=True) for r in recs}
+        if len(vals) > 1:
+            vary.append(n)
+        elif recs and recs[0].get(n) is not None:
+            fixed[n] = recs[0][n]
+    return vary, fixed
+
+
+def markdown_table(recs: list[dict]) -> str:
+    if not recs:
+        return "(no cells)\n"
+    vary, fixed = varying(recs)
+    views = [row_view(r) for r in recs]
+    metrics = [(k, h) for k, h in METRICS if any(v[k] is not None for v in views)]
+    head = vary + [h for _, h in metrics]
+    lines = [" · ".join(f"{k} {v}" for k, v in fixed.items()), "",
+             "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r, v in zip(recs, views):
+        cells = [_fmt(r.get(n)) for n in vary] + [_fmt(v[k]) for k, _ in metrics]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def csv_table(recs: list[dict]) -> str:
+    import pandas as pd
+    return pd.DataFrame([R.table_row(r) for r in recs], columns=list(R.FIELDS)).to_csv(index=False)
+
+
+def render(recs: list[dict], fmt: str) -> str:
+    if fmt == "md":
+        return markdown_table(recs)
+    if fmt == "csv":
+        return csv_table(recs)
+    if fmt == "json":
+        return json.dumps(recs, indent=1, sort_keys=True) + "\n"
+    raise ValueError(f"unknown format {fmt!r}; choose md, csv or json")
+
+
+def reasons_md(recs: list[dict]) -> str:
+    out = []
+    for r in recs:
+        if r.get("status") == "failed":
+            out.append(f"- **{r['key']}** FAILED: {r.get('error')} (log: logs/{r['cell_id']}.log)")
+        elif r.get("verdict") not in ("identical", None) or r.get("verdict_reason"):
+            out.append(f"- **{r['key']}** {r.get('verdict') or 'not judged'}: {r.get('verdict_reason') or ''}")
+        if r.get("timing_reliable") is False:
+            out.append(f"- **{r['key']}** timing unreliable: {r.get('timing_note')}")
+    return "\n".join(out) + ("\n" if out else "")
+
+
+def summary_md(meta: dict, recs: list[dict]) -> str:
+    spec = meta.get("spec", {})
+    prov = recs[0] if recs else {}
+    gpu = prov.get("gpu_name") or f"none ({(prov.get('unavailable') or {}).get('gpu_name', 'not recorded')})"
+    lines = [f"# Run {meta.get('run_id')}", "",
+             f"- status: **{meta.get('status')}**, {len(recs)} of {len(meta.get('cells', []))} cells recorded; "
+             f"created {meta.get('created')}, updated {meta.get('updated', '')}",
+             f"- spec: {spec.get('source')} {('— ' + spec['description']) if spec.get('description') else ''}",
+             f"- backend: {meta.get('backend')} ({meta.get('backend_reason')})",
+             f"- commit: {prov.get('git_commit') or '–'}{' (dirty)' if prov.get('git_dirty') else ''}; "
+             f"python {prov.get('python', '–')}, numpy {prov.get('numpy', '–')}",
+             f"- host: {prov.get('host', '–')}, {prov.get('cpu', '–')} ({prov.get('n_cpus', '–')} CPUs); GPU: {gpu}",
+             f"- thresholds: {meta.get('thresholds')}"]
+    lines += [f"- note: {n}" for n in meta.get("notes", [])]
+    lines += ["", "## Cells", "", markdown_table(recs)]
+    why = reasons_md(recs)
+    if why:
+        lines += ["## Verdict reasons and failures", "", why]
+    lines += ["## Reading the verdicts", "",
+              "identical: same tokens and logprobs as the baseline · close: same tokens, logprobs within tol · "
+              "drift: tokens diverge at a near tie, within tol before it · broken: anything else (NaN/Inf, "
+              "divergence without a near tie, logprobs beyond tol, non-deterministic repetitions) · "
+              "failed: the cell produced no record. Thresholds and their evidence: ds4bench/verdict.py.", ""]
+    if meta.get("status") != "complete":
+        lines += [f"Resume with `ds4bench matrix --resume {meta.get('run_id')}`.", ""]
+    return "\n".join(lines)
+
+
+# ---- compare ---------------------------------------------------------------------------------
+JOIN = ("model", "backend", "cache", "placement", "batch", "n_gen", "prompt_set", "seed", "variant", "env")
+
+
+def join_key(r: dict) -> tuple:
+    model = r.get("preset") or Path(r.get("model_file") or "").stem
+    return tuple(json.dumps(model if k == "model" else r.get(k), sort_keys=True) for k in JOIN)
+
+
+def compare(a: list[dict], b: list[dict], alpha: float = 0.05) -> dict:
+    """Cells of two runs joined on their parameters: correctness changes, then speed with a
+    Mann-Whitney U test on the raw decode step samples (as asv does)."""
+    from scipy.stats import mannwhitneyu
+    A, B = {join_key(r): r for r in a}, {join_key(r): r for r in b}
+    changes, speed = [], []
+    for k in [k for k in A if k in B]:
+        ra, rb = A[k], B[k]
+        label = _label(rb)
+        pa = {p["prompt_id"]: p.get("sha256") for p in ra.get("prompts") or []}
+        pb = {p["prompt_id"]: p.get("sha256") for p in rb.get("prompts") or []}
+        moved = sorted(pid for pid in pa.keys() | pb.keys() if pa.get(pid) != pb.get(pid))
+        if ra.get("verdict") != rb.get("verdict") or moved:
+            worse = V.RANK.get(rb.get("verdict") or "failed", 4) > V.RANK.get(ra.get("verdict") or "failed", 4)
+            changes.append({"cell": label, "verdict_a": ra.get("verdict"), "verdict_b": rb.get("verdict"),
+                            "worse": worse, "tokens_changed": moved, "reason_b": rb.get("verdict_reason", "")})
+        sa, sb = ra.get("step_ms") or [], rb.get("step_ms") or []
+        p = None
+        if len(sa) >= 2 and len(sb) >= 2:
+            p = float(mannwhitneyu(sa, sb, alternative="two-sided").pvalue)
+        ta, tb = ra.get("decode_tps"), rb.get("decode_tps")
+        ratio = tb / ta if ta and tb else None
+        sig = "n/a" if p is None or ratio is None else ("same" if p >= alpha else ("faster" if ratio > 1 else "slower"))
+        speed.append({"cell": label, "decode_tps_a": ta, "decode_tps_b": tb, "speedup": ratio, "p_value": p,
+                      "change": sig, "prefill_tps_a": ra.get("prefill_tps"), "prefill_tps_b": rb.get("prefill_tps")})
+    return {"correctness": changes, "speed": speed, "alpha": alpha,
+            "only_a": [_label(A[k]) for k in A if k not in B], "only_b": [_label(B[k]) for k in B if k not in A],
+            "status": int(any(c["worse"] for c in changes) or gate(b) == 1)}
+
+
+def _label(r: dict) -> str:
+    return r.get("key") or r.get("cell_id", "?")
+
+
+def render_compare(res: dict, fmt: str, name_a: str = "A", name_b: str = "B") -> str:
+    if fmt == "json":
+        return json.dumps(res, indent=1) + "\n"
+    import pandas as pd
+    if fmt == "csv":
+        corr = pd.DataFrame(res["correctness"], columns=["cell", "verdict_a", "verdict_b", "worse", "tokens_changed"])
+        spd = pd.DataFrame(res["speed"])
+        return "# correctness\n" + corr.to_csv(index=False) + "# speed\n" + spd.to_csv(index=False)
+    if fmt != "md":
+        raise ValueError(f"unknown format {fmt!r}; choose md, csv or json")
+    out = [f"A = {name_a}, B = {name_b}", "", "## Correctness changes", ""]
+    if res["correctness"]:
+        out += ["| cell | A | B | prompts with new tokens | B's reason |", "|---|---|---|---|---|"]
+        out += [f"| {c['cell']} | {c['verdict_a']} | {'**' + str(c['verdict_b']) + '**' if c['worse'] else c['verdict_b']}"
+                f" | {', '.join(c['tokens_changed']) or '–'} | {c['reason_b'] or '–'} |" for c in res["correctness"]]
+    else:
+        out.append("none: every joined cell has the same verdict and the same tokens")
+    out += ["", f"## Speed (decode; Mann-Whitney U on raw step times, α = {res['alpha']})", "",
+            "| cell | A tok/s | B tok/s | B/A | p | change | prefill A | prefill B |", "|---|---|---|---|---|---|---|---|"]
+    for s in res["speed"]:
+        pv = "–" if s["p_value"] is None else f"{s['p_value']:.2g}"
+        out.append(f"| {s['cell']} | {_fmt(s['decode_tps_a'])} | {_fmt(s['decode_tps_b'])} | "
+                   f"{_fmt(s['speedup'], 3)} | {pv} | "
+                   f"{s['change']} | {_fmt(s['prefill_tps_a'])} | {_fmt(s['prefill_tps_b'])} |")
+    for side, key in (("A", "only_a"), ("B", "only_b")):
+        if res[key]:
+            out.append(f"\nonly in {side}: {', '.join(res[key])}")
+    return "\n".join(out) + "\n"

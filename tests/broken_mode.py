@@ -1,0 +1,41 @@
+"""A deliberately broken numeric mode, registered as `q8-badscale` (test-only plugin).
+
+Load it with DS4BENCH_PLUGINS=tests.broken_mode. It is the q8 mode with one classic kernel
+bug: the Q8_0 projections of the attention tensors read each block's scale from the *next*
+block of the row (an off-by-one in the scale index; the last block wraps to the first). The
+integer dots are untouched, so the output stays finite and plausible-looking; only the
+matrix's comparison with the baseline can tell that it is wrong.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from ds4bench.generate import register_mode
+from ds4bench.ops_ref import RefOps
+
+ATTENTION = ("attn_q_a.weight", "attn_q_b.weight", "attn_kv.weight", "attn_output_a.weight",
+             "attn_output_b.weight")
+
+
+class BadScaleOps(RefOps):
+    def __init__(self, model):
+        super().__init__(model, "q8")
+
+    def intw(self, name: str):
+        W = self._int.get(name)
+        if W is None:
+            W = super().intw(name)
+            if name.split(".", 2)[-1] in ATTENTION:
+                W = self._int[name] = dataclasses.replace(W, d=np.roll(W.d, -1, axis=-1))   # [O, n/32]
+        return W
+
+
+def _factory(model, backend, **opts):
+    if backend != "numpy":
+        raise ValueError(f"mode q8-badscale is a NumPy test mode; backend {backend!r} is not supported")
+    return BadScaleOps(model)
+
+
+register_mode("q8-badscale", _factory)
