@@ -80,29 +80,65 @@ def cmd_model_info(a) -> int:
 def engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", default=os.environ.get("DS4BENCH_CACHE", "f32"),
                    help="numeric mode: q8 | f16 | f32 (env DS4BENCH_CACHE; default f32)")
-    p.add_argument("--backend", default=os.environ.get("DS4BENCH_BACKEND", "numpy"),
-                   help="numpy | cupy (env DS4BENCH_BACKEND; default numpy)")
+    p.add_argument("--backend", default=os.environ.get("DS4BENCH_BACKEND", "auto"),
+                   help="numpy | cupy | auto: cupy when a GPU is visible (env DS4BENCH_BACKEND)")
+    p.add_argument("--placement", default=os.environ.get("DS4BENCH_PLACEMENT"),
+                   help="GPU weight placement: device | managed | managed-hinted | host (env DS4BENCH_PLACEMENT)")
+    p.add_argument("--profile", default=os.environ.get("DS4BENCH_PROFILE", "none"),
+                   help="none | nvtx (ranges for Nsight Systems) | stages (per-stage time)")
     p.add_argument("--batch", "-b", type=int, default=1, help="sequences decoded per step (1..64)")
     p.add_argument("--ctx", type=int, default=4096, help="context allocated per sequence")
     p.add_argument("--chunk", type=int, default=512, help="prefill chunk (tokens)")
 
 
+def resolve_backend(name: str) -> str:
+    """'auto' is cupy when CuPy sees a GPU and the GPU engine imports, else numpy."""
+    if name == "auto":
+        from .backend import gpu_available
+        if gpu_available():
+            try:
+                import ds4bench.ops_gpu  # noqa: F401
+                return "cupy"
+            except ImportError:
+                pass
+        return "numpy"
+    if name not in ("numpy", "cupy"):
+        raise UserError(f"unknown backend {name!r}; choose numpy, cupy or auto")
+    return name
+
+
 def cmd_generate(a) -> int:
     from .generate import Engine, generate
+    from .profiling import make_profiler
     from .tokenizer import Tokenizer
     mf = load_model(a.model, a.preset, a.variant, a.seed)
     tok = Tokenizer.from_gguf_metadata(mf.metadata)
     ids = tok.encode(a.prompt) if a.raw else tok.chat(a.prompt)
     ctx = max(a.ctx, len(ids) + a.n + 1)
-    eng = Engine(mf, cache=a.cache, backend=a.backend, batch=a.batch, ctx=ctx, prefill_chunk=a.chunk)
+    backend = resolve_backend(a.backend)
+    opts = {"placement": a.placement} if backend == "cupy" and a.placement else {}
+    if backend == "numpy" and a.placement:
+        raise UserError(f"--placement {a.placement} needs the GPU backend (no GPU is in use)")
+    prof = make_profiler(a.profile, backend)
+    eng = Engine(mf, cache=a.cache, backend=backend, batch=a.batch, ctx=ctx, prefill_chunk=a.chunk,
+                 profiler=prof, **opts)
     res = generate(eng, [("prompt", ids)], a.n, tok.decode)
     fp, t = res.fingerprints[0], res.timing
     print(fp.text)
-    print(f"--- {mf.cfg.name} ({a.backend}, cache {a.cache}, batch {a.batch}): prompt {len(ids)} tokens, "
+    where = backend + (f", placement {getattr(eng.ops, 'placement', '')}" if backend == "cupy" else "")
+    if prof.enabled and a.profile == "stages":
+        print("stages (s): " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(prof.summary().items(), key=lambda kv: -kv[1])
+                                          if not k.startswith("layer.")))
+    print(f"--- {mf.cfg.name} ({where}, cache {a.cache}, batch {a.batch}): prompt {len(ids)} tokens, "
           f"prefill {t.prefill_tps:.1f} tok/s, decode {t.decode_tps:.1f} tok/s, {a.n} tokens, sha256 {fp.sha256[:16]}"
           + (" NON-FINITE LOGITS" if fp.nonfinite else "")
           + (f" REPLICA MISMATCH x{fp.replica_mismatch}" if fp.replica_mismatch else ""))
     return 1 if fp.nonfinite or fp.replica_mismatch else 0
+
+
+def cmd_bench_kernels(a) -> int:
+    from .kbench import bench
+    return bench(a.variant, a.model, a.json)
 
 
 # ---- entry -------------------------------------------------------------------------------------
@@ -128,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=32, help="tokens to generate")
     p.add_argument("--raw", action="store_true", help="no chat template")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench-kernels", help="GPU kernel bandwidth at Flash shapes (needs a GPU)")
+    p.add_argument("--variant", default="q2", choices=("q2", "q4"))
+    p.add_argument("--model", help="also time decode per layer of this GGUF in every cache mode and placement")
+    p.add_argument("--json", help="also write the result as JSON here")
+    p.set_defaults(func=cmd_bench_kernels)
 
     for mod in ("cli_matrix",):
         try:

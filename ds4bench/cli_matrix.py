@@ -52,8 +52,8 @@ def register(sub) -> None:
     p.add_argument("--ctx", type=int, help="context per sequence (default: longest prompt + n + 1)")
     p.add_argument("--chunk", type=int, help="prefill chunk (tokens)")
     p.add_argument("--stages", action="store_true", help="one extra pass per cell with per-stage host times")
-    p.add_argument("--tol", type=float, help="override the calibrated |Δlogprob| tolerance")
-    p.add_argument("--tie", type=float, help="override the calibrated near-tie margin")
+    p.add_argument("--tol", type=float, help="override the calibrated limit on a cell's median |Δlogprob|")
+    p.add_argument("--tie", type=float, help="override the calibrated near-tie margin (nats)")
     p.add_argument("--out", default="results/runs", help="root of run directories (default results/runs)")
     p.add_argument("--id", help="run id (default: UTC time, model, backend)")
     p.add_argument("--resume", metavar="RUN", help="finish an interrupted run (an id under --out or a path)")
@@ -71,6 +71,7 @@ def register(sub) -> None:
     p.add_argument("run_b")
     p.add_argument("--out", default="results/runs")
     p.add_argument("--alpha", type=float, default=0.05, help="significance level (default 0.05)")
+    p.add_argument("--factor", type=float, default=1.1, help="smallest speed ratio reported as a change (default 1.1)")
     p.add_argument("--format", choices=("md", "csv", "json"), default="md")
     p.set_defaults(func=cmd_compare)
 
@@ -94,6 +95,10 @@ def build_spec(a):
     if not a.spec:
         spec = M.load_spec("gpu" if backend == "cupy" else "default")
     doc = spec.to_dict()
+    given = [_flag(o) for o in AXIS_OPTS + tuple(o for o, _ in SCALAR_OPTS) + ("exclude", "baseline", "stages")
+             if getattr(a, o) not in (None, [], False)]
+    if given:
+        doc["source"] = f"{spec.source} with {' '.join(given)}"
     for opt in AXIS_OPTS:
         val = getattr(a, opt)
         if val is None:
@@ -118,7 +123,10 @@ def build_spec(a):
     if a.baseline:
         doc["baseline"] = M.parse_pairs(a.baseline, "--baseline")
         if "batch" in doc["baseline"]:
-            doc["baseline"]["batch"] = int(doc["baseline"]["batch"])
+            try:
+                doc["baseline"]["batch"] = int(doc["baseline"]["batch"])
+            except ValueError:
+                raise UserError(f"--baseline {a.baseline!r}: batch must be an integer") from None
     doc["stages"] = doc["stages"] or a.stages
     doc["backend"] = backend
     if doc["models"] and len(doc["presets"]) > 1:
@@ -128,13 +136,17 @@ def build_spec(a):
     return spec, backend, why
 
 
+def _flag(opt: str) -> str:
+    return ("-" if len(opt) == 1 else "--") + opt
+
+
 def cmd_matrix(a) -> int:
     from . import matrix as M
     from . import verdict as V
     from .cli import UserError
     from .results import RunDir, gate, render
     if a.resume:
-        given = [f"--{o}" for o in AXIS_OPTS + tuple(o for o, _ in SCALAR_OPTS) + ("spec", "baseline", "backend")
+        given = [_flag(o) for o in AXIS_OPTS + tuple(o for o, _ in SCALAR_OPTS) + ("spec", "baseline", "backend")
                  if getattr(a, o, None) not in (None, [])] + (["--exclude"] if a.exclude else [])
         if given:
             raise UserError(f"--resume reruns the run's own spec; drop {', '.join(given)}")
@@ -239,7 +251,7 @@ def cmd_show(a) -> int:
 def cmd_compare(a) -> int:
     from .results import RunDir, compare, render_compare
     ra, rb = RunDir.open(a.run_a, a.out), RunDir.open(a.run_b, a.out)
-    res = compare(ra.records(), rb.records(), a.alpha)
+    res = compare(ra.records(), rb.records(), a.alpha, a.factor)
     sys.stdout.write(render_compare(res, a.format, ra.run_id, rb.run_id))
     return res["status"]
 

@@ -257,47 +257,55 @@ def quantize_act_q8_k(x) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     iscale = np.divide(F32(-127), mx, out=np.zeros_like(mx), where=nz)
     q = np.clip(np.rint(iscale[..., None] * xb), -128, 127).astype(np.int8)
     d = np.divide(F32(1), iscale, out=np.zeros_like(iscale), where=nz)
-    bsums = q.reshape(*q.shape[:-2], -1, 16).sum(axis=-1, dtype=I32)
+    bsums = q.reshape(*q.shape[:-2], q.shape[-2] * 16, 16).sum(axis=-1, dtype=I32)
     return q.reshape(np.shape(x)), d, bsums
 
 
 # --------------------------------------------------------------------------- integer matmul
 
-# Elements per float32 partial sum. Products sc·q_w·q_x are integers and float32 adds integers
-# exactly while every partial sum stays below 2²⁴, whatever order BLAS uses:
-# g·max|sc·q_w|·128 = Q8_0 32·128·128 = 2¹⁹, Q2_K 256·15·3·128 = 1.5e6, Q4_K 128·63·15·128 = 1.55e7,
-# IQ2_XXS 64·31·43·128 = 1.1e7 (128 would be 2.2e7). A group never spans two blocks.
-_GROUP = {QT.Q8_0: 32, QT.Q2_K: 256, QT.Q4_K: 128, QT.IQ2_XXS: 64}
-_CHUNK_ELEMS = 1 << 22       # per-chunk [groups, T, O] intermediate, float32 and float64
+# Products sc·q_w·q_x are integers, and float32 adds integers exactly while every partial sum stays
+# within 2²⁴, in whatever order BLAS adds them; with |q_x| ≤ 128 a group of g weights is exact when
+# its Σ|sc·q_w| ≤ 2¹⁷. `_prepared` takes the longest group (a block, or a half, quarter, ...) that
+# passes for every row. The worst cases pass at: Q8_0 32·128 (a block), Q2_K 256·15·3 (a block),
+# Q4_K 128·63·15, IQ2_XXS 16·31·203 for 128 (no 8 grid values have |sum| above 203).
+_EXACT_F32_SUM = 1 << 17
+_CHUNK_ELEMS = 1 << 17       # per-chunk [groups, T, O] intermediate, float32 and float64
 
 
 @dataclass(frozen=True)
 class _Prepared:
-    """An [O, n] IntWeights in the layout int_matmul multiplies; all products here are exact."""
-    w: np.ndarray                # f32 [O, n]           sc·q
-    dw: np.ndarray               # f64 [nb, 1, O]       d
-    mdmin: np.ndarray | None     # f64 [nb, n//blk·…]   dmin·m as [nb, blk//sub, O]   (Q2_K, Q4_K)
-    pinned: tuple                # the source arrays, so the addresses in the memo key stay theirs
+    """An [O, n] IntWeights as int_matmul multiplies it (legend: G groups, nb blocks, spb = blk//sub)."""
+    g: int                       # group length: integer sums over g weights are exact in float32
+    w: np.ndarray                # f32 [G, O, g]      sc·q, group-major: a matvec streams each group
+    dw: np.ndarray               # f64 [nb, 1, O]     d
+    m: np.ndarray | None         # f64 [nb, spb, O]   (Q2_K, Q4_K)
+    dmin: np.ndarray | None      # f64 [nb, 1, O]     (Q2_K, Q4_K)
+    source: tuple                # (q, sc, d, m, dmin), kept alive: the memo key's addresses stay theirs
 
 
 def _prepared(W: IntWeights) -> _Prepared:
-    """W's layout for int_matmul, built once per view (W[e], W[a:b], dataclasses.replace)."""
-    arrays = (W.q, W.sc, W.d, W.m, W.dmin)
-    key = tuple(None if a is None else (a.__array_interface__["data"][0], a.dtype.str, a.shape,
-                                        a.strides) for a in arrays)
+    """W's int_matmul layout, built on first use and memoized per view of the tensor. The key is
+    where (address, dtype, shape, strides) each of q, sc, d, m, dmin lives, so a view made again
+    (ops_ref takes W[e] per call) finds its entry and a replaced array never meets a stale one."""
+    source = (W.q, W.sc, W.d, W.m, W.dmin)
+    key = tuple(a if a is None else (a.ctypes.data, a.dtype, a.shape, a.strides) for a in source)
     p = W._memo.get(key)
     if p is None:
         O, n = W.q.shape
         nb, spb = n // W.blk, W.blk // W.sub
         w = W.q.astype(F32).reshape(O, n // W.sub, W.sub)                       # [O, nsub, sub]
         if W.qtype != QT.Q8_0:
-            w *= W.sc[:, :, None]
-        mdmin = None
-        if W.m is not None:                                                      # exact: 6 × 11 bits
-            mdmin = W.m.reshape(O, nb, spb) * W.dmin.astype(np.float64)[:, :, None]
-            mdmin = np.ascontiguousarray(mdmin.transpose(1, 2, 0))               # [nb, spb, O]
-        dw = np.ascontiguousarray(W.d.T, dtype=np.float64)[:, None, :]           # [nb, 1, O]
-        p = W._memo[key] = _Prepared(w.reshape(O, n), dw, mdmin, arrays)
+            w *= W.sc[:, :, None]                                                # exact, |sc·q| ≤ 1333
+        g = W.blk
+        while np.abs(w).reshape(O, n // g, g).sum(axis=-1).max(initial=0) > _EXACT_F32_SUM:
+            g //= 2
+        w = np.ascontiguousarray(w.reshape(O, n // g, g).transpose(1, 0, 2))     # [G, O, g]
+        per_block = lambda a: np.ascontiguousarray(a.T, dtype=np.float64)[:, None, :]  # [nb, 1, O]
+        m = dmin = None
+        if W.m is not None:
+            m = np.ascontiguousarray(W.m.reshape(O, nb, spb).transpose(1, 2, 0), dtype=np.float64)
+            dmin = per_block(W.dmin)
+        p = W._memo[key] = _Prepared(g, w, per_block(W.d), m, dmin, source)
     return p
 
 
@@ -313,10 +321,11 @@ def _sum_in_order(acc) -> np.ndarray:
 def int_matmul(W: IntWeights, xq, xd, bsums=None) -> np.ndarray:
     """y[t, o] = Σ_blk d_x·(d_w·Σ_sub sc·Σ q_w·q_x − dmin_w·Σ_sub m·bsum), as ds4's dot kernels.
 
-    W [O, n]; xq int8 [T, n]; xd f32 [T, n//blk]; bsums int32 [T, n//16] -> f32 [T, O].
-    Integer sums over groups of `_GROUP` elements come from a float32 matmul that is exact; each
-    block's term (d_w·S − dmin_w·M)·d_x is then float64 with one rounding per operation, and blocks
-    are summed in order, so a row never depends on T. Legend: G groups, nb blocks per row.
+    W [O, n]; xq int8 [T, n]; xd f32 [T, n//blk]; bsums int32 [T, n//16] (as quantize_act_q8_k
+    gives them) -> f32 [T, O]. The integer sums of each group (`_prepared`) come from one float32
+    matmul, exactly; d_w·S and dmin_w·M are exact in float64, so each block's term rounds only at the
+    subtraction and at ·d_x, and blocks are added in order: a row never depends on T or chunking.
+    Legend: G groups of g, nb blocks, gpb = G//nb groups per block, spb sub-blocks per block.
     """
     xq, xd = np.asarray(xq), np.asarray(xd, dtype=np.float64)
     if W.q.ndim != 2:
@@ -324,39 +333,48 @@ def int_matmul(W: IntWeights, xq, xd, bsums=None) -> np.ndarray:
     O, n = W.q.shape
     single = xq.ndim == 1
     xq, xd = np.atleast_2d(xq), np.atleast_2d(xd)
-    T, g, blk = xq.shape[0], _GROUP[W.qtype], W.blk
-    G, nb, spb = n // g, n // blk, blk // W.sub
-    act = "Q8_0" if blk == 32 else "Q8_K"
-    if xq.shape != (T, n) or xd.shape != (T, nb):
-        raise ValueError(f"int_matmul: {W.qtype.name} [{O}, {n}] needs {act} activations q [T, {n}], "
-                         f"d [T, {nb}]; got {list(xq.shape)}, {list(xd.shape)}")
+    T, blk = xq.shape[0], W.blk
+    if xq.shape != (T, n) or xd.shape != (T, n // blk):
+        raise ValueError(f"int_matmul: {W.qtype.name} [{O}, {n}] needs {'Q8_0' if blk == 32 else 'Q8_K'} "
+                         f"activations q [T, {n}], d [T, {n // blk}]; got {list(xq.shape)}, {list(xd.shape)}")
     P = _prepared(W)
-    xs = xq.astype(F32).reshape(T, G, g).transpose(1, 0, 2)                     # [G, T, g]
-    ws = P.w.reshape(O, G, g).transpose(1, 2, 0)                                 # [G, g, O]
+    g = P.g
+    nb, gpb, spb = n // blk, blk // g, blk // W.sub
+    xs = xq.astype(F32).reshape(T, nb, gpb, g).transpose(1, 2, 0, 3)            # [nb, gpb, T, g]
+    ws = P.w.reshape(nb, gpb, O, g).transpose(0, 1, 3, 2)                        # [nb, gpb, g, O]
     dx = xd.T[:, :, None]                                                        # [nb, T, 1]
-    if P.mdmin is not None:
+    if P.m is not None:
         if bsums is None:
             bsums = xq.reshape(T, n // 16, 16).sum(axis=-1, dtype=I32)
-        bs = np.asarray(bsums, dtype=np.float64).reshape(T, nb * spb, W.sub // 16).sum(axis=-1)
+        bs = np.asarray(bsums, dtype=np.float64)                                 # [T, n//16]
+        if W.sub != 16:
+            bs = bs.reshape(T, -1, W.sub // 16).sum(axis=-1)
         bs = bs.reshape(T, nb, spb).transpose(1, 0, 2)                           # [nb, T, spb]
 
+    # Chunks [blocks, Tc, Oc]: all blocks of a wide O range when they fit (T = 1), else a tile of
+    # at most 128 × 256 and as many blocks as fit, each chunk's sum carried into the next.
     y = np.empty((T, O), F32)
-    Tc = min(T, 256)
-    Oc = int(min(O, max(16, _CHUNK_ELEMS // (G * Tc))))
+    Tc = max(1, min(T, 128))
+    Oc = max(1, min(O, max(256, _CHUNK_ELEMS // (nb * gpb * Tc))))
+    Bc = min(nb, max(1, _CHUNK_ELEMS // (gpb * Tc * Oc)))
     for o0 in range(0, O, Oc):
         o1 = min(O, o0 + Oc)
         for t0 in range(0, T, Tc):
             t1 = min(T, t0 + Tc)
-            s = np.matmul(xs[:, t0:t1], ws[:, :, o0:o1])                         # [G, Tc, Oc] exact
-            if G > nb:
-                acc = s.reshape(nb, G // nb, t1 - t0, o1 - o0).sum(axis=1, dtype=np.float64)
-                acc *= P.dw[:, :, o0:o1]                                         # [nb, Tc, Oc]
-            else:
-                acc = np.multiply(s, P.dw[:, :, o0:o1], dtype=np.float64)
-            if P.mdmin is not None:
-                acc -= np.matmul(bs[:, t0:t1], P.mdmin[:, :, o0:o1])             # [nb, Tc, Oc] exact
-            acc *= dx[:, t0:t1]
-            y[t0:t1, o0:o1] = _sum_in_order(acc)
+            for b0 in range(0, nb, Bc):
+                b1 = min(nb, b0 + Bc)
+                s = np.matmul(xs[b0:b1, :, t0:t1], ws[b0:b1, :, :, o0:o1])      # [blocks, gpb, Tc, Oc]
+                acc = s.sum(axis=1, dtype=np.float64) if gpb > 1 else s[:, 0].astype(np.float64)
+                acc *= P.dw[b0:b1, :, o0:o1]                                     # d_w·S, exact
+                if P.m is not None:
+                    mins = np.matmul(bs[b0:b1, t0:t1], P.m[b0:b1, :, o0:o1])     # M, exact
+                    mins *= P.dmin[b0:b1, :, o0:o1]                              # dmin_w·M, exact
+                    acc -= mins
+                acc *= dx[b0:b1, t0:t1]                                          # [blocks, Tc, Oc]
+                if b0:
+                    acc[0] += run                                                # carried sum first
+                run = _sum_in_order(acc) if b1 - b0 > 1 else acc[0]              # [Tc, Oc]
+            y[t0:t1, o0:o1] = run
     return y[0] if single else y
 
 

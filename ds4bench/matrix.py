@@ -204,6 +204,13 @@ def validate(s: MatrixSpec) -> None:
         bad = set(d) - {"cache", "placement", "batch", "model", "preset"}
         if bad:
             raise ValueError(f"{where}: {what} keys {sorted(bad)} are not axes; use cache, placement, batch, model")
+    b = s.baseline
+    if "cache" in b and b["cache"] not in modes:
+        raise ValueError(f"{where}: baseline cache {b['cache']!r} is not a mode; choose from {', '.join(modes)}")
+    if "placement" in b and b["placement"] not in PLACEMENTS:
+        raise ValueError(f"{where}: baseline placement {b['placement']!r}; choose from {', '.join(PLACEMENTS)}")
+    if "batch" in b and (not isinstance(b["batch"], int) or not 1 <= b["batch"] <= 64):
+        raise ValueError(f"{where}: baseline batch must be an integer in 1..64, found {b['batch']!r}")
     from .prompts import load_prompts
     load_prompts(s.prompts)
 
@@ -270,7 +277,8 @@ def expand(spec: MatrixSpec, backend: str, backend_why: str = "") -> tuple[list[
             combos.insert(0, combos.pop(combos.index(base)))
         group: list[Cell] = []
         for combo in combos:
-            params = {"preset": model if kind == "preset" else None, "model_file": model if kind == "file" else None,
+            preset = model if kind == "preset" else (spec.presets[0] if len(spec.presets) == 1 else None)
+            params = {"preset": preset, "model_file": model if kind == "file" else None,
                       "variant": spec.variant, "seed": spec.seed, "backend": backend, **combo,
                       "n_gen": spec.n_gen, "prompt_set": spec.prompts, "reps": spec.reps, "warmup": spec.warmup,
                       "ctx": spec.ctx or 0, "chunk": spec.chunk, "stages": spec.stages, "timeout_s": spec.timeout_s,
@@ -280,9 +288,10 @@ def expand(spec: MatrixSpec, backend: str, backend_why: str = "") -> tuple[list[
             group.append(Cell(cid, "", label, params, is_baseline=combo == base))
         for c in group:
             c.baseline_cell = group[0].cell_id
-            parts = {"model": label, **{a: c.params[a] for a in ("cache", "placement", "batch")}}
-            c.key = " ".join(f"{a}={parts[a]}" for a in AXES if a in varying) or c.cell_id
         cells += group
+    for c in cells:
+        parts = {"model": c.group, **{a: c.params[a] for a in ("cache", "placement", "batch")}}
+        c.key = " ".join(f"{a}={parts[a]}" for a in AXES if a in varying) or c.cell_id
     return cells, notes
 
 
@@ -395,10 +404,11 @@ def judge(rec: dict, cell_fp: str, base_rec: dict | None, base_fp: str | None,
     if base_rec is None or base_rec["status"] != "ok" or base_fp is None:
         rec["verdict"] = None
         rec["verdict_reason"] = f"not judged: baseline cell {rec['baseline_cell']} failed"
-        rec["unavailable"]["verdict"] = rec["verdict_reason"]
+        rec["unavailable"]["verdict"] = rec["unavailable"]["median_dlogprob"] = rec["verdict_reason"]
         return rec
     cfp, bfp = V.load_fingerprints(cell_fp), V.load_fingerprints(base_fp)
-    rec["verdict"], rec["verdict_reason"] = V.judge_cell(rec["prompts"], cfp, bfp, th, bool(rec["deterministic"]))
+    rec["verdict"], rec["verdict_reason"], rec["median_dlogprob"] = V.judge_cell(
+        rec["prompts"], cfp, bfp, th, bool(rec["deterministic"]))
     return rec
 
 
@@ -452,6 +462,11 @@ def run_cell(params: dict, out: str, fingerprints: str) -> dict:
     t0 = time.perf_counter()
     mf = load_model(p["model_file"], p["preset"], p["variant"], p["seed"])
     rec.load_s = time.perf_counter() - t0
+    rec.variant = mf.cfg.variant
+    if not p["model_file"]:
+        na["model_file"] = f"synthetic preset {p['preset']} generated in memory (seed {p['seed']})"
+    if not p["placement"]:
+        na["placement"] = "numpy backend: no placement axis (weights live in host memory)"
     tok = Tokenizer.from_gguf_metadata(mf.metadata)
     prompts = [(q.id, tok.chat(q.text)) for q in load_prompts(p["prompt_set"])]
     longest = max(len(ids) for _, ids in prompts)
@@ -463,6 +478,12 @@ def run_cell(params: dict, out: str, fingerprints: str) -> dict:
     generate(eng, [(prompts[0][0], prompts[0][1][:8])], 2)
     for _ in range(p["warmup"]):
         generate(eng, prompts, p["n_gen"])
+    if gpu:
+        import cupy
+        v = cupy.cuda.runtime.runtimeGetVersion()
+        rec.cupy, rec.cuda_runtime = cupy.__version__, f"{v // 1000}.{v % 1000 // 10}"
+    else:
+        na["cupy"] = na["cuda_runtime"] = "numpy backend: CuPy is not used"
     probe = R.GpuProbe(_pci_bus_id()) if gpu else None
     start = probe.sample() if probe and probe.handle else None
     if probe:
@@ -480,6 +501,8 @@ def run_cell(params: dict, out: str, fingerprints: str) -> dict:
 
     for k, v in R.timing_fields([r.timing for r in results], rec.gpu_throttle).items():
         setattr(rec, k, v)
+    for k in ("decode_tps", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "timing_spread", "timing_reliable"):
+        na[k] = rec.timing_note
     if p["stages"]:
         timer = HostTimer()
         generate(Engine(mf, cache=p["cache"], backend=p["backend"], batch=p["batch"], ctx=rec.ctx,

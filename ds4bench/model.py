@@ -87,6 +87,8 @@ class DS4Model:
         self.prof = profiler or Profiler()
         self.inv_freq = {False: rope_inv_freq(cfg, False), True: rope_inv_freq(cfg, True)}
         self.p = ops.param                     # small F32 tensors (norms, scales, sinks) as xp arrays
+        # host index arrays -> the array module's (CuPy indexes with its own arrays)
+        self.ix = (lambda a: a) if self.xp is np else self.xp.asarray
 
     # -- hyper-connections ----------------------------------------------------------------------
     def hc_pre(self, X, prefix):
@@ -123,21 +125,22 @@ class DS4Model:
         Ratio 4 pools 8 candidates per dim: the previous window's first half and the current
         window's second half (overlapping windows); other ratios pool the current window.
         """
-        xp = self.xp
+        xp, ix = self.xp, self.ix
         B, T, _ = ck.shape
         L = ring_k.shape[1]
         pos0 = P[:, 0]
-        hist = (pos0[:, None] - L + np.arange(L)) % L                          # [B, L] ring rows of pos0-L..pos0-1
-        bi = np.arange(B)[:, None]
+        hist = ix((pos0[:, None] - L + np.arange(L)) % L)                      # [B, L] ring rows of pos0-L..pos0-1
+        bi = ix(np.arange(B)[:, None])
         tl_k = xp.concatenate([ring_k[bi, hist], ck], axis=1)                   # [B, L+T, w]
         tl_s = xp.concatenate([ring_s[bi, hist], cs], axis=1)                   # [B, L+T, w]
         eb, et = np.nonzero((P + 1) % ratio == 0)                               # emitting tokens
         rows = None
         if len(eb):
             cur = L + et[:, None] - ratio + 1 + np.arange(ratio)                 # [nE, ratio] timeline idx
-            k_cur, s_cur = tl_k[eb[:, None], cur], tl_s[eb[:, None], cur]         # [nE, ratio, w]
+            e2, c2 = ix(eb[:, None]), ix(cur)
+            k_cur, s_cur = tl_k[e2, c2], tl_s[e2, c2]                            # [nE, ratio, w]
             if ratio == 4:
-                k_prev, s_prev = tl_k[eb[:, None], cur - 4], tl_s[eb[:, None], cur - 4]
+                k_prev, s_prev = tl_k[e2, c2 - 4], tl_s[e2, c2 - 4]
                 first = xp.asarray((P[eb, et] + 1 - ratio) == 0)[:, None, None]   # no previous window
                 s_prev = xp.where(first, -xp.inf, s_prev[..., :width])
                 kk = xp.concatenate([k_prev[..., :width], k_cur[..., width:]], axis=1)   # [nE, 8, width]
@@ -147,19 +150,19 @@ class DS4Model:
             pooled = xp.sum(softmax(xp, ss, axis=1) * kk, axis=1)                          # [nE, width]
             rows = rms_norm(xp, pooled, norm, self.cfg.rms_eps)                            # [nE, width]
         n = min(T, L)                                                            # keep the last L rows
-        ring_k[bi, P[:, -n:] % L] = ck[:, -n:]
-        ring_s[bi, P[:, -n:] % L] = cs[:, -n:]
+        ring_k[bi, ix(P[:, -n:] % L)] = ck[:, -n:]
+        ring_s[bi, ix(P[:, -n:] % L)] = cs[:, -n:]
         return eb, et, rows
 
     # -- attention sublayer --------------------------------------------------------------------------
     def attention(self, il, X, tokens, P, ls, slots):
-        xp, cfg, ops, prof = self.xp, self.cfg, self.ops, self.prof
+        xp, cfg, ops, prof, ix = self.xp, self.cfg, self.ops, self.prof, self.ix
         B, T = P.shape
         N, H, K, W = B * T, cfg.n_head, cfg.head_dim, cfg.sliding_window
         ratio = cfg.ratio(il)
         pre = f"blk.{il}."
         freq = self.inv_freq[ratio != 0]
-        bi = np.arange(B)[:, None]
+        bi = ix(np.arange(B)[:, None])
         with prof.range("hc_pre"):
             x, post, comb = self.hc_pre(X, pre + "hc_attn")                       # [N, D], [N, S], [N, S, S]
             xn = rms_norm(xp, x, self.p(pre + "attn_norm.weight"), cfg.rms_eps)   # [N, D]
@@ -181,33 +184,34 @@ class DS4Model:
                 w = cfg.compressor_width(il)
                 ape = self.p(pre + "attn_compressor_ape.weight")                    # [ratio, w]
                 ck = ops.linear(pre + "attn_compressor_kv.weight", xn).reshape(B, T, w)
-                cs = ops.linear(pre + "attn_compressor_gate.weight", xn).reshape(B, T, w) + ape[P % ratio]
+                cs = ops.linear(pre + "attn_compressor_gate.weight", xn).reshape(B, T, w) + ape[ix(P % ratio)]
                 eb, et, rows = self.compress(ls.ck, ls.cs, ck, cs, P, ratio, K,
                                              self.p(pre + "attn_compressor_norm.weight"))
                 if rows is not None:
                     rows = ops.kv_round(rope(xp, rows, P[eb, et] + 1 - ratio, freq))   # [nE, K]
-                    ls.comp[eb, (P[eb, et] + 1) // ratio - 1] = rows
+                    ls.comp[ix(eb), ix((P[eb, et] + 1) // ratio - 1)] = rows
         visible = None
         if cfg.has_indexer(il):
             with prof.range("indexer"):
                 self.indexer_keys(il, xn, P, ls)                                   # every token feeds its ring
         if cmax:
-            visible = np.arange(cmax)[None, None, :] < ((P + 1) // ratio)[:, :, None]   # [B, T, C] causal
-            if cfg.has_indexer(il) and (visible.sum(-1) > cfg.indexer_topk).any():
+            n_vis = (P + 1) // ratio                                               # [B, T] visible rows
+            visible = ix(np.arange(cmax)[None, None, :] < n_vis[:, :, None])       # [B, T, C] causal
+            if cfg.has_indexer(il) and (n_vis > cfg.indexer_topk).any():
                 with prof.range("indexer"):
                     visible = self.indexer_select(il, xn, qrn, P, ls, visible)
         with prof.range("attention"):
-            hist = (P[:, :1] - W + np.arange(W)) % W                              # [B, W] ring rows
+            hist = ix((P[:, :1] - W + np.arange(W)) % W)                          # [B, W] ring rows
             keys = xp.concatenate([ls.raw[bi, hist], kv], axis=1)                  # [B, W+T, K]
             kpos = P[:, :1] - W + np.arange(W + T)                                 # [B, W+T]
-            mask = (kpos[:, None, :] >= 0) & (kpos[:, None, :] <= P[:, :, None]) \
-                & (kpos[:, None, :] > P[:, :, None] - W)                             # [B, T, W+T]
+            mask = ix((kpos[:, None, :] >= 0) & (kpos[:, None, :] <= P[:, :, None])
+                      & (kpos[:, None, :] > P[:, :, None] - W))                    # [B, T, W+T]
             if cmax:
                 keys = xp.concatenate([keys, ls.comp[:, :cmax]], axis=1)           # [B, R+C, K]
-                mask = np.concatenate([mask, visible], axis=-1)                      # [B, T, R+C]
+                mask = xp.concatenate([mask, visible], axis=-1)                      # [B, T, R+C]
             o = self.attend(q.reshape(B, T, H, K), keys, mask, self.p(pre + "attn_sinks.weight"))  # [B, T, H, K]
             n = min(T, W)
-            ls.raw[bi, P[:, -n:] % W] = kv[:, -n:]
+            ls.raw[bi, ix(P[:, -n:] % W)] = kv[:, -n:]
         with prof.range("attn.out"):
             o = rope(xp, o.reshape(N, H, K), P.reshape(N, 1), freq, inverse=True)   # [N, H, K]
             G = cfg.o_groups
@@ -222,7 +226,7 @@ class DS4Model:
         keys = keys.astype(acc)
         s = (q.astype(acc).reshape(B, T * H, K) @ keys.transpose(0, 2, 1)).reshape(B, T, H, -1)  # [B, T, H, J]
         s = s * (1.0 / math.sqrt(K))
-        s = xp.where(xp.asarray(mask)[:, :, None, :], s, -xp.inf)
+        s = xp.where(mask[:, :, None, :], s, -xp.inf)
         m = xp.maximum(xp.max(s, axis=-1), sinks)                                       # [B, T, H]
         e = xp.exp(s - m[..., None])                                                     # [B, T, H, J]
         den = xp.sum(e, axis=-1) + xp.exp(sinks - m)                                     # [B, T, H]
@@ -237,12 +241,12 @@ class DS4Model:
         pre = f"blk.{il}."
         ape = self.p(pre + "indexer_compressor_ape.weight")                          # [4, 2I]
         ck = ops.linear(pre + "indexer_compressor_kv.weight", xn).reshape(B, T, 2 * I)
-        cs = ops.linear(pre + "indexer_compressor_gate.weight", xn).reshape(B, T, 2 * I) + ape[P % 4]
+        cs = ops.linear(pre + "indexer_compressor_gate.weight", xn).reshape(B, T, 2 * I) + ape[self.ix(P % 4)]
         eb, et, rows = self.compress(ls.ick, ls.ics, ck, cs, P, 4, I,
                                      self.p(pre + "indexer_compressor_norm.weight"))
         if rows is not None:
             rows = ops.indexer_round(rope(xp, rows, P[eb, et] - 3, self.inv_freq[True]))   # [nE, I]
-            ls.ik[eb, (P[eb, et] + 1) // 4 - 1] = rows
+            ls.ik[self.ix(eb), self.ix((P[eb, et] + 1) // 4 - 1)] = rows
 
     def indexer_select(self, il, xn, qrn, P, ls, visible):
         """Top-k visible compressed rows per token by ReLU-weighted indexer scores [B, T, C]."""
@@ -251,7 +255,7 @@ class DS4Model:
         N, I, J = B * T, cfg.indexer_dim, cfg.indexer_heads
         pre = f"blk.{il}."
         freq = self.inv_freq[True]
-        n_vis = visible.sum(axis=-1)                                                  # [B, T]
+        n_vis = (P + 1) // 4                                                          # [B, T]
         C = visible.shape[-1]
         iq = ops.linear(pre + "indexer.attn_q_b.weight", qrn).reshape(N, J, I)        # [N, J, I]
         iq = ops.indexer_round(rope(xp, iq, P.reshape(N, 1), freq)).reshape(B, T * J, I)
@@ -261,7 +265,7 @@ class DS4Model:
         dots = xp.maximum(dots, 0.0).reshape(B, T, J, C)                                # [B, T, J, C]
         score = xp.einsum("btj,btjc->btc", wt.reshape(B, T, J).astype(acc), dots)      # [B, T, C]
         keep = ops.topk_mask(score, visible, cfg.indexer_topk)                          # [B, T, C]
-        return np.where(n_vis[..., None] > cfg.indexer_topk, keep, visible)
+        return xp.where(self.ix(n_vis[..., None] > cfg.indexer_topk), keep, visible)
 
     # -- FFN sublayer ------------------------------------------------------------------------------
     def ffn(self, il, X, tokens):
@@ -313,7 +317,8 @@ class DS4Model:
         flat = tokens.reshape(-1)
         X = xp.repeat(self.ops.embed(flat)[:, None, :], cfg.hc_streams, axis=1)          # [N, S, D]
         for il in range(cfg.n_layer):
-            ls = _SlotView(state.layers[il], slots)
+            ls = _SlotView(state.layers[il], self.ix(slots), bool((slots == np.arange(state.batch)).all())
+                           and len(slots) == state.batch)
             with self.prof.range(f"layer.{il}"):
                 X = self.attention(il, X, flat, P, ls, slots)
                 X = self.ffn(il, X, flat)
@@ -345,11 +350,9 @@ class _SlotView:
     When the slots are 0..B-1 of a B-slot state the arrays are used in place (no copy).
     """
 
-    def __init__(self, ls, slots):
-        self._ls, self._slots = ls, slots
+    def __init__(self, ls, slots, inplace: bool):
+        self._ls, self._slots, self._inplace = ls, slots, inplace
         arrays = ls.arrays()
-        B = next(iter(arrays.values())).shape[0]
-        self._inplace = len(slots) == B and bool((slots == np.arange(B)).all())
         for k, v in arrays.items():
             setattr(self, k, v if self._inplace else v[slots])
         for k in ("comp", "ck", "cs", "ik", "ick", "ics"):

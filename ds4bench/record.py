@@ -23,8 +23,8 @@ Roofline (decode, weights only, ds4-spec 5.6)
   roofline_pct      achieved_gbs over the GPU's peak memory bandwidth (NVML: max memory clock x
                     bus width x 2); GPU only.
 Each `prompts` entry: prompt_id, prompt_tokens, sha256, text, tokens, nonfinite,
-replica_mismatch, then from the verdict: first_divergence, max_dlogprob, margin_at_divergence,
-nmse, verdict, reason.
+replica_mismatch, then from the verdict: first_divergence, steps_compared, max_dlogprob,
+median_dlogprob, margin_at_divergence, nmse, verdict, reason.
 """
 from __future__ import annotations
 
@@ -33,7 +33,6 @@ import datetime as _dt
 import functools
 import importlib.metadata as md
 import json
-import math
 import os
 import platform
 import resource
@@ -48,7 +47,7 @@ import numpy as np
 SCHEMA = 1
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("ds4bench", "numpy", "scipy", "pandas", "pyarrow", "gguf", "tokenizers", "tqdm", "nvidia-ml-py")
-RELIABLE_SPREAD = 0.10          # decode tok/s (max - min) / median across repetitions
+RELIABLE_SPREAD = 0.10          # decode and prefill tok/s: (max - min) / median across repetitions
 
 
 @dataclass
@@ -65,6 +64,7 @@ class CellRecord:
     verdict: str | None = None          # identical | close | drift | broken | failed
     verdict_reason: str = ""
     deterministic: bool | None = None   # every repetition generated the same tokens
+    median_dlogprob: float | None = None  # median |Δlogprob| over every compared step of every prompt
     # parameters
     preset: str | None = None
     model_file: str | None = None
@@ -122,7 +122,7 @@ class CellRecord:
     decode_tps_reps: list = field(default_factory=list)
     step_ms: list = field(default_factory=list)         # raw decode step samples, all repetitions
     ttft_samples_ms: list = field(default_factory=list)
-    timing_spread: float | None = None
+    timing_spread: float | None = None                  # the larger of decode and prefill (max - min) / median
     timing_reliable: bool | None = None
     timing_note: str = ""
     stage_s: dict = field(default_factory=dict)         # --stages: host seconds per stage, one extra rep
@@ -151,9 +151,8 @@ class CellRecord:
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(CellRecord))
-PARAMS = ("preset", "model_file", "variant", "seed", "backend", "cache", "placement", "batch", "n_gen",
-          "prompt_set", "reps", "warmup", "ctx", "chunk", "env")
-
+# Fields that are not measurements: None there means "not applicable", never "not measured".
+NOT_MEASURED = ("error", "baseline_cell", "verdict_reason", "timing_note")
 
 def utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -309,7 +308,7 @@ def gpu_fields(probe: GpuProbe | None, start: dict | None, end: dict | None, rea
     """(fields, unavailable) for the GPU provenance of a cell."""
     if probe is None or probe.handle is None or start is None or end is None:
         why = reason or (probe.reason if probe is not None else "no GPU")
-        return {f: None for f in GPU_FIELDS} | {"gpu_throttle": []}, {f: why for f in GPU_FIELDS}
+        return {f: None for f in GPU_FIELDS} | {"gpu_throttle": []}, {f: why for f in GPU_FIELDS + ("gpu_throttle",)}
     out = probe.static()
     out.update(gpu_sm_clock_mhz_start=start["sm_clock_mhz"], gpu_sm_clock_mhz_end=end["sm_clock_mhz"],
                gpu_temp_c_start=start["temp_c"], gpu_temp_c_end=end["temp_c"],
@@ -336,11 +335,11 @@ def timing_fields(timings: list, throttle: list) -> dict:
         out.update(latency_p50_ms=float(p50), latency_p90_ms=float(p90), latency_p99_ms=float(p99))
     notes = []
     if len(dec) > 1 and steps:
-        spread = (max(dec) - min(dec)) / float(np.median(dec))
-        out["timing_spread"] = spread
-        reliable = spread <= RELIABLE_SPREAD
-        if not reliable:
-            notes.append(f"decode tok/s spread {spread:.0%} across {len(dec)} reps > {RELIABLE_SPREAD:.0%}")
+        spreads = {what: (max(v) - min(v)) / float(np.median(v)) for what, v in (("decode", dec), ("prefill", pre))}
+        out["timing_spread"] = max(spreads.values())
+        reliable = out["timing_spread"] <= RELIABLE_SPREAD
+        notes += [f"{what} tok/s spread {sp:.1%} across {len(dec)} reps > {RELIABLE_SPREAD:.0%}"
+                  for what, sp in spreads.items() if sp > RELIABLE_SPREAD]
     else:
         reliable = None
         notes.append("one repetition: spread unknown" if steps else "no decode steps (n=1)")
@@ -382,5 +381,3 @@ def failed_record(base: dict, error: str, wall_s: float | None = None) -> dict:
     return rec.to_dict()
 
 
-def finite_or_none(x):
-    return x if x is None or (isinstance(x, float) and math.isfinite(x)) or not isinstance(x, float) else None

@@ -26,9 +26,17 @@ from . import verdict as V
 DEFAULT_ROOT = "results/runs"
 METRICS = (("verdict", "verdict"), ("decode_tps", "decode tok/s"), ("prefill_tps", "prefill tok/s"),
            ("ttft_ms", "TTFT ms"), ("latency_p50_ms", "p50 ms"), ("latency_p99_ms", "p99 ms"),
-           ("roofline_pct", "roofline %"), ("first_div", "1st div"), ("max_dlp", "max |Δlp|"),
-           ("timing", "timing"))
+           ("roofline_pct", "roofline %"), ("first_div", "1st div"), ("med_dlp", "median Δlp"),
+           ("max_dlp", "max Δlp"), ("timing", "timing"))
 SHOWN_PARAMS = ("preset", "model_file", "backend", "cache", "placement", "batch", "n_gen", "prompt_set", "reps")
+
+
+LEGEND = ("identical: same tokens and logprobs as the baseline · close: same tokens, logprobs within the "
+          "limits · drift: tokens diverge where the baseline's top-2 margin was a near tie (≤ tie) · broken: the "
+          "cell's median |Δlogprob| > tol (a systematic error), one step > spike, a divergence without a near tie, "
+          "NaN/Inf, non-deterministic repetitions or batch replicas · failed: the cell produced no record "
+          "(crash, OOM kill, timeout). `1st div` is the earliest divergence step (prompts diverged/all); "
+          "`median Δlp` the cell's median |Δlogprob|. Thresholds and their evidence: ds4bench/verdict.py.")
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -75,6 +83,7 @@ class RunDir:
 
     def cell_paths(self, cell_id: str) -> tuple[Path, Path, Path]:
         """(the cell process's record file, its fingerprints, its log)."""
+        (self.path / "tmp").mkdir(exist_ok=True)
         return (self.path / "tmp" / f"{cell_id}.json", self.path / "fingerprints" / f"{cell_id}.npz",
                 self.path / "logs" / f"{cell_id}.log")
 
@@ -121,6 +130,10 @@ class RunDir:
             os.replace(tmp, self.path / "cells.parquet")
             write_atomic(self.path / "cells.csv", df.to_csv(index=False))
         write_atomic(self.path / "summary.md", summary_md(meta, recs))
+        try:
+            (self.path / "tmp").rmdir()                 # only when empty: no cell is in flight
+        except OSError:
+            pass
         return recs
 
 
@@ -156,6 +169,7 @@ def row_view(r: dict) -> dict:
             "latency_p50_ms": r.get("latency_p50_ms"), "latency_p99_ms": r.get("latency_p99_ms"),
             "roofline_pct": r.get("roofline_pct"),
             "first_div": f"{min(divs)} ({len(divs)}/{len(ps)})" if divs else ("none" if ps else None),
+            "med_dlp": None if r.get("median_dlogprob") is None else f"{r['median_dlogprob']:.3g}",
             "max_dlp": f"{max(dlps):.3g}" if dlps else None, "timing": timing}
 
 
@@ -231,11 +245,7 @@ def summary_md(meta: dict, recs: list[dict]) -> str:
     why = reasons_md(recs)
     if why:
         lines += ["## Verdict reasons and failures", "", why]
-    lines += ["## Reading the verdicts", "",
-              "identical: same tokens and logprobs as the baseline · close: same tokens, logprobs within tol · "
-              "drift: tokens diverge at a near tie, within tol before it · broken: anything else (NaN/Inf, "
-              "divergence without a near tie, logprobs beyond tol, non-deterministic repetitions) · "
-              "failed: the cell produced no record. Thresholds and their evidence: ds4bench/verdict.py.", ""]
+    lines += ["## Reading the verdicts", "", LEGEND, ""]
     if meta.get("status") != "complete":
         lines += [f"Resume with `ds4bench matrix --resume {meta.get('run_id')}`.", ""]
     return "\n".join(lines)
@@ -250,9 +260,10 @@ def join_key(r: dict) -> tuple:
     return tuple(json.dumps(model if k == "model" else r.get(k), sort_keys=True) for k in JOIN)
 
 
-def compare(a: list[dict], b: list[dict], alpha: float = 0.05) -> dict:
+def compare(a: list[dict], b: list[dict], alpha: float = 0.05, factor: float = 1.1) -> dict:
     """Cells of two runs joined on their parameters: correctness changes, then speed with a
-    Mann-Whitney U test on the raw decode step samples (as asv does)."""
+    Mann-Whitney U test on the raw decode step samples. As in asv, a cell is `faster` or
+    `slower` only when the difference is significant (p < alpha) and beyond `factor`."""
     from scipy.stats import mannwhitneyu
     A, B = {join_key(r): r for r in a}, {join_key(r): r for r in b}
     changes, speed = [], []
@@ -272,10 +283,19 @@ def compare(a: list[dict], b: list[dict], alpha: float = 0.05) -> dict:
             p = float(mannwhitneyu(sa, sb, alternative="two-sided").pvalue)
         ta, tb = ra.get("decode_tps"), rb.get("decode_tps")
         ratio = tb / ta if ta and tb else None
-        sig = "n/a" if p is None or ratio is None else ("same" if p >= alpha else ("faster" if ratio > 1 else "slower"))
+        if p is None or ratio is None:
+            sig = "n/a"
+        elif p < alpha and ratio > factor:
+            sig = "faster"
+        elif p < alpha and ratio < 1 / factor:
+            sig = "slower"
+        else:
+            sig = "same"
+        shaky = [side for side, r in (("A", ra), ("B", rb)) if r.get("timing_reliable") is False]
         speed.append({"cell": label, "decode_tps_a": ta, "decode_tps_b": tb, "speedup": ratio, "p_value": p,
-                      "change": sig, "prefill_tps_a": ra.get("prefill_tps"), "prefill_tps_b": rb.get("prefill_tps")})
-    return {"correctness": changes, "speed": speed, "alpha": alpha,
+                      "change": sig, "unreliable": shaky, "prefill_tps_a": ra.get("prefill_tps"),
+                      "prefill_tps_b": rb.get("prefill_tps")})
+    return {"correctness": changes, "speed": speed, "alpha": alpha, "factor": factor,
             "only_a": [_label(A[k]) for k in A if k not in B], "only_b": [_label(B[k]) for k in B if k not in A],
             "status": int(any(c["worse"] for c in changes) or gate(b) == 1)}
 
@@ -301,13 +321,16 @@ def render_compare(res: dict, fmt: str, name_a: str = "A", name_b: str = "B") ->
                 f" | {', '.join(c['tokens_changed']) or '–'} | {c['reason_b'] or '–'} |" for c in res["correctness"]]
     else:
         out.append("none: every joined cell has the same verdict and the same tokens")
-    out += ["", f"## Speed (decode; Mann-Whitney U on raw step times, α = {res['alpha']})", "",
-            "| cell | A tok/s | B tok/s | B/A | p | change | prefill A | prefill B |", "|---|---|---|---|---|---|---|---|"]
+    out += ["", f"## Speed (decode; Mann-Whitney U on raw step times: a change needs p < {res['alpha']} "
+                f"and a ratio beyond {res['factor']})", "",
+            "| cell | A tok/s | B tok/s | B/A | p | change | prefill A | prefill B | timing |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for s in res["speed"]:
         pv = "–" if s["p_value"] is None else f"{s['p_value']:.2g}"
         out.append(f"| {s['cell']} | {_fmt(s['decode_tps_a'])} | {_fmt(s['decode_tps_b'])} | "
                    f"{_fmt(s['speedup'], 3)} | {pv} | "
-                   f"{s['change']} | {_fmt(s['prefill_tps_a'])} | {_fmt(s['prefill_tps_b'])} |")
+                   f"{s['change']} | {_fmt(s['prefill_tps_a'])} | {_fmt(s['prefill_tps_b'])} | "
+                   f"{'unreliable in ' + ' and '.join(s['unreliable']) if s['unreliable'] else 'ok'} |")
     for side, key in (("A", "only_a"), ("B", "only_b")):
         if res[key]:
             out.append(f"\nonly in {side}: {', '.join(res[key])}")

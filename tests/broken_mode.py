@@ -1,14 +1,21 @@
-"""A deliberately broken numeric mode, registered as `q8-badscale` (test-only plugin).
+"""Deliberately broken numeric modes for the matrix tests (a test-only plugin).
 
 Load it with DS4BENCH_PLUGINS=tests.broken_mode. It is the q8 mode with one classic kernel
 bug: the Q8_0 projections of the attention tensors read each block's scale from the *next*
 block of the row (an off-by-one in the scale index; the last block wraps to the first). The
 integer dots are untouched, so the output stays finite and plausible-looking; only the
 matrix's comparison with the baseline can tell that it is wrong.
+
+Two more modes never produce a record: `test-crash` kills its own process (as the kernel's
+out-of-memory killer would) and `test-hang` never returns (the per-cell timeout must end it).
 """
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
+import sys
+import time
 
 import numpy as np
 
@@ -39,3 +46,16 @@ def _factory(model, backend, **opts):
 
 
 register_mode("q8-badscale", _factory)
+
+
+def _crash(model, backend, **opts):
+    print("simulated crash: the cell process is killed while loading its mode", file=sys.stderr, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _hang(model, backend, **opts):
+    time.sleep(3600)
+
+
+register_mode("test-crash", _crash)
+register_mode("test-hang", _hang)

@@ -1,4 +1,5 @@
 """Block formats, activation quantizers, integer matmul and simulated precisions (ds4bench.formats)."""
+import dataclasses
 import time
 
 import numpy as np
@@ -255,6 +256,104 @@ def test_int_matmul_matches_float64_reference(qtype, monkeypatch):
     one = W[5:6]                                            # a single output row: [1, n]
     bs_1 = None if bs is None else bs[4:5]
     np.testing.assert_array_equal(fm.int_matmul(one, xq[4:5], xd[4:5], bs_1), y[4:5, 5:6])
+
+
+def int_matmul_before(W, xq, xd, bsums=None):
+    """fm.int_matmul before the grouped, memoized rewrite: one float32 matmul per sub-block."""
+    xq, xd = np.atleast_2d(xq), np.atleast_2d(np.asarray(xd, dtype=np.float64))
+    (T, n), O, sub, blk = xq.shape, W.q.shape[0], W.sub, W.blk
+    nsub, nb, spb = n // sub, n // blk, blk // sub
+    xs = np.ascontiguousarray(xq.reshape(T, nsub, sub).transpose(1, 0, 2), dtype=np.float32)
+    wq = W.q.reshape(O, nsub, sub).astype(np.float32)
+    if W.qtype != QT.Q8_0:
+        wq *= W.sc[:, :, None]
+    s = np.matmul(xs, wq.transpose(1, 2, 0))                                     # [nsub, T, O]
+    acc = s.reshape(nb, spb, T, O).sum(axis=1, dtype=np.float64) * W.d.T.astype(np.float64)[:, None]
+    if W.m is not None:
+        if bsums is None:
+            bsums = xq.reshape(T, n // 16, 16).sum(axis=-1, dtype=np.int32)
+        bs = np.asarray(bsums, np.float64).reshape(T, nsub, sub // 16).sum(-1)
+        bs = bs.reshape(T, nb, spb).transpose(1, 0, 2)                           # [nb, T, spb]
+        mins = np.matmul(bs, W.m.reshape(O, nb, spb).transpose(1, 2, 0).astype(np.float64))
+        acc -= mins * W.dmin.T.astype(np.float64)[:, None]
+    acc *= xd.T[:, :, None]
+    return np.add.accumulate(acc, axis=0)[-1].astype(np.float32)               # blocks in order
+
+
+def activations(qtype, rng, T, n):
+    x = (rng.standard_normal((T, n)) * rng.uniform(0.1, 10, (T, 1))).astype(np.float32)
+    return fm.quantize_act_q8_0(x) + (None,) if qtype == QT.Q8_0 else fm.quantize_act_q8_k(x)
+
+
+@pytest.mark.parametrize("qtype", WEIGHT_TYPES)
+@pytest.mark.parametrize("T", [1, 3, 300])
+def test_int_matmul_equals_previous_implementation(qtype, T, monkeypatch):
+    rng = np.random.default_rng(40 + int(qtype) + T)
+    O, n = 300, 768 if qtype != QT.Q8_0 else 320                 # O > 256 and T > 128: several tiles
+    W = fm.decompose(raw_random(qtype, (O, n), rng), qtype, (O, n))
+    xq, xd, bs = activations(qtype, rng, T, n)
+    ref = int_matmul_before(W, xq, xd, bs)
+    np.testing.assert_array_equal(fm.int_matmul(W, xq, xd, bs), ref)
+    monkeypatch.setattr(fm, "_CHUNK_ELEMS", 256)               # one block per chunk: sums carried
+    np.testing.assert_array_equal(fm.int_matmul(W, xq, xd, bs), ref)
+
+
+@pytest.mark.parametrize("qtype", WEIGHT_TYPES)
+def test_int_matmul_exact_at_largest_magnitudes(qtype):
+    """Every weight and activation at its largest magnitude, all of one sign: the longest partial
+    sums the float32 matmul sees stay exact (Q4_K and IQ2_XXS then use half blocks)."""
+    f = fm.FORMATS[qtype]
+    raw = np.zeros((4 * 256 // f.block_elems, f.block_bytes), np.uint8)   # [4, 256]
+    if qtype == QT.Q8_0:
+        raw[:, 2:] = np.uint8(0x80)                              # q = −128
+    elif qtype == QT.Q2_K:
+        raw[:, 0:16], raw[:, 16:80] = 0x0F, 0xFF                 # sc 15, m 0, q 3
+    elif qtype == QT.Q4_K:
+        raw[:, 4:16] = fm._pack_scale_min_k4(np.full((4, 8), 63), np.zeros((4, 8)))
+        raw[:, 16:] = 0xFF                                       # sc 63, q 15
+    else:
+        g = int(np.argmax(np.abs(fm._iq2xxs_signed_grid()[:, 0].astype(int)).sum(-1)))
+        a1 = np.array([0xF0000000], "<u4").view(np.uint8)       # ls 15 (sc 31), signs all +
+        raw[:, 2:] = np.tile(np.concatenate([np.full(4, g, np.uint8), a1]), 8)
+    for at in F16_FIELDS[qtype]:
+        raw[:, at:at + 2] = f16_bytes(0.25)
+    W = fm.decompose(raw.reshape(-1), qtype, (4, 256))
+    xq = np.full((2, 256), -128, np.int8)
+    xd = np.full((2, 256 // W.blk), 0.5, np.float32)
+    np.testing.assert_array_equal(fm.int_matmul(W, xq, xd), int_matmul_before(W, xq, xd))
+    g = fm._prepared(W).g
+    assert g == {QT.Q8_0: 32, QT.Q2_K: 256, QT.Q4_K: 128, QT.IQ2_XXS: 128}[qtype]
+    w = np.abs(W.sc.repeat(W.sub, -1) * W.q.astype(np.int64))               # |sc·q| [4, 256]
+    group_max = lambda k: w.reshape(4, -1, k).sum(-1).max()
+    assert group_max(g) * 128 <= 2**24 and (g == W.blk or group_max(2 * g) * 128 > 2**24)
+
+
+def test_int_matmul_memo_follows_views_and_replacements():
+    rng = np.random.default_rng(50)
+    E, O, n = 3, 8, 512
+    raw = raw_random(QT.Q2_K, (E, O, n), rng)
+    W = fm.decompose(raw, QT.Q2_K, (E, O, n))
+    xq, xd, bs = activations(QT.Q2_K, rng, 5, n)
+    sub = lambda V, idx: dataclasses.replace(                   # as ops_ref slices experts and rows
+        V, q=V.q[idx], sc=V.sc[idx], d=V.d[idx], shape=V.q[idx].shape, m=V.m[idx], dmin=V.dmin[idx])
+    for e in range(E):
+        fresh = fm.decompose(raw.reshape(E, -1)[e], QT.Q2_K, (O, n))
+        ref = fm.int_matmul(fresh, xq, xd, bs)
+        np.testing.assert_array_equal(fm.int_matmul(W[e], xq, xd, bs), ref)
+        np.testing.assert_array_equal(fm.int_matmul(sub(W, e), xq, xd, bs), ref)
+        np.testing.assert_array_equal(fm.int_matmul(sub(sub(W, e), slice(2, 6)), xq, xd, bs), ref[:, 2:6])
+        np.testing.assert_array_equal(fm.int_matmul(W[e][2:6], xq, xd, bs), ref[:, 2:6])
+    entries = len(W._memo)
+    fm.int_matmul(sub(W, 1), xq, xd, bs)                        # a view made again: no new entry
+    assert len(W._memo) == entries == 2 * E
+    V = W[1]
+    y = fm.int_matmul(V, xq, xd, bs)
+    for field, value in [("sc", V.sc[::-1].copy()), ("d", V.d * 2), ("q", V.q[::-1].copy()),
+                         ("m", np.zeros_like(V.m)), ("dmin", V.dmin[::-1].copy())]:
+        R = dataclasses.replace(V, **{field: value})             # shares the memo, not the entry
+        got = fm.int_matmul(R, xq, xd, bs)
+        np.testing.assert_array_equal(got, int_matmul_before(R, xq, xd, bs))
+        assert not np.array_equal(got, y), field
 
 
 def test_int_matmul_rejects_mismatched_activations():

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# GPU checks in one call on the GPU machine (see README, "GPU engine"):
+#   the gpu-marked parity tests, then `generate` on tiny and flash-4l in every cache mode and
+#   placement. Logs go under $OUT (or ./gpu-out).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
+[ -f .whl/gpu-env.sh ] && source .whl/gpu-env.sh
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+git rev-parse HEAD 2>/dev/null | tee -a "$OUT/gpu.txt"
+python3 -m pytest -m gpu -q -p no:cacheprovider tests/ 2>&1 | tee "$OUT/pytest_gpu.txt" | tail -25
+for preset in ${PRESETS:-tiny flash-4l}; do
+  model=/tmp/ds4bench-$preset.gguf
+  [ -f "$model" ] || python3 -m ds4bench model make --preset "$preset" -o "$model"
+  for cache in q8 f16 f32; do
+    for placement in device managed managed-hinted host; do
+      echo "== $preset $cache $placement"
+      timeout 300 python3 -m ds4bench generate --model "$model" --backend cupy --cache "$cache" \
+        --placement "$placement" -n "${NTOK:-16}" 2>&1 | tail -1
+    done
+  done
+done 2>&1 | tee "$OUT/generate.txt"

@@ -1,0 +1,146 @@
+"""`ds4bench bench-kernels`: achieved bandwidth of the decode kernels at DS4 Flash shapes.
+
+Each kernel runs at batch 1 on synthetic weights of the real shapes and formats, timed with CUDA
+events over many launches after a warm-up. Achieved bandwidth is the minimum bytes the kernel
+must read (its weights; activations are negligible) over the time, compared with a ceiling: the
+device-to-device copy rate measured in the same process (bytes read + written per second).
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+
+from . import config as C
+from .formats import quantize_q8_0, random_blocks, row_bytes
+
+# (name, out, in, groups) of the Q8_0 projections a Flash decode step runs
+Q8_SHAPES = (("attn_q_a", 1024, 4096, 1), ("attn_q_b", 32768, 1024, 1), ("attn_kv", 512, 4096, 1),
+             ("attn_output_a", 8192, 4096, 8), ("attn_output_b", 4096, 8192, 1),
+             ("ffn_gate_shexp", 2048, 4096, 1), ("ffn_down_shexp", 4096, 2048, 1), ("output", 129280, 4096, 1))
+
+
+def _time(cp, fn, iters: int) -> float:
+    """Seconds per call, CUDA events around `iters` launches after 3 warm-up calls."""
+    for _ in range(3):
+        fn()
+    s, e = cp.cuda.Event(), cp.cuda.Event()
+    s.record()
+    for _ in range(iters):
+        fn()
+    e.record()
+    e.synchronize()
+    return cp.cuda.get_elapsed_time(s, e) / 1e3 / iters
+
+
+def copy_bandwidth(cp, nbytes: int = 2 ** 30) -> float:
+    a = cp.empty(nbytes, dtype=cp.uint8)
+    b = cp.empty_like(a)
+    t = _time(cp, lambda: b.__setitem__(Ellipsis, a), 10)
+    return 2 * nbytes / t
+
+
+def run(variant: str = "q2", iters: int = 200) -> dict:
+    import cupy as cp
+
+    from . import kernels
+    from .backend import device_facts
+    from .moe_gpu import GpuExperts
+    rng = np.random.default_rng(0)
+    ceiling = copy_bandwidth(cp)
+    rows = []
+    quant = kernels.function("q8_0.cu", "quantize_q8_0")
+    mm = kernels.function("q8_0.cu", "matmul_q8_0")
+    for name, O, K, G in Q8_SHAPES:
+        Kg = K // G
+        W = cp.asarray(quantize_q8_0((rng.standard_normal((O, Kg)) * 0.02).astype(np.float32)))
+        x = cp.asarray(rng.standard_normal((1, K)).astype(np.float32))
+        xq, xd = cp.empty((1, K), cp.int8), cp.empty((1, K // 32), cp.float32)
+        y = cp.empty((1, O), cp.float32)
+
+        def step():
+            quant((K // 32, 1), (32,), (x, xq, xd, np.int32(K)))
+            mm(((O + 7) // 8, 1), (256,), (W, xq, xd, y, np.int32(O), np.int32(Kg), np.int32(1),
+                                          np.int32(O // G), np.int32(K)))
+        t = _time(cp, step, iters)
+        rows.append({"kernel": f"q8_0 {name} [{O}x{Kg}]" + (f" x{G} groups" if G > 1 else ""),
+                     "bytes": int(W.nbytes), "us": t * 1e6, "gbs": W.nbytes / t / 1e9,
+                     "pct_ceiling": 100 * W.nbytes / t / ceiling})
+    cfg = C.preset("flash", variant)
+    gate_t, down_t = (QT.IQ2_XXS, QT.Q2_K) if variant == "q2" else (QT.Q4_K, QT.Q4_K)
+    E, F, D, A = cfg.n_expert, cfg.expert_ff, cfg.n_embd, cfg.n_expert_used
+    tens = {}
+    for nm, qt, shape in (("ffn_gate_exps", gate_t, (E, F, D)), ("ffn_up_exps", gate_t, (E, F, D)),
+                          ("ffn_down_exps", down_t, (E, D, F))):
+        std = 0.02
+        tens[f"blk.0.{nm}.weight"] = (qt, cp.asarray(random_blocks(qt, shape, rng, std)))
+    moe = GpuExperts(cfg, tens)
+    x = cp.asarray(rng.standard_normal((1, D)).astype(np.float32))
+    sel = cp.asarray(rng.choice(E, A, replace=False)[None, :].astype(np.int64))
+    w = cp.full((1, A), 0.25, cp.float32)
+    t = _time(cp, lambda: moe(0, x, sel, w), iters)
+    need = A * (2 * F * row_bytes(gate_t, D) + D * row_bytes(down_t, F))
+    rows.append({"kernel": f"moe {variant}: {A} experts gate/up+down (Q8_K quantize included)",
+                 "bytes": int(need), "us": t * 1e6, "gbs": need / t / 1e9, "pct_ceiling": 100 * need / t / ceiling})
+    return {"device": device_facts(), "copy_ceiling_gbs": ceiling / 1e9, "variant": variant, "rows": rows}
+
+
+def decode_layers(model_path: str, cache: str, placement: str, steps: int = 20) -> dict:
+    """Decode step of a model file, per layer in ms (CUDA events), against its weight-read floor."""
+    from .gguf_io import decode_read_bytes, load_gguf, tensor_specs
+    from .generate import Engine
+    from .profiling import CudaEventTimer
+    mf = load_gguf(model_path)
+    prof = CudaEventTimer()
+    eng = Engine(mf, cache=cache, backend="cupy", ctx=256, profiler=prof, placement=placement)
+    eng.prefill(0, list(range(1, 65)))
+    tok = 5
+    for _ in range(3):
+        tok = int(eng.decode([tok], [0])[0].argmax())
+    prof.summary()
+    prof.reset()
+    import time
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        tok = int(eng.decode([tok], [0])[0].argmax())
+    wall = (time.perf_counter() - t0) / steps
+    stages = prof.summary()
+    cfg = mf.cfg
+    per_layer_bytes = {}
+    for sp in tensor_specs(cfg):
+        if sp.layer >= 0:
+            n = sp.nbytes * (cfg.n_expert_used / cfg.n_expert if sp.kind == "experts" else 1)
+            n = n / cfg.n_vocab if sp.kind == "tid2eid" else n
+            per_layer_bytes[sp.layer] = per_layer_bytes.get(sp.layer, 0) + n
+    layers = [{"layer": il, "ms": stages.get(f"layer.{il}", 0) / steps * 1e3,
+               "floor_ms": per_layer_bytes[il] / 3.0e12 * 1e3} for il in range(cfg.n_layer)]
+    return {"model": cfg.name, "cache": cache, "placement": placement, "step_ms_wall": wall * 1e3,
+            "step_ms_gpu": stages.get("decode", 0) / steps * 1e3, "layers": layers,
+            "bytes_per_token": decode_read_bytes(cfg, False)["total"], "fallbacks": eng.ops.fallbacks}
+
+
+def report(res: dict) -> str:
+    lines = [f"{res['device']['gpu_name']}: copy ceiling {res['copy_ceiling_gbs']:.0f} GB/s (read+write)",
+             f"{'kernel':58s} {'bytes':>12s} {'us':>9s} {'GB/s':>8s} {'% ceil':>7s}"]
+    for r in res["rows"]:
+        lines.append(f"{r['kernel']:58s} {r['bytes']:12,d} {r['us']:9.1f} {r['gbs']:8.0f} {r['pct_ceiling']:7.1f}")
+    return "\n".join(lines)
+
+
+def bench(variant: str = "q2", model: str | None = None, json_path: str | None = None) -> int:
+    res = run(variant)
+    print(report(res))
+    if model:
+        res["decode"] = []
+        print(f"\n{'cache':6s} {'placement':15s} {'step ms (wall)':>15s} {'step ms (gpu)':>14s}  per layer ms (floor at 3.0 TB/s)")
+        for cache in ("q8", "f16", "f32"):
+            for placement in ("device", "managed", "managed-hinted", "host"):
+                d = decode_layers(model, cache, placement)
+                res["decode"].append(d)
+                lay = "  ".join(f"{x['ms']:.2f} ({x['floor_ms']:.3f})" for x in d["layers"])
+                print(f"{cache:6s} {placement:15s} {d['step_ms_wall']:15.2f} {d['step_ms_gpu']:14.2f}  {lay}", flush=True)
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump(res, fh, indent=1)
+    return 0

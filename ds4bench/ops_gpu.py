@@ -1,0 +1,202 @@
+"""Heavy operations of the CuPy engine, per numeric mode; the GPU twin of `ops_ref.RefOps`.
+
+Same modes as the reference (see ops_ref): cache-eligible Q8_0 tensors go through
+  q8   Q8_0 activation quantization + dp4a kernels (kernels/q8_0.cu), for decode and token tiles;
+  f16  the Q8_0->F16 dequant cache in device memory (built once, under a byte budget), read by
+       a float-activation kernel, so activations keep the precision of the NumPy f16 mode;
+  f32  an F32 copy multiplied with cuBLAS through CuPy.
+Tensors that do not fit the cache budget fall back to q8 and are listed in `fallbacks`.
+Routed experts always stay quantized (kernels/moe.cu); the output head is always q8.
+Weights are placed per `placement` (backend.Placer); caches and run state are device memory.
+The q8 and F16-weight kernels form and sum their terms in double and round once, and the small
+reductions in model code run in double, as the reference does; cuBLAS (f32 mode) accumulates in
+float32. GPU and NumPy therefore agree almost bit for bit in q8 and f16, and to float32
+rounding in f32.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import cupy as cp
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+
+from . import kernels
+from .backend import Placer
+from .gguf_io import ModelFile
+from .ops_ref import cache_eligible, check_cache_mode
+
+ROWS_PER_BLOCK, TOKEN_TILE = 8, 8
+CACHE_RESERVE = 4 * 2 ** 30          # device memory left free when the cache budget is automatic
+
+
+def _grid(O: int, T: int) -> tuple[int, int]:
+    return ((O + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK, (T + TOKEN_TILE - 1) // TOKEN_TILE)
+
+
+class GpuOps:
+    xp = cp
+    acc = cp.float64                  # as the reference: small reductions in double, rounded once
+
+    def __init__(self, model: ModelFile, cache: str = "f32", placement: str | None = None,
+                 cache_budget_mb: int | None = None):
+        self.model, self.cfg = model, model.cfg
+        self.cache = check_cache_mode(cache)
+        self.placement = placement or os.environ.get("DS4BENCH_PLACEMENT", "device")
+        self.placer = Placer(self.placement, model.nbytes)
+        self.w: dict[str, cp.ndarray] = {}
+        expert_tensors = {}
+        for name, t in model.tensors.items():
+            arr = self.placer.put(np.asarray(t.data))
+            self.w[name] = arr
+            if t.spec.kind == "experts":
+                expert_tensors[name] = (t.qtype, arr)
+        from .moe_gpu import GpuExperts
+        self.moe = GpuExperts(self.cfg, expert_tensors)
+        self._param: dict[str, cp.ndarray] = {}
+        self._cached: dict[str, cp.ndarray] = {}
+        self.fallbacks: list[str] = []
+        self.cache_bytes = 0
+        if self.cache != "q8":
+            self._build_cache(cache_budget_mb)
+
+    # -- the dequant cache -------------------------------------------------------------------------
+    def _build_cache(self, budget_mb: int | None) -> None:
+        env = os.environ.get("DS4BENCH_CACHE_MB")
+        if budget_mb is None and env:
+            budget_mb = int(env)
+        free, _ = cp.cuda.runtime.memGetInfo()
+        budget = budget_mb * 2 ** 20 if budget_mb is not None else max(0, free - CACHE_RESERVE)
+        itemsize = 2 if self.cache == "f16" else 4
+        fn = kernels.function("q8_0.cu", "dequant_q8_0_f16" if self.cache == "f16" else "dequant_q8_0_f32")
+        for name, t in self.model.tensors.items():
+            if t.qtype != QT.Q8_0 or not cache_eligible(name):
+                continue
+            n = int(np.prod(t.spec.shape))
+            if self.cache_bytes + n * itemsize > budget:
+                self.fallbacks.append(name)
+                continue
+            out = cp.empty(t.spec.shape, dtype=cp.float16 if itemsize == 2 else cp.float32)
+            fn(((n + 255) // 256,), (256,), (self.w[name], out, np.int64(n)))
+            self._cached[name] = out
+            self.cache_bytes += n * itemsize
+
+    # -- weights -------------------------------------------------------------------------------------
+    def param(self, name: str) -> cp.ndarray:
+        p = self._param.get(name)
+        if p is None:
+            p = self._param[name] = self.w[name].astype(cp.float32)
+        return p
+
+    def param_opt(self, name: str):
+        return self.param(name) if name in self.w else None
+
+    def path(self, name: str) -> str:
+        qt = self.model[name].qtype
+        if qt == QT.F16:
+            return "float"
+        if cache_eligible(name) and name in self._cached:
+            return self.cache
+        return "q8"
+
+    # -- projections -----------------------------------------------------------------------------------
+    def _q8(self, name: str, x: cp.ndarray, O: int, K: int, rows_per_group: int) -> cp.ndarray:
+        """x [N, G*K] -> [N, O] with Q8_0 weights; groups of rows read their K-slice of x."""
+        N, stride = x.shape
+        xq = cp.empty((N, stride), dtype=cp.int8)
+        xd = cp.empty((N, stride // 32), dtype=cp.float32)
+        kernels.function("q8_0.cu", "quantize_q8_0")((stride // 32, N), (32,), (x, xq, xd, np.int32(stride)))
+        y = cp.empty((N, O), dtype=cp.float32)
+        kernels.function("q8_0.cu", "matmul_q8_0")(_grid(O, N), (256,), (
+            self.w[name], xq, xd, y, np.int32(O), np.int32(K), np.int32(N), np.int32(rows_per_group),
+            np.int32(stride)))
+        return y
+
+    def _f16w(self, W: cp.ndarray, x: cp.ndarray, O: int, K: int, rows_per_group: int) -> cp.ndarray:
+        N, stride = x.shape
+        y = cp.empty((N, O), dtype=cp.float32)
+        kernels.function("q8_0.cu", "matmul_f16w")(_grid(O, N), (256,), (
+            W, x, y, np.int32(O), np.int32(K), np.int32(N), np.int32(rows_per_group), np.int32(stride)))
+        return y
+
+    def linear(self, name: str, x: cp.ndarray) -> cp.ndarray:
+        """x [N, in] -> [N, out]."""
+        x = cp.ascontiguousarray(x, dtype=cp.float32)
+        O, K = self.model[name].spec.shape
+        mode = self.path(name)
+        if mode == "q8":
+            return self._q8(name, x, O, K, O)
+        if mode == "float":
+            return self._f16w(self.w[name], x, O, K, O)
+        if mode == "f16":
+            return self._f16w(self._cached[name], x, O, K, O)
+        return x @ self._cached[name].T                                               # cuBLAS SGEMM
+
+    def linear_grouped(self, name: str, x: cp.ndarray) -> cp.ndarray:
+        """x [N, G, in_g] -> [N, G, O]; group g uses output rows g*O..(g+1)*O."""
+        N, G, K = x.shape
+        Ot = self.model[name].spec.shape[0]
+        O = Ot // G
+        flat = cp.ascontiguousarray(x.reshape(N, G * K), dtype=cp.float32)
+        mode = self.path(name)
+        if mode == "q8":
+            return self._q8(name, flat, Ot, K, O).reshape(N, G, O)
+        if mode == "f16":
+            return self._f16w(self._cached[name], flat, Ot, K, O).reshape(N, G, O)
+        W = self._cached[name].reshape(G, O, K)
+        return cp.matmul(x.transpose(1, 0, 2).astype(cp.float32), W.transpose(0, 2, 1)).transpose(1, 0, 2)
+
+    def embed(self, tokens) -> cp.ndarray:
+        return self.w["token_embd.weight"][cp.asarray(tokens)].astype(cp.float32)     # [N, D]
+
+    # -- simulated precision ----------------------------------------------------------------------------
+    def kv_round(self, x: cp.ndarray) -> cp.ndarray:
+        K, nope = self.cfg.head_dim, self.cfg.n_nope
+        out = cp.array(x, dtype=cp.float32, copy=True, order="C")
+        rows = out.size // K
+        if rows:
+            kernels.function("simfmt.cu", "kv_round")((nope // 64 + 1, rows), (64,), (out, np.int32(K), np.int32(nope)))
+        return out
+
+    def indexer_round(self, x: cp.ndarray) -> cp.ndarray:
+        n = x.shape[-1]
+        out = cp.array(x, dtype=cp.float32, copy=True, order="C")
+        rows = out.size // n
+        if rows:
+            kernels.function("simfmt.cu", "indexer_round")(
+                (rows,), (n,), (out, np.int32(n), np.float32(1 / math.sqrt(n))), shared_mem=4 * n)
+        return out
+
+    # -- routing ------------------------------------------------------------------------------------------
+    def tid2eid(self, il: int, tokens) -> cp.ndarray:
+        return self.w[f"blk.{il}.ffn_gate_tid2eid.weight"][cp.asarray(tokens)].astype(cp.int64)
+
+    @staticmethod
+    def topk_ids(score: cp.ndarray, k: int) -> cp.ndarray:
+        """k best per row, best first; ties to the lower index (CuPy's sort is stable)."""
+        return cp.argsort(-score, axis=-1)[..., :k]
+
+    @staticmethod
+    def topk_mask(score: cp.ndarray, visible: cp.ndarray, k: int) -> cp.ndarray:
+        s = cp.where(visible, score, -cp.inf)
+        rank = cp.argsort(cp.argsort(-s, axis=-1), axis=-1)
+        return (rank < k) & visible
+
+    def experts(self, il: int, x: cp.ndarray, sel: cp.ndarray, w: cp.ndarray) -> cp.ndarray:
+        return self.moe(il, cp.ascontiguousarray(x, dtype=cp.float32), sel, cp.ascontiguousarray(w, dtype=cp.float32))
+
+    # -- run state and sync ---------------------------------------------------------------------------------
+    @staticmethod
+    def alloc(shape) -> cp.ndarray:
+        return cp.zeros(shape, dtype=cp.float32)
+
+    @staticmethod
+    def sync() -> None:
+        cp.cuda.get_current_stream().synchronize()
+
+    def memory(self) -> dict:
+        pool = cp.get_default_memory_pool()
+        return {"placement": self.placement, "weights_bytes": self.placer.placed_bytes,
+                "cache_bytes": self.cache_bytes, "cache_fallbacks": list(self.fallbacks),
+                "pool_used_bytes": int(pool.used_bytes()), "pool_total_bytes": int(pool.total_bytes())}

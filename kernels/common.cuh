@@ -1,0 +1,31 @@
+// Shared helpers for ds4bench kernels. NVRTC-safe: no standard library headers.
+#pragma once
+#include <cuda_fp16.h>
+
+#define DS4_WARP 32
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ double warp_sum_d(double v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Round |v| to nearest (ties to even) on a minifloat grid with `mbits` mantissa bits and minimum
+// normal exponent `emin`; the sign is kept. Matches formats._round_to_grid.
+__device__ __forceinline__ float round_to_grid(float v, int mbits, int emin) {
+    float a = fabsf(v);
+    int e = a > 0.0f ? ilogbf(a) : -1;
+    if (e < emin) e = emin;
+    float step = ldexpf(1.0f, e - mbits);
+    float r = rintf(a / step) * step;
+    return v < 0.0f ? -r : r;
+}

@@ -1,0 +1,315 @@
+// Routed experts (ds4-spec 3.3 step 15): Q8_K activation quantizer, gate/up + clamped SwiGLU,
+// down projection summed over the A selected experts. The NumPy reference is
+// ds4bench/ops_ref.py `RefOps.experts` with formats.quantize_act_q8_k and formats.int_matmul.
+//
+// Integer-dot semantics (formats.int_matmul), per 256-element block b of a weight row:
+//   S = Σ_sub sc·Σ q_w·q_x,  M = Σ_sub m·bsum_sub   (exact int32)
+//   term_b = d_x·(d_w·S − dmin_w·M)                   (float64, as the reference)
+//   y = f32(((term_0 + term_1) + term_2) + …)         (blocks in order, float64)
+// Every product d_w·S and dmin_w·M is exact in float64, so the only roundings are the
+// subtraction, ·d_x and the additions, in the reference's order: g and u come out bit for bit.
+// The _rn intrinsics keep the compiler from contracting those steps into FMAs.
+//
+// Geometry: one warp per output row; each lane owns 8 consecutive elements of every 256-block
+// (lane l: elements 8l..8l+7, which always lie inside one sub-block of 16 or 32), the block's
+// S and M are summed over the warp with shuffles, then every lane adds the block term.
+// Legend: N tokens, A selected experts per token, P = N·A (token, slot) pairs, E experts,
+// F expert hidden size, D model dim.
+#include <cuda_fp16.h>
+
+typedef unsigned char u8;
+typedef signed char i8;
+typedef unsigned int u32;
+typedef long long i64;
+
+#define QK_K 256
+#define IQ2_GRID_BYTES 2048                       // 256 grid entries × 8 magnitudes {8, 25, 43}
+#define IQ2_TABLE_BYTES (IQ2_GRID_BYTES + 128)    // grid, then ksigns[128]
+
+// ---------------------------------------------------------------------------------- helpers
+
+__device__ __forceinline__ float f16_at(const u8* p) {     // little-endian f16, any alignment
+    return __half2float(__ushort_as_half((unsigned short)(p[0] | (p[1] << 8))));
+}
+
+__device__ __forceinline__ u32 u32_at(const u8* p) {       // little-endian u32, any alignment
+    return (u32)p[0] | ((u32)p[1] << 8) | ((u32)p[2] << 16) | ((u32)p[3] << 24);
+}
+
+__device__ __forceinline__ int warp_sum(int v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float nan_f32() { return __int_as_float(0x7fc00000); }
+
+// d_x·(d_w·S − dmin_w·M) with the reference's roundings (see the header).
+__device__ __forceinline__ double block_term(int S, int M, float dw, float dmin, float dx) {
+    const double t = __dadd_rn(__dmul_rn((double)dw, (double)S), -__dmul_rn((double)dmin, (double)M));
+    return __dmul_rn(t, (double)dx);
+}
+
+// One lane's share of one 256-block: S over its 8 elements, M over the sub-blocks it owns the
+// min of (lane s < number of sub-blocks), and the block's scales.
+struct Part {
+    int s, m;
+    float d, dmin;
+};
+
+// ---------------------------------------------------------------------------------- formats
+
+// IQ2_XXS, 66 bytes: f16 d; per sub-block ib of 32, u32 a0 (4 grid indices), u32 a1 (4 × 7-bit
+// ksigns indices, ls in bits 28..31). Element 32ib+8k+j = d/8·(2ls+1)·grid[a0 byte k][j]·σ.
+// Lane l: ib = l/4, k = l%4.
+struct FmtIQ2_XXS {
+    static constexpr int BYTES = 66;
+    static constexpr bool TABLES = true;
+    static __device__ __forceinline__ Part part(const u8* b, const i8* x, const int* bs, int lane,
+                                                const u8* tab) {
+        const u8* qs = b + 2;
+        const int ib = lane >> 2, k = lane & 3;
+        const u32 a1 = u32_at(qs + 8 * ib + 4);
+        const u8* g = tab + 8 * qs[8 * ib + k];
+        const int signs = tab[IQ2_GRID_BYTES + ((a1 >> (7 * k)) & 127)];
+        int sum = 0;
+        for (int j = 0; j < 8; ++j) {
+            const int v = g[j];
+            sum += ((signs >> j) & 1 ? -v : v) * (int)x[j];
+        }
+        Part p;
+        p.s = (2 * (int)(a1 >> 28) + 1) * sum;
+        p.m = 0;
+        p.d = f16_at(b) * 0.125f;                          // exact: a power-of-two scale
+        p.dmin = 0.0f;
+        return p;
+    }
+};
+
+// Q2_K, 84 bytes: scales[16] (low nibble sc, high m, per 16), qs[64], f16 d, f16 dmin.
+// Element i = 128h + 32j + l (l < 32): q = (qs[32h + l] >> 2j) & 3, sub-block i/16.
+// Lane l: elements 8l..8l+7, sub-block l/2; lanes 0..15 own the min of sub-block l.
+struct FmtQ2_K {
+    static constexpr int BYTES = 84;
+    static constexpr bool TABLES = false;
+    static __device__ __forceinline__ Part part(const u8* b, const i8* x, const int* bs, int lane,
+                                                const u8*) {
+        const u8* scales = b;
+        const u8* qs = b + 16;
+        const int i0 = 8 * lane;
+        const int h = i0 >> 7, j = (i0 >> 5) & 3, l0 = i0 & 31;
+        int sum = 0;
+        for (int t = 0; t < 8; ++t) sum += ((qs[32 * h + l0 + t] >> (2 * j)) & 3) * (int)x[t];
+        Part p;
+        p.s = (scales[lane >> 1] & 15) * sum;
+        p.m = lane < 16 ? (scales[lane] >> 4) * bs[lane] : 0;
+        p.d = f16_at(b + 80);
+        p.dmin = f16_at(b + 82);
+        return p;
+    }
+};
+
+// GGML get_scale_min_k4: 6-bit scale and min of Q4_K sub-block s from the 12 packed bytes.
+__device__ __forceinline__ void scale_min_k4(int s, const u8* q, int& sc, int& m) {
+    if (s < 4) {
+        sc = q[s] & 63;
+        m = q[s + 4] & 63;
+    } else {
+        sc = (q[s + 4] & 15) | ((q[s - 4] >> 6) << 4);
+        m = (q[s + 4] >> 4) | ((q[s] >> 6) << 4);
+    }
+}
+
+// Q4_K, 144 bytes: f16 d, f16 dmin, scales[12] (get_scale_min_k4), qs[128].
+// Element i = 64c + 32k + l (l < 32): q = (qs[32c + l] >> 4k) & 15, sub-block 2c + k.
+// Lane l: sub-block s = l/4 (c = s/2, k = s%2), positions 8(l%4)..+7; lanes 0..7 own the min of
+// sub-block l, whose bsum is bsums[2l] + bsums[2l+1].
+struct FmtQ4_K {
+    static constexpr int BYTES = 144;
+    static constexpr bool TABLES = false;
+    static __device__ __forceinline__ Part part(const u8* b, const i8* x, const int* bs, int lane,
+                                                const u8*) {
+        const u8* scales = b + 4;
+        const u8* qs = b + 16;
+        const int s = lane >> 2, c = s >> 1, k = s & 1, l0 = 8 * (lane & 3);
+        int sum = 0;
+        for (int t = 0; t < 8; ++t) sum += ((qs[32 * c + l0 + t] >> (4 * k)) & 15) * (int)x[t];
+        int sc, m;
+        scale_min_k4(s, scales, sc, m);
+        Part p;
+        p.s = sc * sum;
+        p.m = 0;
+        if (lane < 8) {
+            scale_min_k4(lane, scales, sc, m);
+            p.m = m * (bs[2 * lane] + bs[2 * lane + 1]);
+        }
+        p.d = f16_at(b);
+        p.dmin = f16_at(b + 2);
+        return p;
+    }
+};
+
+// ---------------------------------------------------------------------------------- Q8_K
+
+// One CTA of 256 threads per 256-block of x [rows, n] (blockIdx.x = row·n/256 + block, which is
+// also the flat block index of q, d and bsums). As formats.quantize_act_q8_k: mx = the signed x
+// at the first largest |x|, iscale = −127/mx, q = rint(iscale·x) clipped to [−128, 127] (rintf
+// rounds half to even, as np.rint), d = 1/iscale; an all-zero block gives d = 0, q = 0.
+extern "C" __global__ void q8k_quantize(const float* x, i8* q, float* d, int* bsums, int rows, int n) {
+    __shared__ float s_amax[QK_K];
+    __shared__ int s_idx[QK_K];
+    __shared__ int s_q[QK_K];
+    const i64 blk = blockIdx.x;
+    if (blk >= (i64)rows * (n / QK_K)) return;             // uniform over the CTA
+    const int t = threadIdx.x;
+    const float v = x[blk * QK_K + t];
+    s_amax[t] = fabsf(v);
+    s_idx[t] = t;
+    __syncthreads();
+    for (int s = QK_K / 2; s > 0; s >>= 1) {                // argmax |x|, ties to the lower index
+        if (t < s) {
+            const float a = s_amax[t], b = s_amax[t + s];
+            const int ib = s_idx[t + s];
+            if (b > a || (b == a && ib < s_idx[t])) {
+                s_amax[t] = b;
+                s_idx[t] = ib;
+            }
+        }
+        __syncthreads();
+    }
+    const float mx = x[blk * QK_K + s_idx[0]];
+    const float iscale = mx != 0.0f ? __fdiv_rn(-127.0f, mx) : 0.0f;
+    const float r = fminf(fmaxf(rintf(__fmul_rn(iscale, v)), -128.0f), 127.0f);
+    const int qi = (int)r;
+    q[blk * QK_K + t] = (i8)qi;
+    s_q[t] = qi;
+    if (t == 0) d[blk] = mx != 0.0f ? __fdiv_rn(1.0f, iscale) : 0.0f;
+    __syncthreads();
+    if (t < QK_K / 16) {
+        int sum = 0;
+        for (int j = 0; j < 16; ++j) sum += s_q[16 * t + j];
+        bsums[blk * (QK_K / 16) + t] = sum;
+    }
+}
+
+// ---------------------------------------------------------------------------------- gate/up
+
+// Copy GGML's IQ2_XXS grid and ksigns to shared memory (every thread of the CTA takes part).
+__device__ __forceinline__ void stage_tables(u8* dst, const u8* src) {
+    for (int i = threadIdx.x; i < IQ2_TABLE_BYTES; i += blockDim.x) dst[i] = src[i];
+    __syncthreads();
+}
+
+// grid (P, ceil(F / warps)), block warps·32. Warp w of CTA (p, fy) computes row f = fy·warps + w
+// of expert e = sel[p] for pair p = n·A + a:
+//   g = min(Wg[e, f]·x[n], clamp), u = clip(Wu[e, f]·x[n], ±clamp),
+//   mid[p, f] = (g / (1 + exp(−g))) · u · w[p]                  (float32, the reference's order)
+// Weights: [E, F, D] raw blocks, row e·F + f of D/256 blocks. x as Q8_K: xq [N, D], xd [N, D/256],
+// xb [N, D/16]. An expert id outside 0..E−1 writes NaN.
+template <class Fmt>
+__device__ __forceinline__ void gate_up(const u8* Wg, const u8* Wu, const u8* tab, const i8* xq,
+                                        const float* xd, const int* xb, const int* sel,
+                                        const float* wts, float* mid, int P, int A, int E, int F,
+                                        int D, float clamp) {
+    const int p = blockIdx.x;
+    const int f = blockIdx.y * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (p >= P || f >= F) return;                           // uniform over the warp
+    const int e = sel[p];
+    float* out = mid + (i64)p * F + f;
+    if (e < 0 || e >= E) {
+        if (lane == 0) *out = nan_f32();
+        return;
+    }
+    const int n = p / A, nb = D / QK_K;
+    const i64 rb = (i64)nb * Fmt::BYTES;
+    const u8* wg = Wg + ((i64)e * F + f) * rb;
+    const u8* wu = Wu + ((i64)e * F + f) * rb;
+    const i8* xr = xq + (i64)n * D + 8 * lane;
+    const float* dr = xd + (i64)n * nb;
+    const int* br = xb + (i64)n * (D / 16);
+    double ag = 0.0, au = 0.0;
+    for (int b = 0; b < nb; ++b) {
+        const i8* x = xr + b * QK_K;
+        const int* bs = br + b * 16;
+        const Part pg = Fmt::part(wg + b * Fmt::BYTES, x, bs, lane, tab);
+        const Part pu = Fmt::part(wu + b * Fmt::BYTES, x, bs, lane, tab);
+        const int sg = warp_sum(pg.s), mg = warp_sum(pg.m);
+        const int su = warp_sum(pu.s), mu = warp_sum(pu.m);
+        const float dx = dr[b];
+        ag = __dadd_rn(ag, block_term(sg, mg, pg.d, pg.dmin, dx));
+        au = __dadd_rn(au, block_term(su, mu, pu.d, pu.dmin, dx));
+    }
+    if (lane == 0) {
+        const float g = fminf((float)ag, clamp);
+        const float u = fminf(fmaxf((float)au, -clamp), clamp);
+        const float silu = __fdiv_rn(g, __fadd_rn(1.0f, expf(-g)));
+        *out = __fmul_rn(__fmul_rn(silu, u), wts[p]);
+    }
+}
+
+#define GATE_UP_KERNEL(name, Fmt)                                                                  \
+    extern "C" __global__ void name(const u8* Wg, const u8* Wu, const u8* tables, const i8* xq,    \
+                                    const float* xd, const int* xb, const int* sel,                \
+                                    const float* wts, float* mid, int P, int A, int E, int F,      \
+                                    int D, float clamp) {                                          \
+        __shared__ u8 s_tab[Fmt::TABLES ? IQ2_TABLE_BYTES : 1];                                    \
+        if (Fmt::TABLES) stage_tables(s_tab, tables);                                              \
+        gate_up<Fmt>(Wg, Wu, s_tab, xq, xd, xb, sel, wts, mid, P, A, E, F, D, clamp);              \
+    }
+
+GATE_UP_KERNEL(moe_gate_up_iq2_xxs, FmtIQ2_XXS)
+GATE_UP_KERNEL(moe_gate_up_q2_k, FmtQ2_K)
+GATE_UP_KERNEL(moe_gate_up_q4_k, FmtQ4_K)
+
+// ---------------------------------------------------------------------------------- down
+
+// grid (N, ceil(D / warps)), block warps·32. Warp w of CTA (n, oy) computes output o = oy·warps + w:
+//   y[n, o] = Σ_{a = 0..A−1, in order, float32} f32(Wd[sel[n·A + a], o]·mid[n·A + a])
+// with mid as Q8_K: mq [P, F], md [P, F/256], mb [P, F/16] (the router weight is inside mid).
+// Weights: [E, D, F] raw blocks, row e·D + o of F/256 blocks. A bad expert id gives NaN.
+template <class Fmt>
+__device__ __forceinline__ void down(const u8* Wd, const u8* tab, const i8* mq, const float* md,
+                                     const int* mb, const int* sel, float* y, int N, int A, int E,
+                                     int F, int D) {
+    const int n = blockIdx.x;
+    const int o = blockIdx.y * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (n >= N || o >= D) return;                           // uniform over the warp
+    const int nb = F / QK_K;
+    const i64 rb = (i64)nb * Fmt::BYTES;
+    float tot = 0.0f;
+    for (int a = 0; a < A; ++a) {
+        const int p = n * A + a;
+        const int e = sel[p];
+        if (e < 0 || e >= E) {
+            tot = nan_f32();
+            continue;
+        }
+        const u8* w = Wd + ((i64)e * D + o) * rb;
+        const i8* xr = mq + (i64)p * F + 8 * lane;
+        const float* dr = md + (i64)p * nb;
+        const int* br = mb + (i64)p * (F / 16);
+        double acc = 0.0;
+        for (int b = 0; b < nb; ++b) {
+            const Part pw = Fmt::part(w + b * Fmt::BYTES, xr + b * QK_K, br + b * 16, lane, tab);
+            const int s = warp_sum(pw.s), m = warp_sum(pw.m);
+            acc = __dadd_rn(acc, block_term(s, m, pw.d, pw.dmin, dr[b]));
+        }
+        const float ya = (float)acc;
+        tot = a == 0 ? ya : __fadd_rn(tot, ya);
+    }
+    if (lane == 0) y[(i64)n * D + o] = tot;
+}
+
+#define DOWN_KERNEL(name, Fmt)                                                                     \
+    extern "C" __global__ void name(const u8* Wd, const u8* tables, const i8* mq, const float* md, \
+                                    const int* mb, const int* sel, float* y, int N, int A, int E,  \
+                                    int F, int D) {                                                \
+        __shared__ u8 s_tab[Fmt::TABLES ? IQ2_TABLE_BYTES : 1];                                    \
+        if (Fmt::TABLES) stage_tables(s_tab, tables);                                              \
+        down<Fmt>(Wd, s_tab, mq, md, mb, sel, y, N, A, E, F, D);                                   \
+    }
+
+DOWN_KERNEL(moe_down_iq2_xxs, FmtIQ2_XXS)
+DOWN_KERNEL(moe_down_q2_k, FmtQ2_K)
+DOWN_KERNEL(moe_down_q4_k, FmtQ4_K)

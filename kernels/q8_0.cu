@@ -1,0 +1,121 @@
+// Q8_0 weights: activation quantization, dp4a matmul (decode and token tiles), the F16/F32
+// dequant-cache expansion, and a matmul over F16 weights with float activations.
+// A Q8_0 block is 34 bytes: f16 scale d, then 32 int8 values; w = d * q.
+#include "common.cuh"
+
+#define Q8_BLOCK_BYTES 34
+#define TOKEN_TILE 8
+
+// x [rows, n] float -> q [rows, n] int8, d [rows, n/32]: d = amax/127, q = rint(x * (1/d)).
+// grid (n/32, rows), block 32.
+extern "C" __global__ void quantize_q8_0(const float* __restrict__ x, signed char* __restrict__ q,
+                                         float* __restrict__ d, int n) {
+    const long row = blockIdx.y, b = blockIdx.x;
+    const float v = x[row * n + b * 32 + threadIdx.x];
+    const float amax = warp_max(fabsf(v));
+    const float dd = amax / 127.0f;
+    const float id = dd != 0.0f ? 1.0f / dd : 0.0f;
+    float r = rintf(v * id);
+    r = fminf(fmaxf(r, -128.0f), 127.0f);
+    q[row * n + b * 32 + threadIdx.x] = (signed char)(int)r;
+    if (threadIdx.x == 0) d[row * (n / 32) + b] = dd;
+}
+
+// y[t, o] = sum_b f16(d_w[o,b]) * d_x[t,b'] * dot(q_w[o,b], q_x[t,b']) with __dp4a.
+// Block terms are formed and summed in double, as the NumPy reference does (d_w * dot is exact,
+// one rounding for * d_x), then rounded once to float: the result matches the reference except
+// when it lies within a double ulp of a float rounding boundary.
+// Grouped projections: row o reads the activation slice of group o / rows_per_group, i.e. the
+// K values at offset g*K inside a token's x_stride values (plain projections: one group).
+// grid (ceil(O/8), ceil(T/TOKEN_TILE)), block 256: one warp per row, a tile of tokens per block.
+extern "C" __global__ void matmul_q8_0(const unsigned char* __restrict__ W, const signed char* __restrict__ xq,
+                                       const float* __restrict__ xd, float* __restrict__ y,
+                                       int O, int K, int T, int rows_per_group, int x_stride) {
+    const int warp = threadIdx.x / DS4_WARP, lane = threadIdx.x % DS4_WARP;
+    const int o = blockIdx.x * 8 + warp;
+    const int t0 = blockIdx.y * TOKEN_TILE;
+    if (o >= O) return;
+    const int nb = K / 32, g = o / rows_per_group;
+    const int nt = min(TOKEN_TILE, T - t0);
+    const unsigned char* row = W + (long)o * nb * Q8_BLOCK_BYTES;
+    double acc[TOKEN_TILE];
+#pragma unroll
+    for (int i = 0; i < TOKEN_TILE; i++) acc[i] = 0.0;
+    for (int b = lane; b < nb; b += DS4_WARP) {
+        const unsigned char* blk = row + b * Q8_BLOCK_BYTES;
+        const double dw = (double)__half2float(*(const __half*)blk);
+        const unsigned short* qs = (const unsigned short*)(blk + 2);     // 2-byte aligned
+        int wq[8];
+#pragma unroll
+        for (int i = 0; i < 8; i++) wq[i] = (int)((unsigned int)qs[2 * i] | ((unsigned int)qs[2 * i + 1] << 16));
+#pragma unroll
+        for (int i = 0; i < TOKEN_TILE; i++) {
+            if (i < nt) {
+                const long xo = (long)(t0 + i) * x_stride + (long)g * K + b * 32;
+                const int* xv = (const int*)(xq + xo);
+                int s = 0;
+#pragma unroll
+                for (int j = 0; j < 8; j++) s = __dp4a(wq[j], xv[j], s);
+                acc[i] = __dadd_rn(acc[i], __dmul_rn(__dmul_rn(dw, (double)s), (double)xd[xo / 32]));
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < TOKEN_TILE; i++) {
+        const double v = warp_sum_d(acc[i]);
+        if (lane == 0 && i < nt) y[(long)(t0 + i) * O + o] = (float)v;
+    }
+}
+
+// The Q8_0 -> F16 cache: each f16(d) * f16(q) product rounded to half, as ds4's cache kernel.
+// One thread per element.
+extern "C" __global__ void dequant_q8_0_f16(const unsigned char* __restrict__ W, __half* __restrict__ out, long n) {
+    const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const unsigned char* blk = W + (i / 32) * Q8_BLOCK_BYTES;
+    const __half d = *(const __half*)blk;
+    const signed char q = (signed char)blk[2 + i % 32];
+    out[i] = __hmul(d, __int2half_rn((int)q));
+}
+
+extern "C" __global__ void dequant_q8_0_f32(const unsigned char* __restrict__ W, float* __restrict__ out, long n) {
+    const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const unsigned char* blk = W + (i / 32) * Q8_BLOCK_BYTES;
+    out[i] = __half2float(*(const __half*)blk) * (float)(signed char)blk[2 + i % 32];
+}
+
+// y[t, o] = sum_k f32(W[o, k]) * x[t, g*K + k] for F16 weights and float activations (the F16
+// cache, and the F16 model tensors: HC, router, compressor, indexer). Products are exact in
+// double and summed in double, then rounded once, as the reference's float64 matmul.
+// Same geometry and grouping as matmul_q8_0. K must be even.
+extern "C" __global__ void matmul_f16w(const __half* __restrict__ W, const float* __restrict__ x,
+                                       float* __restrict__ y, int O, int K, int T, int rows_per_group,
+                                       int x_stride) {
+    const int warp = threadIdx.x / DS4_WARP, lane = threadIdx.x % DS4_WARP;
+    const int o = blockIdx.x * 8 + warp;
+    const int t0 = blockIdx.y * TOKEN_TILE;
+    if (o >= O) return;
+    const int g = o / rows_per_group;
+    const int nt = min(TOKEN_TILE, T - t0);
+    const __half2* row = (const __half2*)(W + (long)o * K);
+    double acc[TOKEN_TILE];
+#pragma unroll
+    for (int i = 0; i < TOKEN_TILE; i++) acc[i] = 0.0;
+    for (int k = lane; k < K / 2; k += DS4_WARP) {
+        const float2 w = __half22float2(row[k]);
+#pragma unroll
+        for (int i = 0; i < TOKEN_TILE; i++) {
+            if (i < nt) {
+                const float2 xv = *(const float2*)(x + (long)(t0 + i) * x_stride + (long)g * K + 2 * k);
+                acc[i] = __dadd_rn(acc[i], __dmul_rn((double)w.x, (double)xv.x));
+                acc[i] = __dadd_rn(acc[i], __dmul_rn((double)w.y, (double)xv.y));
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < TOKEN_TILE; i++) {
+        const double v = warp_sum_d(acc[i]);
+        if (lane == 0 && i < nt) y[(long)(t0 + i) * O + o] = (float)v;
+    }
+}

@@ -1,0 +1,151 @@
+"""Run directories, printers, compare, and the record's provenance and GPU fields (no GPU needed)."""
+import json
+import sys
+import types
+
+import pandas as pd
+import pytest
+
+from ds4bench import record as R
+from ds4bench import results as S
+from ds4bench.generate import Timing
+
+
+def rec(cell_id, cache="f32", batch=1, verdict="identical", steps=(10.0, 11.0, 12.0), tps=100.0, sha="aa", **kw):
+    r = R.CellRecord(run_id="r", cell_id=cell_id, key=f"cache={cache} batch={batch}", preset="tiny", cache=cache,
+                     batch=batch, verdict=verdict, decode_tps=tps, prefill_tps=50.0, step_ms=list(steps),
+                     prompts=[{"prompt_id": "p", "sha256": sha, "first_divergence": None, "max_dlogprob": 0.0}]).to_dict()
+    r.update(kw)
+    return r
+
+
+def make_run(tmp_path, cells=("a", "b")):
+    meta = {"spec": {"source": "test"}, "backend": "numpy", "backend_reason": "test", "notes": ["n1"],
+            "thresholds": {"tol": 0.4}, "label": "tiny", "cells": [{"cell_id": c} for c in cells]}
+    return S.RunDir.create(str(tmp_path), meta)
+
+
+def test_append_survives_a_torn_line_and_keeps_the_last_record(tmp_path):
+    run = make_run(tmp_path)
+    run.append(rec("a", verdict="drift"))
+    with open(run.path / "cells.jsonl", "ab") as fh:         # a runner killed mid-write
+        fh.write(b'{"cell_id": "b", "verd')
+    assert [r["cell_id"] for r in run.records()] == ["a"]
+    run.append(rec("b"))
+    run.append(rec("a", verdict="close"))
+    got = run.records()
+    assert [(r["cell_id"], r["verdict"]) for r in got] == [("a", "close"), ("b", "identical")]
+
+
+def test_finalize_writes_table_summary_and_meta(tmp_path):
+    run = make_run(tmp_path)
+    run.append(rec("a"))
+    run.append(rec("b", cache="q8", verdict="broken", verdict_reason="p: diverges"))
+    recs = run.finalize("complete")
+    df = pd.read_parquet(run.path / "cells.parquet")
+    assert list(df.columns) == list(R.FIELDS) and len(df) == 2
+    assert json.loads(df.loc[0, "step_ms"]) == [10.0, 11.0, 12.0]
+    assert pd.read_csv(run.path / "cells.csv")["cache"].tolist() == ["f32", "q8"]
+    meta = run.meta()
+    assert meta["status"] == "complete" and meta["verdicts"]["broken"] == 1
+    summary = (run.path / "summary.md").read_text()
+    assert "| cache | verdict |" in summary and "BROKEN" in summary and "p: diverges" in summary
+    assert S.gate(recs) == 1 and S.gate(recs[:1]) == 0
+    assert not list(run.path.glob(".*tmp*"))                   # atomic writes leave no temporaries
+
+
+def test_markdown_shows_only_varying_parameters():
+    md = S.markdown_table([rec("a", batch=1), rec("b", batch=4)])
+    head = md.splitlines()[2]
+    assert "batch" in head and "| cache" not in head and "preset tiny" in md.splitlines()[0]
+    assert S.render([rec("a")], "json").startswith("[")
+    assert "cell_id" in S.render([rec("a")], "csv").splitlines()[0]
+    with pytest.raises(ValueError, match="unknown format"):
+        S.render([], "xml")
+
+
+def test_compare_lists_correctness_changes_first_and_tests_speed():
+    a = [rec("a", steps=[10.0 + i % 3 for i in range(30)], tps=100.0), rec("b", cache="q8", sha="bb")]
+    b = [rec("a", steps=[5.0 + i % 3 for i in range(30)], tps=200.0),
+         rec("b", cache="q8", sha="cc", verdict="broken"), rec("c", cache="f16")]
+    res = S.compare(a, b)
+    assert res["status"] == 1 and res["only_b"] == ["cache=f16 batch=1"]
+    (ch,) = res["correctness"]
+    assert ch["verdict_b"] == "broken" and ch["worse"] and ch["tokens_changed"] == ["p"]
+    fast = next(s for s in res["speed"] if s["cell"] == "cache=f32 batch=1")
+    assert fast["speedup"] == 2.0 and fast["change"] == "faster" and fast["p_value"] < 1e-6
+    md = S.render_compare(res, "md")
+    assert md.index("Correctness changes") < md.index("Speed") and "**broken**" in md
+    same = S.compare(a, a)
+    assert same["status"] == 0 and not same["correctness"]
+    assert all(s["change"] == "same" for s in same["speed"] if s["p_value"] is not None)
+
+
+def test_timing_reliability_flag():
+    t = [Timing(1.0, 10, [0.1], [0.1] * 9, [1] * 9), Timing(1.0, 10, [0.1], [0.1] * 9, [1] * 9)]
+    f = R.timing_fields(t, [])
+    assert f["decode_tps"] == pytest.approx(10.0) and f["timing_reliable"] is True
+    t[1] = Timing(1.0, 10, [0.1], [0.2] * 9, [1] * 9)
+    f = R.timing_fields(t, [])
+    assert f["timing_reliable"] is False and "spread" in f["timing_note"]
+    assert R.timing_fields(t[:1], [])["timing_reliable"] is None
+    assert R.timing_fields(t[:1], ["hw thermal"])["timing_reliable"] is False
+
+
+def test_software_provenance_is_filled():
+    sw, na = R.software()
+    assert sw["python"] and sw["numpy"] and sw["packages"]["numpy"] == sw["numpy"]
+    assert (sw.get("git_commit") is not None) or "git_commit" in na
+
+
+def test_gpu_fields_are_none_with_a_reason_without_nvml(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", None)           # nvidia-ml-py not importable
+    probe = R.GpuProbe()
+    assert probe.handle is None and "not installed" in probe.reason
+    fields, na = R.gpu_fields(probe, None, None, "")
+    assert fields["gpu_name"] is None and "not installed" in na["gpu_name"]
+
+
+class FakeNVML(types.SimpleNamespace):
+    """The parts of pynvml the probe uses, for an H100-like card that throttles on power."""
+    NVML_CLOCK_SM, NVML_CLOCK_MEM, NVML_TEMPERATURE_GPU = 0, 2, 0
+    nvmlClocksEventReasonSwPowerCap, nvmlClocksEventReasonHwSlowdown = 0x4, 0x8
+    nvmlClocksEventReasonSwThermalSlowdown, nvmlClocksEventReasonHwThermalSlowdown = 0x20, 0x40
+    nvmlClocksEventReasonHwPowerBrakeSlowdown = 0x80
+    NVMLError = RuntimeError
+
+    def __init__(self):
+        super().__init__(nvmlInit=lambda: None, nvmlShutdown=lambda: None,
+                         nvmlDeviceGetHandleByIndex=lambda i: "h", nvmlDeviceGetHandleByPciBusId=lambda b: "h",
+                         nvmlDeviceGetName=lambda h: b"NVIDIA H100 80GB HBM3", nvmlSystemGetDriverVersion=lambda: "580.1",
+                         nvmlSystemGetCudaDriverVersion_v2=lambda: 13000,
+                         nvmlDeviceGetMaxClockInfo=lambda h, c: 2619, nvmlDeviceGetMemoryBusWidth=lambda h: 5120,
+                         nvmlDeviceGetClockInfo=lambda h, c: 1980, nvmlDeviceGetTemperature=lambda h, s: 41,
+                         nvmlDeviceGetPowerUsage=lambda h: 350000,
+                         nvmlDeviceGetCurrentClocksEventReasons=lambda h: 0x4 | 0x1)
+
+
+def test_gpu_fields_from_nvml_and_roofline(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNVML())
+    probe = R.GpuProbe(interval_s=0.01)
+    start = probe.sample()
+    probe.start()
+    probe.stop()
+    fields, na = R.gpu_fields(probe, start, probe.sample(), "")
+    assert fields["gpu_name"] == "NVIDIA H100 80GB HBM3" and fields["cuda_driver"] == "13.0"
+    assert fields["gpu_mem_bw_gbs"] == pytest.approx(3352.3, rel=1e-3)           # 2619 MHz x 5120 bit x 2
+    assert fields["gpu_power_w_start"] == 350.0 and fields["gpu_throttle"] == ["power cap"] and not na
+    from ds4bench import config as C
+    roof, rna = R.roofline_fields(C.preset("tiny"), 4, 100, 0.01, fields["gpu_mem_bw_gbs"], "")
+    assert roof["bytes_per_token"] == roof["bytes_per_step"] / 4
+    assert roof["roofline_pct"] == pytest.approx(100 * roof["bytes_per_step"] / 0.01 / 1e9 / 3352.3, rel=1e-3)
+    cpu, cna = R.roofline_fields(C.preset("tiny"), 1, 100, 0.01, None, "numpy backend: no GPU")
+    assert cpu["roofline_pct"] is None and cna["roofline_pct"] == "numpy backend: no GPU"
+
+
+def test_nvml_without_a_driver_gives_a_reason():
+    pytest.importorskip("pynvml")
+    probe = R.GpuProbe()
+    if probe.handle is not None:
+        pytest.skip("this machine has a working NVML")
+    assert probe.reason.startswith("NVML unavailable")
