@@ -266,8 +266,8 @@ def quantize_act_q8_k(x) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 # Products sc·q_w·q_x are integers, and float32 adds integers exactly while every partial sum stays
 # within 2²⁴, in whatever order BLAS adds them; with |q_x| ≤ 128 a group of g weights is exact when
 # its Σ|sc·q_w| ≤ 2¹⁷. `_prepared` takes the longest group (a block, or a half, quarter, ...) that
-# passes for every row. The worst cases pass at: Q8_0 32·128 (a block), Q2_K 256·15·3 (a block),
-# Q4_K 128·63·15, IQ2_XXS 16·31·203 for 128 (no 8 grid values have |sum| above 203).
+# passes for every row. Worst cases still pass with g = 32 for Q8_0 (32·128, a block), 256 for
+# Q2_K (256·15·3), 128 for Q4_K (128·63·15) and 128 for IQ2_XXS (16 grid rows of |sum| ≤ 203, ·31).
 _EXACT_F32_SUM = 1 << 17
 _CHUNK_ELEMS = 1 << 17       # per-chunk [groups, T, O] intermediate, float32 and float64
 
@@ -284,9 +284,10 @@ class _Prepared:
 
 
 def _prepared(W: IntWeights) -> _Prepared:
-    """W's int_matmul layout, built on first use and memoized per view of the tensor. The key is
-    where (address, dtype, shape, strides) each of q, sc, d, m, dmin lives, so a view made again
-    (ops_ref takes W[e] per call) finds its entry and a replaced array never meets a stale one."""
+    """W's int_matmul layout (4 bytes per weight), built on first use and memoized per view. The
+    key is where (address, dtype, shape, strides) each of q, sc, d, m, dmin lives, so a view made
+    again (ops_ref makes expert and row views on every call) finds its entry, and a view with any
+    array replaced gets a new one."""
     source = (W.q, W.sc, W.d, W.m, W.dmin)
     key = tuple(a if a is None else (a.ctypes.data, a.dtype, a.shape, a.strides) for a in source)
     p = W._memo.get(key)
