@@ -13,7 +13,6 @@ every cell is identical, close or drift; 1 when any is broken or failed; 2 for a
 """
 from __future__ import annotations
 
-import argparse
 import json
 import signal
 import sys
@@ -146,8 +145,9 @@ def cmd_matrix(a) -> int:
     from .cli import UserError
     from .results import RunDir, gate, render
     if a.resume:
-        given = [_flag(o) for o in AXIS_OPTS + tuple(o for o, _ in SCALAR_OPTS) + ("spec", "baseline", "backend")
-                 if getattr(a, o, None) not in (None, [])] + (["--exclude"] if a.exclude else [])
+        given = [_flag(o) for o in AXIS_OPTS + tuple(o for o, _ in SCALAR_OPTS)
+                 + ("spec", "baseline", "backend", "tol", "tie", "id", "exclude", "stages")
+                 if getattr(a, o, None) not in (None, [], False)]
         if given:
             raise UserError(f"--resume reruns the run's own spec; drop {', '.join(given)}")
         run = RunDir.open(a.resume, a.out)
@@ -156,6 +156,7 @@ def cmd_matrix(a) -> int:
         th = V.Thresholds(**meta["thresholds"])
         if meta["backend"] == "cupy":
             M.resolve_backend("cupy")
+        M.prepare_models(cells, say=lambda s: print(s, file=sys.stderr))
         print(f"resuming {run.path}: {len(run.records())} of {len(cells)} cells recorded", file=sys.stderr)
     else:
         spec, backend, why = build_spec(a)
@@ -181,7 +182,7 @@ def cmd_matrix(a) -> int:
         progress.close()
         recs = run.finalize(status)
         if status != "complete":
-            print(f"interrupted: {len(recs)} of {len(cells)} cells are saved in {run.path}; "
+            print(f"stopped: {len(recs)} of {len(cells)} cells are saved in {run.path}; "
                   f"finish with `ds4bench matrix --resume {run.run_id}`", file=sys.stderr)
     sys.stdout.write(render(recs, a.format))
     print(f"run {run.path} (summary.md, cells.jsonl, cells.parquet)", file=sys.stderr)

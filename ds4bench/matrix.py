@@ -113,7 +113,8 @@ def load_spec(name: str) -> MatrixSpec:
         doc = tomllib.loads(p.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{p}: not valid TOML: {e}") from None
-    return spec_from_mapping(doc, str(p))
+    where = p.resolve()
+    return spec_from_mapping(doc, str(where.relative_to(R.REPO)) if where.is_relative_to(R.REPO) else str(p))
 
 
 def spec_from_mapping(doc: dict, source: str) -> MatrixSpec:
@@ -191,6 +192,9 @@ def validate(s: MatrixSpec) -> None:
     for m in s.models:
         if not Path(m).is_file():
             raise ValueError(f"{where}: model file {m} does not exist")
+        if len(s.presets) == 1:                 # the file must be that preset: check once, here
+            from .gguf_io import load_gguf
+            load_gguf(m, C.preset(s.presets[0], s.variant))
     if s.variant not in (None, "q2", "q4"):
         raise ValueError(f"{where}: variant must be q2 or q4, found {s.variant!r}")
     for name, v, lo in (("n", s.n_gen, 1), ("reps", s.reps, 1), ("warmup", s.warmup, 0), ("chunk", s.chunk, 1)):
@@ -305,18 +309,20 @@ def _kv(d: dict) -> str:
 
 
 def prepare_models(cells: list[Cell], cache_dir: str | None = None, say=print) -> None:
-    """Presets too large to generate in every cell are written to a GGUF once, then mapped."""
+    """Presets too large to generate in every cell are written to a GGUF once, then mapped
+    (again on a resume that finds the file gone, e.g. on a fresh GPU machine)."""
     from .gguf_io import tensor_specs
     from .synth import write_model
     root = Path(cache_dir or os.environ.get("DS4BENCH_MODEL_CACHE") or Path.home() / ".cache" / "ds4bench" / "models")
     for c in cells:
         p = c.params
-        if p["model_file"] or not p["preset"]:
+        if not p["preset"]:
             continue
         cfg = C.preset(p["preset"], p["variant"])
-        if sum(s.nbytes for s in tensor_specs(cfg)) <= SYNTH_IN_MEMORY_MAX:
-            continue
         path = root / f"{cfg.name}-{cfg.variant}-seed{p['seed']}.gguf"
+        if (p["model_file"] and p["model_file"] != str(path)) or \
+                sum(s.nbytes for s in tensor_specs(cfg)) <= SYNTH_IN_MEMORY_MAX:
+            continue
         if not path.is_file():
             root.mkdir(parents=True, exist_ok=True)
             say(f"writing synthetic {cfg.name} ({cfg.variant}) once to {path}")
@@ -376,6 +382,8 @@ def run_cell_process(cell: Cell, out: Path, fingerprints: Path, log: Path) -> tu
                     pass
                 proc.wait()
     wall = time.perf_counter() - t0
+    if rc == 0 and out.is_file() and log.stat().st_size == 0:
+        log.unlink()                            # keep logs only where a cell said something
     if timed_out:
         return None, f"timed out after {cell.params['timeout_s']:g} s (raise --timeout)", wall
     if rc == 0 and out.is_file():
@@ -554,16 +562,13 @@ def _pci_bus_id() -> str | None:
 
 
 def _device_memory(eng) -> dict:
-    """GPU ops may report {'device_peak_bytes', 'managed_bytes'} through memory_stats(); otherwise
-    the bytes CuPy's pool holds at the end (it keeps freed blocks, so this is its high-water mark)."""
-    stats = getattr(eng.ops, "memory_stats", None)
-    out = dict(stats()) if stats else {}
-    if out.get("device_peak_bytes") is None:
-        try:
-            import cupy
-            out["device_peak_bytes"] = int(cupy.get_default_memory_pool().total_bytes())
-        except Exception as e:
-            out["why"] = f"device memory unknown: {e}"
-    if out.get("managed_bytes") is None:
-        out.setdefault("why", "the GPU ops do not report managed allocations (memory_stats)")
-    return out
+    """Device bytes from the GPU ops' memory() report: CuPy's pool total (the pool keeps freed
+    blocks, so it is the pool's high-water mark: device-placed weights, caches, run state) and
+    the weights placed in managed memory (outside the pool)."""
+    report = getattr(eng.ops, "memory", None)
+    if report is None:
+        return {"why": "the GPU ops have no memory() report"}
+    m = dict(report())
+    managed = m.get("weights_bytes", 0) if str(m.get("placement", "")).startswith("managed") else 0
+    return {"device_peak_bytes": m.get("pool_total_bytes"), "managed_bytes": managed,
+            "why": "the GPU ops' memory() report lacks it"}

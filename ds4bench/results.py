@@ -83,7 +83,8 @@ class RunDir:
 
     def cell_paths(self, cell_id: str) -> tuple[Path, Path, Path]:
         """(the cell process's record file, its fingerprints, its log)."""
-        (self.path / "tmp").mkdir(exist_ok=True)
+        for sub in ("tmp", "logs", "fingerprints"):
+            (self.path / sub).mkdir(exist_ok=True)
         return (self.path / "tmp" / f"{cell_id}.json", self.path / "fingerprints" / f"{cell_id}.npz",
                 self.path / "logs" / f"{cell_id}.log")
 
@@ -130,10 +131,11 @@ class RunDir:
             os.replace(tmp, self.path / "cells.parquet")
             write_atomic(self.path / "cells.csv", df.to_csv(index=False))
         write_atomic(self.path / "summary.md", summary_md(meta, recs))
-        try:
-            (self.path / "tmp").rmdir()                 # only when empty: no cell is in flight
-        except OSError:
-            pass
+        for sub in ("tmp", "logs"):                     # only when empty: no cell in flight, nothing said
+            try:
+                (self.path / sub).rmdir()
+            except OSError:
+                pass
         return recs
 
 
@@ -153,7 +155,9 @@ def _fmt(x, nd=1) -> str:
     if x is None:
         return "–"
     if isinstance(x, float):
-        return "inf" if math.isinf(x) else f"{x:.{nd}f}"
+        if math.isinf(x) or math.isnan(x):
+            return str(x)
+        return f"{x:.{nd}f}" if abs(x) >= 1 or x == 0 else f"{x:.2g}"
     return str(x)
 
 

@@ -29,11 +29,14 @@ except Exception:
 from ds4bench import kernels  # noqa: E402
 from ds4bench.generate import Engine, generate  # noqa: E402
 
-TIE = 0.1
-# Largest |Δ top-1 logprob| before any divergence, per mode. Seen on an H100 (tiny, golden prompts,
-# 8 tokens): q8 0.066 (the Q8_0 activation rounding turns float32-vs-float64 differences into
-# whole quantization steps), f16 and f32 below 0.05.
-LOGPROB_TOL = {"q8": 0.15, "f16": 0.05, "f32": 0.05}
+# Evidence (H100, tiny, the three smoke prompts, 8 tokens, three runs): f16 and f32 stay under
+# 0.05 in |Δ top-1 logprob| with the same tokens; q8 reached 0.066, 0.209 and 0.153, and once
+# diverged at a step where the reference's top-2 margin was 0.17. In q8 every projection
+# re-quantizes its input to Q8_0, so a float32-level difference upstream (a reduction order in
+# a norm) moves whole quantization steps, and FP8 KV rounding carries them on. A broken kernel
+# is orders of magnitude away: divergence at the first steps with margins of nats.
+TIE = 0.25
+LOGPROB_TOL = {"q8": 0.3, "f16": 0.05, "f32": 0.05}
 
 
 def nmse(a, ref):

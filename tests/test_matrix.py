@@ -105,7 +105,9 @@ def test_cli_errors_are_one_line_and_exit_2(capsys, tmp_path):
     assert "not valid TOML" in capsys.readouterr().err
     assert main(["matrix", "--resume", "nope", "--out", str(tmp_path)]) == 2
     assert "no run.json" in capsys.readouterr().err
-    assert main(["matrix", "--backend", "cupy", "--out", str(tmp_path)]) == 2 or M.resolve_backend("auto")[0] == "cupy"
+    if M.resolve_backend("auto")[0] != "cupy":
+        assert main(["matrix", "--backend", "cupy", "--out", str(tmp_path)]) == 2
+        assert "backend cupy is unavailable" in capsys.readouterr().err
 
 
 def test_auto_backend_without_a_gpu_says_why():
@@ -120,8 +122,8 @@ def test_catches_the_broken_mode(tmp_path, prompts):
     """q8 with an off-by-one Q8_0 block scale on the attention projections: every one of its
     cells must be `broken`, every healthy cell must pass, and the exit status must say so."""
     out = tmp_path / "runs"
-    r = ds4bench("matrix", "--cache", "q8,f16,f32,q8-badscale", "--batch", "1,2", "--prompts", prompts,
-                 "-n", "6", "--reps", "1", "--out", str(out), "--format", "json", timeout=300)
+    r = ds4bench("matrix", "--backend", "numpy", "--cache", "q8,f16,f32,q8-badscale", "--batch", "1,2",
+                 "--prompts", prompts, "-n", "6", "--reps", "1", "--out", str(out), "--format", "json", timeout=300)
     assert r.returncode == 1, r.stderr
     _, recs = records(out)
     verdicts = {cid: rec["verdict"] for cid, rec in recs.items()}
@@ -133,7 +135,8 @@ def test_catches_the_broken_mode(tmp_path, prompts):
 
 def test_a_crash_and_a_hang_fail_their_cells_and_the_matrix_goes_on(tmp_path, prompts):
     out = tmp_path / "runs"
-    r = ds4bench("matrix", "--cache", "test-crash,test-hang", "--baseline", "cache=test-crash", "--batch", "1",
+    r = ds4bench("matrix", "--backend", "numpy", "--cache", "test-crash,test-hang", "--baseline", "cache=test-crash",
+                 "--batch", "1",
                  "--prompts", prompts, "-n", "2", "--reps", "1", "--timeout", "3", "--out", str(out), timeout=300)
     assert r.returncode == 1
     run, recs = records(out)
@@ -147,7 +150,8 @@ def test_a_crash_and_a_hang_fail_their_cells_and_the_matrix_goes_on(tmp_path, pr
 def test_kill_mid_matrix_then_resume_loses_nothing(tmp_path, prompts):
     out = tmp_path / "runs"
     e = dict(os.environ, PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "ds4bench", "matrix", "--cache", "q8,f32", "--batch", "1,2", "--prompts", prompts,
+    cmd = [sys.executable, "-m", "ds4bench", "matrix", "--backend", "numpy", "--cache", "q8,f32", "--batch", "1,2",
+           "--prompts", prompts,
            "-n", "3", "--reps", "2", "--stages", "--out", str(out), "--id", "killed"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=e, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     jsonl = out / "killed" / "cells.jsonl"
@@ -188,7 +192,8 @@ def test_ctrl_c_saves_finished_cells_and_resume_finishes(tmp_path, monkeypatch, 
 
     monkeypatch.setattr(M, "run_cell_process", fake)
     out = str(tmp_path / "runs")
-    assert main(["matrix", "--cache", "q8,f32", "--batch", "1,2", "--out", out, "--id", "r"]) == 130
+    argv = ["matrix", "--backend", "numpy", "--cache", "q8,f32", "--batch", "1,2", "--out", out, "--id", "r"]
+    assert main(argv) == 130
     assert "--resume r" in capsys.readouterr().err
     run = RunDir(Path(out) / "r")
     assert run.meta()["status"] == "interrupted" and len(run.records()) == 2
@@ -199,3 +204,34 @@ def test_ctrl_c_saves_finished_cells_and_resume_finishes(tmp_path, monkeypatch, 
     assert main(["matrix", "--resume", "r", "--out", out]) == 1                       # failed cells gate
     assert calls == ["tiny-q8-b2", "tiny-f32-b2"]
     assert run.meta()["status"] == "complete" and len(run.records()) == 4
+
+
+def test_device_memory_comes_from_the_gpu_ops_report():
+    class Ops:
+        def __init__(self, placement):
+            self.placement = placement
+
+        def memory(self):
+            return {"placement": self.placement, "weights_bytes": 100, "pool_total_bytes": 50}
+
+    class Engine:
+        ops = Ops("managed-hinted")
+
+    got = M._device_memory(Engine)
+    assert (got["device_peak_bytes"], got["managed_bytes"]) == (50, 100)
+    Engine.ops = Ops("device")
+    assert M._device_memory(Engine)["managed_bytes"] == 0
+    Engine.ops = object()
+    assert "no memory() report" in M._device_memory(Engine)["why"]
+
+
+def test_large_presets_are_written_once_and_mapped(tmp_path, monkeypatch):
+    monkeypatch.setattr(M, "SYNTH_IN_MEMORY_MAX", 0)               # treat tiny as a large preset
+    cells, _ = M.expand(M.spec_from_mapping({"cache": ["f32", "q8"]}, "test"), "numpy", "test")
+    said = []
+    M.prepare_models(cells, str(tmp_path), say=said.append)
+    path = tmp_path / "tiny-q2-seed0.gguf"
+    assert path.is_file() and len(said) == 1
+    assert all(c.params["model_file"] == str(path) and c.params["preset"] == "tiny" for c in cells)
+    M.prepare_models(cells, str(tmp_path), say=said.append)        # a resume: present, not rewritten
+    assert len(said) == 1
