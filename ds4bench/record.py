@@ -183,8 +183,14 @@ def software() -> tuple[dict, dict]:
         out["git_commit"] = commit
         out["git_dirty"] = bool(_git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.CalledProcessError) as e:
-        reason = (getattr(e, "stderr", "") or str(e)).strip().splitlines()
-        na["git_commit"] = na["git_dirty"] = f"git: {reason[0] if reason else 'unavailable'} (in {REPO})"
+        given = os.environ.get("DS4BENCH_COMMIT")      # a checkout copied without .git (the GPU box)
+        if given:
+            out["git_commit"] = given
+            na["git_dirty"] = "no git repository here; commit taken from DS4BENCH_COMMIT"
+        else:
+            reason = (getattr(e, "stderr", "") or str(e)).strip().splitlines()
+            na["git_commit"] = na["git_dirty"] = (f"git: {reason[0] if reason else 'unavailable'} (in {REPO}); "
+                                                  f"set DS4BENCH_COMMIT")
     return out, na
 
 
