@@ -104,6 +104,11 @@ def resolve_backend(name: str) -> str:
         return "numpy"
     if name not in ("numpy", "cupy"):
         raise UserError(f"unknown backend {name!r}; choose numpy, cupy or auto")
+    if name == "cupy":
+        from .backend import gpu_available
+        if not gpu_available():
+            raise UserError("the cupy backend needs CuPy and a visible CUDA GPU "
+                            "(pip install -e '.[gpu]'; check nvidia-smi)")
     return name
 
 
@@ -137,6 +142,7 @@ def cmd_generate(a) -> int:
 
 
 def cmd_bench_kernels(a) -> int:
+    resolve_backend("cupy")
     from .kbench import bench
     return bench(a.variant, a.model, a.json)
 

@@ -251,3 +251,13 @@ def test_generate_cli(capsys):
 def test_generate_cli_rejects_unknown_mode(capsys):
     assert cli.main(["generate", "--preset", "tiny", "-n", "2", "--cache", "q4"]) == 2
     assert "unknown cache mode 'q4'" in capsys.readouterr().err
+
+
+def test_gpu_commands_without_a_gpu_say_so(capsys):
+    from ds4bench.backend import gpu_available
+    if gpu_available():
+        pytest.skip("a GPU is visible")
+    for args in (["bench-kernels"], ["generate", "--preset", "tiny", "-n", "2", "--backend", "cupy"]):
+        assert cli.main(args) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "needs CuPy and a visible CUDA GPU" in err
