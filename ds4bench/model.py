@@ -155,7 +155,7 @@ class DS4Model:
         return eb, et, rows
 
     # -- attention sublayer --------------------------------------------------------------------------
-    def attention(self, il, X, tokens, P, ls, slots):
+    def attention(self, il, X, P, ls):
         xp, cfg, ops, prof, ix = self.xp, self.cfg, self.ops, self.prof, self.ix
         B, T = P.shape
         N, H, K, W = B * T, cfg.n_head, cfg.head_dim, cfg.sliding_window
@@ -316,11 +316,11 @@ class DS4Model:
             raise ValueError(f"context overflow: position {int(P.max())} >= ctx {state.ctx}")
         flat = tokens.reshape(-1)
         X = xp.repeat(self.ops.embed(flat)[:, None, :], cfg.hc_streams, axis=1)          # [N, S, D]
+        inplace = len(slots) == state.batch and bool((slots == np.arange(state.batch)).all())
         for il in range(cfg.n_layer):
-            ls = _SlotView(state.layers[il], self.ix(slots), bool((slots == np.arange(state.batch)).all())
-                           and len(slots) == state.batch)
+            ls = _SlotView(state.layers[il], self.ix(slots), inplace)
             with self.prof.range(f"layer.{il}"):
-                X = self.attention(il, X, flat, P, ls, slots)
+                X = self.attention(il, X, P, ls)
                 X = self.ffn(il, X, flat)
             ls.write_back()
             if observe is not None:
