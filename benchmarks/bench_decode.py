@@ -1,0 +1,254 @@
+"""asv suite: prefill and decode speed, and greedy-output correctness, per cell.
+
+A cell is preset x cache mode x placement x batch, as in the matrix runner. Placement `cpu` is
+the NumPy reference backend; device | managed | managed-hinted | host are the CuPy engine's
+weight placements (n/a without a GPU). Correctness is tracked like speed, so a perf toggle
+that changes the answer shows as a step in asv's graphs:
+
+  track_first_divergence    decode steps until the cell's greedy tokens leave the baseline's
+                            (f32, batch 1, same backend; the device placement on a GPU), the
+                            earliest over the prompts; the generated length when they never do
+  track_max_logprob_delta   max |Δlogprob| (nats) over the compared steps of every prompt
+
+The default parameters fit a CPU (tiny preset, placement cpu, batch 1 and 4). On the GPU box
+DS4BENCH_ASV_FULL=1 widens them to tiny and flash-4l, every placement, batch 1 and 16;
+DS4BENCH_ASV_PRESETS / _CACHES / _PLACEMENTS / _BATCHES (comma lists) and DS4BENCH_ASV_N
+(generated tokens) override single axes. Set them before `asv run`: asv discovers the
+parameters and runs the benchmarks in separate processes that read the same variables.
+
+Only the engine API every benchmarked commit shares is used (cli.load_model, generate.Engine,
+generate.generate, synth.write_model, prompts.load_prompts, verdict.compare_prompt); the
+prompts come from this checkout's benchmarks/prompts, since an installed wheel has none.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+
+FULL = os.environ.get("DS4BENCH_ASV_FULL", "") not in ("", "0")
+GPU_PLACEMENTS = ("device", "managed", "managed-hinted", "host")
+PROMPTS = Path(__file__).resolve().parent / "prompts" / "smoke.toml"
+BASELINE_CACHE = "f32"
+
+
+def _axis(name: str, default: str) -> list[str]:
+    return [v.strip() for v in os.environ.get(name, default).split(",") if v.strip()]
+
+
+PRESETS = _axis("DS4BENCH_ASV_PRESETS", "tiny,flash-4l" if FULL else "tiny")
+CACHES = _axis("DS4BENCH_ASV_CACHES", "f32,q8,f16")
+PLACEMENTS = _axis("DS4BENCH_ASV_PLACEMENTS", ",".join(GPU_PLACEMENTS) if FULL else "cpu")
+BATCHES = [int(b) for b in _axis("DS4BENCH_ASV_BATCHES", "1,16" if FULL else "1,4")]
+N_GEN = int(os.environ.get("DS4BENCH_ASV_N", "16"))
+
+
+def _backend(placement: str) -> str:
+    """numpy for placement cpu, cupy for the GPU placements; NotImplementedError (asv: n/a)
+    where this machine cannot run it."""
+    if placement == "cpu":
+        return "numpy"
+    if placement not in GPU_PLACEMENTS:
+        raise NotImplementedError(f"placement {placement!r}: choose cpu or one of {', '.join(GPU_PLACEMENTS)}")
+    if importlib.util.find_spec("cupy") is None or importlib.util.find_spec("ds4bench.ops_gpu") is None:
+        raise NotImplementedError(f"placement {placement} needs CuPy and ds4bench.ops_gpu")
+    import cupy
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            raise NotImplementedError("no CUDA device is visible")
+    except cupy.cuda.runtime.CUDARuntimeError as e:
+        raise NotImplementedError(f"no CUDA device: {e}") from None
+    return "cupy"
+
+
+def _model_dir() -> Path:
+    """Synthetic GGUFs, keyed by the source of the code that writes and reads them, so one
+    commit's file is reused by every commit whose writer and reader are the same."""
+    import ds4bench
+    pkg = Path(ds4bench.__file__).resolve().parent
+    h = hashlib.sha256()
+    for name in ("config.py", "synth.py", "gguf_io.py", "formats.py"):
+        p = pkg / name
+        h.update(p.read_bytes() if p.is_file() else b"")
+    root = Path(os.environ.get("DS4BENCH_MODEL_CACHE") or Path.home() / ".cache" / "ds4bench" / "models")
+    return root / f"asv-{h.hexdigest()[:16]}"
+
+
+def _write_models() -> dict[str, str]:
+    from ds4bench import config as C
+    from ds4bench.synth import write_model
+    out = {}
+    for preset in PRESETS:
+        cfg = C.preset(preset)
+        path = _model_dir() / f"{cfg.name}-{cfg.variant}-seed0.gguf"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            write_model(cfg, str(tmp), 0)
+            os.replace(tmp, path)
+        out[preset] = str(path)
+    return out
+
+
+class _Loaded:
+    """One cell's model, tokenized prompts and engine."""
+
+    def __init__(self, models: dict, preset: str, cache: str, placement: str, batch: int, extra_ctx: int):
+        from ds4bench.cli import load_model
+        from ds4bench.generate import Engine
+        from ds4bench.prompts import load_prompts
+        from ds4bench.tokenizer import Tokenizer
+        backend = _backend(placement)
+        if preset not in models:
+            raise NotImplementedError(f"preset {preset} has no model (setup_cache wrote {sorted(models)})")
+        self.model = load_model(models[preset], preset)
+        tok = Tokenizer.from_gguf_metadata(self.model.metadata)
+        self.prompts = [(p.id, tok.chat(p.text)) for p in load_prompts(str(PROMPTS))]
+        self.ctx = max(len(ids) for _, ids in self.prompts) + extra_ctx
+        opts = {"placement": placement} if backend == "cupy" else {}
+        self.engine = Engine(self.model, cache=cache, backend=backend, batch=batch, ctx=self.ctx, **opts)
+
+    def prime(self) -> None:
+        """Build the mode's lazily expanded weights (and compile kernels) outside the timing."""
+        from ds4bench.generate import generate
+        pid, ids = self.prompts[0]
+        generate(self.engine, [(pid, ids[:8])], 2)
+
+    def generate(self):
+        from ds4bench.generate import generate
+        return generate(self.engine, self.prompts, N_GEN)
+
+
+def _steps(fps) -> dict:
+    """Fingerprints as the arrays verdict.compare_prompt reads, keyed by prompt id."""
+    return {f.prompt_id: {"tokens": list(f.tokens), "topk_ids": [list(s) for s in f.topk_ids],
+                          "topk_lp": [list(s) for s in f.topk_logprobs]} for f in fps}
+
+
+class _Cells:
+    """The parameter grid and the setup every benchmark of it shares."""
+    params = [PRESETS, CACHES, PLACEMENTS, BATCHES]
+    param_names = ["preset", "cache", "placement", "batch"]
+    timeout = 1800.0 if FULL else 300.0
+
+    def setup_cache(self):
+        """Write each preset's synthetic GGUF once and generate the baselines (f32, batch 1, per
+        backend) the correctness tracks compare against. Runs once per commit."""
+        models = _write_models()
+        baselines = {}
+        for preset in PRESETS:
+            for placement in dict.fromkeys("device" if p in GPU_PLACEMENTS else p for p in PLACEMENTS):
+                try:
+                    cell = _Loaded(models, preset, BASELINE_CACHE, placement, 1, N_GEN + 1)
+                except NotImplementedError:
+                    continue
+                cell.prime()
+                baselines[(preset, _backend(placement))] = _steps(cell.generate().fingerprints)
+        return {"models": models, "baselines": baselines}
+
+
+class Prefill(_Cells):
+    """Every slot of the batch prefilled with the first smoke prompt."""
+
+    def setup(self, cached, preset, cache, placement, batch):
+        self.cell = _Loaded(cached["models"], preset, cache, placement, batch, 1)
+        self.cell.prime()
+        self.ids = self.cell.prompts[0][1]
+
+    def time_prefill(self, cached, preset, cache, placement, batch):
+        eng = self.cell.engine
+        eng.state.reset()
+        for b in range(eng.batch):
+            eng.prefill(b, self.ids)
+        eng.sync()
+
+
+class DecodeStep(_Cells):
+    """One decode step: one token for each of the batch's sequences."""
+    number = 1
+    repeat = (3, 40, 10.0)
+    warmup_time = 0.0
+
+    def setup(self, cached, preset, cache, placement, batch):
+        import numpy as np
+        from ds4bench.generate import greedy
+        self.cell = _Loaded(cached["models"], preset, cache, placement, batch, 256)
+        self.cell.prime()
+        eng = self.cell.engine
+        eng.state.reset()
+        ids = self.cell.prompts[0][1]
+        self.last = np.array([greedy(eng.prefill(b, ids)) for b in range(batch)], dtype=np.int64)
+        self.slots = np.arange(batch)
+
+    def time_decode_step(self, cached, preset, cache, placement, batch):
+        eng = self.cell.engine
+        if int(eng.state.pos[0]) >= eng.ctx - 1:
+            raise RuntimeError(f"decode ran past the {eng.ctx}-token context; lower DecodeStep.repeat")
+        eng.decode(self.last, self.slots)
+        eng.sync()
+
+
+class HostMemory(_Cells):
+    """Peak resident memory of a NumPy cell's process through load, prime and one generation."""
+
+    def setup(self, cached, preset, cache, placement, batch):
+        if placement != "cpu":
+            raise NotImplementedError("host peak memory is tracked for the NumPy backend (placement cpu)")
+        self.models = cached["models"]
+
+    def peakmem_generate(self, cached, preset, cache, placement, batch):
+        cell = _Loaded(self.models, preset, cache, placement, batch, N_GEN + 1)
+        cell.prime()
+        cell.generate()
+
+
+class Generation(_Cells):
+    """One greedy generation of the smoke prompts (N_GEN tokens each), compared with the baseline."""
+
+    def setup(self, cached, preset, cache, placement, batch):
+        try:
+            from ds4bench.verdict import compare_prompt
+        except ImportError:
+            raise NotImplementedError("this commit has no verdict.compare_prompt") from None
+        self.cell = _Loaded(cached["models"], preset, cache, placement, batch, N_GEN + 1)
+        base = cached["baselines"].get((preset, self.cell.engine.backend))
+        if base is None:
+            raise NotImplementedError(f"no {BASELINE_CACHE} baseline for {preset} on {self.cell.engine.backend}")
+        self.cell.prime()
+        res = self.cell.generate()
+        self.tps = res.timing.decode_tps
+        got = _steps(res.fingerprints)
+        cmp = [compare_prompt(got[pid], base[pid])[0] for pid in got]
+        self.first_div = min(N_GEN if c["first_divergence"] is None else c["first_divergence"] for c in cmp)
+        self.max_dlp = max(c["max_dlogprob"] for c in cmp)
+
+    def track_decode_tokens_per_s(self, cached, preset, cache, placement, batch):
+        return self.tps
+    track_decode_tokens_per_s.unit = "tokens/s"
+
+    def track_first_divergence(self, cached, preset, cache, placement, batch):
+        return self.first_div
+    track_first_divergence.unit = "tokens"
+
+    def track_max_logprob_delta(self, cached, preset, cache, placement, batch):
+        return self.max_dlp
+    track_max_logprob_delta.unit = "nats"
+
+
+class DeviceMemory(_Cells):
+    """CuPy's pool total after one generation: the device high-water mark (weights placed on the
+    device, caches, run state); n/a on the NumPy backend."""
+
+    def setup(self, cached, preset, cache, placement, batch):
+        self.cell = _Loaded(cached["models"], preset, cache, placement, batch, N_GEN + 1)
+        report = getattr(self.cell.engine.ops, "memory", None)
+        if report is None:
+            raise NotImplementedError(f"backend {self.cell.engine.backend} reports no device memory")
+        self.cell.prime()
+        self.cell.generate()
+        self.bytes = int(report()["pool_total_bytes"])
+
+    def track_device_peak_bytes(self, cached, preset, cache, placement, batch):
+        return self.bytes
+    track_device_peak_bytes.unit = "bytes"

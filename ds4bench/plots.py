@@ -1,0 +1,204 @@
+"""Figures of the benchmark results, written as PNGs (matplotlib, Agg).
+
+    history    decode tokens/s of every asv cell across commits; a commit where a cell's
+               correctness tracks (first divergence, max |Δlogprob|) change is marked on the line
+    scatter    one matrix run: decode tokens/s against max |Δlogprob|, coloured by verdict
+    roofline   one GPU matrix run: % of the bandwidth roofline per cache mode and placement, by batch
+    stages     one matrix run recorded with --stages: per-stage seconds stacked per cell
+
+Each function returns what it drew or raises `Skip` with the reason a figure cannot be drawn
+from these data (a CPU run has no roofline, a run without --stages no stage times); titles
+name the model, the card and the commit. The library never prints: the CLI reports skips.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from . import asvdata  # noqa: E402
+
+DEFAULT_OUT = "results/plots"
+BENCH = "bench_decode.Generation."
+VERDICT_COLOURS = {"identical": "#2b8a3e", "close": "#74b816", "drift": "#f59f00", "broken": "#e03131",
+                   "failed": "#862e9c", None: "#868e96"}
+
+
+class Skip(Exception):
+    """A figure that these data cannot give; the message says why."""
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+# ---- one matrix run --------------------------------------------------------------------------
+def run_title(meta: dict, recs: list[dict], what: str) -> str:
+    r = next((x for x in recs if x.get("status") == "ok"), recs[0])
+    model = r.get("preset") or Path(r.get("model_file") or "?").stem
+    card = r.get("gpu_name") or f"CPU ({r.get('cpu') or '?'})"
+    commit = (r.get("git_commit") or (r.get("env") or {}).get("DS4BENCH_COMMIT") or "")[:8] or "commit n/a"
+    return f"{what}\n{model} · {card} · {commit}{' (dirty)' if r.get('git_dirty') else ''} · run {meta.get('run_id', '')}"
+
+
+def _label(r: dict) -> str:
+    return " ".join(str(x) for x in (r.get("cache"), r.get("placement"), f"b{r.get('batch')}") if x)
+
+
+def _max_dlp(r: dict) -> float | None:
+    v = [p["max_dlogprob"] for p in r.get("prompts", []) if p.get("max_dlogprob") is not None]
+    return max(v) if v else None
+
+
+def scatter(meta: dict, recs: list[dict], path: Path) -> Path:
+    """Decode tokens/s against max |Δlogprob| per cell; broken cells in red, large, labelled in bold."""
+    pts = [r for r in recs if r.get("decode_tps") is not None and _max_dlp(r) is not None]
+    if not pts:
+        raise Skip("no cell has both decode tokens/s and a comparison with the baseline")
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for verdict in dict.fromkeys(r.get("verdict") for r in pts):
+        sub = [r for r in pts if r.get("verdict") == verdict]
+        bad = verdict in ("broken", "failed")
+        ax.scatter([r["decode_tps"] for r in sub], [_max_dlp(r) for r in sub], s=160 if bad else 60,
+                   c=VERDICT_COLOURS.get(verdict, "#868e96"), marker="X" if bad else "o", edgecolors="black",
+                   linewidths=0.6, label=f"{verdict or 'not judged'} ({len(sub)})", zorder=3)
+        for r in sub:
+            ax.annotate(_label(r), (r["decode_tps"], _max_dlp(r)), textcoords="offset points", xytext=(6, 5),
+                        fontsize=8, fontweight="bold" if bad else "normal",
+                        color=VERDICT_COLOURS["broken"] if bad else "black")
+    ax.set_xscale("log")
+    ax.margins(x=0.15, y=0.1)
+    ax.set_xlabel("decode throughput (tokens/s, log scale)")
+    ax.set_ylabel("max |Δlogprob| vs baseline (nats)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(title="verdict", loc="best", fontsize=8)
+    ax.set_title(run_title(meta, recs, "speed vs correctness per cell"), fontsize=10)
+    return _save(fig, path)
+
+
+def _groups(recs: list[dict]) -> tuple[list[str], list[int]]:
+    modes = list(dict.fromkeys(" ".join(x for x in (r.get("cache"), r.get("placement")) if x) for r in recs))
+    return modes, sorted({int(r["batch"]) for r in recs})
+
+
+def roofline(meta: dict, recs: list[dict], path: Path) -> Path:
+    """% of the weight-bandwidth roofline, one bar per cache mode and placement, grouped by batch."""
+    pts = [r for r in recs if r.get("roofline_pct") is not None]
+    if not pts:
+        why = next((r.get("unavailable", {}).get("roofline_pct") for r in recs if r.get("unavailable", {}).get("roofline_pct")),
+                   "no cell has roofline_pct")
+        raise Skip(f"no roofline: {why}")
+    modes, batches = _groups(pts)
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(batches) * max(1, len(modes)) ** 0.5 + 3), 5))
+    w = 0.8 / len(modes)
+    for i, m in enumerate(modes):
+        xs, ys = [], []
+        for j, b in enumerate(batches):
+            r = next((r for r in pts if int(r["batch"]) == b
+                      and " ".join(x for x in (r.get("cache"), r.get("placement")) if x) == m), None)
+            if r is not None:
+                xs.append(j + (i - (len(modes) - 1) / 2) * w)
+                ys.append(r["roofline_pct"])
+        bars = ax.bar(xs, ys, width=w, label=m, edgecolor="black", linewidth=0.4)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
+    ax.set_ylabel("% of peak memory bandwidth (weights read per step)")
+    ax.set_xlabel("batch size (sequences per decode step; % is a lower bound above 1)")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(title="cache placement", fontsize=8)
+    ax.set_title(run_title(meta, recs, "decode bandwidth roofline"), fontsize=10)
+    return _save(fig, path)
+
+
+def stages(meta: dict, recs: list[dict], path: Path) -> Path:
+    """Per-stage host seconds (one --stages pass) stacked per cell."""
+    pts = [r for r in recs if r.get("stage_s")]
+    if not pts:
+        why = next((r.get("unavailable", {}).get("stage_s") for r in recs if r.get("unavailable", {}).get("stage_s")),
+                   "no cell has stage_s")
+        raise Skip(f"no stage times: {why}")
+    totals: dict[str, float] = {}
+    for r in pts:
+        for k, v in r["stage_s"].items():
+            totals[k] = totals.get(k, 0.0) + v
+    names = sorted(totals, key=lambda k: -totals[k])
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(pts) + 3), 5))
+    bottom = [0.0] * len(pts)
+    cmap = plt.get_cmap("tab20")
+    for i, k in enumerate(names):
+        ys = [r["stage_s"].get(k, 0.0) for r in pts]
+        ax.bar(range(len(pts)), ys, bottom=bottom, label=k, color=cmap(i % 20), edgecolor="white", linewidth=0.3)
+        bottom = [b + y for b, y in zip(bottom, ys)]
+    ax.set_xticks(range(len(pts)), [_label(r) for r in pts], rotation=45, ha="right")
+    ax.set_ylabel("host time per stage (s, one generation)")
+    ax.set_xlabel("cell (cache placement batch)")
+    ax.legend(title="stage", fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
+    ax.set_title(run_title(meta, recs, "time per stage"), fontsize=10)
+    return _save(fig, path)
+
+
+RUN_FIGURES = (("scatter", scatter), ("roofline", roofline), ("stages", stages))
+
+
+def plot_run(meta: dict, recs: list[dict], out_dir: str = DEFAULT_OUT) -> tuple[list[Path], list[str]]:
+    """Every run figure into out_dir as <run-id>-<figure>.png; (written paths, skip reasons)."""
+    if not recs:
+        raise ValueError(f"run {meta.get('run_id')}: no cell records (cells.jsonl is empty)")
+    written, skipped = [], []
+    for name, fn in RUN_FIGURES:
+        try:
+            written.append(fn(meta, recs, Path(out_dir) / f"{meta['run_id']}-{name}.png"))
+        except Skip as e:
+            skipped.append(f"{meta['run_id']}-{name}.png skipped: {e}")
+    return written, skipped
+
+
+# ---- asv history -----------------------------------------------------------------------------
+def history(results_dir: str = asvdata.DEFAULT_DIR, path: Path | str = Path(DEFAULT_OUT) / "asv-history.png",
+            machine: str | None = None) -> tuple[Path, list[str]]:
+    """Decode tokens/s of every parameter combination across commits (oldest left); a ring and
+    a note mark each commit where that cell's first divergence or max |Δlogprob| changed.
+    Returns (the PNG, the commits drawn)."""
+    commits = asvdata.load(results_dir, machine)
+    tps = [c.values.get(BENCH + "track_decode_tokens_per_s", {}) for c in commits]
+    div = [c.values.get(BENCH + "track_first_divergence", {}) for c in commits]
+    dlp = [c.values.get(BENCH + "track_max_logprob_delta", {}) for c in commits]
+    drawn = [i for i, t in enumerate(tps) if t]
+    if not drawn:
+        raise ValueError(f"asv results under {results_dir} have no {BENCH}track_decode_tokens_per_s values")
+    names = asvdata.param_names(results_dir, BENCH + "track_decode_tokens_per_s")
+    combos = list(dict.fromkeys(k for i in drawn for k in tps[i]))
+    shown = [a for a in names if a != "preset" or len({c[0] for c in combos}) > 1]
+    fig, ax = plt.subplots(figsize=(max(7, 1.2 * len(drawn) + 4), 5.5))
+    cmap = plt.get_cmap("tab10" if len(combos) <= 10 else "tab20")
+    for n, k in enumerate(combos):
+        xs = [j for j, i in enumerate(drawn) if k in tps[i]]
+        ys = [tps[drawn[j]][k] for j in xs]
+        label = " ".join(str(v) for a, v in zip(names or [""] * len(k), k) if not names or a in shown)
+        ax.plot(xs, ys, marker="o", ms=4, color=cmap(n % cmap.N), label=label)
+        prev = None
+        for j in xs:
+            i = drawn[j]
+            now = (div[i].get(k), None if dlp[i].get(k) is None else round(dlp[i][k], 3))
+            if prev is not None and now != prev:
+                ax.scatter([j], [tps[i][k]], s=170, facecolors="none", edgecolors="#e03131", linewidths=2, zorder=4)
+                ax.annotate(f"div {prev[0]}→{now[0]}\nΔlp {prev[1]}→{now[1]}", (j, tps[i][k]), fontsize=7,
+                            color="#e03131", textcoords="offset points", xytext=(5, 6))
+            prev = now
+    ax.scatter([], [], s=120, facecolors="none", edgecolors="#e03131", linewidths=2,
+               label="correctness changed (first divergence / max |Δlogprob|)")
+    ax.set_xticks(range(len(drawn)), [commits[i].commit[:8] for i in drawn], rotation=30, ha="right")
+    ax.set_xlabel("commit (oldest left)")
+    ax.set_ylabel("decode throughput (tokens/s)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(title=" ".join(shown) if names else "cell", fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
+    presets = sorted({str(k[0]) for k in combos}) if names[:1] == ["preset"] else []
+    ax.set_title(f"decode tokens/s across commits (asv)\n{', '.join(presets) or 'cells'} · machine "
+                 f"{commits[0].machine} · {commits[drawn[0]].commit[:8]}..{commits[drawn[-1]].commit[:8]}", fontsize=10)
+    return _save(fig, Path(path)), [commits[i].commit for i in drawn]
