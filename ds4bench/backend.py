@@ -11,6 +11,7 @@ oversubscribed managed memory can hang the GPU, not only the program.
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 
 import numpy as np
 
@@ -24,13 +25,26 @@ def check_placement(p: str) -> str:
     return p
 
 
-def gpu_available() -> bool:
-    """CuPy imports and sees a CUDA device."""
+def gpu_unavailable_reason() -> str:
+    """Why the GPU backend cannot run in this process, or '' when it can: CuPy imports, a CUDA
+    device is visible and the GPU engine (`ds4bench.ops_gpu`) imports."""
+    if importlib.util.find_spec("cupy") is None:
+        return "CuPy is not installed"
     try:
         import cupy as cp
-        return cp.cuda.runtime.getDeviceCount() > 0
-    except Exception:
-        return False
+        if cp.cuda.runtime.getDeviceCount() < 1:
+            return "no CUDA device is visible"
+    except Exception as e:
+        return f"no CUDA device is visible ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    try:
+        import ds4bench.ops_gpu  # noqa: F401
+    except ImportError as e:
+        return f"the GPU engine does not import ({e})"
+    return ""
+
+
+def gpu_available() -> bool:
+    return not gpu_unavailable_reason()
 
 
 def device_facts() -> dict:

@@ -92,24 +92,17 @@ def engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def resolve_backend(name: str) -> str:
-    """'auto' is cupy when CuPy sees a GPU and the GPU engine imports, else numpy."""
-    if name == "auto":
-        from .backend import gpu_available
-        if gpu_available():
-            try:
-                import ds4bench.ops_gpu  # noqa: F401
-                return "cupy"
-            except ImportError:
-                pass
-        return "numpy"
-    if name not in ("numpy", "cupy"):
+    """'auto' is cupy when the GPU backend can run here, else numpy."""
+    from .backend import gpu_unavailable_reason
+    if name not in ("numpy", "cupy", "auto"):
         raise UserError(f"unknown backend {name!r}; choose numpy, cupy or auto")
-    if name == "cupy":
-        from .backend import gpu_available
-        if not gpu_available():
-            raise UserError("the cupy backend needs CuPy and a visible CUDA GPU "
-                            "(pip install -e '.[gpu]'; check nvidia-smi)")
-    return name
+    if name == "numpy":
+        return name
+    why = gpu_unavailable_reason()
+    if name == "cupy" and why:
+        raise UserError(f"the cupy backend needs CuPy and a visible CUDA GPU: {why} "
+                        f"(pip install -e '.[gpu]'; check nvidia-smi)")
+    return "numpy" if why else "cupy"
 
 
 def cmd_generate(a) -> int:

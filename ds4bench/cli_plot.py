@@ -5,7 +5,7 @@ from pathlib import Path
 
 
 def cmd_plot(a) -> int:
-    from . import asvdata, plots
+    from . import plots
     from .results import RunDir
     if not a.run and not a.asv:
         raise ValueError("nothing to plot: give --run RUN (a matrix run) and/or --asv [DIR] (asv results)")

@@ -134,8 +134,10 @@ def bench(variant: str = "q2", model: str | None = None, json_path: str | None =
     if model:
         res["decode"] = []
         print(f"\n{'cache':6s} {'placement':15s} {'step ms (wall)':>15s} {'step ms (gpu)':>14s}  per layer ms (floor at 3.0 TB/s)")
-        for cache in ("q8", "f16", "f32"):
-            for placement in ("device", "managed", "managed-hinted", "host"):
+        from .backend import PLACEMENTS
+        from .ops_ref import CACHE_MODES
+        for cache in CACHE_MODES:
+            for placement in PLACEMENTS:
                 d = decode_layers(model, cache, placement)
                 res["decode"].append(d)
                 lay = "  ".join(f"{x['ms']:.2f} ({x['floor_ms']:.3f})" for x in d["layers"])

@@ -26,7 +26,6 @@ The matrix process itself never imports CuPy.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import itertools
 import json
 import os
@@ -38,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import config as C
+from .backend import PLACEMENTS
 from . import record as R
 from . import verdict as V
 
@@ -47,7 +47,6 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 MATRICES_DIR = R.REPO / "benchmarks" / "matrices"
-PLACEMENTS = ("device", "managed", "managed-hinted", "host")
 AXES = ("model", "cache", "placement", "batch")
 SPEC_KEYS = {"description", "preset", "model", "variant", "seed", "cache", "placement", "batch", "prompts", "n",
              "reps", "warmup", "timeout", "baseline", "exclude", "backend", "ctx", "chunk", "stages", "env"}
@@ -221,26 +220,19 @@ def validate(s: MatrixSpec) -> None:
 
 # ---- backend ---------------------------------------------------------------------------------
 def resolve_backend(requested: str) -> tuple[str, str]:
-    """(backend, why). auto picks cupy when CuPy imports, a GPU is visible and ds4bench.ops_gpu
-    imports -- checked in a child process, so this process never imports CuPy."""
+    """(backend, why). auto picks cupy when `backend.gpu_unavailable_reason()` finds nothing
+    missing -- asked in a child process, so this process never imports CuPy."""
     if requested == "numpy":
         return "numpy", "backend numpy was requested"
-    why = ""
-    if importlib.util.find_spec("cupy") is None:
-        why = "CuPy is not installed"
-    elif importlib.util.find_spec("ds4bench.ops_gpu") is None:
-        why = "ds4bench.ops_gpu (the GPU backend) does not exist in this checkout"
-    else:
-        probe = ("import cupy, ds4bench.ops_gpu; n = cupy.cuda.runtime.getDeviceCount(); "
-                 "assert n > 0, 'no CUDA device is visible'; print(n)")
-        try:
-            r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
-                               env=_child_env({}))
-            if r.returncode != 0:
-                lines = r.stderr.strip().splitlines()
-                why = f"the GPU probe failed: {lines[-1] if lines else f'exit {r.returncode}'}"
-        except subprocess.TimeoutExpired:
-            why = "the GPU probe did not answer in 120 s"
+    probe = "from ds4bench.backend import gpu_unavailable_reason as r; print(r() or 'ok')"
+    try:
+        r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                           env=_child_env({}))
+        lines = (r.stdout.strip() or r.stderr.strip()).splitlines()
+        why = lines[-1] if lines else f"the GPU probe exited {r.returncode}"
+        why = "" if r.returncode == 0 and why == "ok" else why
+    except subprocess.TimeoutExpired:
+        why = "the GPU probe did not answer in 120 s"
     if not why:
         return "cupy", "CuPy imports, a GPU is visible and ds4bench.ops_gpu imports"
     if requested == "cupy":
@@ -326,9 +318,7 @@ def prepare_models(cells: list[Cell], cache_dir: str | None = None, say=print) -
         if not path.is_file():
             root.mkdir(parents=True, exist_ok=True)
             say(f"writing synthetic {cfg.name} ({cfg.variant}) once to {path}")
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            write_model(cfg, str(tmp), p["seed"])
-            os.replace(tmp, path)
+            write_model(cfg, str(path), p["seed"])            # written under a temporary name, renamed
         p["model_file"] = str(path)
 
 
@@ -459,6 +449,7 @@ def run_cell(params: dict, out: str, fingerprints: str) -> dict:
     from .generate import Engine, generate
     from .profiling import HostTimer, stage_of
     from .prompts import load_prompts
+    from .results import write_atomic
     from .tokenizer import Tokenizer
     p = params
     rec = R.CellRecord.from_dict({k: v for k, v in p.items() if k in R.FIELDS})
@@ -546,10 +537,7 @@ def run_cell(params: dict, out: str, fingerprints: str) -> dict:
     rec.unavailable = {k: v for k, v in na.items() if getattr(rec, k, None) in (None, [], {})}
     rec.utc_end = R.utc_now()
     d = rec.to_dict()
-    tmp = f"{out}.tmp{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(d, fh)
-    os.replace(tmp, out)
+    write_atomic(Path(out), json.dumps(d))
     return d
 
 
