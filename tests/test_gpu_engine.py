@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from ds4bench import config, formats as F
-from ds4bench.ops_ref import RefOps
+from ds4bench.ops_ref import RefOps, _sub
 
 from .engine_util import default_prompts, tiny_model
 
@@ -75,7 +75,7 @@ def test_matmul_q8_0_matches_int_dot(O, K, N, groups):
     xq, xd = F.quantize_act_q8_0(x)
     W = F.decompose(raw, F.QT.Q8_0, (O, Kg))
     Og = O // groups
-    ref = np.concatenate([F.int_matmul(_rows(W, g * Og, (g + 1) * Og), xq[:, g * Kg:(g + 1) * Kg],
+    ref = np.concatenate([F.int_matmul(_sub(W, slice(g * Og, (g + 1) * Og)), xq[:, g * Kg:(g + 1) * Kg],
                                        xd[:, g * Kg // 32:(g + 1) * Kg // 32]) for g in range(groups)], axis=1)
     y = poisoned((N, O))
     kernels.function("q8_0.cu", "matmul_q8_0")((-(-O // 8), -(-N // 8)), (256,), (
@@ -83,13 +83,6 @@ def test_matmul_q8_0_matches_int_dot(O, K, N, groups):
         np.int32(Og), np.int32(K)))
     assert np.isfinite(y.get()).all()
     assert nmse(y.get(), ref) < 1e-12
-
-
-def _rows(W, r0, r1):
-    import dataclasses
-    q = W.q[r0:r1]
-    return dataclasses.replace(W, q=q, sc=W.sc[r0:r1], d=W.d[r0:r1], shape=tuple(q.shape),
-                               m=None if W.m is None else W.m[r0:r1], dmin=None if W.dmin is None else W.dmin[r0:r1])
 
 
 @pytest.mark.parametrize("kind", ["f16", "f32"])
