@@ -119,18 +119,14 @@ def decode_read_bytes(cfg: C.ModelConfig, indexer_active: bool = True) -> dict[s
     for s in tensor_specs(cfg):
         n = s.nbytes
         part = s.kind
-        if s.kind == "embedding":
-            n //= cfg.n_vocab
-        elif s.kind == "tid2eid":
+        if s.kind in ("embedding", "tid2eid"):                  # one row per token
             n //= cfg.n_vocab
         elif s.kind == "experts":
             n = n * cfg.n_expert_used // cfg.n_expert
         elif s.kind == "indexer" and not indexer_active and s.name.split(".", 2)[2].startswith("indexer."):
             continue
-        if s.kind in ("norm",) or (s.kind == "hc" and s.qtype == QT.F32):
+        if s.kind == "norm" or (s.kind == "hc" and s.qtype == QT.F32):
             part = "norms"
-        if s.kind == "router" and s.name.endswith("exp_probs_b.bias"):
-            part = "router"
         parts[part] = parts.get(part, 0) + n
     parts["total"] = sum(parts.values())
     return parts

@@ -177,8 +177,7 @@ class DS4Model:
             kv = rms_norm(xp, kv, self.p(pre + "attn_kv_a_norm.weight"), cfg.rms_eps)
             kv = ops.kv_round(rope(xp, kv, P.reshape(N), freq)).reshape(B, T, K)   # [B, T, K] FP8 nope, F16
 
-        n_comp = (P[:, -1] + 1) // ratio if ratio else np.zeros(B, np.int64)    # [B] rows after this call
-        cmax = int(n_comp.max()) if ratio else 0
+        cmax = int((P[:, -1] + 1).max()) // ratio if ratio else 0               # most compressed rows after this call
         if ratio:
             with prof.range("compressor"):
                 w = cfg.compressor_width(il)

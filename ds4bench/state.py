@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from .config import ModelConfig
 
 
@@ -54,7 +56,6 @@ class RunState:
                     ls.ik = alloc((B, cmax, cfg.indexer_dim))
                     ls.ick, ls.ics = alloc((B, 8, 2 * cfg.indexer_dim)), alloc((B, 8, 2 * cfg.indexer_dim))
             layers.append(ls)
-        import numpy as np
         return cls(cfg, batch, ctx, layers, np.zeros(batch, dtype=np.int64), xp)
 
     def reset(self, slots=None) -> None:
