@@ -4,6 +4,8 @@
     ds4bench matrix --cache q8,f16 --placement device,managed --batch 1,4,16 --preset tiny
     ds4bench matrix --spec gpu --exclude cache=q8,batch=16 --reps 3
     ds4bench matrix --resume RUN            # finish an interrupted run
+    ds4bench matrix --preset flash-4l --cache q8,f16 --trace    # every cell under Nsight Systems
+    ds4bench trace --preset flash-4l --cache q8 --batch 1       # one cell under Nsight Systems
     ds4bench show RUN [--format md|csv|json]
     ds4bench compare RUN_A RUN_B
 
@@ -18,7 +20,7 @@ import signal
 import sys
 import time
 
-AXIS_OPTS = ("preset", "model", "cache", "placement", "batch")
+AXIS_OPTS = ("preset", "model", "cache", "placement", "batch", "nvtx")
 SCALAR_OPTS = (("prompts", "prompts"), ("n", "n_gen"), ("reps", "reps"), ("warmup", "warmup"),
                ("timeout", "timeout_s"), ("variant", "variant"), ("seed", "seed"), ("ctx", "ctx"),
                ("chunk", "chunk"))
@@ -28,36 +30,18 @@ def register(sub) -> None:
     p = sub.add_parser("matrix", help="A/B matrix: speed and greedy-output verdicts per cell",
                        description="Run every combination of the axes, one process per cell, and judge "
                                    "each cell's greedy output against the baseline cell.")
-    p.add_argument("--spec", help="matrix TOML: a name in benchmarks/matrices/ or a path (default: default, "
-                                  "or gpu when the GPU backend is available)")
-    g = p.add_argument_group("axes (comma lists; they replace the spec's)")
-    g.add_argument("--preset", help="synthetic presets, e.g. tiny,small")
-    g.add_argument("--model", "-m", help="DS4 GGUF files (then --preset, if one, is what they must match)")
-    g.add_argument("--cache", help="numeric modes, e.g. q8,f16,f32")
-    g.add_argument("--placement", help="GPU weight placement: device,managed,managed-hinted,host")
-    g.add_argument("--batch", "-b", help="sequences per decode step, e.g. 1,4,16")
-    p.add_argument("--prompts", help="prompt set name or TOML path (spec default: smoke)")
-    p.add_argument("-n", type=int, help="tokens generated per prompt")
-    p.add_argument("--reps", type=int, help="timed repetitions per cell")
-    p.add_argument("--warmup", type=int, help="untimed full passes before the timed ones")
-    p.add_argument("--exclude", action="append", default=[], metavar="K=V[,K=V]",
-                   help="skip cells matching all pairs, e.g. cache=q8,batch=16 (repeatable)")
-    p.add_argument("--baseline", metavar="K=V[,K=V]",
-                   help="the reference cell (default cache=f32,placement=device,batch=1; on the CPU f32, batch 1)")
-    p.add_argument("--timeout", type=float, help="seconds per cell before it is killed and recorded failed")
-    p.add_argument("--backend", choices=("auto", "numpy", "cupy"), help="default auto: cupy when usable")
-    p.add_argument("--variant", choices=("q2", "q4"))
-    p.add_argument("--seed", type=int, help="synthetic weight seed")
-    p.add_argument("--ctx", type=int, help="context per sequence (default: longest prompt + n + 1)")
-    p.add_argument("--chunk", type=int, help="prefill chunk (tokens)")
-    p.add_argument("--stages", action="store_true", help="one extra pass per cell with per-stage host times")
-    p.add_argument("--tol", type=float, help="override the calibrated limit on a cell's median |Δlogprob|")
-    p.add_argument("--tie", type=float, help="override the calibrated near-tie margin (nats)")
-    p.add_argument("--out", default="results/runs", help="root of run directories (default results/runs)")
-    p.add_argument("--id", help="run id (default: UTC time, model, backend)")
+    _run_args(p)
+    p.add_argument("--trace", action="store_true",
+                   help="run every cell under Nsight Systems and record GPU time per NVTX range")
     p.add_argument("--resume", metavar="RUN", help="finish an interrupted run (an id under --out or a path)")
-    p.add_argument("--format", choices=("md", "csv", "json"), default="md", help="table printed at the end")
-    p.set_defaults(func=cmd_matrix)
+    p.set_defaults(func=cmd_matrix, trace_one=False)
+
+    p = sub.add_parser("trace", help="one cell under Nsight Systems: GPU time per NVTX range and top kernels",
+                       description="Run one cell (one value per axis) under nsys, capturing only its timed "
+                                   "repetitions, and record the GPU time of each engine range. The "
+                                   ".nsys-rep stays in the run directory's traces/.")
+    _run_args(p)
+    p.set_defaults(func=cmd_matrix, trace=True, trace_one=True, resume=None)
 
     p = sub.add_parser("show", help="print a stored matrix run")
     p.add_argument("run", help="run id under --out, or a run directory")
@@ -82,6 +66,39 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_cell)
 
 
+def _run_args(p) -> None:
+    """Options `matrix` and `trace` share."""
+    p.add_argument("--spec", help="matrix TOML: a name in benchmarks/matrices/ or a path (default: default, "
+                                  "or gpu when the GPU backend is available)")
+    g = p.add_argument_group("axes (comma lists; they replace the spec's)")
+    g.add_argument("--preset", help="synthetic presets, e.g. tiny,small")
+    g.add_argument("--model", "-m", help="DS4 GGUF files (then --preset, if one, is what they must match)")
+    g.add_argument("--cache", help="numeric modes, e.g. q8,f16,f32")
+    g.add_argument("--placement", help="GPU weight placement: device,managed,managed-hinted,host")
+    g.add_argument("--batch", "-b", help="sequences per decode step, e.g. 1,4,16")
+    g.add_argument("--nvtx", help="NVTX ranges in the timed repetitions: off, on or off,on (their cost)")
+    p.add_argument("--prompts", help="prompt set name or TOML path (spec default: smoke)")
+    p.add_argument("-n", type=int, help="tokens generated per prompt")
+    p.add_argument("--reps", type=int, help="timed repetitions per cell")
+    p.add_argument("--warmup", type=int, help="untimed full passes before the timed ones")
+    p.add_argument("--exclude", action="append", default=[], metavar="K=V[,K=V]",
+                   help="skip cells matching all pairs, e.g. cache=q8,batch=16 (repeatable)")
+    p.add_argument("--baseline", metavar="K=V[,K=V]",
+                   help="the reference cell (default cache=f32,placement=device,batch=1; on the CPU f32, batch 1)")
+    p.add_argument("--timeout", type=float, help="seconds per cell before it is killed and recorded failed")
+    p.add_argument("--backend", choices=("auto", "numpy", "cupy"), help="default auto: cupy when usable")
+    p.add_argument("--variant", choices=("q2", "q4"))
+    p.add_argument("--seed", type=int, help="synthetic weight seed")
+    p.add_argument("--ctx", type=int, help="context per sequence (default: longest prompt + n + 1)")
+    p.add_argument("--chunk", type=int, help="prefill chunk (tokens)")
+    p.add_argument("--stages", action="store_true", help="one extra pass per cell with per-stage host times")
+    p.add_argument("--tol", type=float, help="override the calibrated limit on a cell's median |Δlogprob|")
+    p.add_argument("--tie", type=float, help="override the calibrated near-tie margin (nats)")
+    p.add_argument("--out", default="results/runs", help="root of run directories (default results/runs)")
+    p.add_argument("--id", help="run id (default: UTC time, model, backend)")
+    p.add_argument("--format", choices=("md", "csv", "json"), default="md", help="table printed at the end")
+
+
 # ---- matrix ----------------------------------------------------------------------------------
 def build_spec(a):
     from . import matrix as M
@@ -94,7 +111,7 @@ def build_spec(a):
     if not a.spec:
         spec = M.load_spec("gpu" if backend == "cupy" else "default")
     doc = spec.to_dict()
-    given = [_flag(o) for o in AXIS_OPTS + tuple(o for o, _ in SCALAR_OPTS) + ("exclude", "baseline", "stages")
+    given = [_flag(o) for o in AXIS_OPTS + tuple(o for o, _ in SCALAR_OPTS) + ("exclude", "baseline", "stages", "trace")
              if getattr(a, o) not in (None, [], False)]
     if given:
         doc["source"] = f"{spec.source} with {' '.join(given)}"
@@ -110,8 +127,13 @@ def build_spec(a):
                 items = [int(v) for v in items]
             except ValueError:
                 raise UserError(f"--batch {val!r}: batch sizes must be integers, e.g. 1,4,16") from None
+        if opt == "nvtx":
+            try:
+                items = list(dict.fromkeys(M._flag(v) for v in items))
+            except ValueError:
+                raise UserError(f"--nvtx {val!r}: use off, on or off,on") from None
         doc[{"preset": "presets", "model": "models", "cache": "caches", "placement": "placements",
-             "batch": "batches"}[opt]] = items
+             "batch": "batches", "nvtx": "nvtx"}[opt]] = items
         if opt == "model" and a.preset is None:
             doc["presets"] = []
     for opt, fld in SCALAR_OPTS:
@@ -127,7 +149,17 @@ def build_spec(a):
             except ValueError:
                 raise UserError(f"--baseline {a.baseline!r}: batch must be an integer") from None
     doc["stages"] = doc["stages"] or a.stages
+    doc["trace"] = doc["trace"] or a.trace
     doc["backend"] = backend
+    if a.trace_one:                     # `trace`: one cell (axes not given: the spec's first value)
+        if backend != "cupy":
+            raise UserError(f"trace needs the GPU backend: {why}")
+        for opt, key in (("preset", "presets"), ("model", "models"), ("cache", "caches"),
+                         ("placement", "placements"), ("batch", "batches"), ("nvtx", "nvtx")):
+            if getattr(a, opt) is None and doc[key]:
+                doc[key] = doc[key][:1]
+        doc["baseline"] = {"cache": doc["caches"][0], "placement": doc["placements"][0],
+                           "batch": doc["batches"][0], "nvtx": True}
     if doc["models"] and len(doc["presets"]) > 1:
         raise UserError("--model with --preset: give one preset, the one the files must match")
     spec = M.MatrixSpec.from_dict(doc)
@@ -144,6 +176,7 @@ def cmd_matrix(a) -> int:
     from . import verdict as V
     from .cli import UserError
     from .results import RunDir, gate, render
+    nsys = None
     if a.resume:
         given = [_flag(o) for o in AXIS_OPTS + tuple(o for o, _ in SCALAR_OPTS)
                  + ("spec", "baseline", "backend", "tol", "tie", "id", "exclude", "stages")
@@ -156,15 +189,28 @@ def cmd_matrix(a) -> int:
         th = V.Thresholds(**meta["thresholds"])
         if meta["backend"] == "cupy":
             M.resolve_backend("cupy")
+        nsys = meta.get("nsys")
         M.prepare_models(cells, say=lambda s: print(s, file=sys.stderr))
         print(f"resuming {run.path}: {len(run.records())} of {len(cells)} cells recorded", file=sys.stderr)
     else:
         spec, backend, why = build_spec(a)
         cells, notes = M.expand(spec, backend, why)
+        if a.trace_one:
+            cells, notes = _one_cell(cells, notes)
         th = V.Thresholds(**{**V.DEFAULT.to_dict(), **{k: v for k, v in (("tol", a.tol), ("tie", a.tie)) if v is not None}})
         label = "+".join(dict.fromkeys(c.group for c in cells))
+        if any(c.params["trace"] for c in cells):
+            from .nsys import NsysError, find_nsys
+            try:
+                nsys = find_nsys()
+            except NsysError as e:
+                if a.trace_one:
+                    raise UserError(str(e)) from None
+                notes.append(f"{e}; the cells run without a trace")
+            else:
+                notes.append(f"traced with {nsys}")
         meta = {"spec": spec.to_dict(), "backend": backend, "backend_reason": why, "notes": notes,
-                "thresholds": th.to_dict(), "label": label}
+                "thresholds": th.to_dict(), "label": label, "nsys": nsys}
         M.prepare_models(cells, say=lambda s: print(s, file=sys.stderr))
         meta["cells"] = [vars(c) for c in cells]
         run = RunDir.create(a.out, meta, a.id)
@@ -175,7 +221,7 @@ def cmd_matrix(a) -> int:
     old = signal.signal(signal.SIGTERM, _raise_interrupt)
     status = "interrupted"
     try:
-        recs = M.run_matrix(cells, run, th, progress)
+        recs = M.run_matrix(cells, run, th, progress, nsys)
         status = "complete"
     finally:
         signal.signal(signal.SIGTERM, old)
@@ -187,6 +233,16 @@ def cmd_matrix(a) -> int:
     sys.stdout.write(render(recs, a.format))
     print(f"run {run.path} (summary.md, cells.jsonl, cells.parquet)", file=sys.stderr)
     return gate(recs)
+
+
+def _one_cell(cells, notes):
+    """`trace` runs exactly one cell: its own baseline, no added reference cell."""
+    from .cli import UserError
+    if len(cells) != 1:
+        raise UserError(f"trace runs one cell; these options give {len(cells)} "
+                        f"({', '.join(c.cell_id for c in cells[:4])}{', ...' if len(cells) > 4 else ''}): "
+                        f"give one value per axis, or use `ds4bench matrix --trace`")
+    return cells, [n for n in notes if "baseline" not in n]
 
 
 def _raise_interrupt(signum, frame):

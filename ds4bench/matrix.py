@@ -8,6 +8,7 @@ TOML file (benchmarks/matrices/*.toml) or from command-line comma lists:
     cache = ["q8", "f16", "f32"]
     placement = ["device", "managed"] # GPU only; skipped with a stated reason on the CPU
     batch = [1, 4]
+    nvtx = [false, true]              # NVTX ranges off/on in the timed repetitions (their cost)
     prompts = "smoke"                 # a set in benchmarks/prompts/ or a TOML path
     n = 32                            # tokens generated per prompt
     reps = 2                          # timed repetitions; warmup = untimed ones before them
@@ -25,6 +26,7 @@ The matrix process itself never imports CuPy.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -47,9 +49,10 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 MATRICES_DIR = R.REPO / "benchmarks" / "matrices"
-AXES = ("model", "cache", "placement", "batch")
-SPEC_KEYS = {"description", "preset", "model", "variant", "seed", "cache", "placement", "batch", "prompts", "n",
-             "reps", "warmup", "timeout", "baseline", "exclude", "backend", "ctx", "chunk", "stages", "env"}
+AXES = ("model", "cache", "placement", "batch", "nvtx")
+SPEC_KEYS = {"description", "preset", "model", "variant", "seed", "cache", "placement", "batch", "nvtx", "prompts",
+             "n", "reps", "warmup", "timeout", "baseline", "exclude", "backend", "ctx", "chunk", "stages", "trace",
+             "env"}
 SYNTH_IN_MEMORY_MAX = 256 * 2**20      # larger presets are written to a GGUF once and memory-mapped per cell
 
 
@@ -60,6 +63,7 @@ class MatrixSpec:
     caches: list = field(default_factory=lambda: ["q8", "f16", "f32"])
     placements: list = field(default_factory=lambda: ["device"])
     batches: list = field(default_factory=lambda: [1])
+    nvtx: list = field(default_factory=lambda: [False])
     variant: str | None = None
     seed: int = 0
     prompts: str = "smoke"
@@ -73,6 +77,7 @@ class MatrixSpec:
     ctx: int | None = None
     chunk: int = 512
     stages: bool = False
+    trace: bool = False
     env: dict = field(default_factory=dict)
     description: str = ""
     source: str = "command line"
@@ -123,10 +128,10 @@ def spec_from_mapping(doc: dict, source: str) -> MatrixSpec:
         raise ValueError(f"{source}: unknown key(s) {sorted(unknown)}; known: {', '.join(sorted(SPEC_KEYS))}")
     s = MatrixSpec(source=source)
 
-    def lst(key, kind, default):
+    def lst(key, kind, default, allow_bool=False):
         v = doc.get(key, default)
         v = v if isinstance(v, list) else [v]
-        if not v or not all(isinstance(x, kind) and not isinstance(x, bool) for x in v):
+        if not v or not all(isinstance(x, kind) and (allow_bool or not isinstance(x, bool)) for x in v):
             raise ValueError(f"{source}: {key} must be a non-empty list of {kind.__name__}, found {doc[key]!r}")
         return list(dict.fromkeys(v))
 
@@ -141,6 +146,7 @@ def spec_from_mapping(doc: dict, source: str) -> MatrixSpec:
     s.caches = lst("cache", str, s.caches)
     s.placements = lst("placement", str, s.placements)
     s.batches = lst("batch", int, s.batches)
+    s.nvtx = lst("nvtx", bool, s.nvtx, allow_bool=True)
     s.variant = one("variant", str, None)
     s.seed = one("seed", int, 0)
     s.prompts = one("prompts", str, s.prompts)
@@ -152,6 +158,7 @@ def spec_from_mapping(doc: dict, source: str) -> MatrixSpec:
     s.ctx = one("ctx", int, None)
     s.chunk = one("chunk", int, s.chunk)
     s.stages = one("stages", bool, False)
+    s.trace = one("trace", bool, False)
     s.description = one("description", str, "")
     s.baseline = dict(one("baseline", dict, {}))
     s.excludes = [dict(e) for e in one("exclude", list, [])]
@@ -204,9 +211,16 @@ def validate(s: MatrixSpec) -> None:
     if s.backend not in ("auto", "numpy", "cupy"):
         raise ValueError(f"{where}: backend must be auto, numpy or cupy, found {s.backend!r}")
     for d, what in [(s.baseline, "baseline")] + [(e, "exclude") for e in s.excludes]:
-        bad = set(d) - {"cache", "placement", "batch", "model", "preset"}
+        bad = set(d) - {"cache", "placement", "batch", "nvtx", "model", "preset"}
         if bad:
-            raise ValueError(f"{where}: {what} keys {sorted(bad)} are not axes; use cache, placement, batch, model")
+            raise ValueError(f"{where}: {what} keys {sorted(bad)} are not axes; use cache, placement, batch, nvtx, "
+                             f"model")
+    for d, what in [(s.baseline, "baseline")] + [(e, "exclude") for e in s.excludes]:
+        if "nvtx" in d:
+            try:
+                _flag(d["nvtx"])
+            except ValueError:
+                raise ValueError(f"{where}: {what} nvtx={d['nvtx']!r}: use on or off") from None
     b = s.baseline
     if "cache" in b and b["cache"] not in modes:
         raise ValueError(f"{where}: baseline cache {b['cache']!r} is not a mode; choose from {', '.join(modes)}")
@@ -250,24 +264,33 @@ def expand(spec: MatrixSpec, backend: str, backend_why: str = "") -> tuple[list[
         notes.append(f"placement axis skipped: the numpy backend keeps every weight in host memory "
                      f"({backend_why})")
     models = [("file", m) for m in spec.models] or [("preset", p) for p in spec.presets]
-    base_want = {"cache": "f32", "placement": "device" if backend == "cupy" else None, "batch": 1}
+    base_want = {"cache": "f32", "placement": "device" if backend == "cupy" else None, "batch": 1, "nvtx": False}
     base_want.update({k: v for k, v in spec.baseline.items() if k in base_want})
     if backend == "numpy":
         base_want["placement"] = None
     else:
         base_want["placement"] = str(base_want["placement"])
     base_want["batch"] = int(base_want["batch"])
+    base_want["nvtx"] = _flag(base_want["nvtx"])
+    trace = spec.trace and backend == "cupy"
+    if spec.trace and not trace:
+        notes.append("trace skipped: the numpy backend does no GPU work for Nsight Systems to see")
+    nvtx = [True] if trace else list(spec.nvtx)               # a trace needs the ranges
+    if trace:
+        base_want["nvtx"] = True
     varying = {a for a, vals in (("model", models), ("cache", spec.caches), ("placement", placements),
-                                 ("batch", spec.batches)) if len(vals) > 1}
+                                 ("batch", spec.batches), ("nvtx", nvtx)) if len(vals) > 1}
     cells: list[Cell] = []
     for kind, model in models:
         label = model if kind == "preset" else Path(model).stem
-        combos = [dict(cache=c, placement=p, batch=b) for c, p, b in itertools.product(spec.caches, placements, spec.batches)]
+        combos = [dict(cache=c, placement=p, batch=b, nvtx=v)
+                  for c, p, b, v in itertools.product(spec.caches, placements, spec.batches, nvtx)]
         combos = [c for c in combos if not _excluded(c, label, spec.excludes)]
         base = dict(base_want)
         if base not in combos:
             notes.append(f"{label}: baseline {_kv(base)} added: it is not in the matrix")
-            varying |= {a for a in ("cache", "placement", "batch") if len({c[a] for c in combos} | {base[a]}) > 1}
+            varying |= {a for a in ("cache", "placement", "batch", "nvtx")
+                        if len({c[a] for c in combos} | {base[a]}) > 1}
             combos.insert(0, base)
         else:
             combos.insert(0, combos.pop(combos.index(base)))
@@ -277,27 +300,40 @@ def expand(spec: MatrixSpec, backend: str, backend_why: str = "") -> tuple[list[
             params = {"preset": preset, "model_file": model if kind == "file" else None,
                       "variant": spec.variant, "seed": spec.seed, "backend": backend, **combo,
                       "n_gen": spec.n_gen, "prompt_set": spec.prompts, "reps": spec.reps, "warmup": spec.warmup,
-                      "ctx": spec.ctx or 0, "chunk": spec.chunk, "stages": spec.stages, "timeout_s": spec.timeout_s,
-                      "env": dict(spec.env)}
+                      "ctx": spec.ctx or 0, "chunk": spec.chunk, "stages": spec.stages, "trace": trace,
+                      "timeout_s": spec.timeout_s, "env": dict(spec.env)}
             cid = "-".join([label, combo["cache"]] + ([combo["placement"]] if combo["placement"] else [])
-                           + [f"b{combo['batch']}"])
+                           + [f"b{combo['batch']}"] + (["nvtx"] if combo["nvtx"] else []))
             group.append(Cell(cid, "", label, params, is_baseline=combo == base))
         for c in group:
             c.baseline_cell = group[0].cell_id
         cells += group
     for c in cells:
-        parts = {"model": c.group, **{a: c.params[a] for a in ("cache", "placement", "batch")}}
+        parts = {"model": c.group, **{a: c.params[a] for a in ("cache", "placement", "batch")},
+                 "nvtx": "on" if c.params["nvtx"] else "off"}
         c.key = " ".join(f"{a}={parts[a]}" for a in AXES if a in varying) or c.cell_id
     return cells, notes
 
 
 def _excluded(combo: dict, label: str, excludes: list[dict]) -> bool:
     vals = {**{k: str(v) for k, v in combo.items()}, "model": label, "preset": label}
-    return any(all(vals.get(k) == str(v) for k, v in e.items()) for e in excludes)
+    return any(all(vals.get(k) == (str(_flag(v)) if k == "nvtx" else str(v)) for k, v in e.items()) for e in excludes)
+
+
+def _flag(v) -> bool:
+    """An on/off axis value from TOML (bool) or the command line (on/off, true/false, 1/0)."""
+    if isinstance(v, bool):
+        return v
+    t = str(v).strip().lower()
+    if t in ("on", "true", "1", "yes"):
+        return True
+    if t in ("off", "false", "0", "no"):
+        return False
+    raise ValueError(f"{v!r} is not on/off")
 
 
 def _kv(d: dict) -> str:
-    return ",".join(f"{k}={v}" for k, v in d.items() if v is not None)
+    return ",".join(f"{k}={'on' if v is True else v}" for k, v in d.items() if v is not None and v is not False)
 
 
 def prepare_models(cells: list[Cell], cache_dir: str | None = None, say=print) -> None:
@@ -349,10 +385,15 @@ def _die_with_parent() -> None:
         pass
 
 
-def run_cell_process(cell: Cell, out: Path, fingerprints: Path, log: Path) -> tuple[dict | None, str, float]:
-    """Run one cell as `python -m ds4bench cell`; (record or None, error, wall seconds)."""
+def run_cell_process(cell: Cell, out: Path, fingerprints: Path, log: Path,
+                     trace: tuple[str, Path] | None = None) -> tuple[dict | None, str, float]:
+    """Run one cell as `python -m ds4bench cell` (under `nsys profile` when `trace` gives the
+    nsys path and the report's base name); (record or None, error, wall seconds)."""
     cmd = [sys.executable, "-m", "ds4bench", "cell", "--params", json.dumps(cell.params),
            "--out", str(out), "--fingerprints", str(fingerprints)]
+    if trace:
+        from .nsys import profile_command
+        cmd = profile_command(trace[0], trace[1], cmd)
     out.unlink(missing_ok=True)
     t0 = time.perf_counter()
     with open(log, "wb") as fh:
@@ -410,17 +451,23 @@ def judge(rec: dict, cell_fp: str, base_rec: dict | None, base_fp: str | None,
     return rec
 
 
-def run_matrix(cells: list[Cell], run, th: V.Thresholds = V.DEFAULT, progress=None) -> list[dict]:
+def run_matrix(cells: list[Cell], run, th: V.Thresholds = V.DEFAULT, progress=None,
+               nsys: str | None = None) -> list[dict]:
     """Run the cells `run` (a results.RunDir) has no record of; return every record of the run.
 
-    `progress(event, cell, record)` is told 'start' and 'done' for each cell."""
+    `progress(event, cell, record)` is told 'start' and 'done' for each cell. Cells whose
+    params ask for a trace run under `nsys` (its path) and get their per-range GPU time."""
     done = {r["cell_id"]: r for r in run.records()}
     todo = [c for c in cells if c.cell_id not in done]
     for cell in todo:
         if progress:
             progress("start", cell, None)
         out, fp, log = run.cell_paths(cell.cell_id)
-        rec, err, wall = run_cell_process(cell, out, fp, log)
+        trace = None
+        if cell.params.get("trace") and nsys:
+            (run.path / "traces").mkdir(exist_ok=True)
+            trace = (nsys, run.path / "traces" / cell.cell_id)
+        rec, err, wall = run_cell_process(cell, out, fp, log, trace)
         base = {"run_id": run.run_id, "cell_id": cell.cell_id, "key": cell.key, "is_baseline": cell.is_baseline,
                 "baseline_cell": cell.baseline_cell, **cell.params}
         if rec is None:
@@ -428,6 +475,8 @@ def run_matrix(cells: list[Cell], run, th: V.Thresholds = V.DEFAULT, progress=No
         else:
             rec.update({k: base[k] for k in ("run_id", "cell_id", "key", "is_baseline", "baseline_cell")})
             rec["wall_s"] = wall
+            if cell.params.get("trace"):
+                add_trace(rec, run.path, trace)
             b = rec if cell.is_baseline else done.get(cell.baseline_cell)
             rec = judge(rec, str(fp), b, str(run.cell_paths(cell.baseline_cell)[1]) if b else None, th)
         out.unlink(missing_ok=True)
@@ -438,16 +487,34 @@ def run_matrix(cells: list[Cell], run, th: V.Thresholds = V.DEFAULT, progress=No
     return [done[c.cell_id] for c in cells if c.cell_id in done]
 
 
+def add_trace(rec: dict, run_path: Path, trace: tuple[str, Path] | None) -> None:
+    """Fill a traced cell's trace fields from its report, or say in `unavailable` why not."""
+    from . import nsys as N
+    why = "nsys was not found (see the run's notes)"
+    if trace:
+        nsys, base = trace
+        rep = N.report_path(base)
+        try:
+            rec.update(N.summarize(N.run_stats(nsys, rep)))
+            rec["trace_file"] = str(rep.relative_to(run_path))
+            return
+        except N.NsysError as e:
+            why = str(e)
+    for k in ("trace_file", "trace_gpu_ms", "trace_calls", "trace_kernels", "trace_kernel_ms"):
+        rec.setdefault("unavailable", {})[k] = why
+
+
 # ---- one cell, in process (`ds4bench cell`) --------------------------------------------------
 def run_cell(params: dict, out: str, fingerprints: str) -> dict:
     """Measure one cell in this process: load, prime, warm up, time the repetitions, fingerprint.
 
     The prime pass (8 tokens of the first prompt, 2 generated) is never timed: it builds the
     mode's lazily expanded weights (and compiles kernels on a GPU). `warmup` full passes follow,
-    then `reps` timed ones; with `stages`, one more pass under a HostTimer gives per-stage times."""
+    then `reps` timed ones; with `stages`, one more pass gives per-stage times (CUDA events on a
+    GPU, host time on the CPU: profiling.make_profiler("stages"))."""
     from .cli import load_model
     from .generate import Engine, generate
-    from .profiling import HostTimer, stage_of
+    from .profiling import make_profiler, stage_of
     from .prompts import load_prompts
     from .results import write_atomic
     from .tokenizer import Tokenizer
@@ -474,6 +541,9 @@ def run_cell(params: dict, out: str, fingerprints: str) -> dict:
     opts = {"placement": p["placement"]} if gpu and p["placement"] else {}
     eng = Engine(mf, cache=p["cache"], backend=p["backend"], batch=p["batch"], ctx=rec.ctx,
                  prefill_chunk=p["chunk"], **opts)
+    if p.get("nvtx") or p.get("trace"):
+        from .profiling import NvtxRanges
+        eng.net.prof = NvtxRanges()
     generate(eng, [(prompts[0][0], prompts[0][1][:8])], 2)
     for _ in range(p["warmup"]):
         generate(eng, prompts, p["n_gen"])
@@ -487,7 +557,8 @@ def run_cell(params: dict, out: str, fingerprints: str) -> dict:
     start = probe.sample() if probe and probe.handle else None
     if probe:
         probe.start()
-    results = [generate(eng, prompts, p["n_gen"], tok.decode) for _ in range(p["reps"])]
+    with _capture(gpu and p.get("trace")):
+        results = [generate(eng, prompts, p["n_gen"], tok.decode) for _ in range(p["reps"])]
     if probe:
         probe.stop()
     end = probe.sample() if probe and probe.handle else None
@@ -502,8 +573,11 @@ def run_cell(params: dict, out: str, fingerprints: str) -> dict:
         setattr(rec, k, v)
     for k in ("decode_tps", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "timing_spread", "timing_reliable"):
         na[k] = rec.timing_note
+    if not p.get("trace"):
+        for k in ("trace_file", "trace_gpu_ms", "trace_calls", "trace_kernels", "trace_kernel_ms"):
+            na[k] = "not traced (--trace)"
     if p["stages"]:
-        timer = HostTimer()
+        timer = make_profiler("stages", p["backend"])
         generate(Engine(mf, cache=p["cache"], backend=p["backend"], batch=p["batch"], ctx=rec.ctx,
                         prefill_chunk=p["chunk"], profiler=timer, ops=eng.ops), prompts, p["n_gen"])
         for name, s in timer.summary().items():
@@ -539,6 +613,23 @@ def run_cell(params: dict, out: str, fingerprints: str) -> dict:
     d = rec.to_dict()
     write_atomic(Path(out), json.dumps(d))
     return d
+
+
+@contextlib.contextmanager
+def _capture(on: bool):
+    """The Nsight Systems capture range (cudaProfilerStart/Stop) around the timed repetitions;
+    the device is synchronized at both ends so the range holds exactly their GPU work."""
+    if not on:
+        yield
+        return
+    import cupy
+    cupy.cuda.runtime.deviceSynchronize()
+    cupy.cuda.profiler.start()
+    try:
+        yield
+    finally:
+        cupy.cuda.runtime.deviceSynchronize()
+        cupy.cuda.profiler.stop()
 
 
 def _pci_bus_id() -> str | None:

@@ -78,6 +78,33 @@ def rope(xp, x, pos, inv_freq, inverse=False):
     return out
 
 
+def hc_weights(xp, cfg: ModelConfig, mix, s, b):
+    """HC gates from the mixer output mix [N, S*(S+2)]: pre [N, S] (sigmoid + eps), post [N, S]
+    (2 sigmoid) and comb [N, S, S] (row softmax + eps, then Sinkhorn-normalized)."""
+    S = cfg.hc_streams
+    N = mix.shape[0]
+    pre = sigmoid(xp, mix[:, :S] * s[0] + b[:S]) + cfg.hc_eps               # [N, S]
+    post = 2.0 * sigmoid(xp, mix[:, S:2 * S] * s[1] + b[S:2 * S])           # [N, S]
+    comb = (mix[:, 2 * S:] * s[2] + b[2 * S:]).reshape(N, S, S)            # [N, S, S] row i, col j
+    comb = softmax(xp, comb, axis=-1) + cfg.hc_eps
+    comb = comb / (comb.sum(axis=-2, keepdims=True) + cfg.hc_eps)
+    for _ in range(cfg.hc_sinkhorn_iters - 1):
+        comb = comb / (comb.sum(axis=-1, keepdims=True) + cfg.hc_eps)
+        comb = comb / (comb.sum(axis=-2, keepdims=True) + cfg.hc_eps)
+    return pre, post, comb
+
+
+def hc_collapse(xp, acc, X, pre):
+    """x [N, D] = sum_s pre[n, s] X[n, s] (accumulated in `acc`, rounded once)."""
+    return xp.einsum("ns,nsd->nd", pre.astype(acc), X.astype(acc)).astype(xp.float32)
+
+
+def hc_expand(xp, acc, X, y, post, comb):
+    """X' [N, S, D]: stream t = post[t] * y + sum_s comb[s, t] X[s]."""
+    mixed = xp.einsum("nst,nsd->ntd", comb.astype(acc), X.astype(acc)).astype(xp.float32)
+    return post[:, :, None] * y[:, None, :] + mixed
+
+
 # ---- the model -----------------------------------------------------------------------------------
 class DS4Model:
     """Forward pass over a `RunState`. `ops` supplies projections and numeric modes."""
@@ -89,32 +116,27 @@ class DS4Model:
         self.p = ops.param                     # small F32 tensors (norms, scales, sinks) as xp arrays
         # host index arrays -> the array module's (CuPy indexes with its own arrays)
         self.ix = (lambda a: a) if self.xp is np else self.xp.asarray
+        # HC mixing: the ops' fused kernels where they have them, else the array code above
+        xp, acc = self.xp, ops.acc
+        self._hc_weights = getattr(ops, "hc_weights", None) or (lambda mix, s, b: hc_weights(xp, cfg, mix, s, b))
+        self._hc_collapse = getattr(ops, "hc_collapse", None) or (lambda X, pre: hc_collapse(xp, acc, X, pre))
+        self._hc_expand = getattr(ops, "hc_expand", None) or (
+            lambda X, y, post, comb: hc_expand(xp, acc, X, y, post, comb))
 
     # -- hyper-connections ----------------------------------------------------------------------
     def hc_pre(self, X, prefix):
         """Collapse S streams into one sublayer input; return it with the post gates and comb."""
-        xp, cfg, S = self.xp, self.cfg, self.cfg.hc_streams
+        xp, cfg = self.xp, self.cfg
         N = X.shape[0]
         flat = rms_norm(xp, X.reshape(N, cfg.hc_dim), None, cfg.rms_eps)       # [N, S*D]
         mix = self.ops.linear(f"{prefix}_fn.weight", flat)                     # [N, S*(S+2)]
         s, b = self.p(f"{prefix}_scale.weight"), self.p(f"{prefix}_base.weight")
-        pre = sigmoid(xp, mix[:, :S] * s[0] + b[:S]) + cfg.hc_eps               # [N, S]
-        post = 2.0 * sigmoid(xp, mix[:, S:2 * S] * s[1] + b[S:2 * S])           # [N, S]
-        comb = (mix[:, 2 * S:] * s[2] + b[2 * S:]).reshape(N, S, S)            # [N, S, S] row i, col j
-        comb = softmax(xp, comb, axis=-1) + cfg.hc_eps
-        comb = comb / (comb.sum(axis=-2, keepdims=True) + cfg.hc_eps)
-        for _ in range(cfg.hc_sinkhorn_iters - 1):
-            comb = comb / (comb.sum(axis=-1, keepdims=True) + cfg.hc_eps)
-            comb = comb / (comb.sum(axis=-2, keepdims=True) + cfg.hc_eps)
-        acc = self.ops.acc
-        x = xp.einsum("ns,nsd->nd", pre.astype(acc), X.astype(acc)).astype(xp.float32)   # [N, D]
-        return x, post, comb
+        pre, post, comb = self._hc_weights(mix, s, b)                          # [N, S], [N, S], [N, S, S]
+        return self._hc_collapse(X, pre), post, comb                            # [N, D]
 
     def hc_post(self, X, y, post, comb):
         """X' = post * y + comb^T X  (stream d takes sum_s comb[s, d] * X[s])."""
-        acc = self.ops.acc
-        mixed = self.xp.einsum("nst,nsd->ntd", comb.astype(acc), X.astype(acc)).astype(self.xp.float32)
-        return post[:, :, None] * y[:, None, :] + mixed                                  # [N, S, D]
+        return self._hc_expand(X, y, post, comb)                                 # [N, S, D]
 
     # -- compressor --------------------------------------------------------------------------------
     def compress(self, ring_k, ring_s, ck, cs, P, ratio, width, norm):

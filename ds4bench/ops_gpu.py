@@ -150,6 +150,35 @@ class GpuOps:
     def embed(self, tokens) -> cp.ndarray:
         return self.w["token_embd.weight"][cp.asarray(tokens)].astype(cp.float32)     # [N, D]
 
+    # -- hyper-connection mixing (kernels/hc.cu) ----------------------------------------------------
+    def hc_weights(self, mix: cp.ndarray, s: cp.ndarray, b: cp.ndarray):
+        """mix [N, S*(S+2)] -> pre [N, S], post [N, S], comb [N, S, S], as model.hc_weights."""
+        S, N = self.cfg.hc_streams, mix.shape[0]
+        pre, post = cp.empty((N, S), cp.float32), cp.empty((N, S), cp.float32)
+        comb = cp.empty((N, S, S), cp.float32)
+        kernels.function("hc.cu", "hc_weights")(((N + 127) // 128,), (128,), (
+            cp.ascontiguousarray(mix, dtype=cp.float32), s, b, pre, post, comb, np.int32(N), np.int32(S),
+            np.int32(self.cfg.hc_sinkhorn_iters), np.float32(self.cfg.hc_eps)))
+        return pre, post, comb
+
+    def hc_collapse(self, X: cp.ndarray, pre: cp.ndarray) -> cp.ndarray:
+        """x [N, D] = sum_s pre[n, s] X[n, s], in double, rounded once."""
+        N, S, D = X.shape
+        x = cp.empty((N, D), cp.float32)
+        kernels.function("hc.cu", "hc_collapse")(((D + 255) // 256, N), (256,), (
+            cp.ascontiguousarray(X, dtype=cp.float32), pre, x, np.int32(N), np.int32(S), np.int32(D)))
+        return x
+
+    def hc_expand(self, X: cp.ndarray, y: cp.ndarray, post: cp.ndarray, comb: cp.ndarray) -> cp.ndarray:
+        """X' [N, S, D]: stream t = post[t] y + sum_s comb[s, t] X[s]."""
+        N, S, D = X.shape
+        out = cp.empty((N, S, D), cp.float32)
+        kernels.function("hc.cu", "hc_expand")(((D + 255) // 256, N), (256,), (
+            cp.ascontiguousarray(X, dtype=cp.float32), cp.ascontiguousarray(y, dtype=cp.float32),
+            cp.ascontiguousarray(post, dtype=cp.float32), cp.ascontiguousarray(comb, dtype=cp.float32),
+            out, np.int32(N), np.int32(S), np.int32(D)))
+        return out
+
     # -- simulated precision ----------------------------------------------------------------------------
     def kv_round(self, x: cp.ndarray) -> cp.ndarray:
         K, nope = self.cfg.head_dim, self.cfg.n_nope

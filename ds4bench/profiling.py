@@ -69,9 +69,8 @@ class NvtxRanges(Profiler):
 
     def range(self, name: str):
         attr = self._attrs.get(name)
-        if attr is None:
-            import nvtx
-            attr = self._attrs[name] = nvtx.EventAttributes(message=name)
+        if attr is None:                       # registered once per name: pushes pass a handle
+            attr = self._attrs[name] = self._domain.get_event_attributes(message=name)
         return _DomainRange(self._domain, attr)
 
 

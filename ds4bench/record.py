@@ -86,6 +86,8 @@ class CellRecord:
     ctx: int = 0
     chunk: int = 512
     stages: bool = False
+    nvtx: bool = False                  # NVTX ranges (domain ds4bench) on during the timed repetitions
+    trace: bool = False                 # the cell ran under Nsight Systems (implies nvtx)
     timeout_s: float = 0.0
     env: dict = field(default_factory=dict)     # DS4BENCH_* and spec variables the cell ran with
     # provenance
@@ -130,7 +132,13 @@ class CellRecord:
     timing_spread: float | None = None                  # the larger of decode and prefill (max - min) / median
     timing_reliable: bool | None = None
     timing_note: str = ""
-    stage_s: dict = field(default_factory=dict)         # --stages: host seconds per stage, one extra rep
+    stage_s: dict = field(default_factory=dict)         # --stages: seconds per stage in one extra rep (CUDA events on a GPU, host time on the CPU)
+    # Nsight Systems (--trace): GPU time projected onto each NVTX range over the timed repetitions
+    trace_file: str | None = None                       # the .nsys-rep, relative to the run directory
+    trace_gpu_ms: dict = field(default_factory=dict)    # range name (layer.3, attn.q, ...) -> GPU ms
+    trace_calls: dict = field(default_factory=dict)     # range name -> instances
+    trace_kernels: list = field(default_factory=list)   # top kernels: name, ms, calls, share of kernel time
+    trace_kernel_ms: float | None = None                # every kernel's GPU time in the capture
     # memory
     host_rss_peak_bytes: int | None = None
     device_peak_bytes: int | None = None

@@ -249,19 +249,53 @@ def summary_md(meta: dict, recs: list[dict]) -> str:
     why = reasons_md(recs)
     if why:
         lines += ["## Verdict reasons and failures", "", why]
+    tr = trace_md(recs)
+    if tr:
+        lines += ["## GPU time per range (Nsight Systems)", "", tr]
     lines += ["## Reading the verdicts", "", LEGEND, ""]
     if meta.get("status") != "complete":
         lines += [f"Resume with `ds4bench matrix --resume {meta.get('run_id')}`.", ""]
     return "\n".join(lines)
 
 
+def trace_md(recs: list[dict]) -> str:
+    """Traced cells: GPU ms projected onto each engine range over the timed repetitions (layer.N
+    summed into `layer`), GPU ms per decode step against its wall time, and the top kernels."""
+    from .nsys import by_stage, ordered
+    traced = [r for r in recs if r.get("trace_gpu_ms")]
+    if not traced:
+        untraced = [r for r in recs if r.get("trace")]
+        return "".join(f"- **{_label(r)}**: no trace: {(r.get('unavailable') or {}).get('trace_gpu_ms', '?')}\n"
+                       for r in untraced)
+    stages = [by_stage(r["trace_gpu_ms"]) for r in traced]
+    names = ordered({n for st in stages for n in st})
+    head = ["range (GPU ms, all timed reps)"] + [_label(r) for r in traced]
+    out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for n in names:
+        out.append(f"| {n} | " + " | ".join(_fmt(st.get(n), 2) for st in stages) + " |")
+    per_step = []
+    for r in traced:
+        steps = len(r.get("step_ms") or [])
+        dec = r["trace_gpu_ms"].get("decode")
+        per_step.append(_fmt(dec / steps, 3) if dec is not None and steps else "–")
+    out.append("| GPU ms per decode step | " + " | ".join(per_step) + " |")
+    out.append("| wall ms per decode step (p50) | " + " | ".join(_fmt(r.get("latency_p50_ms"), 3) for r in traced) + " |")
+    out += ["", "Top kernels (share of all kernel time in the capture):", ""]
+    for r in traced:
+        ks = ", ".join(f"`{k['name'][:60]}` {100 * (k.get('share') or 0):.1f}%" for k in (r.get("trace_kernels") or [])[:5])
+        out.append(f"- **{_label(r)}** ({_fmt(r.get('trace_kernel_ms'), 2)} ms of kernels; report "
+                   f"{r.get('trace_file') or '–'}): {ks}")
+    return "\n".join(out) + "\n"
+
+
 # ---- compare ---------------------------------------------------------------------------------
-JOIN = ("model", "backend", "cache", "placement", "batch", "n_gen", "prompt_set", "seed", "variant", "env")
+JOIN = ("model", "backend", "cache", "placement", "batch", "nvtx", "n_gen", "prompt_set", "seed", "variant", "env")
 
 
 def join_key(r: dict) -> tuple:
     model = r.get("preset") or Path(r.get("model_file") or "").stem
-    return tuple(json.dumps(model if k == "model" else r.get(k), sort_keys=True) for k in JOIN)
+    vals = {"model": model, "nvtx": bool(r.get("nvtx") or r.get("trace"))}
+    return tuple(json.dumps(vals[k] if k in vals else r.get(k), sort_keys=True) for k in JOIN)
 
 
 def compare(a: list[dict], b: list[dict], alpha: float = 0.05, factor: float = 1.1) -> dict:
@@ -270,10 +304,13 @@ def compare(a: list[dict], b: list[dict], alpha: float = 0.05, factor: float = 1
     `slower` only when the difference is significant (p < alpha) and beyond `factor`."""
     from scipy.stats import mannwhitneyu
     A, B = {join_key(r): r for r in a}, {join_key(r): r for r in b}
-    changes, speed = [], []
+    from .nsys import range_deltas
+    changes, speed, ranges = [], [], []
     for k in [k for k in A if k in B]:
         ra, rb = A[k], B[k]
         label = _label(rb)
+        if ra.get("trace_gpu_ms") and rb.get("trace_gpu_ms"):
+            ranges.append({"cell": label, "ranges": range_deltas(ra["trace_gpu_ms"], rb["trace_gpu_ms"])})
         pa = {p["prompt_id"]: p.get("sha256") for p in ra.get("prompts") or []}
         pb = {p["prompt_id"]: p.get("sha256") for p in rb.get("prompts") or []}
         moved = sorted(pid for pid in pa.keys() | pb.keys() if pa.get(pid) != pb.get(pid))
@@ -299,9 +336,20 @@ def compare(a: list[dict], b: list[dict], alpha: float = 0.05, factor: float = 1
         speed.append({"cell": label, "decode_tps_a": ta, "decode_tps_b": tb, "speedup": ratio, "p_value": p,
                       "change": sig, "unreliable": shaky, "prefill_tps_a": ra.get("prefill_tps"),
                       "prefill_tps_b": rb.get("prefill_tps")})
-    return {"correctness": changes, "speed": speed, "alpha": alpha, "factor": factor,
+    return {"correctness": changes, "speed": speed, "ranges": ranges, "alpha": alpha, "factor": factor,
             "only_a": [_label(A[k]) for k in A if k not in B], "only_b": [_label(B[k]) for k in B if k not in A],
             "status": int(any(c["worse"] for c in changes) or gate(b) == 1)}
+
+
+RANGE_ROWS = 10
+
+
+def stage_deltas(rows: list[dict]) -> list[dict]:
+    """Per-range delta rows (nsys.range_deltas) regrouped by stage, biggest change first."""
+    from .nsys import by_stage, range_deltas
+    a = by_stage({r["range"]: r["ms_a"] for r in rows if r["ms_a"] is not None})
+    b = by_stage({r["range"]: r["ms_b"] for r in rows if r["ms_b"] is not None})
+    return range_deltas(a, b)
 
 
 def _label(r: dict) -> str:
@@ -335,6 +383,13 @@ def render_compare(res: dict, fmt: str, name_a: str = "A", name_b: str = "B") ->
                    f"{_fmt(s['speedup'], 3)} | {pv} | "
                    f"{s['change']} | {_fmt(s['prefill_tps_a'])} | {_fmt(s['prefill_tps_b'])} | "
                    f"{'unreliable in ' + ' and '.join(s['unreliable']) if s['unreliable'] else 'ok'} |")
+    if res.get("ranges"):
+        out += ["", "## GPU time per range (Nsight Systems; biggest changes first, layer.N summed into layer)"]
+        for c in res["ranges"]:
+            out += ["", f"**{c['cell']}**", "", "| range | A GPU ms | B GPU ms | Δ ms | Δ % |", "|---|---|---|---|---|"]
+            for row in stage_deltas(c["ranges"])[:RANGE_ROWS]:
+                out.append(f"| {row['range']} | {_fmt(row['ms_a'], 2)} | {_fmt(row['ms_b'], 2)} | "
+                           f"{_fmt(row['delta_ms'], 2)} | {_fmt(row['delta_pct'], 1)} |")
     for side, key in (("A", "only_a"), ("B", "only_b")):
         if res[key]:
             out.append(f"\nonly in {side}: {', '.join(res[key])}")

@@ -4,7 +4,9 @@ Thresholds (normalized MSE = sum((gpu - ref)^2) / sum(ref^2)):
   exact kernels (activation quantization, dequant-cache expansion, FP8/F16 KV rounding, Hadamard
   + FP4): bit-identical, except where an input sits within an ulp of a rounding boundary;
   Q8_0 dp4a matmul and F16-weight matmul: terms and sums in double, rounded once, like the
-  reference: NMSE < 1e-12 (in practice nearly every element is bit-identical).
+  reference: NMSE < 1e-12 (in practice nearly every element is bit-identical);
+  HC mixing (hc.cu): gates and Sinkhorn within 1e-5 relative (expf against NumPy's exp), the
+  stream collapse and expansion NMSE < 1e-14 (sums in double, rounded once).
 End to end, each GPU mode is checked against the NumPy mode of the same name on the golden
 prompts: the same greedy tokens up to the first step where the reference's top-2 margin is a
 near tie (< TIE), and top-1 logprobs within LOGPROB_TOL[mode] before it. Placement must not change a
@@ -126,6 +128,40 @@ def test_kv_round_and_indexer_round_match_reference():
     got = g.indexer_round(cp.asarray(y)).get()
     want = ref.indexer_round(y)
     assert (got != want).mean() < 1e-3
+
+
+@pytest.mark.parametrize("N", [1, 5, 300])
+def test_hc_kernels_match_reference(N):
+    """Fused HC mixing (kernels/hc.cu) against model.hc_weights / hc_collapse / hc_expand on the
+    flash shapes: element-wise float32 rounded per operation as NumPy does, except expf against
+    NumPy's exp (an ulp), so the Sinkhorn output agrees to float32 rounding, not bit for bit."""
+    from ds4bench import model as M
+    cfg = config.preset("flash")
+    S, D = cfg.hc_streams, cfg.n_embd
+    mix = (RNG.standard_normal((N, S * (S + 2))) * 3).astype(np.float32)
+    sc = RNG.uniform(0.1, 2, 3).astype(np.float32)
+    b = (RNG.standard_normal(S * (S + 2)) * 0.5).astype(np.float32)
+    pre, post, comb = poisoned((N, S)), poisoned((N, S)), poisoned((N, S, S))
+    kernels.function("hc.cu", "hc_weights")(((N + 127) // 128,), (128,), (
+        cp.asarray(mix), cp.asarray(sc), cp.asarray(b), pre, post, comb, np.int32(N), np.int32(S),
+        np.int32(cfg.hc_sinkhorn_iters), np.float32(cfg.hc_eps)))
+    rpre, rpost, rcomb = M.hc_weights(np, cfg, mix, sc, b)
+    for got, want in ((pre, rpre), (post, rpost), (comb, rcomb)):
+        np.testing.assert_allclose(got.get(), want, rtol=1e-5, atol=0)
+    assert np.allclose(rcomb.sum(axis=-2), 1, atol=1e-3)           # Sinkhorn did run: columns sum to 1
+    X = RNG.standard_normal((N, S, D)).astype(np.float32)
+    y = RNG.standard_normal((N, D)).astype(np.float32)
+    x = poisoned((N, D))
+    kernels.function("hc.cu", "hc_collapse")(((D + 255) // 256, N), (256,), (
+        cp.asarray(X), cp.asarray(rpre), x, np.int32(N), np.int32(S), np.int32(D)))
+    assert nmse(x.get(), M.hc_collapse(np, np.float64, X, rpre)) < 1e-14
+    out = poisoned((N, S, D))
+    kernels.function("hc.cu", "hc_expand")(((D + 255) // 256, N), (256,), (
+        cp.asarray(X), cp.asarray(y), cp.asarray(rpost), cp.asarray(rcomb), out, np.int32(N), np.int32(S),
+        np.int32(D)))
+    want = M.hc_expand(np, np.float64, X, y, rpost, rcomb)
+    assert nmse(out.get(), want) < 1e-14
+    assert (out.get() != want).mean() < 1e-3
 
 
 # ---- end to end ----------------------------------------------------------------------------------

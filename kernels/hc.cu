@@ -1,0 +1,86 @@
+// Hyper-connection mixing (ds4-spec 3.3, "HC pre/post"), one launch per step instead of the
+// dozens of small element-wise kernels the array code needs (Sinkhorn alone is 2*iters sums).
+// Arithmetic follows the NumPy reference: float32 element-wise with explicit rounding per
+// operation (no contraction into FMA), sums over streams in order, the stream mixes in double.
+#include "common.cuh"
+
+#define HC_MAX_STREAMS 8
+
+__device__ __forceinline__ float hc_sigmoid(float x) {
+    return __fdiv_rn(1.0f, __fadd_rn(1.0f, expf(-x)));
+}
+
+// mix [N, S*(S+2)] -> pre [N, S] (sigmoid + eps), post [N, S] (2 sigmoid), comb [N, S, S]
+// (row softmax + eps, then Sinkhorn: `iters` column normalizations with iters-1 row ones between).
+extern "C" __global__ void hc_weights(const float* __restrict__ mix, const float* __restrict__ scale,
+                                      const float* __restrict__ base, float* __restrict__ pre,
+                                      float* __restrict__ post, float* __restrict__ comb,
+                                      int N, int S, int iters, float eps) {
+    int n = blockIdx.x * blockDim.x + threadIdx.x;
+    if (n >= N || S > HC_MAX_STREAMS) return;
+    const int M = S * (S + 2);
+    const float* m = mix + (size_t)n * M;
+    for (int s = 0; s < S; ++s) {
+        pre[n * S + s] = __fadd_rn(hc_sigmoid(__fadd_rn(__fmul_rn(m[s], scale[0]), base[s])), eps);
+        post[n * S + s] = __fmul_rn(2.0f, hc_sigmoid(__fadd_rn(__fmul_rn(m[S + s], scale[1]), base[S + s])));
+    }
+    float c[HC_MAX_STREAMS * HC_MAX_STREAMS];
+    for (int i = 0; i < S; ++i) {                       // row i: softmax over columns j
+        float mx = -INFINITY;
+        for (int j = 0; j < S; ++j) {
+            int k = 2 * S + i * S + j;
+            c[i * S + j] = __fadd_rn(__fmul_rn(m[k], scale[2]), base[k]);
+            mx = fmaxf(mx, c[i * S + j]);
+        }
+        float sum = 0.0f;
+        for (int j = 0; j < S; ++j) {
+            c[i * S + j] = expf(__fsub_rn(c[i * S + j], mx));
+            sum = __fadd_rn(sum, c[i * S + j]);
+        }
+        for (int j = 0; j < S; ++j) c[i * S + j] = __fadd_rn(__fdiv_rn(c[i * S + j], sum), eps);
+    }
+    for (int it = 0; it < iters; ++it) {
+        if (it > 0) {
+            for (int i = 0; i < S; ++i) {
+                float sum = 0.0f;
+                for (int j = 0; j < S; ++j) sum = __fadd_rn(sum, c[i * S + j]);
+                sum = __fadd_rn(sum, eps);
+                for (int j = 0; j < S; ++j) c[i * S + j] = __fdiv_rn(c[i * S + j], sum);
+            }
+        }
+        for (int j = 0; j < S; ++j) {
+            float sum = 0.0f;
+            for (int i = 0; i < S; ++i) sum = __fadd_rn(sum, c[i * S + j]);
+            sum = __fadd_rn(sum, eps);
+            for (int i = 0; i < S; ++i) c[i * S + j] = __fdiv_rn(c[i * S + j], sum);
+        }
+    }
+    for (int k = 0; k < S * S; ++k) comb[(size_t)n * S * S + k] = c[k];
+}
+
+// x [N, D] = sum_s pre[n, s] * X[n, s, :], in double, rounded once.
+extern "C" __global__ void hc_collapse(const float* __restrict__ X, const float* __restrict__ pre,
+                                       float* __restrict__ x, int N, int S, int D) {
+    int d = blockIdx.x * blockDim.x + threadIdx.x, n = blockIdx.y;
+    if (d >= D) return;
+    double acc = 0.0;
+    for (int s = 0; s < S; ++s) acc += (double)pre[n * S + s] * (double)X[((size_t)n * S + s) * D + d];
+    x[(size_t)n * D + d] = (float)acc;
+}
+
+// out [N, S, D]: stream t = post[n, t] * y[n, :] + sum_s comb[n, s, t] * X[n, s, :]
+// (the sum in double, rounded once, then the float32 product and sum).
+extern "C" __global__ void hc_expand(const float* __restrict__ X, const float* __restrict__ y,
+                                     const float* __restrict__ post, const float* __restrict__ comb,
+                                     float* __restrict__ out, int N, int S, int D) {
+    int d = blockIdx.x * blockDim.x + threadIdx.x, n = blockIdx.y;
+    if (d >= D || S > HC_MAX_STREAMS) return;
+    double xs[HC_MAX_STREAMS];
+    for (int s = 0; s < S; ++s) xs[s] = (double)X[((size_t)n * S + s) * D + d];
+    float yv = y[(size_t)n * D + d];
+    for (int t = 0; t < S; ++t) {
+        double acc = 0.0;
+        for (int s = 0; s < S; ++s) acc += (double)comb[(n * S + s) * S + t] * xs[s];
+        out[((size_t)n * S + t) * D + d] = __fadd_rn(__fmul_rn(post[n * S + t], yv), (float)acc);
+    }
+}
