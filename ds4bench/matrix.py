@@ -427,11 +427,17 @@ def run_cell_process(cell: Cell, out: Path, fingerprints: Path, log: Path,
     return None, last or f"exited with status {rc} without a record", wall
 
 
+# What nsys prints after the program it profiled; the cell's own last words come before it.
+NSYS_CHATTER = ("Processing events", "Generated:", "No reports were generated", "Collecting data",
+                "Capture range", "Generating '", "[1/1]", ".nsys-rep", "WARNING: CPU", "Exporting")
+
+
 def _last_line(path: Path) -> str:
     try:
         lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
     except OSError:
         return ""
+    lines = [ln for ln in lines if not any(ln.startswith(c) or c in ln for c in NSYS_CHATTER)]
     return lines[-1][:500] if lines else ""
 
 

@@ -19,14 +19,14 @@ extern "C" __global__ void hc_weights(const float* __restrict__ mix, const float
     int n = blockIdx.x * blockDim.x + threadIdx.x;
     if (n >= N || S > HC_MAX_STREAMS) return;
     const int M = S * (S + 2);
-    const float* m = mix + (size_t)n * M;
+    const float* m = mix + (long long)n * M;
     for (int s = 0; s < S; ++s) {
         pre[n * S + s] = __fadd_rn(hc_sigmoid(__fadd_rn(__fmul_rn(m[s], scale[0]), base[s])), eps);
         post[n * S + s] = __fmul_rn(2.0f, hc_sigmoid(__fadd_rn(__fmul_rn(m[S + s], scale[1]), base[S + s])));
     }
     float c[HC_MAX_STREAMS * HC_MAX_STREAMS];
     for (int i = 0; i < S; ++i) {                       // row i: softmax over columns j
-        float mx = -INFINITY;
+        float mx = __int_as_float(0xff800000);           // -inf (NVRTC has no math.h macros)
         for (int j = 0; j < S; ++j) {
             int k = 2 * S + i * S + j;
             c[i * S + j] = __fadd_rn(__fmul_rn(m[k], scale[2]), base[k]);
@@ -55,7 +55,7 @@ extern "C" __global__ void hc_weights(const float* __restrict__ mix, const float
             for (int i = 0; i < S; ++i) c[i * S + j] = __fdiv_rn(c[i * S + j], sum);
         }
     }
-    for (int k = 0; k < S * S; ++k) comb[(size_t)n * S * S + k] = c[k];
+    for (int k = 0; k < S * S; ++k) comb[(long long)n * S * S + k] = c[k];
 }
 
 // x [N, D] = sum_s pre[n, s] * X[n, s, :], in double, rounded once.
@@ -64,8 +64,8 @@ extern "C" __global__ void hc_collapse(const float* __restrict__ X, const float*
     int d = blockIdx.x * blockDim.x + threadIdx.x, n = blockIdx.y;
     if (d >= D) return;
     double acc = 0.0;
-    for (int s = 0; s < S; ++s) acc += (double)pre[n * S + s] * (double)X[((size_t)n * S + s) * D + d];
-    x[(size_t)n * D + d] = (float)acc;
+    for (int s = 0; s < S; ++s) acc += (double)pre[n * S + s] * (double)X[((long long)n * S + s) * D + d];
+    x[(long long)n * D + d] = (float)acc;
 }
 
 // out [N, S, D]: stream t = post[n, t] * y[n, :] + sum_s comb[n, s, t] * X[n, s, :]
@@ -76,11 +76,11 @@ extern "C" __global__ void hc_expand(const float* __restrict__ X, const float* _
     int d = blockIdx.x * blockDim.x + threadIdx.x, n = blockIdx.y;
     if (d >= D || S > HC_MAX_STREAMS) return;
     double xs[HC_MAX_STREAMS];
-    for (int s = 0; s < S; ++s) xs[s] = (double)X[((size_t)n * S + s) * D + d];
-    float yv = y[(size_t)n * D + d];
+    for (int s = 0; s < S; ++s) xs[s] = (double)X[((long long)n * S + s) * D + d];
+    float yv = y[(long long)n * D + d];
     for (int t = 0; t < S; ++t) {
         double acc = 0.0;
         for (int s = 0; s < S; ++s) acc += (double)comb[(n * S + s) * S + t] * xs[s];
-        out[((size_t)n * S + t) * D + d] = __fadd_rn(__fmul_rn(post[n * S + t], yv), (float)acc);
+        out[((long long)n * S + t) * D + d] = __fadd_rn(__fmul_rn(post[n * S + t], yv), (float)acc);
     }
 }

@@ -55,6 +55,16 @@ def poisoned(shape, dtype=np.float32):
 RNG = np.random.default_rng(1234)
 
 
+@pytest.mark.parametrize("name", kernels.kernel_files())
+def test_kernel_file_compiles_with_nvrtc(name):
+    """As the engine compiles them (cupy.RawModule, NVRTC), every function of every file."""
+    mod = kernels._module(name, cp.cuda.Device().id)
+    src = open(f"{kernels.KERNEL_DIR}/{name}").read()
+    import re
+    for fn in re.findall(r'extern "C" __global__ void (\w+)', src):
+        mod.get_function(fn)
+
+
 @pytest.mark.parametrize("N,n", [(1, 4096), (7, 1024), (33, 256)])
 def test_quantize_q8_0_exact(N, n):
     x = (RNG.standard_normal((N, n)) * RNG.uniform(0.01, 10, (N, 1))).astype(np.float32)
