@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export DS4BENCH_COMMIT=${DS4BENCH_COMMIT:-$(git rev-parse HEAD 2>/dev/null)}
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | awk '{print tolower($2)}')
-id="${STAMP:-$(date -u +%Y%m%d)}-$card-flash-4l-gpu"
+id="${STAMP:-$(date -u +%Y%m%d-%H%M)}-$card-flash-4l-gpu"
 python3 -m ds4bench matrix --spec gpu --id "$id" "$@"
 rc=$?
 [ -n "${OUT:-}" ] && tar czf "$OUT/gpu-matrix.tgz" --exclude=fingerprints results/runs/"$id"

@@ -139,12 +139,18 @@ def range_name(raw: str) -> str:
 
 
 def parse_nvtx_gpu(text: str) -> tuple[dict[str, float], dict[str, int]]:
-    """nvtx_gpu_proj_sum -> ({range: projected GPU ms, summed over instances}, {range: instances})."""
+    """nvtx_gpu_proj_sum -> ({range: projected GPU ms, summed over instances}, {range: instances}).
+
+    A range's projected time runs from the start of the first GPU operation it launched to the
+    end of the last, gaps included: on a host-bound step it approaches the wall time, while the
+    kernels' own time (cuda_gpu_kern_sum) is what the GPU was busy."""
     rows = read_csv(text)
     if not rows:
         return {}, {}
     name, total = _column(rows, "range"), _column(rows, "total", "proj")
     inst = _column(rows, "instances")
+    ours = [r for r in rows if r[name].strip().startswith(f"{DOMAIN}:")]
+    rows = ours or rows                 # other domains (CuPy's CUB ranges) are not the engine's
     ms: dict[str, float] = {}
     calls: dict[str, int] = {}
     for r in rows:
