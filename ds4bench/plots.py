@@ -4,7 +4,7 @@
                correctness tracks (first divergence, max |Δlogprob|) change is marked on the line
     scatter    one matrix run: decode tokens/s against max |Δlogprob|, coloured by verdict
     roofline   one GPU matrix run: % of the bandwidth roofline per cache mode and placement, by batch
-    stages     one matrix run recorded with --stages: per-stage seconds stacked per cell
+    stages     one matrix run recorded with --stages: per-stage seconds stacked per cell (leaf stages)
 
 Each function returns what it drew or raises `Skip` with the reason a figure cannot be drawn
 from these data (a CPU run has no roofline, a run without --stages no stage times); titles
@@ -61,6 +61,7 @@ def scatter(meta: dict, recs: list[dict], path: Path) -> Path:
     pts = [r for r in recs if r.get("decode_tps") is not None and _max_dlp(r) is not None]
     if not pts:
         raise Skip("no cell has both decode tokens/s and a comparison with the baseline")
+    stack = _label_stack(pts)
     fig, ax = plt.subplots(figsize=(8, 5.5))
     for verdict in dict.fromkeys(r.get("verdict") for r in pts):
         sub = [r for r in pts if r.get("verdict") == verdict]
@@ -69,17 +70,37 @@ def scatter(meta: dict, recs: list[dict], path: Path) -> Path:
                    c=VERDICT_COLOURS.get(verdict, "#868e96"), marker="X" if bad else "o", edgecolors="black",
                    linewidths=0.6, label=f"{verdict or 'not judged'} ({len(sub)})", zorder=3)
         for r in sub:
-            ax.annotate(_label(r), (r["decode_tps"], _max_dlp(r)), textcoords="offset points", xytext=(6, 5),
-                        fontsize=8, fontweight="bold" if bad else "normal",
+            ax.annotate(_label(r), (r["decode_tps"], _max_dlp(r)), textcoords="offset points",
+                        xytext=(6, 5 + 9 * stack[id(r)]), fontsize=8, fontweight="bold" if bad else "normal",
                         color=VERDICT_COLOURS["broken"] if bad else "black")
     ax.set_xscale("log")
-    ax.margins(x=0.15, y=0.1)
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.margins(x=0.15, y=0.15)
     ax.set_xlabel("decode throughput (tokens/s, log scale)")
     ax.set_ylabel("max |Δlogprob| vs baseline (nats)")
     ax.grid(True, alpha=0.3)
     ax.legend(title="verdict", loc="best", fontsize=8)
     ax.set_title(run_title(meta, recs, "speed vs correctness per cell"), fontsize=10)
     return _save(fig, path)
+
+
+def _label_stack(pts: list[dict]) -> dict[int, int]:
+    """How many lines up each point's label goes so labels of near points do not overprint:
+    points within a factor of two in tokens/s and at nearly the same |Δlogprob| stack their labels."""
+    import math
+    top = max((_max_dlp(r) for r in pts), default=0.0) or 1.0
+    placed: list[tuple[float, float, int]] = []
+    out = {}
+    for r in sorted(pts, key=lambda r: (_max_dlp(r), r["decode_tps"])):
+        x, y = math.log10(max(r["decode_tps"], 1e-9)), _max_dlp(r) / top
+        taken = {k for px, py, k in placed if abs(px - x) < 0.3 and abs(py - y) < 0.1}
+        k = next(i for i in range(len(pts) + 1) if i not in taken)
+        placed.append((x, y, k))
+        out[id(r)] = k
+    return out
 
 
 def _groups(recs: list[dict]) -> tuple[list[str], list[int]]:
@@ -97,6 +118,7 @@ def roofline(meta: dict, recs: list[dict], path: Path) -> Path:
     modes, batches = _groups(pts)
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(batches) * max(1, len(modes)) ** 0.5 + 3), 5))
     w = 0.8 / len(modes)
+    cmap = plt.get_cmap("tab10" if len(modes) <= 10 else "tab20")
     for i, m in enumerate(modes):
         xs, ys = [], []
         for j, b in enumerate(batches):
@@ -105,19 +127,20 @@ def roofline(meta: dict, recs: list[dict], path: Path) -> Path:
             if r is not None:
                 xs.append(j + (i - (len(modes) - 1) / 2) * w)
                 ys.append(r["roofline_pct"])
-        bars = ax.bar(xs, ys, width=w, label=m, edgecolor="black", linewidth=0.4)
+        bars = ax.bar(xs, ys, width=w, label=m, edgecolor="black", linewidth=0.4, color=cmap(i % cmap.N))
         ax.bar_label(bars, fmt="%.2f", fontsize=7)
     ax.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
     ax.set_ylabel("% of peak memory bandwidth (weights read per step)")
     ax.set_xlabel("batch size (sequences per decode step; % is a lower bound above 1)")
     ax.grid(True, axis="y", alpha=0.3)
-    ax.legend(title="cache placement", fontsize=8)
+    ax.legend(title="cache placement", fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left")
     ax.set_title(run_title(meta, recs, "decode bandwidth roofline"), fontsize=10)
     return _save(fig, path)
 
 
 def stages(meta: dict, recs: list[dict], path: Path) -> Path:
-    """Per-stage host seconds (one --stages pass) stacked per cell."""
+    """Per-stage seconds (one --stages pass: CUDA events on a GPU, host time on the CPU) stacked
+    per cell; the enclosing ranges (prefill, decode, layer) are left out of the stack."""
     pts = [r for r in recs if r.get("stage_s")]
     if not pts:
         why = next((r.get("unavailable", {}).get("stage_s") for r in recs if r.get("unavailable", {}).get("stage_s")),
@@ -126,7 +149,8 @@ def stages(meta: dict, recs: list[dict], path: Path) -> Path:
     totals: dict[str, float] = {}
     for r in pts:
         for k, v in r["stage_s"].items():
-            totals[k] = totals.get(k, 0.0) + v
+            if k not in CONTAINERS:             # they hold the other stages: stacking them counts twice
+                totals[k] = totals.get(k, 0.0) + v
     names = sorted(totals, key=lambda k: -totals[k])
     fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(pts) + 3), 5))
     bottom = [0.0] * len(pts)
@@ -136,13 +160,15 @@ def stages(meta: dict, recs: list[dict], path: Path) -> Path:
         ax.bar(range(len(pts)), ys, bottom=bottom, label=k, color=cmap(i % 20), edgecolor="white", linewidth=0.3)
         bottom = [b + y for b, y in zip(bottom, ys)]
     ax.set_xticks(range(len(pts)), [_label(r) for r in pts], rotation=45, ha="right")
-    ax.set_ylabel("host time per stage (s, one generation)")
+    gpu = all(r.get("backend") == "cupy" for r in pts)
+    ax.set_ylabel(f"{'GPU time (CUDA events)' if gpu else 'host time'} per stage (s, one generation)")
     ax.set_xlabel("cell (cache placement batch)")
     ax.legend(title="stage", fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
     ax.set_title(run_title(meta, recs, "time per stage"), fontsize=10)
     return _save(fig, path)
 
 
+CONTAINERS = ("prefill", "decode", "layer")
 RUN_FIGURES = (("scatter", scatter), ("roofline", roofline), ("stages", stages))
 
 

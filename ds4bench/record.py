@@ -186,19 +186,18 @@ def software() -> tuple[dict, dict]:
     out["packages"] = {p: _version(p) for p in PACKAGES}
     cupy = next((d for d in md.distributions() if (d.metadata["Name"] or "").lower().startswith("cupy")), None)
     out["packages"]["cupy"] = f"{cupy.metadata['Name']} {cupy.version}" if cupy else None
+    given = os.environ.get("DS4BENCH_COMMIT")          # a copied checkout (the GPU box): said, not guessed
+    if given:
+        out["git_commit"] = given
+        na["git_dirty"] = "commit given by DS4BENCH_COMMIT; the tree's state is not checked"
+        return out, na
     try:
-        commit = _git("rev-parse", "HEAD")
-        out["git_commit"] = commit
+        out["git_commit"] = _git("rev-parse", "HEAD")
         out["git_dirty"] = bool(_git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.CalledProcessError) as e:
-        given = os.environ.get("DS4BENCH_COMMIT")      # a checkout copied without .git (the GPU box)
-        if given:
-            out["git_commit"] = given
-            na["git_dirty"] = "no git repository here; commit taken from DS4BENCH_COMMIT"
-        else:
-            reason = (getattr(e, "stderr", "") or str(e)).strip().splitlines()
-            na["git_commit"] = na["git_dirty"] = (f"git: {reason[0] if reason else 'unavailable'} (in {REPO}); "
-                                                  f"set DS4BENCH_COMMIT")
+        reason = (getattr(e, "stderr", "") or str(e)).strip().splitlines()
+        na["git_commit"] = na["git_dirty"] = (f"git: {reason[0] if reason else 'unavailable'} (in {REPO}); "
+                                              f"set DS4BENCH_COMMIT")
     return out, na
 
 

@@ -28,7 +28,8 @@ METRICS = (("verdict", "verdict"), ("decode_tps", "decode tok/s"), ("prefill_tps
            ("ttft_ms", "TTFT ms"), ("latency_p50_ms", "p50 ms"), ("latency_p99_ms", "p99 ms"),
            ("roofline_pct", "roofline %"), ("first_div", "1st div"), ("med_dlp", "median Δlp"),
            ("max_dlp", "max Δlp"), ("timing", "timing"))
-SHOWN_PARAMS = ("preset", "model_file", "backend", "cache", "placement", "batch", "n_gen", "prompt_set", "reps")
+SHOWN_PARAMS = ("preset", "model_file", "backend", "cache", "placement", "batch", "nvtx", "trace", "n_gen",
+                "prompt_set", "reps")
 
 
 LEGEND = ("identical: same tokens and logprobs as the baseline · close: same tokens, logprobs within the "
@@ -260,7 +261,9 @@ def summary_md(meta: dict, recs: list[dict]) -> str:
 
 def trace_md(recs: list[dict]) -> str:
     """Traced cells: GPU ms projected onto each engine range over the timed repetitions (layer.N
-    summed into `layer`), GPU ms per decode step against its wall time, and the top kernels."""
+    summed into `layer`), GPU ms per decode step against its wall time, how busy the GPU was
+    (kernel time over the span of the prefill and decode ranges), and the top kernels.
+    A range's projected time spans its first to last GPU operation, idle gaps included."""
     from .nsys import by_stage, ordered
     traced = [r for r in recs if r.get("trace_gpu_ms")]
     if not traced:
@@ -278,8 +281,13 @@ def trace_md(recs: list[dict]) -> str:
         steps = len(r.get("step_ms") or [])
         dec = r["trace_gpu_ms"].get("decode")
         per_step.append(_fmt(dec / steps, 3) if dec is not None and steps else "–")
-    out.append("| GPU ms per decode step | " + " | ".join(per_step) + " |")
+    out.append("| GPU span per decode step, ms (projected) | " + " | ".join(per_step) + " |")
     out.append("| wall ms per decode step (p50) | " + " | ".join(_fmt(r.get("latency_p50_ms"), 3) for r in traced) + " |")
+    busy = []
+    for r in traced:
+        span = sum(r["trace_gpu_ms"].get(n, 0.0) for n in ("prefill", "decode"))
+        busy.append(_fmt(100 * r["trace_kernel_ms"] / span, 1) if r.get("trace_kernel_ms") and span else "–")
+    out.append("| GPU busy % (kernel time / prefill + decode span) | " + " | ".join(busy) + " |")
     out += ["", "Top kernels (share of all kernel time in the capture):", ""]
     for r in traced:
         ks = ", ".join(f"`{k['name'][:60]}` {100 * (k.get('share') or 0):.1f}%" for k in (r.get("trace_kernels") or [])[:5])

@@ -132,7 +132,7 @@ def test_matrix_trace_fills_the_record_summary_and_compare(tmp_path, monkeypatch
         assert not {k for k in rec["unavailable"] if k.startswith("trace")}
     md = (ra.path / "summary.md").read_text()
     assert "## GPU time per range (Nsight Systems)" in md and "| moe.experts |" in md
-    assert "GPU ms per decode step" in md and "`matmul_f16w`" in md
+    assert "GPU span per decode step" in md and "GPU busy %" in md and "`matmul_f16w`" in md
     res = compare(recs_a, recs_b)
     assert res["ranges"] and res["ranges"][0]["ranges"][0]["delta_ms"] is not None
     out = render_compare(res, "md", "a", "b")
