@@ -169,3 +169,26 @@ def test_nvtx_axis_expands_and_names_cells():
     assert cells[2].key == "cache=q8 nvtx=on" and cells[0].key == "cache=f32 nvtx=off"
     with pytest.raises(ValueError, match="nvtx='maybe': use on or off"):
         M.spec_from_mapping({"exclude": [{"nvtx": "maybe"}]}, "test")
+
+
+def test_trace_command_runs_one_cell_under_nsys(tmp_path, monkeypatch, capsys):
+    """`ds4bench trace` on a (pretend) GPU: one cell, its own baseline, wrapped in nsys; axes not
+    given take the spec's first value; several values are refused with one line."""
+    seen = []
+
+    def fake_cell(cell, out, fp, log, trace=None):
+        seen.append((cell, trace))
+        return None, "stopped here", 0.0
+
+    monkeypatch.setattr(M, "resolve_backend", lambda req: ("cupy", "pretend GPU"))
+    monkeypatch.setattr(M, "prepare_models", lambda cells, say=None: None)
+    monkeypatch.setattr(M, "run_cell_process", fake_cell)
+    monkeypatch.setattr(N, "find_nsys", lambda env=None: "/opt/nsys")
+    out = str(tmp_path / "runs")
+    assert main(["trace", "--cache", "q8", "--out", out, "--id", "t"]) == 1        # the fake cell failed
+    (cell, trace), = seen
+    assert cell.cell_id == "flash-4l-q8-device-b1-nvtx" and cell.is_baseline
+    assert cell.params["trace"] and cell.params["nvtx"] and trace[0] == "/opt/nsys"
+    assert str(trace[1]).endswith("t/traces/flash-4l-q8-device-b1-nvtx")
+    assert main(["trace", "--cache", "q8,f16", "--out", out]) == 2
+    assert "trace runs one cell; these options give 2" in capsys.readouterr().err
