@@ -10,7 +10,10 @@
 # which must hold wheel, build, packaging, pyproject_hooks). Needs a git repository with the range.
 # The benchmarks run under the spawn launch method (asv.conf.json) so CUDA starts clean per process.
 # DS4BENCH_ASV_FULL=1 (the default here) runs tiny and flash-4l, every placement, batch 1 and 16;
-# export DS4BENCH_ASV_PLACEMENTS / _BATCHES / _CACHES / _PRESETS to narrow it.
+# export DS4BENCH_ASV_PLACEMENTS / _BATCHES / _CACHES / _PRESETS to narrow it. The tracks (decode
+# tok/s, first divergence, max |Δlogprob|, device bytes) are measured once per commit for every
+# cell; time_prefill / time_decode_step, one process per cell each, run on DS4BENCH_ASV_TIME_PRESETS
+# (default here: tiny).
 # Results: results/asv/results/<machine>/, HTML: results/asv/html, plots: results/plots/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +23,7 @@ PARENT_SITE="$(python3 -c 'import site; print(":".join(site.getsitepackages()))'
 export PARENT_SITE
 export PIP_NO_INDEX=1 PIP_FIND_LINKS="${PIP_FIND_LINKS:-$PWD/.whl}"
 export DS4BENCH_ASV_FULL="${DS4BENCH_ASV_FULL:-1}"
+export DS4BENCH_ASV_TIME_PRESETS="${DS4BENCH_ASV_TIME_PRESETS:-tiny}"   # time_* on tiny; tracks on every preset
 machine="${ASV_MACHINE:-$(hostname -s)}"
 asv machine --yes --machine "$machine" >/dev/null
 asv run --machine "$machine" --launch-method spawn --show-stderr --skip-existing-successful "$@"

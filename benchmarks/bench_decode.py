@@ -16,6 +16,13 @@ DS4BENCH_ASV_PRESETS / _CACHES / _PLACEMENTS / _BATCHES (comma lists) and DS4BEN
 (generated tokens) override single axes. Set them before `asv run`: asv discovers the
 parameters and runs the benchmarks in separate processes that read the same variables.
 
+Cost per commit. Every cell's correctness tracks, decode tokens/s and device memory come from
+one pass over the grid in `setup_cache` (one process per commit, one engine per cell, freed
+before the next), so asv's one-process-per-benchmark-and-parameter launches cost nothing for
+them. `time_prefill` and `time_decode_step` need their own engine in their own process (asv
+times them there); DS4BENCH_ASV_TIME_PRESETS (comma list; default every preset, `tiny` under
+benchmarks/asv_range.sh) limits them, and the other presets show n/a there.
+
 Only the engine API every benchmarked commit shares is used (cli.load_model, generate.Engine,
 generate.generate, synth.write_model, prompts.load_prompts, verdict.compare_prompt); the
 prompts come from this checkout's benchmarks/prompts, since an installed wheel has none.
@@ -25,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 FULL = os.environ.get("DS4BENCH_ASV_FULL", "") not in ("", "0")
@@ -42,6 +50,7 @@ CACHES = _axis("DS4BENCH_ASV_CACHES", "f32,q8,f16")
 PLACEMENTS = _axis("DS4BENCH_ASV_PLACEMENTS", ",".join(GPU_PLACEMENTS) if FULL else "cpu")
 BATCHES = [int(b) for b in _axis("DS4BENCH_ASV_BATCHES", "1,16" if FULL else "1,4")]
 N_GEN = int(os.environ.get("DS4BENCH_ASV_N", "16"))
+TIME_PRESETS = _axis("DS4BENCH_ASV_TIME_PRESETS", ",".join(PRESETS))
 
 
 def _backend(placement: str) -> str:
@@ -126,32 +135,99 @@ def _steps(fps) -> dict:
                           "topk_lp": [list(s) for s in f.topk_logprobs]} for f in fps}
 
 
+def _release() -> None:
+    """Give a finished cell's device memory back before the next cell places its weights."""
+    import gc
+    gc.collect()
+    if "cupy" in sys.modules:
+        import cupy
+        cupy.get_default_memory_pool().free_all_blocks()
+        cupy.get_default_pinned_memory_pool().free_all_blocks()
+
+
+def _measure(models: dict, preset: str, cache: str, placement: str, batch: int) -> dict:
+    """One cell, once: a greedy generation of the smoke prompts (its fingerprints and decode
+    tokens/s) and the device pool's high-water mark."""
+    cell = _Loaded(models, preset, cache, placement, batch, N_GEN + 1)
+    try:
+        cell.prime()
+        res = cell.generate()
+        report = getattr(cell.engine.ops, "memory", None)
+        return {"backend": cell.engine.backend, "tps": res.timing.decode_tps, "steps": _steps(res.fingerprints),
+                "device_bytes": int(report()["pool_total_bytes"]) if report else None}
+    finally:
+        del cell
+        _release()
+
+
+def _judge(cells: dict) -> None:
+    """First divergence and max |Δlogprob| of every measured cell against its baseline: f32,
+    batch 1, the same preset and backend (device placement on a GPU)."""
+    try:
+        from ds4bench.verdict import compare_prompt
+    except ImportError:
+        for c in cells.values():
+            c["no_baseline"] = "this commit has no verdict.compare_prompt"
+        return
+    for (preset, cache, placement, batch), c in cells.items():
+        if "steps" not in c:
+            continue
+        base_key = (preset, BASELINE_CACHE, "device" if placement in GPU_PLACEMENTS else placement, 1)
+        base = cells.get(base_key, {}).get("steps")
+        if base is None:
+            c["no_baseline"] = f"the baseline cell {base_key} did not run"
+            continue
+        cmp = [compare_prompt(c["steps"][pid], base[pid])[0] for pid in c["steps"]]
+        c["first_div"] = min(N_GEN if x["first_divergence"] is None else x["first_divergence"] for x in cmp)
+        c["max_dlp"] = max(x["max_dlogprob"] for x in cmp)
+
+
 class _Cells:
     """The parameter grid and the setup every benchmark of it shares."""
     params = [PRESETS, CACHES, PLACEMENTS, BATCHES]
     param_names = ["preset", "cache", "placement", "batch"]
-    timeout = 1800.0 if FULL else 300.0
+    timeout = 3600.0 if FULL else 600.0
 
     def setup_cache(self):
-        """Write each preset's synthetic GGUF once and generate the baselines (f32, batch 1, per
-        backend) the correctness tracks compare against. Runs once per commit."""
+        """Once per commit: write each preset's synthetic GGUF, then measure every cell of the
+        grid (and each backend's f32 batch-1 baseline, if the grid lacks it) and judge it."""
         models = _write_models()
-        baselines = {}
-        for preset in PRESETS:
-            for placement in dict.fromkeys("device" if p in GPU_PLACEMENTS else p for p in PLACEMENTS):
-                try:
-                    cell = _Loaded(models, preset, BASELINE_CACHE, placement, 1, N_GEN + 1)
-                except NotImplementedError:
-                    continue
-                cell.prime()
-                baselines[(preset, _backend(placement))] = _steps(cell.generate().fingerprints)
-        return {"models": models, "baselines": baselines}
+        grid = [(p, c, pl, b) for p in PRESETS for pl in PLACEMENTS for c in CACHES for b in BATCHES]
+        bases = {(p, BASELINE_CACHE, "device" if pl in GPU_PLACEMENTS else pl, 1) for p, _, pl, _ in grid}
+        cells = {}
+        for key in sorted(bases - set(grid)) + grid:     # baselines first: a later failure cannot lose them
+            try:
+                cells[key] = _measure(models, *key)
+            except NotImplementedError as e:
+                cells[key] = {"na": str(e)}
+            except Exception as e:                       # one cell's crash is that cell's n/a, not the run's
+                cells[key] = {"error": f"{type(e).__name__}: {e}"}
+        _judge(cells)
+        return {"models": models, "cells": cells}
+
+
+def _timed_preset(preset: str) -> None:
+    if preset not in TIME_PRESETS:
+        raise NotImplementedError(f"time_* benchmarks run on {', '.join(TIME_PRESETS)} (DS4BENCH_ASV_TIME_PRESETS)")
+
+
+def _cell(cached: dict, key: tuple) -> dict:
+    """The setup_cache measurement of one cell, or the reason it has none (asv shows n/a)."""
+    c = cached["cells"].get(tuple(key))
+    if c is None:
+        raise NotImplementedError(f"cell {key} was not measured")
+    if "na" in c:
+        raise NotImplementedError(c["na"])
+    if "error" in c:
+        raise NotImplementedError(f"cell {key} failed: {c['error']}")
+    return c
 
 
 class Prefill(_Cells):
     """Every slot of the batch prefilled with the first smoke prompt."""
 
     def setup(self, cached, preset, cache, placement, batch):
+        _timed_preset(preset)
         self.cell = _Loaded(cached["models"], preset, cache, placement, batch, 1)
         self.cell.prime()
         self.ids = self.cell.prompts[0][1]
@@ -173,6 +249,7 @@ class DecodeStep(_Cells):
     def setup(self, cached, preset, cache, placement, batch):
         import numpy as np
         from ds4bench.generate import greedy
+        _timed_preset(preset)
         self.cell = _Loaded(cached["models"], preset, cache, placement, batch, 256)
         self.cell.prime()
         eng = self.cell.engine
@@ -204,51 +281,36 @@ class HostMemory(_Cells):
 
 
 class Generation(_Cells):
-    """One greedy generation of the smoke prompts (N_GEN tokens each), compared with the baseline."""
+    """One greedy generation of the smoke prompts (N_GEN tokens each) per cell, compared with the
+    baseline: measured once per commit in setup_cache."""
 
     def setup(self, cached, preset, cache, placement, batch):
-        try:
-            from ds4bench.verdict import compare_prompt
-        except ImportError:
-            raise NotImplementedError("this commit has no verdict.compare_prompt") from None
-        self.cell = _Loaded(cached["models"], preset, cache, placement, batch, N_GEN + 1)
-        base = cached["baselines"].get((preset, self.cell.engine.backend))
-        if base is None:
-            raise NotImplementedError(f"no {BASELINE_CACHE} baseline for {preset} on {self.cell.engine.backend}")
-        self.cell.prime()
-        res = self.cell.generate()
-        self.tps = res.timing.decode_tps
-        got = _steps(res.fingerprints)
-        cmp = [compare_prompt(got[pid], base[pid])[0] for pid in got]
-        self.first_div = min(N_GEN if c["first_divergence"] is None else c["first_divergence"] for c in cmp)
-        self.max_dlp = max(c["max_dlogprob"] for c in cmp)
+        self.c = _cell(cached, (preset, cache, placement, batch))
+        if "no_baseline" in self.c:
+            raise NotImplementedError(self.c["no_baseline"])
 
     def track_decode_tokens_per_s(self, cached, preset, cache, placement, batch):
-        return self.tps
+        return self.c["tps"]
     track_decode_tokens_per_s.unit = "tokens/s"
 
     def track_first_divergence(self, cached, preset, cache, placement, batch):
-        return self.first_div
+        return self.c["first_div"]
     track_first_divergence.unit = "tokens"
 
     def track_max_logprob_delta(self, cached, preset, cache, placement, batch):
-        return self.max_dlp
+        return self.c["max_dlp"]
     track_max_logprob_delta.unit = "nats"
 
 
 class DeviceMemory(_Cells):
     """CuPy's pool total after one generation: the device high-water mark (weights placed on the
-    device, caches, run state); n/a on the NumPy backend."""
+    device, caches, run state); n/a on the NumPy backend. Measured in setup_cache."""
 
     def setup(self, cached, preset, cache, placement, batch):
-        self.cell = _Loaded(cached["models"], preset, cache, placement, batch, N_GEN + 1)
-        report = getattr(self.cell.engine.ops, "memory", None)
-        if report is None:
-            raise NotImplementedError(f"backend {self.cell.engine.backend} reports no device memory")
-        self.cell.prime()
-        self.cell.generate()
-        self.bytes = int(report()["pool_total_bytes"])
+        self.c = _cell(cached, (preset, cache, placement, batch))
+        if self.c["device_bytes"] is None:
+            raise NotImplementedError(f"backend {self.c['backend']} reports no device memory")
 
     def track_device_peak_bytes(self, cached, preset, cache, placement, batch):
-        return self.bytes
+        return self.c["device_bytes"]
     track_device_peak_bytes.unit = "bytes"
