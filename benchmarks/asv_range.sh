@@ -13,7 +13,7 @@
 # export DS4BENCH_ASV_PLACEMENTS / _BATCHES / _CACHES / _PRESETS to narrow it. The tracks (decode
 # tok/s, first divergence, max |Δlogprob|, device bytes) are measured once per commit for every
 # cell; time_prefill / time_decode_step, one process per cell each, run on DS4BENCH_ASV_TIME_PRESETS
-# (default here: tiny).
+# and DS4BENCH_ASV_TIME_PLACEMENTS (default here: tiny, device); DS4BENCH_ASV_SKIP leaves cells out.
 # Results: results/asv/results/<machine>/, HTML: results/asv/html, plots: results/plots/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +23,8 @@ PARENT_SITE="$(python3 -c 'import site; print(":".join(site.getsitepackages()))'
 export PARENT_SITE
 export PIP_NO_INDEX=1 PIP_FIND_LINKS="${PIP_FIND_LINKS:-$PWD/.whl}"
 export DS4BENCH_ASV_FULL="${DS4BENCH_ASV_FULL:-1}"
-export DS4BENCH_ASV_TIME_PRESETS="${DS4BENCH_ASV_TIME_PRESETS:-tiny}"   # time_* on tiny; tracks on every preset
+export DS4BENCH_ASV_TIME_PRESETS="${DS4BENCH_ASV_TIME_PRESETS:-tiny}"           # time_*: tiny, device placement;
+export DS4BENCH_ASV_TIME_PLACEMENTS="${DS4BENCH_ASV_TIME_PLACEMENTS:-device}"   # tracks: every cell not skipped
 machine="${ASV_MACHINE:-$(hostname -s)}"
 asv machine --yes --machine "$machine" >/dev/null
 asv run --machine "$machine" --launch-method spawn --show-stderr --skip-existing-successful "$@"

@@ -20,8 +20,9 @@ Cost per commit. Every cell's correctness tracks, decode tokens/s and device mem
 one pass over the grid in `setup_cache` (one process per commit, one engine per cell, freed
 before the next), so asv's one-process-per-benchmark-and-parameter launches cost nothing for
 them. `time_prefill` and `time_decode_step` need their own engine in their own process (asv
-times them there); DS4BENCH_ASV_TIME_PRESETS (comma list; default every preset, `tiny` under
-benchmarks/asv_range.sh) limits them, and the other presets show n/a there.
+times them there); DS4BENCH_ASV_TIME_PRESETS and DS4BENCH_ASV_TIME_PLACEMENTS (comma lists;
+default all; benchmarks/asv_range.sh: tiny, device) limit them, and the other cells show n/a
+there. DS4BENCH_ASV_SKIP leaves cells out altogether (e.g. flash-4l:host).
 
 Only the engine API every benchmarked commit shares is used (cli.load_model, generate.Engine,
 generate.generate, synth.write_model, prompts.load_prompts, verdict.compare_prompt); the
@@ -51,6 +52,16 @@ PLACEMENTS = _axis("DS4BENCH_ASV_PLACEMENTS", ",".join(GPU_PLACEMENTS) if FULL e
 BATCHES = [int(b) for b in _axis("DS4BENCH_ASV_BATCHES", "1,16" if FULL else "1,4")]
 N_GEN = int(os.environ.get("DS4BENCH_ASV_N", "16"))
 TIME_PRESETS = _axis("DS4BENCH_ASV_TIME_PRESETS", ",".join(PRESETS))
+TIME_PLACEMENTS = _axis("DS4BENCH_ASV_TIME_PLACEMENTS", ",".join(PLACEMENTS))
+# cells left out (n/a), e.g. "flash-4l:host,flash-4l:managed": a cell matching every value of
+# one pattern (preset, cache, placement or batch values, colon-separated) is not measured
+SKIP = [tuple(v.split(":")) for v in _axis("DS4BENCH_ASV_SKIP", "")]
+
+
+def _skipped(key: tuple) -> str | None:
+    vals = {str(v) for v in key}
+    hit = next((pat for pat in SKIP if set(pat) <= vals), None)
+    return f"left out by DS4BENCH_ASV_SKIP ({':'.join(hit)})" if hit else None
 
 
 def _backend(placement: str) -> str:
@@ -196,6 +207,9 @@ class _Cells:
         bases = {(p, BASELINE_CACHE, "device" if pl in GPU_PLACEMENTS else pl, 1) for p, _, pl, _ in grid}
         cells = {}
         for key in sorted(bases - set(grid)) + grid:     # baselines first: a later failure cannot lose them
+            if _skipped(key) and key not in bases:
+                cells[key] = {"na": _skipped(key)}
+                continue
             try:
                 cells[key] = _measure(models, *key)
             except NotImplementedError as e:
@@ -206,9 +220,15 @@ class _Cells:
         return {"models": models, "cells": cells}
 
 
-def _timed_preset(preset: str) -> None:
-    if preset not in TIME_PRESETS:
-        raise NotImplementedError(f"time_* benchmarks run on {', '.join(TIME_PRESETS)} (DS4BENCH_ASV_TIME_PRESETS)")
+def _timed(preset: str, cache: str, placement: str, batch: int) -> None:
+    """time_* run where DS4BENCH_ASV_TIME_PRESETS / _TIME_PLACEMENTS say (each needs its own
+    process and engine per cell) and not on skipped cells."""
+    if preset not in TIME_PRESETS or placement not in TIME_PLACEMENTS:
+        raise NotImplementedError(f"time_* benchmarks run on presets {', '.join(TIME_PRESETS)} and placements "
+                                  f"{', '.join(TIME_PLACEMENTS)} (DS4BENCH_ASV_TIME_PRESETS, _TIME_PLACEMENTS)")
+    why = _skipped((preset, cache, placement, batch))
+    if why:
+        raise NotImplementedError(why)
 
 
 def _cell(cached: dict, key: tuple) -> dict:
@@ -225,9 +245,12 @@ def _cell(cached: dict, key: tuple) -> dict:
 
 class Prefill(_Cells):
     """Every slot of the batch prefilled with the first smoke prompt."""
+    number = 1
+    repeat = (2, 10, 5.0)
+    warmup_time = 0.0
 
     def setup(self, cached, preset, cache, placement, batch):
-        _timed_preset(preset)
+        _timed(preset, cache, placement, batch)
         self.cell = _Loaded(cached["models"], preset, cache, placement, batch, 1)
         self.cell.prime()
         self.ids = self.cell.prompts[0][1]
@@ -243,13 +266,13 @@ class Prefill(_Cells):
 class DecodeStep(_Cells):
     """One decode step: one token for each of the batch's sequences."""
     number = 1
-    repeat = (3, 40, 10.0)
+    repeat = (3, 40, 5.0)
     warmup_time = 0.0
 
     def setup(self, cached, preset, cache, placement, batch):
         import numpy as np
         from ds4bench.generate import greedy
-        _timed_preset(preset)
+        _timed(preset, cache, placement, batch)
         self.cell = _Loaded(cached["models"], preset, cache, placement, batch, 256)
         self.cell.prime()
         eng = self.cell.engine
