@@ -105,6 +105,21 @@ def hc_expand(xp, acc, X, y, post, comb):
     return post[:, :, None] * y[:, None, :] + mixed
 
 
+def attend(xp, acc, q, keys, mask, sinks):
+    """Softmax attention with a per-head sink, V = K, in `acc`: q [B,T,H,K], keys [B,J,K],
+    mask [B,T,J] (True = visible), sinks [H] -> [B,T,H,K] float32."""
+    B, T, H, K = q.shape
+    keys = keys.astype(acc)
+    s = (q.astype(acc).reshape(B, T * H, K) @ keys.transpose(0, 2, 1)).reshape(B, T, H, -1)  # [B, T, H, J]
+    s = s * (1.0 / math.sqrt(K))
+    s = xp.where(mask[:, :, None, :], s, -xp.inf)
+    m = xp.maximum(xp.max(s, axis=-1), sinks)                                       # [B, T, H]
+    e = xp.exp(s - m[..., None])                                                     # [B, T, H, J]
+    den = xp.sum(e, axis=-1) + xp.exp(sinks - m)                                     # [B, T, H]
+    p = e / den[..., None]
+    return (p.reshape(B, T * H, -1) @ keys).reshape(B, T, H, K).astype(xp.float32)  # [B, T, H, K]
+
+
 # ---- the model -----------------------------------------------------------------------------------
 class DS4Model:
     """Forward pass over a `RunState`. `ops` supplies projections and numeric modes."""
@@ -122,13 +137,17 @@ class DS4Model:
         self._hc_collapse = getattr(ops, "hc_collapse", None) or (lambda X, pre: hc_collapse(xp, acc, X, pre))
         self._hc_expand = getattr(ops, "hc_expand", None) or (
             lambda X, y, post, comb: hc_expand(xp, acc, X, y, post, comb))
+        # norms, RoPE and attention likewise: fused kernels where the ops have them
+        self._rms = getattr(ops, "rms_norm", None) or (lambda x, w, eps: rms_norm(xp, x, w, eps))
+        self._rope = getattr(ops, "rope", None) or (lambda x, pos, f, inverse=False: rope(xp, x, pos, f, inverse))
+        self._attend = getattr(ops, "attend", None) or (lambda q, k, m, sk: attend(xp, acc, q, k, m, sk))
 
     # -- hyper-connections ----------------------------------------------------------------------
     def hc_pre(self, X, prefix):
         """Collapse S streams into one sublayer input; return it with the post gates and comb."""
         xp, cfg = self.xp, self.cfg
         N = X.shape[0]
-        flat = rms_norm(xp, X.reshape(N, cfg.hc_dim), None, cfg.rms_eps)       # [N, S*D]
+        flat = self._rms(X.reshape(N, cfg.hc_dim), None, cfg.rms_eps)       # [N, S*D]
         mix = self.ops.linear(f"{prefix}_fn.weight", flat)                     # [N, S*(S+2)]
         s, b = self.p(f"{prefix}_scale.weight"), self.p(f"{prefix}_base.weight")
         pre, post, comb = self._hc_weights(mix, s, b)                          # [N, S], [N, S], [N, S, S]
@@ -170,7 +189,7 @@ class DS4Model:
             else:
                 kk, ss = k_cur, s_cur                                                     # [nE, ratio, width]
             pooled = xp.sum(softmax(xp, ss, axis=1) * kk, axis=1)                          # [nE, width]
-            rows = rms_norm(xp, pooled, norm, self.cfg.rms_eps)                            # [nE, width]
+            rows = self._rms(pooled, norm, self.cfg.rms_eps)                            # [nE, width]
         n = min(T, L)                                                            # keep the last L rows
         ring_k[bi, ix(P[:, -n:] % L)] = ck[:, -n:]
         ring_s[bi, ix(P[:, -n:] % L)] = cs[:, -n:]
@@ -187,17 +206,17 @@ class DS4Model:
         bi = ix(np.arange(B)[:, None])
         with prof.range("hc_pre"):
             x, post, comb = self.hc_pre(X, pre + "hc_attn")                       # [N, D], [N, S], [N, S, S]
-            xn = rms_norm(xp, x, self.p(pre + "attn_norm.weight"), cfg.rms_eps)   # [N, D]
+            xn = self._rms(x, self.p(pre + "attn_norm.weight"), cfg.rms_eps)   # [N, D]
         with prof.range("attn.q"):
             qr = ops.linear(pre + "attn_q_a.weight", xn)                          # [N, Q]
-            qrn = rms_norm(xp, qr, self.p(pre + "attn_q_a_norm.weight"), cfg.rms_eps)
+            qrn = self._rms(qr, self.p(pre + "attn_q_a_norm.weight"), cfg.rms_eps)
             q = ops.linear(pre + "attn_q_b.weight", qrn).reshape(N, H, K)          # [N, H, K]
-            q = rms_norm(xp, q, None, cfg.rms_eps)                                 # per head, no gain
-            q = rope(xp, q, P.reshape(N, 1), freq)                                 # [N, H, K]
+            q = self._rms(q, None, cfg.rms_eps)                                 # per head, no gain
+            q = self._rope(q, P.reshape(N, 1), freq)                                 # [N, H, K]
         with prof.range("attn.kv"):
             kv = ops.linear(pre + "attn_kv.weight", xn)                            # [N, K]
-            kv = rms_norm(xp, kv, self.p(pre + "attn_kv_a_norm.weight"), cfg.rms_eps)
-            kv = ops.kv_round(rope(xp, kv, P.reshape(N), freq)).reshape(B, T, K)   # [B, T, K] FP8 nope, F16
+            kv = self._rms(kv, self.p(pre + "attn_kv_a_norm.weight"), cfg.rms_eps)
+            kv = ops.kv_round(self._rope(kv, P.reshape(N), freq)).reshape(B, T, K)   # [B, T, K] FP8 nope, F16
 
         cmax = int((P[:, -1] + 1).max()) // ratio if ratio else 0               # most compressed rows after this call
         if ratio:
@@ -209,7 +228,7 @@ class DS4Model:
                 eb, et, rows = self.compress(ls.ck, ls.cs, ck, cs, P, ratio, K,
                                              self.p(pre + "attn_compressor_norm.weight"))
                 if rows is not None:
-                    rows = ops.kv_round(rope(xp, rows, P[eb, et] + 1 - ratio, freq))   # [nE, K]
+                    rows = ops.kv_round(self._rope(rows, P[eb, et] + 1 - ratio, freq))   # [nE, K]
                     ls.comp[ix(eb), ix((P[eb, et] + 1) // ratio - 1)] = rows
         visible = None
         if cfg.has_indexer(il):
@@ -234,7 +253,7 @@ class DS4Model:
             n = min(T, W)
             ls.raw[bi, ix(P[:, -n:] % W)] = kv[:, -n:]
         with prof.range("attn.out"):
-            o = rope(xp, o.reshape(N, H, K), P.reshape(N, 1), freq, inverse=True)   # [N, H, K]
+            o = self._rope(o.reshape(N, H, K), P.reshape(N, 1), freq, inverse=True)   # [N, H, K]
             G = cfg.o_groups
             low = ops.linear_grouped(pre + "attn_output_a.weight", o.reshape(N, G, -1))   # [N, G, O]
             y = ops.linear(pre + "attn_output_b.weight", low.reshape(N, -1))        # [N, D]
@@ -242,17 +261,7 @@ class DS4Model:
 
     def attend(self, q, keys, mask, sinks):
         """Softmax attention with a per-head sink; V = K. q [B,T,H,K], keys [B,J,K], mask [B,T,J]."""
-        xp, acc = self.xp, self.ops.acc
-        B, T, H, K = q.shape
-        keys = keys.astype(acc)
-        s = (q.astype(acc).reshape(B, T * H, K) @ keys.transpose(0, 2, 1)).reshape(B, T, H, -1)  # [B, T, H, J]
-        s = s * (1.0 / math.sqrt(K))
-        s = xp.where(mask[:, :, None, :], s, -xp.inf)
-        m = xp.maximum(xp.max(s, axis=-1), sinks)                                       # [B, T, H]
-        e = xp.exp(s - m[..., None])                                                     # [B, T, H, J]
-        den = xp.sum(e, axis=-1) + xp.exp(sinks - m)                                     # [B, T, H]
-        p = e / den[..., None]
-        return (p.reshape(B, T * H, -1) @ keys).reshape(B, T, H, K).astype(xp.float32)  # [B, T, H, K]
+        return self._attend(q, keys, mask, sinks)
 
     def indexer_keys(self, il, xn, P, ls):
         """The indexer's own compressor: one Hadamard/FP4 key per completed ratio-4 window."""
@@ -266,7 +275,7 @@ class DS4Model:
         eb, et, rows = self.compress(ls.ick, ls.ics, ck, cs, P, 4, I,
                                      self.p(pre + "indexer_compressor_norm.weight"))
         if rows is not None:
-            rows = ops.indexer_round(rope(xp, rows, P[eb, et] - 3, self.inv_freq[True]))   # [nE, I]
+            rows = ops.indexer_round(self._rope(rows, P[eb, et] - 3, self.inv_freq[True]))   # [nE, I]
             ls.ik[self.ix(eb), self.ix((P[eb, et] + 1) // 4 - 1)] = rows
 
     def indexer_select(self, il, xn, qrn, P, ls, visible):
@@ -279,7 +288,7 @@ class DS4Model:
         n_vis = (P + 1) // 4                                                          # [B, T]
         C = visible.shape[-1]
         iq = ops.linear(pre + "indexer.attn_q_b.weight", qrn).reshape(N, J, I)        # [N, J, I]
-        iq = ops.indexer_round(rope(xp, iq, P.reshape(N, 1), freq)).reshape(B, T * J, I)
+        iq = ops.indexer_round(self._rope(iq, P.reshape(N, 1), freq)).reshape(B, T * J, I)
         wt = ops.linear(pre + "indexer.proj.weight", xn) * np.float32(1.0 / math.sqrt(I * J))  # [N, J]
         acc = ops.acc
         dots = iq.astype(acc) @ ls.ik[:, :C].astype(acc).transpose(0, 2, 1)               # [B, T*J, C]
@@ -294,7 +303,7 @@ class DS4Model:
         pre = f"blk.{il}."
         with prof.range("hc_pre"):
             x2, post, comb = self.hc_pre(X, pre + "hc_ffn")                             # [N, D], [N, S], [N, S, S]
-            xn2 = rms_norm(xp, x2, self.p(pre + "ffn_norm.weight"), cfg.rms_eps)       # [N, D]
+            xn2 = self._rms(x2, self.p(pre + "ffn_norm.weight"), cfg.rms_eps)       # [N, D]
         with prof.range("moe.router"):
             sel, wts = self.route(il, xn2, tokens)                                      # [N, A], [N, A]
         with prof.range("moe.experts"):
@@ -356,12 +365,12 @@ class DS4Model:
     def head(self, X):
         xp, cfg = self.xp, self.cfg
         N = X.shape[0]
-        flat = rms_norm(xp, X.reshape(N, cfg.hc_dim), None, cfg.rms_eps)                 # [N, S*D]
+        flat = self._rms(X.reshape(N, cfg.hc_dim), None, cfg.rms_eps)                 # [N, S*D]
         pre = self.ops.linear("output_hc_fn.weight", flat)                                # [N, S]
         wgt = sigmoid(xp, pre * self.p("output_hc_scale.weight")[0]
                       + self.p("output_hc_base.weight")) + cfg.hc_eps                    # [N, S]
         x = xp.einsum("ns,nsd->nd", wgt, X)                                               # [N, D]
-        x = rms_norm(xp, x, self.p("output_norm.weight"), cfg.rms_eps)
+        x = self._rms(x, self.p("output_norm.weight"), cfg.rms_eps)
         return self.ops.linear("output.weight", x)                                        # [N, V]
 
 

@@ -29,6 +29,7 @@ from .ops_ref import cache_eligible, check_cache_mode
 
 ROWS_PER_BLOCK, TOKEN_TILE = 8, 8
 CACHE_RESERVE = 4 * 2 ** 30          # device memory left free when the cache budget is automatic
+ATTEND_SMEM_MAX = 48 * 1024          # dynamic shared memory without opting in: 6K key rows
 
 
 def _grid(O: int, T: int) -> tuple[int, int]:
@@ -56,6 +57,7 @@ class GpuOps:
         self.moe = GpuExperts(self.cfg, expert_tensors)
         self._param: dict[str, cp.ndarray] = {}
         self._cached: dict[str, cp.ndarray] = {}
+        self._freq: dict[bytes, cp.ndarray] = {}          # RoPE frequency tables on the device
         self.fallbacks: list[str] = []
         self.cache_bytes = 0
         if self.cache != "q8":
@@ -178,6 +180,52 @@ class GpuOps:
             cp.ascontiguousarray(post, dtype=cp.float32), cp.ascontiguousarray(comb, dtype=cp.float32),
             out, np.int32(N), np.int32(S), np.int32(D)))
         return out
+
+    # -- norms, RoPE, attention (kernels/norm_rope.cu, kernels/attention.cu) -------------------------
+    def rms_norm(self, x: cp.ndarray, weight, eps: float) -> cp.ndarray:
+        """model.rms_norm over the last axis in one launch (mean of squares in double)."""
+        x = cp.ascontiguousarray(x, dtype=cp.float32)
+        n = x.shape[-1]
+        y = cp.empty_like(x)
+        rows = x.size // n
+        if rows:
+            w = x if weight is None else cp.ascontiguousarray(weight, dtype=cp.float32)
+            kernels.function("norm_rope.cu", "rms_norm")((rows,), (256,), (
+                x, w, y, np.int32(n), np.float32(eps), np.int32(weight is not None)))
+        return y
+
+    def rope(self, x: cp.ndarray, pos, inv_freq: np.ndarray, inverse: bool = False) -> cp.ndarray:
+        """model.rope in one launch: angles and cos/sin computed on the device in double from the
+        positions (one small copy in) instead of host tables."""
+        x = cp.ascontiguousarray(x, dtype=cp.float32)
+        K = x.shape[-1]
+        rows = x.size // K
+        y = cp.empty_like(x)
+        if rows:
+            p = np.ascontiguousarray(np.broadcast_to(np.asarray(pos, dtype=np.int64), x.shape[:-1]).reshape(-1))
+            key = inv_freq.tobytes()
+            f = self._freq.get(key)
+            if f is None:
+                f = self._freq[key] = cp.asarray(np.asarray(inv_freq, dtype=np.float64))
+            kernels.function("norm_rope.cu", "rope")((rows,), (64,), (
+                x, y, cp.asarray(p), f, np.int32(K), np.int32(len(inv_freq)), np.float32(-1.0 if inverse else 1.0)))
+        return y
+
+    def attend(self, q: cp.ndarray, keys: cp.ndarray, mask: cp.ndarray, sinks: cp.ndarray) -> cp.ndarray:
+        """model.attend in one launch per step; array code when the scores do not fit shared memory."""
+        B, T, H, K = q.shape
+        J = keys.shape[1]
+        smem = 8 * J + 256
+        if smem > ATTEND_SMEM_MAX:
+            from .model import attend
+            return attend(cp, self.acc, q, keys, mask, sinks)
+        o = cp.empty((B, T, H, K), cp.float32)
+        m = cp.ascontiguousarray(mask, dtype=cp.bool_).view(cp.uint8)
+        kernels.function("attention.cu", "attend_sink")((H, T, B), (256,), (
+            cp.ascontiguousarray(q, dtype=cp.float32), cp.ascontiguousarray(keys, dtype=cp.float32), m,
+            cp.ascontiguousarray(sinks, dtype=cp.float32), o, np.int32(T), np.int32(H), np.int32(J), np.int32(K),
+            np.float64(1.0 / math.sqrt(K))), shared_mem=smem)
+        return o
 
     # -- simulated precision ----------------------------------------------------------------------------
     def kv_round(self, x: cp.ndarray) -> cp.ndarray:

@@ -6,7 +6,11 @@ Thresholds (normalized MSE = sum((gpu - ref)^2) / sum(ref^2)):
   Q8_0 dp4a matmul and F16-weight matmul: terms and sums in double, rounded once, like the
   reference: NMSE < 1e-12 (in practice nearly every element is bit-identical);
   HC mixing (hc.cu): gates and Sinkhorn within 1e-5 relative (expf against NumPy's exp), the
-  stream collapse and expansion NMSE < 1e-14 (sums in double, rounded once).
+  stream collapse and expansion NMSE < 1e-14 (sums in double, rounded once);
+  RMS norm (norm_rope.cu): within 2e-6 relative (the mean of squares summed in double, the
+  reference sums float32); RoPE: within 1e-5 (cos/sin in double on the device and on the host,
+  rounded to float; an element differs only at a rounding boundary); attention with sinks
+  (attention.cu): NMSE < 1e-12 (double throughout, like the reference).
 End to end, each GPU mode is checked against the NumPy mode of the same name on the golden
 prompts: the same greedy tokens up to the first step where the reference's top-2 margin is a
 near tie (< TIE), and top-1 logprobs within LOGPROB_TOL[mode] before it. Placement must not change a
@@ -173,6 +177,59 @@ def test_hc_kernels_match_reference(N):
     want = M.hc_expand(np, np.float64, X, y, rpost, rcomb)
     assert nmse(out.get(), want) < 1e-14
     assert (out.get() != want).mean() < 1e-3
+
+
+def _gpu_ops(cfg):
+    from ds4bench.ops_gpu import GpuOps
+    g = GpuOps.__new__(GpuOps)
+    g.cfg, g._freq = cfg, {}
+    return g
+
+
+@pytest.mark.parametrize("shape,weighted", [((1, 4096), True), ((7, 64, 512), False), ((33, 1024), True),
+                                            ((5, 16384), False)])
+def test_rms_norm_kernel_matches_reference(shape, weighted):
+    """Sum of squares in double, rounded once (the reference sums float32): within float32 rounding."""
+    from ds4bench import model as M
+    x = (RNG.standard_normal(shape) * RNG.uniform(0.01, 30, shape[:-1] + (1,))).astype(np.float32)
+    w = RNG.uniform(0.5, 1.5, shape[-1]).astype(np.float32) if weighted else None
+    got = _gpu_ops(config.preset("flash")).rms_norm(cp.asarray(x), None if w is None else cp.asarray(w), 1e-6).get()
+    want = M.rms_norm(np, x, w, 1e-6)
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=0)
+    assert nmse(got, want) < 1e-12
+
+
+@pytest.mark.parametrize("compressed,inverse", [(False, False), (True, False), (True, True)])
+def test_rope_kernel_matches_reference(compressed, inverse):
+    """Angles and cos/sin in double on the device against the host's: the same float32 factors
+    except where cos/sin sit on a rounding boundary; products rounded one by one."""
+    from ds4bench import model as M
+    cfg = config.preset("flash")
+    freq = M.rope_inv_freq(cfg, compressed)
+    x = RNG.standard_normal((9, cfg.n_head, cfg.head_dim)).astype(np.float32)
+    pos = RNG.integers(0, 1 << 20, (9, 1))
+    got = _gpu_ops(cfg).rope(cp.asarray(x), pos, freq, inverse).get()
+    want = M.rope(np, x, pos, freq, inverse)
+    np.testing.assert_array_equal(got[..., :-2 * len(freq)], x[..., :-2 * len(freq)])   # the unrotated dims
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert (got != want).mean() < 1e-3
+
+
+@pytest.mark.parametrize("B,T,J", [(1, 1, 129), (3, 1, 400), (1, 7, 200), (2, 5, 1500)])
+def test_attend_kernel_matches_reference(B, T, J):
+    """Scores, softmax with the sink and the weighted key sum in double, rounded once."""
+    from ds4bench import model as M
+    H, K = 64, 512
+    q = RNG.standard_normal((B, T, H, K)).astype(np.float32)
+    keys = RNG.standard_normal((B, J, K)).astype(np.float32)
+    mask = RNG.random((B, T, J)) < 0.7
+    mask[0, 0, :] = False                                          # a token that sees only its sink
+    sinks = RNG.standard_normal(H).astype(np.float32)
+    got = _gpu_ops(config.preset("flash")).attend(cp.asarray(q), cp.asarray(keys), cp.asarray(mask),
+                                                  cp.asarray(sinks)).get()
+    want = M.attend(np, np.float64, q, keys, mask, sinks)
+    np.testing.assert_array_equal(got[0, 0], 0.0)
+    assert nmse(got, want) < 1e-12
 
 
 # ---- end to end ----------------------------------------------------------------------------------
