@@ -8,12 +8,7 @@
 # cell joined with the traced one). Runs land in results/runs/; with OUT set, tarballs of them
 # (without fingerprints and reports) are written there after each run.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-[ -f .whl/gpu-env.sh ] && source .whl/gpu-env.sh
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-export DS4BENCH_COMMIT=${DS4BENCH_COMMIT:-$(git rev-parse HEAD 2>/dev/null)}
-card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | awk '{print tolower($2)}')
-stamp=${STAMP:-$(date -u +%Y%m%d-%H%M)}
+source "$(dirname "$0")/gpu_common.sh"
 trace="$stamp-$card-flash-4l-trace" nvtx="$stamp-$card-flash-4l-nvtx"
 common="--preset flash-4l --placement device -n 16"
 save() { [ -n "${OUT:-}" ] && tar czf "$OUT/$1.tgz" --exclude=fingerprints --exclude='*.nsys-rep' --exclude='*.sqlite' "results/runs/$1"; }

@@ -7,28 +7,6 @@
 
 #define AT_THREADS 256
 
-__device__ __forceinline__ double warp_max_d(double v) {
-    for (int o = 16; o > 0; o >>= 1) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
-
-// op 0: sum, 1: max, over the block (every thread gets the result)
-__device__ __forceinline__ double block_reduce_d(double v, double* red, int op) {
-    v = op ? warp_max_d(v) : warp_sum_d(v);
-    int lane = threadIdx.x % DS4_WARP, warp = threadIdx.x / DS4_WARP;
-    if (lane == 0) red[warp] = v;
-    __syncthreads();
-    int nw = (blockDim.x + DS4_WARP - 1) / DS4_WARP;
-    const double none = op ? __longlong_as_double(0xfff0000000000000ULL) : 0.0;
-    v = threadIdx.x < nw ? red[threadIdx.x] : none;
-    if (warp == 0) v = op ? warp_max_d(v) : warp_sum_d(v);
-    if (threadIdx.x == 0) red[0] = v;
-    __syncthreads();
-    v = red[0];
-    __syncthreads();
-    return v;
-}
-
 // q [B, T, H, K], keys [B, J, K], mask [B, T, J] (1 = visible), sinks [H] -> o [B, T, H, K]
 extern "C" __global__ void attend_sink(const float* __restrict__ q, const float* __restrict__ keys,
                                        const unsigned char* __restrict__ mask, const float* __restrict__ sinks,

@@ -29,3 +29,26 @@ __device__ __forceinline__ float round_to_grid(float v, int mbits, int emin) {
     float r = rintf(a / step) * step;
     return v < 0.0f ? -r : r;
 }
+
+__device__ __forceinline__ double warp_max_d(double v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// op 0: sum, 1: max, over the block (every thread gets the result); `red` holds one double per
+// warp. Every thread of the block must call it.
+__device__ __forceinline__ double block_reduce_d(double v, double* red, int op) {
+    v = op ? warp_max_d(v) : warp_sum_d(v);
+    int lane = threadIdx.x % DS4_WARP, warp = threadIdx.x / DS4_WARP;
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    int nw = (blockDim.x + DS4_WARP - 1) / DS4_WARP;
+    const double none = op ? __longlong_as_double(0xfff0000000000000ULL) : 0.0;
+    v = threadIdx.x < nw ? red[threadIdx.x] : none;
+    if (warp == 0) v = op ? warp_max_d(v) : warp_sum_d(v);
+    if (threadIdx.x == 0) red[0] = v;
+    __syncthreads();
+    v = red[0];
+    __syncthreads();
+    return v;
+}

@@ -6,21 +6,6 @@
 
 #define NR_THREADS 256
 
-__device__ __forceinline__ double block_sum_d(double v, double* red) {
-    v = warp_sum_d(v);
-    int lane = threadIdx.x % DS4_WARP, warp = threadIdx.x / DS4_WARP;
-    if (lane == 0) red[warp] = v;
-    __syncthreads();
-    int nw = (blockDim.x + DS4_WARP - 1) / DS4_WARP;
-    v = threadIdx.x < nw ? red[threadIdx.x] : 0.0;
-    if (warp == 0) v = warp_sum_d(v);
-    if (threadIdx.x == 0) red[0] = v;
-    __syncthreads();
-    v = red[0];
-    __syncthreads();
-    return v;
-}
-
 // y[r, :] = x[r, :] * (1 / sqrt(mean(x[r, :]^2) + eps)) [* w]; one block per row of n.
 extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ w,
                                     float* __restrict__ y, int n, float eps, int has_w) {
@@ -32,7 +17,7 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
         double v = (double)xr[i];
         acc += v * v;
     }
-    acc = block_sum_d(acc, red);
+    acc = block_reduce_d(acc, red, 0);
     float mean = (float)(acc / (double)n);
     float inv = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(mean, eps)));
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
