@@ -131,6 +131,7 @@ class DS4Model:
         self.p = ops.param                     # small F32 tensors (norms, scales, sinks) as xp arrays
         # host index arrays -> the array module's (CuPy indexes with its own arrays)
         self.ix = (lambda a: a) if self.xp is np else self.xp.asarray
+        self._memo: dict = {}                  # index arrays of the current forward call (see idx)
         # HC mixing: the ops' fused kernels where they have them, else the array code above
         xp, acc = self.xp, ops.acc
         self._hc_weights = getattr(ops, "hc_weights", None) or (lambda mix, s, b: hc_weights(xp, cfg, mix, s, b))
@@ -142,10 +143,19 @@ class DS4Model:
         self._rope = getattr(ops, "rope", None) or (lambda x, pos, f, inverse=False: rope(xp, x, pos, f, inverse))
         self._attend = getattr(ops, "attend", None) or (lambda q, k, m, sk: attend(xp, acc, q, k, m, sk))
 
+    def idx(self, key: tuple, make):
+        """A host-computed index or mask array (from the positions) on the array module's
+        device, built once per forward call: every layer with the same ring length or ratio
+        reuses it, so a GPU step uploads a few small arrays instead of a few per layer."""
+        v = self._memo.get(key)
+        if v is None:
+            v = self._memo[key] = self.ix(make())
+        return v
+
     # -- hyper-connections ----------------------------------------------------------------------
     def hc_pre(self, X, prefix):
         """Collapse S streams into one sublayer input; return it with the post gates and comb."""
-        xp, cfg = self.xp, self.cfg
+        cfg = self.cfg
         N = X.shape[0]
         flat = self._rms(X.reshape(N, cfg.hc_dim), None, cfg.rms_eps)       # [N, S*D]
         mix = self.ops.linear(f"{prefix}_fn.weight", flat)                     # [N, S*(S+2)]
@@ -166,23 +176,24 @@ class DS4Model:
         Ratio 4 pools 8 candidates per dim: the previous window's first half and the current
         window's second half (overlapping windows); other ratios pool the current window.
         """
-        xp, ix = self.xp, self.ix
+        xp = self.xp
         B, T, _ = ck.shape
         L = ring_k.shape[1]
         pos0 = P[:, 0]
-        hist = ix((pos0[:, None] - L + np.arange(L)) % L)                      # [B, L] ring rows of pos0-L..pos0-1
-        bi = ix(np.arange(B)[:, None])
+        hist = self.idx(("hist", L), lambda: (pos0[:, None] - L + np.arange(L)) % L)   # [B, L] rows of pos0-L..pos0-1
+        bi = self.idx(("bi",), lambda: np.arange(B)[:, None])
         tl_k = xp.concatenate([ring_k[bi, hist], ck], axis=1)                   # [B, L+T, w]
         tl_s = xp.concatenate([ring_s[bi, hist], cs], axis=1)                   # [B, L+T, w]
         eb, et = np.nonzero((P + 1) % ratio == 0)                               # emitting tokens
         rows = None
         if len(eb):
             cur = L + et[:, None] - ratio + 1 + np.arange(ratio)                 # [nE, ratio] timeline idx
-            e2, c2 = ix(eb[:, None]), ix(cur)
+            e2 = self.idx(("emit_b", ratio), lambda: eb[:, None])
+            c2 = self.idx(("emit_t", ratio, L), lambda: cur)
             k_cur, s_cur = tl_k[e2, c2], tl_s[e2, c2]                            # [nE, ratio, w]
             if ratio == 4:
                 k_prev, s_prev = tl_k[e2, c2 - 4], tl_s[e2, c2 - 4]
-                first = xp.asarray((P[eb, et] + 1 - ratio) == 0)[:, None, None]   # no previous window
+                first = self.idx(("first", ratio), lambda: (P[eb, et] + 1 - ratio) == 0)[:, None, None]   # no previous window
                 s_prev = xp.where(first, -xp.inf, s_prev[..., :width])
                 kk = xp.concatenate([k_prev[..., :width], k_cur[..., width:]], axis=1)   # [nE, 8, width]
                 ss = xp.concatenate([s_prev, s_cur[..., width:]], axis=1)                # [nE, 8, width]
@@ -191,19 +202,20 @@ class DS4Model:
             pooled = xp.sum(softmax(xp, ss, axis=1) * kk, axis=1)                          # [nE, width]
             rows = self._rms(pooled, norm, self.cfg.rms_eps)                            # [nE, width]
         n = min(T, L)                                                            # keep the last L rows
-        ring_k[bi, ix(P[:, -n:] % L)] = ck[:, -n:]
-        ring_s[bi, ix(P[:, -n:] % L)] = cs[:, -n:]
+        rows_in = self.idx(("ring", L, n), lambda: P[:, -n:] % L)
+        ring_k[bi, rows_in] = ck[:, -n:]
+        ring_s[bi, rows_in] = cs[:, -n:]
         return eb, et, rows
 
     # -- attention sublayer --------------------------------------------------------------------------
     def attention(self, il, X, P, ls):
-        xp, cfg, ops, prof, ix = self.xp, self.cfg, self.ops, self.prof, self.ix
+        xp, cfg, ops, prof = self.xp, self.cfg, self.ops, self.prof
         B, T = P.shape
         N, H, K, W = B * T, cfg.n_head, cfg.head_dim, cfg.sliding_window
         ratio = cfg.ratio(il)
         pre = f"blk.{il}."
         freq = self.inv_freq[ratio != 0]
-        bi = ix(np.arange(B)[:, None])
+        bi = self.idx(("bi",), lambda: np.arange(B)[:, None])
         with prof.range("hc_pre"):
             x, post, comb = self.hc_pre(X, pre + "hc_attn")                       # [N, D], [N, S], [N, S, S]
             xn = self._rms(x, self.p(pre + "attn_norm.weight"), cfg.rms_eps)   # [N, D]
@@ -224,34 +236,36 @@ class DS4Model:
                 w = cfg.compressor_width(il)
                 ape = self.p(pre + "attn_compressor_ape.weight")                    # [ratio, w]
                 ck = ops.linear(pre + "attn_compressor_kv.weight", xn).reshape(B, T, w)
-                cs = ops.linear(pre + "attn_compressor_gate.weight", xn).reshape(B, T, w) + ape[ix(P % ratio)]
+                cs = ops.linear(pre + "attn_compressor_gate.weight", xn).reshape(B, T, w) + ape[
+                    self.idx(("phase", ratio), lambda: P % ratio)]
                 eb, et, rows = self.compress(ls.ck, ls.cs, ck, cs, P, ratio, K,
                                              self.p(pre + "attn_compressor_norm.weight"))
                 if rows is not None:
                     rows = ops.kv_round(self._rope(rows, P[eb, et] + 1 - ratio, freq))   # [nE, K]
-                    ls.comp[ix(eb), ix((P[eb, et] + 1) // ratio - 1)] = rows
+                    ls.comp[self.idx(("emit_b1", ratio), lambda: eb),
+                            self.idx(("emit_row", ratio), lambda: (P[eb, et] + 1) // ratio - 1)] = rows
         visible = None
         if cfg.has_indexer(il):
             with prof.range("indexer"):
                 self.indexer_keys(il, xn, P, ls)                                   # every token feeds its ring
         if cmax:
             n_vis = (P + 1) // ratio                                               # [B, T] visible rows
-            visible = ix(np.arange(cmax)[None, None, :] < n_vis[:, :, None])       # [B, T, C] causal
+            visible = self.idx(("visible", ratio), lambda: np.arange(cmax)[None, None, :] < n_vis[:, :, None])  # [B, T, C]
             if cfg.has_indexer(il) and (n_vis > cfg.indexer_topk).any():
                 with prof.range("indexer"):
                     visible = self.indexer_select(il, xn, qrn, P, ls, visible)
         with prof.range("attention"):
-            hist = ix((P[:, :1] - W + np.arange(W)) % W)                          # [B, W] ring rows
+            hist = self.idx(("hist", W), lambda: (P[:, :1] - W + np.arange(W)) % W)   # [B, W] ring rows
             keys = xp.concatenate([ls.raw[bi, hist], kv], axis=1)                  # [B, W+T, K]
             kpos = P[:, :1] - W + np.arange(W + T)                                 # [B, W+T]
-            mask = ix((kpos[:, None, :] >= 0) & (kpos[:, None, :] <= P[:, :, None])
-                      & (kpos[:, None, :] > P[:, :, None] - W))                    # [B, T, W+T]
+            mask = self.idx(("raw_mask", W), lambda: (kpos[:, None, :] >= 0) & (kpos[:, None, :] <= P[:, :, None])
+                            & (kpos[:, None, :] > P[:, :, None] - W))               # [B, T, W+T]
             if cmax:
                 keys = xp.concatenate([keys, ls.comp[:, :cmax]], axis=1)           # [B, R+C, K]
                 mask = xp.concatenate([mask, visible], axis=-1)                      # [B, T, R+C]
             o = self.attend(q.reshape(B, T, H, K), keys, mask, self.p(pre + "attn_sinks.weight"))  # [B, T, H, K]
             n = min(T, W)
-            ls.raw[bi, ix(P[:, -n:] % W)] = kv[:, -n:]
+            ls.raw[bi, self.idx(("ring", W, n), lambda: P[:, -n:] % W)] = kv[:, -n:]
         with prof.range("attn.out"):
             o = self._rope(o.reshape(N, H, K), P.reshape(N, 1), freq, inverse=True)   # [N, H, K]
             G = cfg.o_groups
@@ -265,18 +279,19 @@ class DS4Model:
 
     def indexer_keys(self, il, xn, P, ls):
         """The indexer's own compressor: one Hadamard/FP4 key per completed ratio-4 window."""
-        xp, cfg, ops = self.xp, self.cfg, self.ops
+        cfg, ops = self.cfg, self.ops
         B, T = P.shape
         I = cfg.indexer_dim
         pre = f"blk.{il}."
         ape = self.p(pre + "indexer_compressor_ape.weight")                          # [4, 2I]
         ck = ops.linear(pre + "indexer_compressor_kv.weight", xn).reshape(B, T, 2 * I)
-        cs = ops.linear(pre + "indexer_compressor_gate.weight", xn).reshape(B, T, 2 * I) + ape[self.ix(P % 4)]
+        cs = ops.linear(pre + "indexer_compressor_gate.weight", xn).reshape(B, T, 2 * I) + ape[
+            self.idx(("phase", 4), lambda: P % 4)]
         eb, et, rows = self.compress(ls.ick, ls.ics, ck, cs, P, 4, I,
                                      self.p(pre + "indexer_compressor_norm.weight"))
         if rows is not None:
             rows = ops.indexer_round(self._rope(rows, P[eb, et] - 3, self.inv_freq[True]))   # [nE, I]
-            ls.ik[self.ix(eb), self.ix((P[eb, et] + 1) // 4 - 1)] = rows
+            ls.ik[self.idx(("emit_b1", 4), lambda: eb), self.idx(("emit_row", 4), lambda: (P[eb, et] + 1) // 4 - 1)] = rows
 
     def indexer_select(self, il, xn, qrn, P, ls, visible):
         """Top-k visible compressed rows per token by ReLU-weighted indexer scores [B, T, C]."""
@@ -295,7 +310,7 @@ class DS4Model:
         dots = xp.maximum(dots, 0.0).reshape(B, T, J, C)                                # [B, T, J, C]
         score = xp.einsum("btj,btjc->btc", wt.reshape(B, T, J).astype(acc), dots)      # [B, T, C]
         keep = ops.topk_mask(score, visible, cfg.indexer_topk)                          # [B, T, C]
-        return xp.where(self.ix(n_vis[..., None] > cfg.indexer_topk), keep, visible)
+        return xp.where(self.idx(("topk_on",), lambda: n_vis[..., None] > cfg.indexer_topk), keep, visible)
 
     # -- FFN sublayer ------------------------------------------------------------------------------
     def ffn(self, il, X, tokens):
@@ -345,10 +360,11 @@ class DS4Model:
         if int(P.max()) >= state.ctx:
             raise ValueError(f"context overflow: position {int(P.max())} >= ctx {state.ctx}")
         flat = tokens.reshape(-1)
+        self._memo = {}                        # positions changed: index arrays are rebuilt once
         X = xp.repeat(self.ops.embed(flat)[:, None, :], cfg.hc_streams, axis=1)          # [N, S, D]
         inplace = len(slots) == state.batch and bool((slots == np.arange(state.batch)).all())
         for il in range(cfg.n_layer):
-            ls = _SlotView(state.layers[il], self.ix(slots), inplace)
+            ls = _SlotView(state.layers[il], self.idx(("slots",), lambda: slots), inplace)
             with self.prof.range(f"layer.{il}"):
                 X = self.attention(il, X, P, ls)
                 X = self.ffn(il, X, flat)

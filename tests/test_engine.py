@@ -261,3 +261,28 @@ def test_gpu_commands_without_a_gpu_say_so(capsys):
         assert cli.main(args) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "needs CuPy and a visible CUDA GPU" in err
+
+
+def test_index_arrays_are_built_once_per_step_not_per_layer():
+    """The host-computed index and mask arrays (ring rows, masks, emitting windows) go to the
+    array module's device once per forward call, shared by every layer: on a GPU each is a
+    host-to-device copy, so their number must not grow with depth."""
+    import dataclasses
+    from ds4bench import config
+    from ds4bench.synth import make_model
+
+    def uploads(n_layer):
+        tiny = config.preset("tiny")
+        ratios = (tiny.compress_ratios * 2)[:n_layer]         # the same layer kinds, repeated
+        cfg = dataclasses.replace(tiny, n_layer=n_layer, compress_ratios=ratios)
+        eng = Engine(make_model(cfg, 0), cache="f32", ctx=64)
+        calls = []
+        orig = eng.net.ix
+        eng.net.ix = lambda a: (calls.append(1), orig(a))[1]
+        eng.prefill(0, list(range(1, 30)))
+        calls.clear()
+        eng.decode(np.array([5]), np.array([0]))            # position 29: no window completes
+        return len(calls)
+
+    shallow, deep = uploads(6), uploads(12)
+    assert shallow == deep and shallow <= 16
