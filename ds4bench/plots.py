@@ -48,7 +48,8 @@ def run_title(meta: dict, recs: list[dict], what: str) -> str:
 
 
 def _label(r: dict) -> str:
-    return " ".join(str(x) for x in (r.get("cache"), r.get("placement"), f"b{r.get('batch')}") if x)
+    return " ".join(str(x) for x in (r.get("cache"), r.get("placement"), f"b{r.get('batch')}",
+                                     "nvtx" if r.get("nvtx") and not r.get("trace") else None) if x)
 
 
 def _max_dlp(r: dict) -> float | None:
