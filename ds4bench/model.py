@@ -180,13 +180,13 @@ class DS4Model:
         B, T, _ = ck.shape
         L = ring_k.shape[1]
         pos0 = P[:, 0]
-        hist = self.idx(("hist", L), lambda: (pos0[:, None] - L + np.arange(L)) % L)   # [B, L] rows of pos0-L..pos0-1
         bi = self.idx(("bi",), lambda: np.arange(B)[:, None])
-        tl_k = xp.concatenate([ring_k[bi, hist], ck], axis=1)                   # [B, L+T, w]
-        tl_s = xp.concatenate([ring_s[bi, hist], cs], axis=1)                   # [B, L+T, w]
         eb, et = np.nonzero((P + 1) % ratio == 0)                               # emitting tokens
         rows = None
-        if len(eb):
+        if len(eb):                             # most decode steps complete no window: no timeline
+            hist = self.idx(("hist", L), lambda: (pos0[:, None] - L + np.arange(L)) % L)   # [B, L] pos0-L..pos0-1
+            tl_k = xp.concatenate([ring_k[bi, hist], ck], axis=1)               # [B, L+T, w]
+            tl_s = xp.concatenate([ring_s[bi, hist], cs], axis=1)               # [B, L+T, w]
             cur = L + et[:, None] - ratio + 1 + np.arange(ratio)                 # [nE, ratio] timeline idx
             e2 = self.idx(("emit_b", ratio), lambda: eb[:, None])
             c2 = self.idx(("emit_t", ratio, L), lambda: cur)
