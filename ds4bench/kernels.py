@@ -28,4 +28,9 @@ def _module(filename: str, device: int):
 def function(filename: str, name: str):
     """The kernel `name` of kernels/`filename`, compiled for the current device on first use."""
     import cupy as cp
-    return _module(filename, cp.cuda.Device().id).get_function(name)
+    return _function(filename, name, cp.cuda.Device().id)
+
+
+@functools.lru_cache(maxsize=None)
+def _function(filename: str, name: str, device: int):
+    return _module(filename, device).get_function(name)

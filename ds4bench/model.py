@@ -120,6 +120,19 @@ def attend(xp, acc, q, keys, mask, sinks):
     return (p.reshape(B, T * H, -1) @ keys).reshape(B, T, H, K).astype(xp.float32)  # [B, T, H, K]
 
 
+def route_weights(xp, cfg: ModelConfig, logits, sel, bias, topk_ids):
+    """Experts and their weights from router logits [N, E]: p = sqrt(softplus); the given `sel`
+    (hash layers) or the top n_expert_used of p (+ bias), best first; w = p[sel], normalized by
+    max(sum, floor) and scaled. Returns (sel [N, A], w [N, A] float32)."""
+    p = xp.sqrt(xp.logaddexp(0.0, logits))                                           # [N, E] sqrt(softplus)
+    if sel is None:
+        sel = topk_ids(p if bias is None else p + bias, cfg.n_expert_used)           # [N, A] best first
+    w = xp.take_along_axis(p, sel, axis=-1)                                          # [N, A]
+    if cfg.expert_weights_norm:
+        w = w / xp.maximum(w.sum(axis=-1, keepdims=True), cfg.route_score_floor)
+    return sel, (w * cfg.expert_weights_scale).astype(xp.float32)
+
+
 # ---- the model -----------------------------------------------------------------------------------
 class DS4Model:
     """Forward pass over a `RunState`. `ops` supplies projections and numeric modes."""
@@ -142,6 +155,8 @@ class DS4Model:
         self._rms = getattr(ops, "rms_norm", None) or (lambda x, w, eps: rms_norm(xp, x, w, eps))
         self._rope = getattr(ops, "rope", None) or (lambda x, pos, f, inverse=False: rope(xp, x, pos, f, inverse))
         self._attend = getattr(ops, "attend", None) or (lambda q, k, m, sk: attend(xp, acc, q, k, m, sk))
+        self._route = getattr(ops, "route", None) or (
+            lambda logits, sel, bias: route_weights(xp, cfg, logits, sel, bias, ops.topk_ids))
 
     def idx(self, key: tuple, make):
         """A host-computed index or mask array (from the positions) on the array module's
@@ -333,19 +348,11 @@ class DS4Model:
 
     def route(self, il, xn2, tokens):
         """sqrt(softplus) scores; hash table on the first layers, biased top-k elsewhere."""
-        xp, cfg, ops = self.xp, self.cfg, self.ops
-        pre = f"blk.{il}."
+        ops, pre = self.ops, f"blk.{il}."
         logits = ops.linear(pre + "ffn_gate_inp.weight", xn2)                           # [N, E]
-        p = xp.sqrt(xp.logaddexp(0.0, logits))                                           # [N, E] sqrt(softplus)
-        if il < cfg.n_hash_layers:
-            sel = ops.tid2eid(il, tokens)                                                # [N, A]
-        else:
-            bias = ops.param_opt(pre + "exp_probs_b.bias")
-            sel = ops.topk_ids(p if bias is None else p + bias, cfg.n_expert_used)       # [N, A] best first
-        w = xp.take_along_axis(p, sel, axis=-1)                                          # [N, A]
-        if cfg.expert_weights_norm:
-            w = w / xp.maximum(w.sum(axis=-1, keepdims=True), cfg.route_score_floor)
-        return sel, (w * cfg.expert_weights_scale).astype(xp.float32)
+        if il < self.cfg.n_hash_layers:
+            return self._route(logits, ops.tid2eid(il, tokens), None)                   # [N, A] from the table
+        return self._route(logits, None, ops.param_opt(pre + "exp_probs_b.bias"))
 
     # -- whole model -------------------------------------------------------------------------------
     def forward(self, state: RunState, tokens: np.ndarray, slots: np.ndarray, all_logits=False, observe=None):

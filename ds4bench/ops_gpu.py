@@ -30,6 +30,7 @@ from .ops_ref import cache_eligible, check_cache_mode
 ROWS_PER_BLOCK, TOKEN_TILE = 8, 8
 CACHE_RESERVE = 4 * 2 ** 30          # device memory left free when the cache budget is automatic
 ATTEND_SMEM_MAX = 48 * 1024          # dynamic shared memory without opting in: 6K key rows
+ROUTE_MAX_USED = 16                  # router.cu's RT_MAX_USED
 
 
 def _grid(O: int, T: int) -> tuple[int, int]:
@@ -226,6 +227,26 @@ class GpuOps:
             cp.ascontiguousarray(sinks, dtype=cp.float32), o, np.int32(T), np.int32(H), np.int32(J), np.int32(K),
             np.float64(1.0 / math.sqrt(K))), shared_mem=smem)
         return o
+
+    def route(self, logits: cp.ndarray, sel, bias):
+        """model.route_weights in one launch (kernels/router.cu): (sel [N, A] int64, w [N, A])."""
+        cfg = self.cfg
+        N, E = logits.shape
+        A = cfg.n_expert_used
+        if A > ROUTE_MAX_USED:
+            from .model import route_weights
+            return route_weights(cp, cfg, logits, sel, bias, self.topk_ids)
+        out_sel = cp.empty((N, A), cp.int64)
+        w = cp.empty((N, A), cp.float32)
+        if N:
+            logits = cp.ascontiguousarray(logits, dtype=cp.float32)
+            kernels.function("router.cu", "route_topk")((N,), (256,), (
+                logits, logits if bias is None else cp.ascontiguousarray(bias, dtype=cp.float32),
+                out_sel if sel is None else cp.ascontiguousarray(sel, dtype=cp.int64), out_sel, w,
+                np.int32(E), np.int32(A), np.int32(bias is not None), np.int32(sel is not None),
+                np.int32(cfg.expert_weights_norm), np.float32(cfg.route_score_floor),
+                np.float32(cfg.expert_weights_scale)), shared_mem=8 * E)
+        return out_sel, w
 
     # -- simulated precision ----------------------------------------------------------------------------
     def kv_round(self, x: cp.ndarray) -> cp.ndarray:

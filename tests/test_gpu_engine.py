@@ -10,7 +10,8 @@ Thresholds (normalized MSE = sum((gpu - ref)^2) / sum(ref^2)):
   RMS norm (norm_rope.cu): within 2e-6 relative (the mean of squares summed in double, the
   reference sums float32); RoPE: within 1e-5 (cos/sin in double on the device and on the host,
   rounded to float; an element differs only at a rounding boundary); attention with sinks
-  (attention.cu): NMSE < 1e-12 (double throughout, like the reference).
+  (attention.cu): NMSE < 1e-12 (double throughout, like the reference); router (router.cu):
+  the same experts in the same order, weights within 2e-6 relative (log1pf/expf).
 End to end, each GPU mode is checked against the NumPy mode of the same name on the golden
 prompts: the same greedy tokens up to the first step where the reference's top-2 margin is a
 near tie (< TIE), and top-1 logprobs within LOGPROB_TOL[mode] before it. Placement must not change a
@@ -230,6 +231,23 @@ def test_attend_kernel_matches_reference(B, T, J):
     want = M.attend(np, np.float64, q, keys, mask, sinks)
     np.testing.assert_array_equal(got[0, 0], 0.0)
     assert nmse(got, want) < 1e-12
+
+
+@pytest.mark.parametrize("N,hashed,bias", [(1, False, True), (37, False, True), (16, False, False), (9, True, False)])
+def test_router_kernel_matches_reference(N, hashed, bias):
+    """Same experts in the same order (random scores have no ulp-level ties), weights within
+    float32 rounding (the kernel's log1pf/expf against NumPy's)."""
+    from ds4bench import model as M
+    cfg = config.preset("flash")
+    logits = (RNG.standard_normal((N, cfg.n_expert)) * 3).astype(np.float32)
+    b = (RNG.standard_normal(cfg.n_expert) * 0.1).astype(np.float32) if bias else None
+    sel = RNG.integers(0, cfg.n_expert, (N, cfg.n_expert_used)) if hashed else None
+    g = _gpu_ops(cfg)
+    gs, gw = g.route(cp.asarray(logits), None if sel is None else cp.asarray(sel),
+                     None if b is None else cp.asarray(b))
+    rs, rw = M.route_weights(np, cfg, logits, sel, b, RefOps.topk_ids)
+    np.testing.assert_array_equal(gs.get(), rs)
+    np.testing.assert_allclose(gw.get(), rw, rtol=2e-6, atol=0)
 
 
 # ---- end to end ----------------------------------------------------------------------------------
