@@ -155,7 +155,14 @@ def topk_logprobs(logits: np.ndarray, k: int = TOP_K) -> tuple[np.ndarray, np.nd
     z = logits.astype(np.float64)
     m = np.max(z)
     lp = z - m - np.log(np.sum(np.exp(z - m)))
-    ids = np.argsort(-lp, kind="stable")[:k]
+    neg = -lp
+    if k < len(neg):                        # a partition, then a stable sort of the few candidates:
+        kth = np.partition(neg, k - 1)[k - 1]           # what a full stable argsort picks, in O(V)
+        if not np.isnan(kth):
+            cand = np.flatnonzero(neg <= kth)           # ascending ids: ties stay lower id first
+            ids = cand[np.argsort(neg[cand], kind="stable")][:k]
+            return ids, lp[ids]
+    ids = np.argsort(neg, kind="stable")[:k]
     return ids, lp[ids]
 
 

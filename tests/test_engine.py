@@ -286,3 +286,20 @@ def test_index_arrays_are_built_once_per_step_not_per_layer():
 
     shallow, deep = uploads(6), uploads(12)
     assert shallow == deep and shallow <= 16
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_topk_logprobs_equals_a_full_stable_sort(seed):
+    """The partition shortcut picks exactly what a stable argsort of the whole row picks,
+    ties (to the lower id) and NaN rows included."""
+    from ds4bench.generate import topk_logprobs
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-5, 5, 1000).astype(np.float32) if seed % 2 else rng.standard_normal(129280).astype(np.float32)
+    if seed == 5:
+        x[rng.integers(0, len(x), 990)] = np.nan
+    ids, lp = topk_logprobs(x, 20)
+    z = x.astype(np.float64)
+    full = z - np.max(z) - np.log(np.sum(np.exp(z - np.max(z))))
+    want = np.argsort(-full, kind="stable")[:20]
+    np.testing.assert_array_equal(ids, want)
+    np.testing.assert_array_equal(lp, full[want])
