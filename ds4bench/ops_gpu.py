@@ -277,9 +277,13 @@ class GpuOps:
 
     @staticmethod
     def topk_mask(score: cp.ndarray, visible: cp.ndarray, k: int) -> cp.ndarray:
-        s = cp.where(visible, score, -cp.inf)
-        rank = cp.argsort(cp.argsort(-s, axis=-1), axis=-1)
-        return (rank < k) & visible
+        """As RefOps.topk_mask: one stable sort per row, then the k best marked."""
+        C = score.shape[-1]
+        s = cp.where(visible, score, -cp.inf).reshape(-1, C)
+        idx = cp.argsort(-s, axis=-1)[:, :k]
+        keep = cp.zeros(s.shape, dtype=cp.bool_)
+        keep[cp.arange(s.shape[0])[:, None], idx] = True
+        return keep.reshape(visible.shape) & visible
 
     def experts(self, il: int, x: cp.ndarray, sel: cp.ndarray, w: cp.ndarray) -> cp.ndarray:
         return self.moe(il, cp.ascontiguousarray(x, dtype=cp.float32), sel, cp.ascontiguousarray(w, dtype=cp.float32))

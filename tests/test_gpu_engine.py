@@ -250,6 +250,15 @@ def test_router_kernel_matches_reference(N, hashed, bias):
     np.testing.assert_allclose(gw.get(), rw, rtol=2e-6, atol=0)
 
 
+def test_indexer_topk_mask_matches_reference():
+    """The k best visible compressed rows per token, ties to the older row, as RefOps picks them."""
+    from ds4bench.ops_gpu import GpuOps
+    score = RNG.integers(0, 40, (2, 3, 700)).astype(np.float64)          # many ties
+    visible = RNG.random((2, 3, 700)) < 0.9
+    got = GpuOps.topk_mask(cp.asarray(score), cp.asarray(visible), 512).get()
+    np.testing.assert_array_equal(got, RefOps.topk_mask(score, visible, 512))
+
+
 # ---- end to end ----------------------------------------------------------------------------------
 def _run(backend, cache, batch=1, **opts):
     prompts = default_prompts()[:3]
