@@ -53,6 +53,9 @@ AXES = ("model", "cache", "placement", "batch", "nvtx")
 SPEC_KEYS = {"description", "preset", "model", "variant", "seed", "cache", "placement", "batch", "nvtx", "prompts",
              "n", "reps", "warmup", "timeout", "baseline", "exclude", "backend", "ctx", "chunk", "stages", "trace",
              "env"}
+# Variables that change what the engine does; a cell records those set in its environment,
+# wherever they came from (the spec's [env] or the shell), so no toggle goes unrecorded.
+ENGINE_ENV = ("DS4BENCH_UNFUSED", "DS4BENCH_CACHE_MB", "DS4BENCH_PLUGINS")
 SYNTH_IN_MEMORY_MAX = 256 * 2**20      # larger presets are written to a GGUF once and memory-mapped per cell
 
 
@@ -531,6 +534,7 @@ def run_cell(params: dict, out: str, fingerprints: str) -> dict:
         setattr(rec, k, v)
     na = dict(na)
     rec.utc_start = R.utc_now()
+    rec.env = {**p["env"], **{k: v for k, v in os.environ.items() if k in ENGINE_ENV}}   # toggles in effect
     t0 = time.perf_counter()
     mf = load_model(p["model_file"], p["preset"], p["variant"], p["seed"])
     rec.load_s = time.perf_counter() - t0

@@ -133,6 +133,23 @@ def route_weights(xp, cfg: ModelConfig, logits, sel, bias, topk_ids):
     return sel, (w * cfg.expert_weights_scale).astype(xp.float32)
 
 
+# Operations an ops object may fuse into kernels (GpuOps does); DS4BENCH_UNFUSED names the ones
+# to run as the array code above instead: a perf toggle that must not change the answer.
+FUSABLE = {"hc": ("hc_weights", "hc_collapse", "hc_expand"), "rms_norm": ("rms_norm",), "rope": ("rope",),
+           "attend": ("attend",), "route": ("route",)}
+
+
+def unfused_from_env(text: str | None) -> frozenset:
+    """'rope,attend' or 'all' -> the FUSABLE groups to leave unfused; ValueError names a bad one."""
+    names = {t.strip() for t in (text or "").split(",") if t.strip()}
+    if "all" in names:
+        return frozenset(FUSABLE)
+    bad = sorted(names - set(FUSABLE))
+    if bad:
+        raise ValueError(f"DS4BENCH_UNFUSED: unknown {', '.join(bad)}; choose from all, {', '.join(FUSABLE)}")
+    return frozenset(names)
+
+
 # ---- the model -----------------------------------------------------------------------------------
 class DS4Model:
     """Forward pass over a `RunState`. `ops` supplies projections and numeric modes."""
@@ -145,17 +162,18 @@ class DS4Model:
         # host index arrays -> the array module's (CuPy indexes with its own arrays)
         self.ix = (lambda a: a) if self.xp is np else self.xp.asarray
         self._memo: dict = {}                  # index arrays of the current forward call (see idx)
-        # HC mixing: the ops' fused kernels where they have them, else the array code above
+        # HC mixing, norms, RoPE, attention and routing: the ops' fused kernels where they have
+        # them and DS4BENCH_UNFUSED (ops.unfused) does not turn them off, else the array code above
         xp, acc = self.xp, ops.acc
-        self._hc_weights = getattr(ops, "hc_weights", None) or (lambda mix, s, b: hc_weights(xp, cfg, mix, s, b))
-        self._hc_collapse = getattr(ops, "hc_collapse", None) or (lambda X, pre: hc_collapse(xp, acc, X, pre))
-        self._hc_expand = getattr(ops, "hc_expand", None) or (
-            lambda X, y, post, comb: hc_expand(xp, acc, X, y, post, comb))
-        # norms, RoPE and attention likewise: fused kernels where the ops have them
-        self._rms = getattr(ops, "rms_norm", None) or (lambda x, w, eps: rms_norm(xp, x, w, eps))
-        self._rope = getattr(ops, "rope", None) or (lambda x, pos, f, inverse=False: rope(xp, x, pos, f, inverse))
-        self._attend = getattr(ops, "attend", None) or (lambda q, k, m, sk: attend(xp, acc, q, k, m, sk))
-        self._route = getattr(ops, "route", None) or (
+        off = getattr(ops, "unfused", frozenset())
+        fused = {m: getattr(ops, m, None) for g, ms in FUSABLE.items() if g not in off for m in ms}
+        self._hc_weights = fused.get("hc_weights") or (lambda mix, s, b: hc_weights(xp, cfg, mix, s, b))
+        self._hc_collapse = fused.get("hc_collapse") or (lambda X, pre: hc_collapse(xp, acc, X, pre))
+        self._hc_expand = fused.get("hc_expand") or (lambda X, y, post, comb: hc_expand(xp, acc, X, y, post, comb))
+        self._rms = fused.get("rms_norm") or (lambda x, w, eps: rms_norm(xp, x, w, eps))
+        self._rope = fused.get("rope") or (lambda x, pos, f, inverse=False: rope(xp, x, pos, f, inverse))
+        self._attend = fused.get("attend") or (lambda q, k, m, sk: attend(xp, acc, q, k, m, sk))
+        self._route = fused.get("route") or (
             lambda logits, sel, bias: route_weights(xp, cfg, logits, sel, bias, ops.topk_ids))
 
     def idx(self, key: tuple, make):

@@ -6,6 +6,9 @@ Same modes as the reference (see ops_ref): cache-eligible Q8_0 tensors go throug
        a float-activation kernel, so activations keep the precision of the NumPy f16 mode;
   f32  an F32 copy multiplied with cuBLAS through CuPy.
 Tensors that do not fit the cache budget fall back to q8 and are listed in `fallbacks`.
+HC mixing, RMS norms, RoPE, attention and the router run as single kernels (hc.cu,
+norm_rope.cu, attention.cu, router.cu); DS4BENCH_UNFUSED=all (or a list, model.FUSABLE) runs
+them as the model's array code instead.
 Routed experts always stay quantized (kernels/moe.cu); the output head is always q8.
 Weights are placed per `placement` (backend.Placer); caches and run state are device memory.
 The q8 and F16-weight kernels form and sum their terms in double and round once, and the small
@@ -46,6 +49,8 @@ class GpuOps:
         self.model, self.cfg = model, model.cfg
         self.cache = check_cache_mode(cache)
         self.placement = placement or os.environ.get("DS4BENCH_PLACEMENT", "device")
+        from .model import unfused_from_env
+        self.unfused = unfused_from_env(os.environ.get("DS4BENCH_UNFUSED"))   # kernels left as array code
         self.placer = Placer(self.placement, model.nbytes)
         self.w: dict[str, cp.ndarray] = {}
         expert_tensors = {}

@@ -297,7 +297,10 @@ def trace_md(recs: list[dict]) -> str:
 
 
 # ---- compare ---------------------------------------------------------------------------------
-JOIN = ("model", "backend", "cache", "placement", "batch", "nvtx", "n_gen", "prompt_set", "seed", "variant", "env")
+# Cells join on their parameters; the environment (DS4BENCH_UNFUSED, ...) is left out so that
+# two runs that differ only in a toggle compare cell by cell: the A/B this suite exists for.
+# compare() reports the environments when they differ.
+JOIN = ("model", "backend", "cache", "placement", "batch", "nvtx", "n_gen", "prompt_set", "seed", "variant")
 
 
 def join_key(r: dict) -> tuple:
@@ -344,7 +347,9 @@ def compare(a: list[dict], b: list[dict], alpha: float = 0.05, factor: float = 1
         speed.append({"cell": label, "decode_tps_a": ta, "decode_tps_b": tb, "speedup": ratio, "p_value": p,
                       "change": sig, "unreliable": shaky, "prefill_tps_a": ra.get("prefill_tps"),
                       "prefill_tps_b": rb.get("prefill_tps")})
+    envs = [sorted({json.dumps(r.get("env") or {}, sort_keys=True) for r in side}) for side in (a, b)]
     return {"correctness": changes, "speed": speed, "ranges": ranges, "alpha": alpha, "factor": factor,
+            "env_a": envs[0], "env_b": envs[1],
             "only_a": [_label(A[k]) for k in A if k not in B], "only_b": [_label(B[k]) for k in B if k not in A],
             "status": int(any(c["worse"] for c in changes) or gate(b) == 1)}
 
@@ -374,7 +379,10 @@ def render_compare(res: dict, fmt: str, name_a: str = "A", name_b: str = "B") ->
         return "# correctness\n" + corr.to_csv(index=False) + "# speed\n" + spd.to_csv(index=False)
     if fmt != "md":
         raise ValueError(f"unknown format {fmt!r}; choose md, csv or json")
-    out = [f"A = {name_a}, B = {name_b}", "", "## Correctness changes", ""]
+    out = [f"A = {name_a}, B = {name_b}", ""]
+    if res.get("env_a") != res.get("env_b"):
+        out += [f"environments differ: A {' | '.join(res['env_a'])}; B {' | '.join(res['env_b'])}", ""]
+    out += ["## Correctness changes", ""]
     if res["correctness"]:
         out += ["| cell | A | B | prompts with new tokens | B's reason |", "|---|---|---|---|---|"]
         out += [f"| {c['cell']} | {c['verdict_a']} | {'**' + str(c['verdict_b']) + '**' if c['worse'] else c['verdict_b']}"

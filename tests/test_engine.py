@@ -303,3 +303,29 @@ def test_topk_logprobs_equals_a_full_stable_sort(seed):
     want = np.argsort(-full, kind="stable")[:20]
     np.testing.assert_array_equal(ids, want)
     np.testing.assert_array_equal(lp, full[want])
+
+
+def test_unfused_toggle_selects_the_array_code():
+    """An ops object's fused kernels are used unless DS4BENCH_UNFUSED (ops.unfused) names them;
+    unknown names are refused with the list of known ones."""
+    from ds4bench import model as M
+    from ds4bench.ops_ref import RefOps
+
+    class Fused(RefOps):
+        calls = []
+
+        def rms_norm(self, x, w, eps):
+            self.calls.append("rms_norm")
+            return M.rms_norm(np, x, w, eps)
+
+    mf = tiny_model()
+    ops = Fused(mf, "f32")
+    Engine(mf, ctx=64, ops=ops).decode(np.array([5]), np.array([0]))
+    assert Fused.calls
+    Fused.calls.clear()
+    ops.unfused = M.unfused_from_env("rms_norm,rope")
+    Engine(mf, ctx=64, ops=ops).decode(np.array([5]), np.array([0]))
+    assert not Fused.calls
+    assert M.unfused_from_env("all") == frozenset(M.FUSABLE) and M.unfused_from_env("") == frozenset()
+    with pytest.raises(ValueError, match="unknown fast_norm; choose from all, hc, rms_norm"):
+        M.unfused_from_env("fast_norm")

@@ -267,9 +267,8 @@ def _run(backend, cache, batch=1, **opts):
     return generate(eng, prompts, 8)
 
 
-@pytest.mark.parametrize("cache", ["q8", "f16", "f32"])
-def test_gpu_mode_matches_numpy_mode(cache):
-    ref, got = _run("numpy", cache), _run("cupy", cache)
+def _agree(cache, ref, got):
+    """Same greedy tokens up to a near tie of the reference, top-1 logprobs within LOGPROB_TOL."""
     seen = []
     for r, g in zip(ref.fingerprints, got.fingerprints):
         d = next((i for i, (a, b) in enumerate(zip(r.tokens, g.tokens)) if a != b), None)
@@ -283,6 +282,20 @@ def test_gpu_mode_matches_numpy_mode(cache):
         assert not nonfinite and same_top, (cache, pid)
         assert d is None or margin < TIE, (cache, pid, d, margin)
         assert delta < LOGPROB_TOL[cache], (cache, pid, delta)
+
+
+@pytest.mark.parametrize("cache", ["q8", "f16", "f32"])
+def test_gpu_mode_matches_numpy_mode(cache):
+    _agree(cache, _run("numpy", cache), _run("cupy", cache))
+
+
+@pytest.mark.parametrize("cache", ["q8", "f32"])
+def test_fused_kernels_match_the_array_code(cache, monkeypatch):
+    """DS4BENCH_UNFUSED=all (HC, norms, RoPE, attention, router as CuPy array code) against the
+    fused kernels: a perf toggle, so the same answer within the mode's tolerance."""
+    fused = _run("cupy", cache)
+    monkeypatch.setenv("DS4BENCH_UNFUSED", "all")
+    _agree(cache, _run("cupy", cache), fused)
 
 
 @pytest.mark.parametrize("placement", ["managed", "managed-hinted", "host"])

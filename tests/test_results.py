@@ -81,6 +81,27 @@ def test_compare_lists_correctness_changes_first_and_tests_speed():
     assert all(s["change"] == "same" for s in same["speed"] if s["p_value"] is not None)
 
 
+def test_compare_joins_runs_that_differ_in_a_toggle_and_says_so():
+    """Two runs that differ only in the environment (a perf toggle) join cell by cell; the
+    header says how their environments differ."""
+    a = [rec("a", env={})]
+    b = [rec("a", env={"DS4BENCH_UNFUSED": "all"}, sha="zz", verdict="broken")]
+    res = S.compare(a, b)
+    assert len(res["speed"]) == 1 and res["correctness"][0]["worse"]
+    md = S.render_compare(res, "md", "fused", "unfused")
+    assert 'environments differ: A {} ; B {"DS4BENCH_UNFUSED": "all"}'.replace(" ;", ";") in md
+
+
+def test_a_cell_records_the_engine_toggles_of_its_environment(monkeypatch, tmp_path):
+    from ds4bench import matrix as M
+    monkeypatch.setenv("DS4BENCH_UNFUSED", "rope")
+    monkeypatch.setenv("DS4BENCH_UNRELATED", "x")
+    spec = M.spec_from_mapping({"cache": ["f32"], "n": 2, "reps": 1}, "test")
+    cells, _ = M.expand(spec, "numpy", "test")
+    rec_ = M.run_cell(cells[0].params, str(tmp_path / "r.json"), str(tmp_path / "f.npz"))
+    assert rec_["env"] == {"DS4BENCH_UNFUSED": "rope"}
+
+
 def test_timing_reliability_flag():
     t = [Timing(1.0, 10, [0.1], [0.1] * 9, [1] * 9), Timing(1.0, 10, [0.1], [0.1] * 9, [1] * 9)]
     f = R.timing_fields(t, [])
