@@ -231,6 +231,8 @@ def cmd_matrix(a) -> int:
             print(f"stopped: {len(recs)} of {len(cells)} cells are saved in {run.path}; "
                   f"finish with `ds4bench matrix --resume {run.run_id}`", file=sys.stderr)
     sys.stdout.write(render(recs, a.format))
+    if a.format == "md":
+        _print_traces(recs)
     print(f"run {run.path} (summary.md, cells.jsonl, cells.parquet)", file=sys.stderr)
     return gate(recs)
 
@@ -302,7 +304,15 @@ def cmd_show(a) -> int:
         why = reasons_md(recs)
         if why:
             sys.stdout.write("\n" + why)
+        _print_traces(recs)
     return gate(recs)
+
+
+def _print_traces(recs) -> None:
+    """The per-range GPU time of traced cells, after the table (markdown output only)."""
+    from .results import trace_md
+    if any(r.get("trace") for r in recs):
+        sys.stdout.write("\nGPU time per range (Nsight Systems):\n\n" + trace_md(recs))
 
 
 def cmd_compare(a) -> int:

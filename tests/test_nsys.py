@@ -119,7 +119,7 @@ def _traced_run(tmp_path, prompts, run_id, case, monkeypatch):
     return run, recs
 
 
-def test_matrix_trace_fills_the_record_summary_and_compare(tmp_path, monkeypatch):
+def test_matrix_trace_fills_the_record_summary_and_compare(tmp_path, monkeypatch, capsys):
     p = tmp_path / "prompts.toml"
     p.write_text('[[prompt]]\nid = "hi"\nkind = "smoke"\ntext = "Hello."\n')
     ra, recs_a = _traced_run(tmp_path, str(p), "a", "q8", monkeypatch)
@@ -137,6 +137,9 @@ def test_matrix_trace_fills_the_record_summary_and_compare(tmp_path, monkeypatch
     assert res["ranges"] and res["ranges"][0]["ranges"][0]["delta_ms"] is not None
     out = render_compare(res, "md", "a", "b")
     assert "## GPU time per range" in out and "| attn.out |" in out
+    capsys.readouterr()
+    main(["show", str(ra.path)])
+    assert "GPU time per range (Nsight Systems)" in capsys.readouterr().out
 
 
 def test_a_failed_trace_is_said_and_the_cell_kept(tmp_path):
