@@ -1,16 +1,14 @@
 #!/usr/bin/env bash
-# GPU checks in one call on the GPU machine (see README, "GPU engine"):
-#   the gpu-marked parity tests, then `generate` on tiny and flash-4l in every cache mode and
-#   placement. Logs go under $OUT (or ./gpu-out).
+# GPU checks in one call on the GPU machine (see README, "GPU engine"): the gpu-marked parity
+# tests, then `generate` in every cache mode and placement on the presets in $PRESETS (default
+# tiny; the GPU matrix covers flash-4l). Logs go under $OUT (or ./gpu-out).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/gpu_common.sh"
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
-[ -f .whl/gpu-env.sh ] && source .whl/gpu-env.sh
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-git rev-parse HEAD 2>/dev/null | tee -a "$OUT/gpu.txt"
+echo "commit $DS4BENCH_COMMIT" | tee -a "$OUT/gpu.txt"
 python3 -m pytest -m gpu -q -p no:cacheprovider tests/ 2>&1 | tee "$OUT/pytest_gpu.txt" | tail -25
-for preset in ${PRESETS:-tiny flash-4l}; do
+for preset in ${PRESETS:-tiny}; do
   model=/tmp/ds4bench-$preset.gguf
   [ -f "$model" ] || python3 -m ds4bench model make --preset "$preset" -o "$model"
   for cache in q8 f16 f32; do
