@@ -34,6 +34,7 @@ ROWS_PER_BLOCK, TOKEN_TILE = 8, 8
 CACHE_RESERVE = 4 * 2 ** 30          # device memory left free when the cache budget is automatic
 ATTEND_SMEM_MAX = 48 * 1024          # dynamic shared memory without opting in: 6K key rows
 ROUTE_MAX_USED = 16                  # router.cu's RT_MAX_USED
+SPLITK_BELOW_BLOCKS = 264            # F16-weight matmuls with fewer row blocks split K (2 per H100 SM)
 
 
 def _grid(O: int, T: int) -> tuple[int, int]:
@@ -122,10 +123,16 @@ class GpuOps:
         return y
 
     def _f16w(self, W: cp.ndarray, x: cp.ndarray, O: int, K: int, rows_per_group: int) -> cp.ndarray:
+        """F16 weights x float activations. A warp per row leaves most of the GPU idle when the
+        rows are few (the HC mixers have 24): then a block per row splits K instead."""
         N, stride = x.shape
         y = cp.empty((N, O), dtype=cp.float32)
-        kernels.function("q8_0.cu", "matmul_f16w")(_grid(O, N), (256,), (
-            W, x, y, np.int32(O), np.int32(K), np.int32(N), np.int32(rows_per_group), np.int32(stride)))
+        grid = _grid(O, N)
+        if grid[0] * grid[1] < SPLITK_BELOW_BLOCKS:
+            fn, grid = kernels.function("q8_0.cu", "matmul_f16w_splitk"), (O, grid[1])
+        else:
+            fn = kernels.function("q8_0.cu", "matmul_f16w")
+        fn(grid, (256,), (W, x, y, np.int32(O), np.int32(K), np.int32(N), np.int32(rows_per_group), np.int32(stride)))
         return y
 
     def linear(self, name: str, x: cp.ndarray) -> cp.ndarray:

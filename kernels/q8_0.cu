@@ -119,3 +119,43 @@ extern "C" __global__ void matmul_f16w(const __half* __restrict__ W, const float
         if (lane == 0 && i < nt) y[(long)(t0 + i) * O + o] = (float)v;
     }
 }
+
+// matmul_f16w for few output rows (HC mixers: 24 rows of 16384, the router: 256 of 4096): one
+// block per row and token tile, its 256 threads splitting K, so a 24-row projection keeps more
+// than 24 warps busy. Same arithmetic (exact products, sums in double, one rounding); only the
+// order of the double sums differs. grid (O, ceil(T/TOKEN_TILE)), block 256.
+extern "C" __global__ void matmul_f16w_splitk(const __half* __restrict__ W, const float* __restrict__ x,
+                                              float* __restrict__ y, int O, int K, int T, int rows_per_group,
+                                              int x_stride) {
+    __shared__ double red[TOKEN_TILE][256 / DS4_WARP];
+    const int o = blockIdx.x, t0 = blockIdx.y * TOKEN_TILE;
+    const int warp = threadIdx.x / DS4_WARP, lane = threadIdx.x % DS4_WARP, nw = blockDim.x / DS4_WARP;
+    const int g = o / rows_per_group;
+    const int nt = min(TOKEN_TILE, T - t0);
+    const __half2* row = (const __half2*)(W + (long)o * K);
+    double acc[TOKEN_TILE];
+#pragma unroll
+    for (int i = 0; i < TOKEN_TILE; i++) acc[i] = 0.0;
+    for (int k = threadIdx.x; k < K / 2; k += blockDim.x) {
+        const float2 w = __half22float2(row[k]);
+#pragma unroll
+        for (int i = 0; i < TOKEN_TILE; i++) {
+            if (i < nt) {
+                const float2 xv = *(const float2*)(x + (long)(t0 + i) * x_stride + (long)g * K + 2 * k);
+                acc[i] = __dadd_rn(acc[i], __dmul_rn((double)w.x, (double)xv.x));
+                acc[i] = __dadd_rn(acc[i], __dmul_rn((double)w.y, (double)xv.y));
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < TOKEN_TILE; i++) {
+        const double v = warp_sum_d(acc[i]);
+        if (lane == 0) red[i][warp] = v;
+    }
+    __syncthreads();
+    if (threadIdx.x < nt) {
+        double v = 0.0;
+        for (int w8 = 0; w8 < nw; w8++) v += red[threadIdx.x][w8];
+        y[(long)(t0 + threadIdx.x) * O + o] = (float)v;
+    }
+}

@@ -114,8 +114,9 @@ def test_dequant_cache_expansion_exact(kind):
     np.testing.assert_array_equal(out.get(), ref)
 
 
+@pytest.mark.parametrize("kernel", ["matmul_f16w", "matmul_f16w_splitk"])
 @pytest.mark.parametrize("O,K,N,groups", [(24, 16384, 1, 1), (256, 4096, 5, 1), (1024, 4096, 11, 1), (128, 256, 3, 2)])
-def test_matmul_f16w(O, K, N, groups):
+def test_matmul_f16w(O, K, N, groups, kernel):
     Kg = K // groups
     w = (RNG.standard_normal((O, Kg)) * 0.02).astype(np.float16)
     x = RNG.standard_normal((N, K)).astype(np.float32)
@@ -123,7 +124,8 @@ def test_matmul_f16w(O, K, N, groups):
     ref = np.concatenate([x[:, g * Kg:(g + 1) * Kg].astype(np.float64) @ w[g * Og:(g + 1) * Og].astype(np.float64).T
                           for g in range(groups)], axis=1)
     y = poisoned((N, O))
-    kernels.function("q8_0.cu", "matmul_f16w")((-(-O // 8), -(-N // 8)), (256,), (
+    grid = (O if kernel.endswith("splitk") else -(-O // 8), -(-N // 8))
+    kernels.function("q8_0.cu", kernel)(grid, (256,), (
         cp.asarray(w), cp.asarray(x), y, np.int32(O), np.int32(Kg), np.int32(N), np.int32(Og), np.int32(K)))
     assert nmse(y.get(), ref) < 1e-12
 
