@@ -1,6 +1,6 @@
 """CI proof of the asv workflow on the CPU: `asv check`, a real `asv run` over two commits of a
-temporary clone (existing environment, NumPy backend, a reduced benchmark set), then
-`ds4bench plot --asv` on those results, drawn from both commits."""
+temporary clone (existing environment, NumPy backend, a reduced benchmark set), `asv compare`
+and `asv publish` on those results, then `ds4bench plot --asv`, drawn from both commits."""
 from __future__ import annotations
 
 import os
@@ -63,6 +63,11 @@ def test_asv_run_two_commits_then_plot(tmp_path):
         assert set(tps) == {("tiny", "f32", "cpu", 1), ("tiny", "q8", "cpu", 1)} and all(v > 0 for v in tps.values())
         div = c.values[plots.BENCH + "track_first_divergence"]
         assert div[("tiny", "f32", "cpu", 1)] == 6                 # the baseline never departs from itself
+
+    cmp = _sh("asv", "compare", commits[0], commits[1], "--machine", "ci-cpu", cwd=clone, env=env)
+    assert "track_decode_tokens_per_s" in cmp and "tiny" in cmp
+    _sh("asv", "publish", cwd=clone, env=env)
+    assert (clone / "results" / "asv" / "html" / "index.html").is_file()
 
     out = tmp_path / "plots"
     r = subprocess.run([sys.executable, "-m", "ds4bench", "plot", "--asv", str(results), "--out", str(out)],
