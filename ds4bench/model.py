@@ -136,7 +136,7 @@ def route_weights(xp, cfg: ModelConfig, logits, sel, bias, topk_ids):
 # Operations an ops object may fuse into kernels (GpuOps does); DS4BENCH_UNFUSED names the ones
 # to run as the array code above instead: a perf toggle that must not change the answer.
 FUSABLE = {"hc": ("hc_weights", "hc_collapse", "hc_expand"), "rms_norm": ("rms_norm",), "rope": ("rope",),
-           "attend": ("attend",), "route": ("route",)}
+           "attend": ("attend",), "route": ("route",), "compress": ("pool_windows",)}
 
 
 def unfused_from_env(text: str | None) -> frozenset:
@@ -175,6 +175,7 @@ class DS4Model:
         self._attend = fused.get("attend") or (lambda q, k, m, sk: attend(xp, acc, q, k, m, sk))
         self._route = fused.get("route") or (
             lambda logits, sel, bias: route_weights(xp, cfg, logits, sel, bias, ops.topk_ids))
+        self._pool = fused.get("pool_windows") or self.pool_windows
 
     def idx(self, key: tuple, make):
         """A host-computed index or mask array (from the positions) on the array module's
@@ -209,36 +210,44 @@ class DS4Model:
         Ratio 4 pools 8 candidates per dim: the previous window's first half and the current
         window's second half (overlapping windows); other ratios pool the current window.
         """
-        xp = self.xp
         B, T, _ = ck.shape
         L = ring_k.shape[1]
-        pos0 = P[:, 0]
         bi = self.idx(("bi",), lambda: np.arange(B)[:, None])
         eb, et = np.nonzero((P + 1) % ratio == 0)                               # emitting tokens
         rows = None
-        if len(eb):                             # most decode steps complete no window: no timeline
-            hist = self.idx(("hist", L), lambda: (pos0[:, None] - L + np.arange(L)) % L)   # [B, L] pos0-L..pos0-1
-            tl_k = xp.concatenate([ring_k[bi, hist], ck], axis=1)               # [B, L+T, w]
-            tl_s = xp.concatenate([ring_s[bi, hist], cs], axis=1)               # [B, L+T, w]
-            cur = L + et[:, None] - ratio + 1 + np.arange(ratio)                 # [nE, ratio] timeline idx
-            e2 = self.idx(("emit_b", ratio), lambda: eb[:, None])
-            c2 = self.idx(("emit_t", ratio, L), lambda: cur)
-            k_cur, s_cur = tl_k[e2, c2], tl_s[e2, c2]                            # [nE, ratio, w]
-            if ratio == 4:
-                k_prev, s_prev = tl_k[e2, c2 - 4], tl_s[e2, c2 - 4]
-                first = self.idx(("first", ratio), lambda: (P[eb, et] + 1 - ratio) == 0)[:, None, None]   # no previous window
-                s_prev = xp.where(first, -xp.inf, s_prev[..., :width])
-                kk = xp.concatenate([k_prev[..., :width], k_cur[..., width:]], axis=1)   # [nE, 8, width]
-                ss = xp.concatenate([s_prev, s_cur[..., width:]], axis=1)                # [nE, 8, width]
-            else:
-                kk, ss = k_cur, s_cur                                                     # [nE, ratio, width]
-            pooled = xp.sum(softmax(xp, ss, axis=1) * kk, axis=1)                          # [nE, width]
+        if len(eb):                             # most decode steps complete no window: no pooling
+            pooled = self._pool(ring_k, ring_s, ck, cs, P, eb, et, ratio, width)  # [nE, width]
             rows = self._rms(pooled, norm, self.cfg.rms_eps)                            # [nE, width]
         n = min(T, L)                                                            # keep the last L rows
         rows_in = self.idx(("ring", L, n), lambda: P[:, -n:] % L)
         ring_k[bi, rows_in] = ck[:, -n:]
         ring_s[bi, rows_in] = cs[:, -n:]
         return eb, et, rows
+
+    def pool_windows(self, ring_k, ring_s, ck, cs, P, eb, et, ratio, width):
+        """Softmax-pooled rows [nE, width] (not normalized) of the windows ending at (eb, et):
+        each window's candidates from the ring (positions before this call) and the new rows."""
+        xp = self.xp
+        B, T, _ = ck.shape
+        L = ring_k.shape[1]
+        pos0 = P[:, 0]
+        bi = self.idx(("bi",), lambda: np.arange(B)[:, None])
+        hist = self.idx(("hist", L), lambda: (pos0[:, None] - L + np.arange(L)) % L)   # [B, L] pos0-L..pos0-1
+        tl_k = xp.concatenate([ring_k[bi, hist], ck], axis=1)                   # [B, L+T, w] timeline
+        tl_s = xp.concatenate([ring_s[bi, hist], cs], axis=1)                   # [B, L+T, w]
+        cur = L + et[:, None] - ratio + 1 + np.arange(ratio)                     # [nE, ratio] timeline idx
+        e2 = self.idx(("emit_b", ratio), lambda: eb[:, None])
+        c2 = self.idx(("emit_t", ratio, L), lambda: cur)
+        k_cur, s_cur = tl_k[e2, c2], tl_s[e2, c2]                                # [nE, ratio, w]
+        if ratio == 4:
+            k_prev, s_prev = tl_k[e2, c2 - 4], tl_s[e2, c2 - 4]
+            first = self.idx(("first", ratio), lambda: (P[eb, et] + 1 - ratio) == 0)[:, None, None]   # no previous window
+            s_prev = xp.where(first, -xp.inf, s_prev[..., :width])
+            kk = xp.concatenate([k_prev[..., :width], k_cur[..., width:]], axis=1)   # [nE, 8, width]
+            ss = xp.concatenate([s_prev, s_cur[..., width:]], axis=1)                # [nE, 8, width]
+        else:
+            kk, ss = k_cur, s_cur                                                     # [nE, ratio, width]
+        return xp.sum(softmax(xp, ss, axis=1) * kk, axis=1)                           # [nE, width]
 
     # -- attention sublayer --------------------------------------------------------------------------
     def attention(self, il, X, P, ls):

@@ -6,8 +6,8 @@ Same modes as the reference (see ops_ref): cache-eligible Q8_0 tensors go throug
        a float-activation kernel, so activations keep the precision of the NumPy f16 mode;
   f32  an F32 copy multiplied with cuBLAS through CuPy.
 Tensors that do not fit the cache budget fall back to q8 and are listed in `fallbacks`.
-HC mixing, RMS norms, RoPE, attention and the router run as single kernels (hc.cu,
-norm_rope.cu, attention.cu, router.cu); DS4BENCH_UNFUSED=all (or a list, model.FUSABLE) runs
+HC mixing, RMS norms, RoPE, attention, the router and the compressor's pooling run as single
+kernels (hc.cu, norm_rope.cu, attention.cu, router.cu, compress.cu); DS4BENCH_UNFUSED=all (or a list, model.FUSABLE) runs
 them as the model's array code instead.
 Routed experts always stay quantized (kernels/moe.cu); the output head is always q8.
 Weights are placed per `placement` (backend.Placer); caches and run state are device memory.
@@ -259,6 +259,20 @@ class GpuOps:
                 np.int32(cfg.expert_weights_norm), np.float32(cfg.route_score_floor),
                 np.float32(cfg.expert_weights_scale)), shared_mem=8 * E)
         return out_sel, w
+
+    def pool_windows(self, ring_k, ring_s, ck, cs, P, eb, et, ratio: int, width: int) -> cp.ndarray:
+        """model.DS4Model.pool_windows in one launch (kernels/compress.cu): candidates read in
+        place from the ring and the new rows."""
+        B, L, w = ring_k.shape
+        T = ck.shape[1]
+        out = cp.empty((len(eb), width), cp.float32)
+        kernels.function("compress.cu", "compress_pool")(((width + 127) // 128, len(eb)), (128,), (
+            cp.ascontiguousarray(ring_k, dtype=cp.float32), cp.ascontiguousarray(ring_s, dtype=cp.float32),
+            cp.ascontiguousarray(ck, dtype=cp.float32), cp.ascontiguousarray(cs, dtype=cp.float32),
+            cp.asarray(np.asarray(eb, dtype=np.int64)), cp.asarray(np.asarray(et, dtype=np.int64)),
+            cp.asarray(np.ascontiguousarray(P[:, 0], dtype=np.int64)), out,
+            np.int32(L), np.int32(T), np.int32(w), np.int32(ratio), np.int32(width)))
+        return out
 
     # -- simulated precision ----------------------------------------------------------------------------
     def kv_round(self, x: cp.ndarray) -> cp.ndarray:

@@ -11,7 +11,8 @@ Thresholds (normalized MSE = sum((gpu - ref)^2) / sum(ref^2)):
   reference sums float32); RoPE: within 1e-5 (cos/sin in double on the device and on the host,
   rounded to float; an element differs only at a rounding boundary); attention with sinks
   (attention.cu): NMSE < 1e-12 (double throughout, like the reference); router (router.cu):
-  the same experts in the same order, weights within 2e-6 relative (log1pf/expf).
+  the same experts in the same order, weights within 2e-6 relative (log1pf/expf); compressor
+  pooling (compress.cu): within 1e-5 relative (float32 like the reference, expf).
 End to end, each GPU mode is checked against the NumPy mode of the same name on the golden
 prompts: the same greedy tokens up to the first step where the reference's top-2 margin is a
 near tie (< TIE), and top-1 logprobs within LOGPROB_TOL[mode] before it. Placement must not change a
@@ -259,6 +260,30 @@ def test_indexer_topk_mask_matches_reference():
     visible = RNG.random((2, 3, 700)) < 0.9
     got = GpuOps.topk_mask(cp.asarray(score), cp.asarray(visible), 512).get()
     np.testing.assert_array_equal(got, RefOps.topk_mask(score, visible, 512))
+
+
+@pytest.mark.parametrize("ratio,T,pos0", [(4, 1, 3), (4, 1, 7), (4, 9, 0), (4, 6, 5), (128, 1, 127), (16, 20, 3)])
+def test_compress_pool_kernel_matches_reference(ratio, T, pos0):
+    """Windows ending in this call, candidates from the ring and the new rows (the first ratio-4
+    window masks its previous half): float32 like the reference, expf against NumPy's exp."""
+    from ds4bench.model import DS4Model
+    cfg = config.preset("flash")
+    width = 64
+    w = 2 * width if ratio == 4 else width
+    L = 2 * ratio if ratio == 4 else ratio
+    B = 2
+    ring_k, ring_s = RNG.standard_normal((2, B, L, w)).astype(np.float32)
+    ck, cs = RNG.standard_normal((2, B, T, w)).astype(np.float32)
+    P = pos0 + np.arange(T)[None, :] + np.array([[0], [ratio]])          # two sequences, different positions
+    eb, et = np.nonzero((P + 1) % ratio == 0)
+    if not len(eb):
+        pytest.skip("no window completes")
+    net = DS4Model.__new__(DS4Model)
+    net.xp, net.ix, net._memo = np, (lambda a: a), {}
+    want = net.pool_windows(ring_k, ring_s, ck, cs, P, eb, et, ratio, width)
+    got = _gpu_ops(cfg).pool_windows(cp.asarray(ring_k), cp.asarray(ring_s), cp.asarray(ck), cp.asarray(cs),
+                                     P, eb, et, ratio, width).get()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 # ---- end to end ----------------------------------------------------------------------------------
