@@ -133,10 +133,21 @@ def route_weights(xp, cfg: ModelConfig, logits, sel, bias, topk_ids):
     return sel, (w * cfg.expert_weights_scale).astype(xp.float32)
 
 
+def indexer_scores(xp, acc, iq, ik, wt):
+    """Indexer score of every compressed row for every token, in `acc`: iq [B, T, J, I] queries,
+    ik [B, C, I] keys, wt [B, T, J] head weights -> sum_j wt * relu(iq_j . ik) [B, T, C]."""
+    B, T, J, I = iq.shape
+    C = ik.shape[1]
+    dots = iq.reshape(B, T * J, I).astype(acc) @ ik.astype(acc).transpose(0, 2, 1)  # [B, T*J, C]
+    dots = xp.maximum(dots, 0.0).reshape(B, T, J, C)                                 # [B, T, J, C]
+    return xp.einsum("btj,btjc->btc", wt.astype(acc), dots)                          # [B, T, C]
+
+
 # Operations an ops object may fuse into kernels (GpuOps does); DS4BENCH_UNFUSED names the ones
 # to run as the array code above instead: a perf toggle that must not change the answer.
 FUSABLE = {"hc": ("hc_weights", "hc_collapse", "hc_expand"), "rms_norm": ("rms_norm",), "rope": ("rope",),
-           "attend": ("attend",), "route": ("route",), "compress": ("pool_windows",)}
+           "attend": ("attend",), "route": ("route",), "compress": ("pool_windows",),
+           "indexer": ("indexer_scores",)}
 
 
 def unfused_from_env(text: str | None) -> frozenset:
@@ -176,6 +187,7 @@ class DS4Model:
         self._route = fused.get("route") or (
             lambda logits, sel, bias: route_weights(xp, cfg, logits, sel, bias, ops.topk_ids))
         self._pool = fused.get("pool_windows") or self.pool_windows
+        self._iscore = fused.get("indexer_scores") or (lambda iq, ik, wt: indexer_scores(xp, acc, iq, ik, wt))
 
     def idx(self, key: tuple, make):
         """A host-computed index or mask array (from the positions) on the array module's
@@ -347,10 +359,7 @@ class DS4Model:
         iq = ops.linear(pre + "indexer.attn_q_b.weight", qrn).reshape(N, J, I)        # [N, J, I]
         iq = ops.indexer_round(self._rope(iq, P.reshape(N, 1), freq)).reshape(B, T * J, I)
         wt = ops.linear(pre + "indexer.proj.weight", xn) * np.float32(1.0 / math.sqrt(I * J))  # [N, J]
-        acc = ops.acc
-        dots = iq.astype(acc) @ ls.ik[:, :C].astype(acc).transpose(0, 2, 1)               # [B, T*J, C]
-        dots = xp.maximum(dots, 0.0).reshape(B, T, J, C)                                # [B, T, J, C]
-        score = xp.einsum("btj,btjc->btc", wt.reshape(B, T, J).astype(acc), dots)      # [B, T, C]
+        score = self._iscore(iq.reshape(B, T, J, I), ls.ik[:, :C], wt.reshape(B, T, J))  # [B, T, C]
         keep = ops.topk_mask(score, visible, cfg.indexer_topk)                          # [B, T, C]
         return xp.where(self.idx(("topk_on",), lambda: n_vis[..., None] > cfg.indexer_topk), keep, visible)
 

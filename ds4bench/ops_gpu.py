@@ -6,8 +6,9 @@ Same modes as the reference (see ops_ref): cache-eligible Q8_0 tensors go throug
        a float-activation kernel, so activations keep the precision of the NumPy f16 mode;
   f32  an F32 copy multiplied with cuBLAS through CuPy.
 Tensors that do not fit the cache budget fall back to q8 and are listed in `fallbacks`.
-HC mixing, RMS norms, RoPE, attention, the router and the compressor's pooling run as single
-kernels (hc.cu, norm_rope.cu, attention.cu, router.cu, compress.cu); DS4BENCH_UNFUSED=all (or a list, model.FUSABLE) runs
+HC mixing, RMS norms, RoPE, attention, the router, the compressor's pooling and the indexer
+scores run as single kernels (hc.cu, norm_rope.cu, attention.cu, router.cu, compress.cu,
+indexer.cu); DS4BENCH_UNFUSED=all (or a list, model.FUSABLE) runs
 them as the model's array code instead.
 Routed experts always stay quantized (kernels/moe.cu); the output head is always q8.
 Weights are placed per `placement` (backend.Placer); caches and run state are device memory.
@@ -273,6 +274,22 @@ class GpuOps:
             cp.asarray(np.ascontiguousarray(P[:, 0], dtype=np.int64)), out,
             np.int32(L), np.int32(T), np.int32(w), np.int32(ratio), np.int32(width)))
         return out
+
+    def indexer_scores(self, iq: cp.ndarray, ik: cp.ndarray, wt: cp.ndarray) -> cp.ndarray:
+        """model.indexer_scores in one launch (kernels/indexer.cu) where the queries fit shared
+        memory; iq [B, T, J, I], ik [B, C, I] (may be a slice), wt [B, T, J] -> [B, T, C] double."""
+        B, T, J, I = iq.shape
+        C = ik.shape[1]
+        smem = 4 * (J * (I + 1) + 8 * I + J)
+        if smem > ATTEND_SMEM_MAX or ik.strides[1:] != (4 * I, 4) or ik.dtype != cp.float32:
+            from .model import indexer_scores
+            return indexer_scores(cp, self.acc, iq, ik, wt)
+        score = cp.empty((B, T, C), cp.float64)
+        if C:
+            kernels.function("indexer.cu", "indexer_score")((T, B), (256,), (
+                cp.ascontiguousarray(iq, dtype=cp.float32), ik, cp.ascontiguousarray(wt, dtype=cp.float32), score,
+                np.int32(T), np.int32(J), np.int32(I), np.int32(C), np.int64(ik.strides[0] // 4)), shared_mem=smem)
+        return score
 
     # -- simulated precision ----------------------------------------------------------------------------
     def kv_round(self, x: cp.ndarray) -> cp.ndarray:

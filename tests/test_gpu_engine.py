@@ -12,7 +12,8 @@ Thresholds (normalized MSE = sum((gpu - ref)^2) / sum(ref^2)):
   rounded to float; an element differs only at a rounding boundary); attention with sinks
   (attention.cu): NMSE < 1e-12 (double throughout, like the reference); router (router.cu):
   the same experts in the same order, weights within 2e-6 relative (log1pf/expf); compressor
-  pooling (compress.cu): within 1e-5 relative (float32 like the reference, expf).
+  pooling (compress.cu): within 1e-5 relative (float32 like the reference, expf); indexer
+  scores (indexer.cu): NMSE < 1e-24 (double, only the order of the sums differs).
 End to end, each GPU mode is checked against the NumPy mode of the same name on the golden
 prompts: the same greedy tokens up to the first step where the reference's top-2 margin is a
 near tie (< TIE), and top-1 logprobs within LOGPROB_TOL[mode] before it. Placement must not change a
@@ -284,6 +285,21 @@ def test_compress_pool_kernel_matches_reference(ratio, T, pos0):
     got = _gpu_ops(cfg).pool_windows(cp.asarray(ring_k), cp.asarray(ring_s), cp.asarray(ck), cp.asarray(cs),
                                      P, eb, et, ratio, width).get()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("B,T,C,Cmax", [(1, 1, 600, 1024), (2, 3, 1500, 1500), (1, 2, 1, 8)])
+def test_indexer_score_kernel_matches_reference(B, T, C, Cmax):
+    """Scores of every visible compressed row, from a slice of the key cache, in double; rows
+    whose every head dot is negative score exactly 0, as in the reference."""
+    from ds4bench import model as M
+    cfg = config.preset("flash")
+    J, I = cfg.indexer_heads, cfg.indexer_dim
+    iq = RNG.standard_normal((B, T, J, I)).astype(np.float32)
+    cache = RNG.standard_normal((B, Cmax, I)).astype(np.float32)
+    wt = RNG.standard_normal((B, T, J)).astype(np.float32)
+    got = _gpu_ops(cfg).indexer_scores(cp.asarray(iq), cp.asarray(cache)[:, :C], cp.asarray(wt)).get()
+    want = M.indexer_scores(np, np.float64, iq, cache[:, :C], wt)
+    assert got.dtype == np.float64 and nmse(got, want) < 1e-24
 
 
 # ---- end to end ----------------------------------------------------------------------------------
