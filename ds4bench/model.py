@@ -143,11 +143,16 @@ def indexer_scores(xp, acc, iq, ik, wt):
     return xp.einsum("btj,btjc->btc", wt.astype(acc), dots)                          # [B, T, C]
 
 
+def swiglu_clamped(xp, g, u, c):
+    """silu(min(g, c)) * clip(u, -c, c): the shared expert's clamped SwiGLU."""
+    return silu(xp, xp.minimum(g, c)) * xp.clip(u, -c, c)
+
+
 # Operations an ops object may fuse into kernels (GpuOps does); DS4BENCH_UNFUSED names the ones
 # to run as the array code above instead: a perf toggle that must not change the answer.
 FUSABLE = {"hc": ("hc_weights", "hc_collapse", "hc_expand"), "rms_norm": ("rms_norm",), "rope": ("rope",),
            "attend": ("attend",), "route": ("route",), "compress": ("pool_windows",),
-           "indexer": ("indexer_scores",)}
+           "indexer": ("indexer_scores",), "swiglu": ("swiglu_clamped",)}
 
 
 def unfused_from_env(text: str | None) -> frozenset:
@@ -188,6 +193,7 @@ class DS4Model:
             lambda logits, sel, bias: route_weights(xp, cfg, logits, sel, bias, ops.topk_ids))
         self._pool = fused.get("pool_windows") or self.pool_windows
         self._iscore = fused.get("indexer_scores") or (lambda iq, ik, wt: indexer_scores(xp, acc, iq, ik, wt))
+        self._swiglu = fused.get("swiglu_clamped") or (lambda g, u, c: swiglu_clamped(xp, g, u, c))
 
     def idx(self, key: tuple, make):
         """A host-computed index or mask array (from the positions) on the array module's
@@ -365,7 +371,7 @@ class DS4Model:
 
     # -- FFN sublayer ------------------------------------------------------------------------------
     def ffn(self, il, X, tokens):
-        xp, cfg, ops, prof = self.xp, self.cfg, self.ops, self.prof
+        cfg, ops, prof = self.cfg, self.ops, self.prof
         pre = f"blk.{il}."
         with prof.range("hc_pre"):
             x2, post, comb = self.hc_pre(X, pre + "hc_ffn")                             # [N, D], [N, S], [N, S, S]
@@ -378,7 +384,7 @@ class DS4Model:
             c = cfg.swiglu_clamp
             g = ops.linear(pre + "ffn_gate_shexp.weight", xn2)                          # [N, F]
             u = ops.linear(pre + "ffn_up_shexp.weight", xn2)                            # [N, F]
-            mid = silu(xp, xp.minimum(g, c)) * xp.clip(u, -c, c)                        # [N, F]
+            mid = self._swiglu(g, u, c)                                                 # [N, F]
             sh = ops.linear(pre + "ffn_down_shexp.weight", mid)                         # [N, D]
         return self.hc_post(X, moe + sh, post, comb)                                    # [N, S, D]
 

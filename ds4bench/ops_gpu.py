@@ -7,8 +7,8 @@ Same modes as the reference (see ops_ref): cache-eligible Q8_0 tensors go throug
   f32  an F32 copy multiplied with cuBLAS through CuPy.
 Tensors that do not fit the cache budget fall back to q8 and are listed in `fallbacks`.
 HC mixing, RMS norms, RoPE, attention, the router, the compressor's pooling and the indexer
-scores run as single kernels (hc.cu, norm_rope.cu, attention.cu, router.cu, compress.cu,
-indexer.cu); DS4BENCH_UNFUSED=all (or a list, model.FUSABLE) runs
+scores and the shared expert's clamped SwiGLU run as single kernels (hc.cu, norm_rope.cu,
+attention.cu, router.cu, compress.cu, indexer.cu, swiglu.cu); DS4BENCH_UNFUSED=all (or a list, model.FUSABLE) runs
 them as the model's array code instead.
 Routed experts always stay quantized (kernels/moe.cu); the output head is always q8.
 Weights are placed per `placement` (backend.Placer); caches and run state are device memory.
@@ -290,6 +290,16 @@ class GpuOps:
                 cp.ascontiguousarray(iq, dtype=cp.float32), ik, cp.ascontiguousarray(wt, dtype=cp.float32), score,
                 np.int32(T), np.int32(J), np.int32(I), np.int32(C), np.int64(ik.strides[0] // 4)), shared_mem=smem)
         return score
+
+    def swiglu_clamped(self, g: cp.ndarray, u: cp.ndarray, c: float) -> cp.ndarray:
+        """model.swiglu_clamped in one launch (kernels/swiglu.cu)."""
+        g = cp.ascontiguousarray(g, dtype=cp.float32)
+        out = cp.empty_like(g)
+        n = g.size
+        if n:
+            kernels.function("swiglu.cu", "swiglu_clamped")(((n + 255) // 256,), (256,), (
+                g, cp.ascontiguousarray(u, dtype=cp.float32), out, np.int64(n), np.float32(c)))
+        return out
 
     # -- simulated precision ----------------------------------------------------------------------------
     def kv_round(self, x: cp.ndarray) -> cp.ndarray:

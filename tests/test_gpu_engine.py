@@ -302,6 +302,17 @@ def test_indexer_score_kernel_matches_reference(B, T, C, Cmax):
     assert got.dtype == np.float64 and nmse(got, want) < 1e-24
 
 
+def test_swiglu_kernel_matches_reference():
+    from ds4bench import model as M
+    cfg = config.preset("flash")
+    g = (RNG.standard_normal((3, 2048)) * 8).astype(np.float32)
+    u = (RNG.standard_normal((3, 2048)) * 8).astype(np.float32)
+    g[0, 0], u[0, 1] = np.nan, np.nan
+    got = _gpu_ops(cfg).swiglu_clamped(cp.asarray(g), cp.asarray(u), cfg.swiglu_clamp).get()
+    want = M.swiglu_clamped(np, g, u, cfg.swiglu_clamp)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=0, equal_nan=True)
+
+
 # ---- end to end ----------------------------------------------------------------------------------
 def _run(backend, cache, batch=1, **opts):
     prompts = default_prompts()[:3]
