@@ -152,7 +152,8 @@ def swiglu_clamped(xp, g, u, c):
 # to run as the array code above instead: a perf toggle that must not change the answer.
 FUSABLE = {"hc": ("hc_weights", "hc_collapse", "hc_expand"), "rms_norm": ("rms_norm",), "rope": ("rope",),
            "attend": ("attend",), "route": ("route",), "compress": ("pool_windows",),
-           "indexer": ("indexer_scores",), "swiglu": ("swiglu_clamped",)}
+           "indexer": ("indexer_scores",), "swiglu": ("swiglu_clamped",),
+           "q8quant": ()}                        # inside the ops: Q8_0 activation quantization fused into the matmul
 
 
 def unfused_from_env(text: str | None) -> frozenset:

@@ -33,7 +33,7 @@ from .ops_ref import cache_eligible, check_cache_mode
 
 ROWS_PER_BLOCK, TOKEN_TILE = 8, 8
 CACHE_RESERVE = 4 * 2 ** 30          # device memory left free when the cache budget is automatic
-ATTEND_SMEM_MAX = 48 * 1024          # dynamic shared memory without opting in: 6K key rows
+SMEM_DEFAULT_MAX = 48 * 1024         # dynamic shared memory a launch gets without opting in
 ROUTE_MAX_USED = 16                  # router.cu's RT_MAX_USED
 SPLITK_BELOW_BLOCKS = 264            # F16-weight matmuls with fewer row blocks split K (2 per H100 SM)
 
@@ -112,8 +112,17 @@ class GpuOps:
 
     # -- projections -----------------------------------------------------------------------------------
     def _q8(self, name: str, x: cp.ndarray, O: int, K: int, rows_per_group: int) -> cp.ndarray:
-        """x [N, G*K] -> [N, O] with Q8_0 weights; groups of rows read their K-slice of x."""
+        """x [N, G*K] -> [N, O] with Q8_0 weights; groups of rows read their K-slice of x.
+        One launch with the quantization fused in where the token tile's quantized activations
+        fit shared memory, else quantize_q8_0 then matmul_q8_0 (the same bits either way)."""
         N, stride = x.shape
+        smem = min(N, TOKEN_TILE) * (K + K // 8)
+        if smem <= SMEM_DEFAULT_MAX and rows_per_group % ROWS_PER_BLOCK == 0 and "q8quant" not in self.unfused:
+            y = cp.empty((N, O), dtype=cp.float32)
+            kernels.function("q8_0.cu", "matmul_q8_0_fused")(_grid(O, N), (256,), (
+                self.w[name], x, y, np.int32(O), np.int32(K), np.int32(N), np.int32(rows_per_group),
+                np.int32(stride)), shared_mem=smem)
+            return y
         xq = cp.empty((N, stride), dtype=cp.int8)
         xd = cp.empty((N, stride // 32), dtype=cp.float32)
         kernels.function("q8_0.cu", "quantize_q8_0")((stride // 32, N), (32,), (x, xq, xd, np.int32(stride)))
@@ -230,7 +239,7 @@ class GpuOps:
         B, T, H, K = q.shape
         J = keys.shape[1]
         smem = 8 * J + 256
-        if smem > ATTEND_SMEM_MAX:
+        if smem > SMEM_DEFAULT_MAX:
             from .model import attend
             return attend(cp, self.acc, q, keys, mask, sinks)
         o = cp.empty((B, T, H, K), cp.float32)
@@ -281,7 +290,7 @@ class GpuOps:
         B, T, J, I = iq.shape
         C = ik.shape[1]
         smem = 4 * (J * (I + 1) + 8 * I + J)
-        if smem > ATTEND_SMEM_MAX or ik.strides[1:] != (4 * I, 4) or ik.dtype != cp.float32:
+        if smem > SMEM_DEFAULT_MAX or ik.strides[1:] != (4 * I, 4) or ik.dtype != cp.float32:
             from .model import indexer_scores
             return indexer_scores(cp, self.acc, iq, ik, wt)
         score = cp.empty((B, T, C), cp.float64)

@@ -159,3 +159,62 @@ extern "C" __global__ void matmul_f16w_splitk(const __half* __restrict__ W, cons
         y[(long)(t0 + threadIdx.x) * O + o] = (float)v;
     }
 }
+
+// matmul_q8_0 with the activation quantization fused in: each block first quantizes its token
+// tile's activations (the K-slice of its rows' group) into shared memory with quantize_q8_0's
+// arithmetic, then forms matmul_q8_0's dot products from there: one launch instead of two, the
+// same bits. Needs rows_per_group % 8 == 0 (a block's 8 rows share a group) and dynamic shared
+// memory of min(T, TOKEN_TILE) * (K + K / 8) bytes. grid (ceil(O/8), ceil(T/TOKEN_TILE)), block 256.
+extern "C" __global__ void matmul_q8_0_fused(const unsigned char* __restrict__ W, const float* __restrict__ x,
+                                             float* __restrict__ y, int O, int K, int T, int rows_per_group,
+                                             int x_stride) {
+    extern __shared__ int smq[];                                       // int-aligned
+    const int warp = threadIdx.x / DS4_WARP, lane = threadIdx.x % DS4_WARP, nw = blockDim.x / DS4_WARP;
+    const int t0 = blockIdx.y * TOKEN_TILE;
+    const int nt = min(TOKEN_TILE, T - t0);
+    const int nb = K / 32;
+    const int g = (blockIdx.x * 8) / rows_per_group;
+    signed char* sq = (signed char*)smq;                               // [nt][K]
+    float* sd = (float*)(sq + (long)min(T, TOKEN_TILE) * K);           // [nt][nb]
+    for (int blk = warp; blk < nt * nb; blk += nw) {                   // quantize_q8_0, block by block
+        const int i = blk / nb, b = blk % nb;
+        const float v = x[(long)(t0 + i) * x_stride + (long)g * K + b * 32 + lane];
+        const float amax = warp_max(fabsf(v));
+        const float dd = amax / 127.0f;
+        const float id = dd != 0.0f ? 1.0f / dd : 0.0f;
+        float r = rintf(v * id);
+        r = fminf(fmaxf(r, -128.0f), 127.0f);
+        sq[(long)i * K + b * 32 + lane] = (signed char)(int)r;
+        if (lane == 0) sd[i * nb + b] = dd;
+    }
+    __syncthreads();
+    const int o = blockIdx.x * 8 + warp;
+    if (o >= O) return;
+    const unsigned char* row = W + (long)o * nb * Q8_BLOCK_BYTES;
+    double acc[TOKEN_TILE];
+#pragma unroll
+    for (int i = 0; i < TOKEN_TILE; i++) acc[i] = 0.0;
+    for (int b = lane; b < nb; b += DS4_WARP) {
+        const unsigned char* blk = row + b * Q8_BLOCK_BYTES;
+        const double dw = (double)__half2float(*(const __half*)blk);
+        const unsigned short* qs = (const unsigned short*)(blk + 2);
+        int wq[8];
+#pragma unroll
+        for (int i = 0; i < 8; i++) wq[i] = (int)((unsigned int)qs[2 * i] | ((unsigned int)qs[2 * i + 1] << 16));
+#pragma unroll
+        for (int i = 0; i < TOKEN_TILE; i++) {
+            if (i < nt) {
+                const int* xv = (const int*)(sq + (long)i * K + b * 32);
+                int s = 0;
+#pragma unroll
+                for (int j = 0; j < 8; j++) s = __dp4a(wq[j], xv[j], s);
+                acc[i] = __dadd_rn(acc[i], __dmul_rn(__dmul_rn(dw, (double)s), (double)sd[i * nb + b]));
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < TOKEN_TILE; i++) {
+        const double v = warp_sum_d(acc[i]);
+        if (lane == 0 && i < nt) y[(long)(t0 + i) * O + o] = (float)v;
+    }
+}

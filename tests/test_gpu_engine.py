@@ -313,6 +313,25 @@ def test_swiglu_kernel_matches_reference():
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("O,K,N,groups", [(1024, 4096, 1, 1), (32768, 1024, 3, 1), (4096, 8192, 2, 1),
+                                          (8192, 4096, 9, 8), (128, 256, 17, 2)])
+def test_fused_q8_matmul_equals_two_launches(O, K, N, groups):
+    """matmul_q8_0_fused (quantization in shared memory) gives matmul_q8_0's bits after
+    quantize_q8_0, for decode and token tiles, plain and grouped."""
+    Kg = K // groups
+    W = cp.asarray(F.quantize_q8_0((RNG.standard_normal((O, Kg)) * 0.02).astype(np.float32)))
+    x = cp.asarray((RNG.standard_normal((N, K)) * RNG.uniform(0.1, 5, (N, 1))).astype(np.float32))
+    xq, xd = poisoned((N, K), np.int8), poisoned((N, K // 32))
+    kernels.function("q8_0.cu", "quantize_q8_0")((K // 32, N), (32,), (x, xq, xd, np.int32(K)))
+    grid = (-(-O // 8), -(-N // 8))
+    args = (np.int32(O), np.int32(Kg), np.int32(N), np.int32(O // groups), np.int32(K))
+    two, one = poisoned((N, O)), poisoned((N, O))
+    kernels.function("q8_0.cu", "matmul_q8_0")(grid, (256,), (W, xq, xd, two) + args)
+    kernels.function("q8_0.cu", "matmul_q8_0_fused")(grid, (256,), (W, x, one) + args,
+                                                     shared_mem=min(N, 8) * (Kg + Kg // 8))
+    np.testing.assert_array_equal(one.get(), two.get())
+
+
 # ---- end to end ----------------------------------------------------------------------------------
 def _run(backend, cache, batch=1, **opts):
     prompts = default_prompts()[:3]
