@@ -52,6 +52,7 @@ def run(variant: str = "q2", iters: int = 200) -> dict:
     rows = []
     quant = kernels.function("q8_0.cu", "quantize_q8_0")
     mm = kernels.function("q8_0.cu", "matmul_q8_0")
+    fused = kernels.function("q8_0.cu", "matmul_q8_0_fused")
     for name, O, K, G in Q8_SHAPES:
         Kg = K // G
         W = cp.asarray(quantize_q8_0((rng.standard_normal((O, Kg)) * 0.02).astype(np.float32)))
@@ -64,8 +65,15 @@ def run(variant: str = "q2", iters: int = 200) -> dict:
             mm(((O + 7) // 8, 1), (256,), (W, xq, xd, y, np.int32(O), np.int32(Kg), np.int32(1),
                                           np.int32(O // G), np.int32(K)))
         t = _time(cp, step, iters)
-        rows.append({"kernel": f"q8_0 {name} [{O}x{Kg}]" + (f" x{G} groups" if G > 1 else ""),
-                     "bytes": int(W.nbytes), "us": t * 1e6, "gbs": W.nbytes / t / 1e9,
+        label = f"q8_0 {name} [{O}x{Kg}]" + (f" x{G} groups" if G > 1 else "")
+        rows.append({"kernel": label, "bytes": int(W.nbytes), "us": t * 1e6, "gbs": W.nbytes / t / 1e9,
+                     "pct_ceiling": 100 * W.nbytes / t / ceiling})
+
+        def fused_step():
+            fused(((O + 7) // 8, 1), (256,), (W, x, y, np.int32(O), np.int32(Kg), np.int32(1), np.int32(O // G),
+                                             np.int32(K)), shared_mem=Kg + Kg // 8)
+        t = _time(cp, fused_step, iters)
+        rows.append({"kernel": label + " fused", "bytes": int(W.nbytes), "us": t * 1e6, "gbs": W.nbytes / t / 1e9,
                      "pct_ceiling": 100 * W.nbytes / t / ceiling})
     cfg = C.preset("flash", variant)
     gate_t, down_t = (QT.IQ2_XXS, QT.Q2_K) if variant == "q2" else (QT.Q4_K, QT.Q4_K)
