@@ -66,6 +66,7 @@ class GpuOps:
         self._param: dict[str, cp.ndarray] = {}
         self._cached: dict[str, cp.ndarray] = {}
         self._freq: dict[bytes, cp.ndarray] = {}          # RoPE frequency tables on the device
+        self._pos: dict[bytes, cp.ndarray] = {}           # recent RoPE position arrays on the device
         self.fallbacks: list[str] = []
         self.cache_bytes = 0
         if self.cache != "q8":
@@ -231,8 +232,21 @@ class GpuOps:
             if f is None:
                 f = self._freq[key] = cp.asarray(np.asarray(inv_freq, dtype=np.float64))
             kernels.function("norm_rope.cu", "rope")((rows,), (64,), (
-                x, y, cp.asarray(p), f, np.int32(K), np.int32(len(inv_freq)), np.float32(-1.0 if inverse else 1.0)))
+                x, y, self._positions(p), f, np.int32(K), np.int32(len(inv_freq)),
+                np.float32(-1.0 if inverse else 1.0)))
         return y
+
+    def _positions(self, p: np.ndarray) -> cp.ndarray:
+        """Per-row positions on the device, kept by content for the few arrays a step repeats
+        (every layer ropes its queries, keys and outputs at the same positions): one copy in
+        each per step instead of one per call."""
+        key = p.tobytes()
+        d = self._pos.get(key)
+        if d is None:
+            if len(self._pos) >= 32:
+                self._pos.pop(next(iter(self._pos)))
+            d = self._pos[key] = cp.asarray(p)
+        return d
 
     def attend(self, q: cp.ndarray, keys: cp.ndarray, mask: cp.ndarray, sinks: cp.ndarray) -> cp.ndarray:
         """model.attend in one launch per step; array code when the scores do not fit shared memory."""

@@ -187,7 +187,7 @@ def test_hc_kernels_match_reference(N):
 def _gpu_ops(cfg):
     from ds4bench.ops_gpu import GpuOps
     g = GpuOps.__new__(GpuOps)
-    g.cfg, g._freq = cfg, {}
+    g.cfg, g._freq, g._pos = cfg, {}, {}
     return g
 
 
