@@ -5,6 +5,7 @@
     scatter    one matrix run: decode tokens/s against max |Δlogprob|, coloured by verdict
     roofline   one GPU matrix run: % of the bandwidth roofline per cache mode and placement, by batch
     stages     one matrix run recorded with --stages: per-stage seconds stacked per cell (leaf stages)
+    trace      one matrix run recorded with --trace: GPU ms per engine range (Nsight Systems)
 
 Each function returns what it drew or raises `Skip` with the reason a figure cannot be drawn
 from these data (a CPU run has no roofline, a run without --stages no stage times); titles
@@ -169,8 +170,35 @@ def stages(meta: dict, recs: list[dict], path: Path) -> Path:
     return _save(fig, path)
 
 
+def trace_ranges(meta: dict, recs: list[dict], path: Path) -> Path:
+    """Nsight Systems: GPU ms projected onto each engine stage (leaf ranges, `layer.N` summed)
+    stacked per traced cell, with each cell's kernel time marked."""
+    from .nsys import by_stage, ordered
+    pts = [r for r in recs if r.get("trace_gpu_ms")]
+    if not pts:
+        raise Skip("no traced cell (run with --trace)")
+    stages_ = [by_stage(r["trace_gpu_ms"]) for r in pts]
+    names = [n for n in ordered({k for st in stages_ for k in st}) if n not in CONTAINERS]
+    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(pts) + 3), 5))
+    bottom = [0.0] * len(pts)
+    cmap = plt.get_cmap("tab20")
+    for i, k in enumerate(names):
+        ys = [st.get(k, 0.0) for st in stages_]
+        ax.bar(range(len(pts)), ys, bottom=bottom, label=k, color=cmap(i % 20), edgecolor="white", linewidth=0.3)
+        bottom = [b + y for b, y in zip(bottom, ys)]
+    kern = [r.get("trace_kernel_ms") for r in pts]
+    ax.scatter([i for i, k in enumerate(kern) if k], [k for k in kern if k], marker="_", s=900, color="black",
+               zorder=4, label="kernel time (all kernels)")
+    ax.set_xticks(range(len(pts)), [_label(r) for r in pts], rotation=45, ha="right")
+    ax.set_ylabel("GPU ms projected onto the range (all timed repetitions)")
+    ax.set_xlabel("cell (cache placement batch)")
+    ax.legend(title="range", fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
+    ax.set_title(run_title(meta, recs, "GPU time per range (Nsight Systems)"), fontsize=10)
+    return _save(fig, path)
+
+
 CONTAINERS = ("prefill", "decode", "layer")
-RUN_FIGURES = (("scatter", scatter), ("roofline", roofline), ("stages", stages))
+RUN_FIGURES = (("scatter", scatter), ("roofline", roofline), ("stages", stages), ("trace", trace_ranges))
 
 
 def plot_run(meta: dict, recs: list[dict], out_dir: str = DEFAULT_OUT) -> tuple[list[Path], list[str]]:

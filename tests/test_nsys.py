@@ -137,6 +137,9 @@ def test_matrix_trace_fills_the_record_summary_and_compare(tmp_path, monkeypatch
     assert res["ranges"] and res["ranges"][0]["ranges"][0]["delta_ms"] is not None
     out = render_compare(res, "md", "a", "b")
     assert "## GPU time per range" in out and "| attn.out |" in out
+    from ds4bench.plots import plot_run
+    written, _ = plot_run(ra.meta(), recs_a, str(tmp_path / "plots"))
+    assert any(p.name.endswith("-trace.png") and p.stat().st_size > 10_000 for p in written)
     capsys.readouterr()
     main(["show", str(ra.path)])
     assert "GPU time per range (Nsight Systems)" in capsys.readouterr().out
