@@ -17,6 +17,16 @@ __device__ __forceinline__ void cp_candidate(int r, int ratio, int width, int d,
     }
 }
 
+// Where candidate r's value sits: the call's new rows (fresh) or the ring; its offset there.
+__device__ __forceinline__ long long cp_where(int r, int ratio, int width, int d, long long pe, bool first,
+                                              long long b, long long p0, int L, int T, int w,
+                                              bool* fresh, bool* masked) {
+    long long p; int c;
+    cp_candidate(r, ratio, width, d, pe, first, &p, &c, masked);
+    *fresh = p >= p0;
+    return *fresh ? (b * T + (p - p0)) * w + c : (b * L + ((p % L) + L) % L) * w + c;
+}
+
 // ring_k/ring_s [B, L, w], ck/cs [B, T, w], window ends (eb[e], et[e]), pos0[b] = the call's first
 // position -> out [nE, width]. grid (ceil(width/128), nE), block 128.
 extern "C" __global__ void compress_pool(const float* __restrict__ ring_k, const float* __restrict__ ring_s,
@@ -31,32 +41,22 @@ extern "C" __global__ void compress_pool(const float* __restrict__ ring_k, const
     const int R = ratio == 4 ? 8 : ratio;
     const float ninf = __int_as_float(0xff800000);
     float mx = ninf;
+    bool fresh, masked;
     for (int r = 0; r < R; ++r) {
-        long long p; int c; bool masked;
-        cp_candidate(r, ratio, width, d, pe, first, &p, &c, &masked);
-        if (masked) continue;
-        const float* src = p >= p0 ? cs + ((b * T + (p - p0)) * w + c)
-                                   : ring_s + ((b * L + ((p % L) + L) % L) * w + c);
-        mx = fmaxf(mx, *src);
+        const long long off = cp_where(r, ratio, width, d, pe, first, b, p0, L, T, w, &fresh, &masked);
+        if (!masked) mx = fmaxf(mx, (fresh ? cs : ring_s)[off]);
     }
     float sum = 0.0f;
     for (int r = 0; r < R; ++r) {
-        long long p; int c; bool masked;
-        cp_candidate(r, ratio, width, d, pe, first, &p, &c, &masked);
-        if (masked) continue;
-        const float* src = p >= p0 ? cs + ((b * T + (p - p0)) * w + c)
-                                   : ring_s + ((b * L + ((p % L) + L) % L) * w + c);
-        sum = __fadd_rn(sum, expf(__fsub_rn(*src, mx)));
+        const long long off = cp_where(r, ratio, width, d, pe, first, b, p0, L, T, w, &fresh, &masked);
+        if (!masked) sum = __fadd_rn(sum, expf(__fsub_rn((fresh ? cs : ring_s)[off], mx)));
     }
     float acc = 0.0f;
     for (int r = 0; r < R; ++r) {
-        long long p; int c; bool masked;
-        cp_candidate(r, ratio, width, d, pe, first, &p, &c, &masked);
+        const long long off = cp_where(r, ratio, width, d, pe, first, b, p0, L, T, w, &fresh, &masked);
         if (masked) continue;
-        const bool fresh = p >= p0;
-        const long long off = fresh ? (b * T + (p - p0)) * w + c : (b * L + ((p % L) + L) % L) * w + c;
-        const float s = (fresh ? cs : ring_s)[off], k = (fresh ? ck : ring_k)[off];
-        acc = __fadd_rn(acc, __fmul_rn(__fdiv_rn(expf(__fsub_rn(s, mx)), sum), k));
+        const float sv = (fresh ? cs : ring_s)[off], k = (fresh ? ck : ring_k)[off];
+        acc = __fadd_rn(acc, __fmul_rn(__fdiv_rn(expf(__fsub_rn(sv, mx)), sum), k));
     }
     out[(long long)e * width + d] = acc;
 }

@@ -6,19 +6,77 @@
 #define Q8_BLOCK_BYTES 34
 #define TOKEN_TILE 8
 
-// x [rows, n] float -> q [rows, n] int8, d [rows, n/32]: d = amax/127, q = rint(x * (1/d)).
-// grid (n/32, rows), block 32.
-extern "C" __global__ void quantize_q8_0(const float* __restrict__ x, signed char* __restrict__ q,
-                                         float* __restrict__ d, int n) {
-    const long row = blockIdx.y, b = blockIdx.x;
-    const float v = x[row * n + b * 32 + threadIdx.x];
+// One Q8_0 block quantized by a warp, a value per lane: returns the lane's int8, sets the block
+// scale d = amax/127; q = rint(x * (1/d)), clamped.
+__device__ __forceinline__ signed char q8_quantize_lane(float v, float* d) {
     const float amax = warp_max(fabsf(v));
     const float dd = amax / 127.0f;
     const float id = dd != 0.0f ? 1.0f / dd : 0.0f;
     float r = rintf(v * id);
     r = fminf(fmaxf(r, -128.0f), 127.0f);
-    q[row * n + b * 32 + threadIdx.x] = (signed char)(int)r;
+    *d = dd;
+    return (signed char)(int)r;
+}
+
+// x [rows, n] float -> q [rows, n] int8, d [rows, n/32]: d = amax/127, q = rint(x * (1/d)).
+// grid (n/32, rows), block 32.
+extern "C" __global__ void quantize_q8_0(const float* __restrict__ x, signed char* __restrict__ q,
+                                         float* __restrict__ d, int n) {
+    const long row = blockIdx.y, b = blockIdx.x;
+    float dd;
+    q[row * n + b * 32 + threadIdx.x] = q8_quantize_lane(x[row * n + b * 32 + threadIdx.x], &dd);
     if (threadIdx.x == 0) d[row * (n / 32) + b] = dd;
+}
+
+// One Q8_0 weight row against a tile of quantized activations: lane l takes blocks l, l+32, ...;
+// xq(i, b) points at token i's int8 block b, xd(i, b) is its scale. Block terms are formed and
+// summed in double (see matmul_q8_0).
+template <typename XQ, typename XD>
+__device__ __forceinline__ void q8_row_tile(const unsigned char* __restrict__ row, int nb, int lane, int nt,
+                                            XQ xq, XD xd, double* acc) {
+    for (int b = lane; b < nb; b += DS4_WARP) {
+        const unsigned char* blk = row + b * Q8_BLOCK_BYTES;
+        const double dw = (double)__half2float(*(const __half*)blk);
+        const unsigned short* qs = (const unsigned short*)(blk + 2);     // 2-byte aligned
+        int wq[8];
+#pragma unroll
+        for (int i = 0; i < 8; i++) wq[i] = (int)((unsigned int)qs[2 * i] | ((unsigned int)qs[2 * i + 1] << 16));
+#pragma unroll
+        for (int i = 0; i < TOKEN_TILE; i++) {
+            if (i < nt) {
+                const int* xv = (const int*)xq(i, b);
+                int s = 0;
+#pragma unroll
+                for (int j = 0; j < 8; j++) s = __dp4a(wq[j], xv[j], s);
+                acc[i] = __dadd_rn(acc[i], __dmul_rn(__dmul_rn(dw, (double)s), (double)xd(i, b)));
+            }
+        }
+    }
+}
+
+// One F16 weight pair (columns 2k, 2k+1) times each tile token's activations, products exact in
+// double, added to the token's accumulator; x_at(i) points at token i's activation slice.
+template <typename XA>
+__device__ __forceinline__ void f16w_pair(const __half2* __restrict__ row, int k, int nt, XA x_at, double* acc) {
+    const float2 w = __half22float2(row[k]);
+#pragma unroll
+    for (int i = 0; i < TOKEN_TILE; i++) {
+        if (i < nt) {
+            const float2 xv = *(const float2*)(x_at(i) + 2 * k);
+            acc[i] = __dadd_rn(acc[i], __dmul_rn((double)w.x, (double)xv.x));
+            acc[i] = __dadd_rn(acc[i], __dmul_rn((double)w.y, (double)xv.y));
+        }
+    }
+}
+
+// A warp's per-token double sums rounded once into y[t0 + i, o] by lane 0.
+__device__ __forceinline__ void store_row_tile(double* acc, int lane, int nt, float* __restrict__ y,
+                                               int t0, int O, int o) {
+#pragma unroll
+    for (int i = 0; i < TOKEN_TILE; i++) {
+        const double v = warp_sum_d(acc[i]);
+        if (lane == 0 && i < nt) y[(long)(t0 + i) * O + o] = (float)v;
+    }
 }
 
 // y[t, o] = sum_b f16(d_w[o,b]) * d_x[t,b'] * dot(q_w[o,b], q_x[t,b']) with __dp4a.
@@ -41,30 +99,11 @@ extern "C" __global__ void matmul_q8_0(const unsigned char* __restrict__ W, cons
     double acc[TOKEN_TILE];
 #pragma unroll
     for (int i = 0; i < TOKEN_TILE; i++) acc[i] = 0.0;
-    for (int b = lane; b < nb; b += DS4_WARP) {
-        const unsigned char* blk = row + b * Q8_BLOCK_BYTES;
-        const double dw = (double)__half2float(*(const __half*)blk);
-        const unsigned short* qs = (const unsigned short*)(blk + 2);     // 2-byte aligned
-        int wq[8];
-#pragma unroll
-        for (int i = 0; i < 8; i++) wq[i] = (int)((unsigned int)qs[2 * i] | ((unsigned int)qs[2 * i + 1] << 16));
-#pragma unroll
-        for (int i = 0; i < TOKEN_TILE; i++) {
-            if (i < nt) {
-                const long xo = (long)(t0 + i) * x_stride + (long)g * K + b * 32;
-                const int* xv = (const int*)(xq + xo);
-                int s = 0;
-#pragma unroll
-                for (int j = 0; j < 8; j++) s = __dp4a(wq[j], xv[j], s);
-                acc[i] = __dadd_rn(acc[i], __dmul_rn(__dmul_rn(dw, (double)s), (double)xd[xo / 32]));
-            }
-        }
-    }
-#pragma unroll
-    for (int i = 0; i < TOKEN_TILE; i++) {
-        const double v = warp_sum_d(acc[i]);
-        if (lane == 0 && i < nt) y[(long)(t0 + i) * O + o] = (float)v;
-    }
+    const long base = (long)g * K;
+    q8_row_tile(row, nb, lane, nt,
+                [&](int i, int b) { return xq + (long)(t0 + i) * x_stride + base + b * 32; },
+                [&](int i, int b) { return xd[((long)(t0 + i) * x_stride + base + b * 32) / 32]; }, acc);
+    store_row_tile(acc, lane, nt, y, t0, O, o);
 }
 
 // The Q8_0 -> F16 cache: each f16(d) * f16(q) product rounded to half, as ds4's cache kernel.
@@ -102,22 +141,9 @@ extern "C" __global__ void matmul_f16w(const __half* __restrict__ W, const float
     double acc[TOKEN_TILE];
 #pragma unroll
     for (int i = 0; i < TOKEN_TILE; i++) acc[i] = 0.0;
-    for (int k = lane; k < K / 2; k += DS4_WARP) {
-        const float2 w = __half22float2(row[k]);
-#pragma unroll
-        for (int i = 0; i < TOKEN_TILE; i++) {
-            if (i < nt) {
-                const float2 xv = *(const float2*)(x + (long)(t0 + i) * x_stride + (long)g * K + 2 * k);
-                acc[i] = __dadd_rn(acc[i], __dmul_rn((double)w.x, (double)xv.x));
-                acc[i] = __dadd_rn(acc[i], __dmul_rn((double)w.y, (double)xv.y));
-            }
-        }
-    }
-#pragma unroll
-    for (int i = 0; i < TOKEN_TILE; i++) {
-        const double v = warp_sum_d(acc[i]);
-        if (lane == 0 && i < nt) y[(long)(t0 + i) * O + o] = (float)v;
-    }
+    auto x_at = [&](int i) { return x + (long)(t0 + i) * x_stride + (long)g * K; };
+    for (int k = lane; k < K / 2; k += DS4_WARP) f16w_pair(row, k, nt, x_at, acc);
+    store_row_tile(acc, lane, nt, y, t0, O, o);
 }
 
 // matmul_f16w for few output rows (HC mixers: 24 rows of 16384, the router: 256 of 4096): one
@@ -136,17 +162,8 @@ extern "C" __global__ void matmul_f16w_splitk(const __half* __restrict__ W, cons
     double acc[TOKEN_TILE];
 #pragma unroll
     for (int i = 0; i < TOKEN_TILE; i++) acc[i] = 0.0;
-    for (int k = threadIdx.x; k < K / 2; k += blockDim.x) {
-        const float2 w = __half22float2(row[k]);
-#pragma unroll
-        for (int i = 0; i < TOKEN_TILE; i++) {
-            if (i < nt) {
-                const float2 xv = *(const float2*)(x + (long)(t0 + i) * x_stride + (long)g * K + 2 * k);
-                acc[i] = __dadd_rn(acc[i], __dmul_rn((double)w.x, (double)xv.x));
-                acc[i] = __dadd_rn(acc[i], __dmul_rn((double)w.y, (double)xv.y));
-            }
-        }
-    }
+    auto x_at = [&](int i) { return x + (long)(t0 + i) * x_stride + (long)g * K; };
+    for (int k = threadIdx.x; k < K / 2; k += blockDim.x) f16w_pair(row, k, nt, x_at, acc);
 #pragma unroll
     for (int i = 0; i < TOKEN_TILE; i++) {
         const double v = warp_sum_d(acc[i]);
@@ -178,13 +195,9 @@ extern "C" __global__ void matmul_q8_0_fused(const unsigned char* __restrict__ W
     float* sd = (float*)(sq + (long)min(T, TOKEN_TILE) * K);           // [nt][nb]
     for (int blk = warp; blk < nt * nb; blk += nw) {                   // quantize_q8_0, block by block
         const int i = blk / nb, b = blk % nb;
+        float dd;
         const float v = x[(long)(t0 + i) * x_stride + (long)g * K + b * 32 + lane];
-        const float amax = warp_max(fabsf(v));
-        const float dd = amax / 127.0f;
-        const float id = dd != 0.0f ? 1.0f / dd : 0.0f;
-        float r = rintf(v * id);
-        r = fminf(fmaxf(r, -128.0f), 127.0f);
-        sq[(long)i * K + b * 32 + lane] = (signed char)(int)r;
+        sq[(long)i * K + b * 32 + lane] = q8_quantize_lane(v, &dd);
         if (lane == 0) sd[i * nb + b] = dd;
     }
     __syncthreads();
@@ -194,27 +207,7 @@ extern "C" __global__ void matmul_q8_0_fused(const unsigned char* __restrict__ W
     double acc[TOKEN_TILE];
 #pragma unroll
     for (int i = 0; i < TOKEN_TILE; i++) acc[i] = 0.0;
-    for (int b = lane; b < nb; b += DS4_WARP) {
-        const unsigned char* blk = row + b * Q8_BLOCK_BYTES;
-        const double dw = (double)__half2float(*(const __half*)blk);
-        const unsigned short* qs = (const unsigned short*)(blk + 2);
-        int wq[8];
-#pragma unroll
-        for (int i = 0; i < 8; i++) wq[i] = (int)((unsigned int)qs[2 * i] | ((unsigned int)qs[2 * i + 1] << 16));
-#pragma unroll
-        for (int i = 0; i < TOKEN_TILE; i++) {
-            if (i < nt) {
-                const int* xv = (const int*)(sq + (long)i * K + b * 32);
-                int s = 0;
-#pragma unroll
-                for (int j = 0; j < 8; j++) s = __dp4a(wq[j], xv[j], s);
-                acc[i] = __dadd_rn(acc[i], __dmul_rn(__dmul_rn(dw, (double)s), (double)sd[i * nb + b]));
-            }
-        }
-    }
-#pragma unroll
-    for (int i = 0; i < TOKEN_TILE; i++) {
-        const double v = warp_sum_d(acc[i]);
-        if (lane == 0 && i < nt) y[(long)(t0 + i) * O + o] = (float)v;
-    }
+    q8_row_tile(row, nb, lane, nt, [&](int i, int b) { return sq + (long)i * K + b * 32; },
+                [&](int i, int b) { return sd[i * nb + b]; }, acc);
+    store_row_tile(acc, lane, nt, y, t0, O, o);
 }
