@@ -19,7 +19,7 @@ bundle=${BUNDLE:-.gitcarry/ds4bench.bundle}
 here=$PWD work=/tmp/ds4bench-asv
 rm -rf "$work" && git clone -q "$bundle" "$work"
 mkdir -p results/asv && cp -r results/asv "$work/results/" 2>/dev/null || true
-export PIP_FIND_LINKS="$here/.whl"
+export PIP_FIND_LINKS="$here/.whl${PIP_FIND_LINKS:+ $PIP_FIND_LINKS}"
 [ -d /tmp/site ] && export EXTRA_SITE="${EXTRA_SITE:-/tmp/site}"   # where gpu-env.sh put gguf, tokenizers, nvtx
 export DS4BENCH_ASV_SKIP="${DS4BENCH_ASV_SKIP:-flash-4l:managed,flash-4l:managed-hinted,flash-4l:host}"
 export ASV_MACHINE="${ASV_MACHINE:-$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | awk '{print tolower($2)}')}"

@@ -7,7 +7,8 @@
 # virtualenv under .asv/env that sees this python's packages through a .pth file (asv.conf.json's
 # build_command writes it from $PARENT_SITE), so CuPy, NumPy and the rest come from the machine.
 # asv's own set-up (pip install wheel/pip/build) is served from $PIP_FIND_LINKS (default ./.whl,
-# which must hold wheel, build, packaging, pyproject_hooks). Needs a git repository with the range.
+# which must hold wheel, build, packaging, pyproject_hooks; other find-links stay after it). Needs a git
+# repository with the range.
 # The benchmarks run under the spawn launch method (asv.conf.json) so CUDA starts clean per process.
 # DS4BENCH_ASV_FULL=1 (the default here) runs tiny and flash-4l, every placement, batch 1 and 16;
 # export DS4BENCH_ASV_PLACEMENTS / _BATCHES / _CACHES / _PRESETS to narrow it. The tracks (decode
@@ -21,7 +22,8 @@ cd "$(dirname "$0")/.."
 git rev-parse --git-dir >/dev/null 2>&1 || { echo "$0: $(pwd) is not a git repository: asv needs the history" >&2; exit 2; }
 PARENT_SITE="$(python3 -c 'import site; print(":".join(site.getsitepackages()))')${EXTRA_SITE:+:$EXTRA_SITE}"
 export PARENT_SITE
-export PIP_NO_INDEX=1 PIP_FIND_LINKS="${PIP_FIND_LINKS:-$PWD/.whl}"
+export PIP_NO_INDEX=1
+[ -d .whl ] && export PIP_FIND_LINKS="$PWD/.whl${PIP_FIND_LINKS:+ $PIP_FIND_LINKS}"   # the carried wheels first
 export DS4BENCH_ASV_FULL="${DS4BENCH_ASV_FULL:-1}"
 export DS4BENCH_ASV_TIME_PRESETS="${DS4BENCH_ASV_TIME_PRESETS:-tiny}"           # time_*: tiny, device placement;
 export DS4BENCH_ASV_TIME_PLACEMENTS="${DS4BENCH_ASV_TIME_PLACEMENTS:-device}"   # tracks: every cell not skipped
