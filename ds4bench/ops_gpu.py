@@ -35,6 +35,7 @@ ROWS_PER_BLOCK, TOKEN_TILE = 8, 8
 CACHE_RESERVE = 4 * 2 ** 30          # device memory left free when the cache budget is automatic
 SMEM_DEFAULT_MAX = 48 * 1024         # dynamic shared memory a launch gets without opting in
 ROUTE_MAX_USED = 16                  # router.cu's RT_MAX_USED
+HC_MAX_STREAMS = 8                   # hc.cu's HC_MAX_STREAMS
 SPLITK_BELOW_BLOCKS = 264            # F16-weight matmuls with fewer row blocks split K (2 per H100 SM)
 
 
@@ -52,7 +53,12 @@ class GpuOps:
         self.cache = check_cache_mode(cache)
         self.placement = placement or os.environ.get("DS4BENCH_PLACEMENT", "device")
         from .model import unfused_from_env
-        self.unfused = unfused_from_env(os.environ.get("DS4BENCH_UNFUSED"))   # kernels left as array code
+        off = set(unfused_from_env(os.environ.get("DS4BENCH_UNFUSED")))      # kernels left as array code
+        if self.cfg.hc_streams > HC_MAX_STREAMS or self.cfg.hc_sinkhorn_iters < 1:
+            off.add("hc")                                                     # outside hc.cu's limits
+        if self.cfg.n_expert_used > ROUTE_MAX_USED or 8 * self.cfg.n_expert > SMEM_DEFAULT_MAX:
+            off.add("route")                                                  # outside router.cu's
+        self.unfused = frozenset(off)
         self.placer = Placer(self.placement, model.nbytes)
         self.w: dict[str, cp.ndarray] = {}
         expert_tensors = {}
@@ -269,9 +275,6 @@ class GpuOps:
         cfg = self.cfg
         N, E = logits.shape
         A = cfg.n_expert_used
-        if A > ROUTE_MAX_USED:
-            from .model import route_weights
-            return route_weights(cp, cfg, logits, sel, bias, self.topk_ids)
         out_sel = cp.empty((N, A), cp.int64)
         w = cp.empty((N, A), cp.float32)
         if N:

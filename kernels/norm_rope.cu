@@ -1,7 +1,8 @@
 // RMS norm and RoPE, one launch each (the array code needs six to eight small launches and, for
-// RoPE, host-side cos/sin tables copied in per call). Arithmetic follows the NumPy reference:
-// float32 element-wise ops rounded one by one (no FMA contraction); the mean of squares is
-// summed in double and rounded once; RoPE angles and their cos/sin in double, rounded to float.
+// RoPE, host-side cos/sin tables copied in per call). Element-wise ops are float32 rounded one by
+// one as in the NumPy reference (no FMA contraction). The mean of squares is summed in double and
+// rounded once, where the reference sums float32: the two agree to float32 rounding, not bit for
+// bit. RoPE angles and their cos/sin are computed in double and rounded to float, as on the host.
 #include "common.cuh"
 
 #define NR_THREADS 256
