@@ -43,3 +43,22 @@ def test_kernel_uses_only_what_nvrtc_has(name):
     for word, instead in NOT_IN_NVRTC.items():
         pat = re.escape(word) if word.endswith(":") else rf"\b{re.escape(word)}\b"
         assert not re.search(pat, code), f"{name} uses {word}, which NVRTC lacks; use {instead}"
+
+
+def test_gpu_ops_define_every_fusable_hook_with_the_models_arity():
+    """GpuOps cannot be imported without CuPy; its source still must define each fused hook
+    model.FUSABLE names, taking the arguments DS4Model passes (checked without a GPU)."""
+    import ast
+
+    from ds4bench import model as M
+    passed = {"hc_weights": 3, "hc_collapse": 2, "hc_expand": 4, "rms_norm": 3, "rope": 4, "attend": 4,
+              "route": 3, "pool_windows": 9, "indexer_scores": 3, "swiglu_clamped": 3}
+    assert {m for ms in M.FUSABLE.values() for m in ms} == set(passed)
+    src = open(os.path.join(os.path.dirname(KERNEL_DIR), "ds4bench", "ops_gpu.py")).read()
+    cls = next(n for n in ast.parse(src).body if isinstance(n, ast.ClassDef) and n.name == "GpuOps")
+    methods = {f.name: f for f in cls.body if isinstance(f, ast.FunctionDef)}
+    for name, n in passed.items():
+        assert name in methods, f"GpuOps lacks {name}"
+        args = methods[name].args
+        params = [a.arg for a in args.args if a.arg != "self"]
+        assert len(params) - len(args.defaults) <= n <= len(params), (name, params)
