@@ -196,7 +196,7 @@ def cmd_matrix(a) -> int:
         spec, backend, why = build_spec(a)
         cells, notes = M.expand(spec, backend, why)
         if a.trace_one:
-            cells, notes = _one_cell(cells, notes)
+            _check_one_cell(cells)
         th = V.Thresholds(**{**V.DEFAULT.to_dict(), **{k: v for k, v in (("tol", a.tol), ("tie", a.tie)) if v is not None}})
         label = "+".join(dict.fromkeys(c.group for c in cells))
         if any(c.params["trace"] for c in cells):
@@ -237,14 +237,13 @@ def cmd_matrix(a) -> int:
     return gate(recs)
 
 
-def _one_cell(cells, notes):
-    """`trace` runs exactly one cell: its own baseline, no added reference cell."""
+def _check_one_cell(cells) -> None:
+    """`trace` runs exactly one cell (build_spec made it its own baseline)."""
     from .cli import UserError
     if len(cells) != 1:
         raise UserError(f"trace runs one cell; these options give {len(cells)} "
                         f"({', '.join(c.cell_id for c in cells[:4])}{', ...' if len(cells) > 4 else ''}): "
                         f"give one value per axis, or use `ds4bench matrix --trace`")
-    return cells, [n for n in notes if "baseline" not in n]
 
 
 def _raise_interrupt(signum, frame):

@@ -56,6 +56,7 @@ SPEC_KEYS = {"description", "preset", "model", "variant", "seed", "cache", "plac
 # Variables that change what the engine does; a cell records those set in its environment,
 # wherever they came from (the spec's [env] or the shell), so no toggle goes unrecorded.
 ENGINE_ENV = ("DS4BENCH_UNFUSED", "DS4BENCH_CACHE_MB", "DS4BENCH_PLUGINS")
+TRACE_FIELDS = ("trace_file", "trace_gpu_ms", "trace_calls", "trace_kernels", "trace_kernel_ms")   # CellRecord
 SYNTH_IN_MEMORY_MAX = 256 * 2**20      # larger presets are written to a GGUF once and memory-mapped per cell
 
 
@@ -218,7 +219,6 @@ def validate(s: MatrixSpec) -> None:
         if bad:
             raise ValueError(f"{where}: {what} keys {sorted(bad)} are not axes; use cache, placement, batch, nvtx, "
                              f"model")
-    for d, what in [(s.baseline, "baseline")] + [(e, "exclude") for e in s.excludes]:
         if "nvtx" in d:
             try:
                 _flag(d["nvtx"])
@@ -440,7 +440,7 @@ def _last_line(path: Path) -> str:
         lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
     except OSError:
         return ""
-    lines = [ln for ln in lines if not any(ln.startswith(c) or c in ln for c in NSYS_CHATTER)]
+    lines = [ln for ln in lines if not any(c in ln for c in NSYS_CHATTER)]
     return lines[-1][:500] if lines else ""
 
 
@@ -509,7 +509,7 @@ def add_trace(rec: dict, run_path: Path, trace: tuple[str, Path] | None) -> None
             return
         except N.NsysError as e:
             why = str(e)
-    for k in ("trace_file", "trace_gpu_ms", "trace_calls", "trace_kernels", "trace_kernel_ms"):
+    for k in TRACE_FIELDS:
         rec.setdefault("unavailable", {})[k] = why
 
 
@@ -584,7 +584,7 @@ def run_cell(params: dict, out: str, fingerprints: str) -> dict:
     for k in ("decode_tps", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "timing_spread", "timing_reliable"):
         na[k] = rec.timing_note
     if not p.get("trace"):
-        for k in ("trace_file", "trace_gpu_ms", "trace_calls", "trace_kernels", "trace_kernel_ms"):
+        for k in TRACE_FIELDS:
             na[k] = "not traced (--trace)"
     if p["stages"]:
         timer = make_profiler("stages", p["backend"])

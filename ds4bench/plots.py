@@ -154,20 +154,26 @@ def stages(meta: dict, recs: list[dict], path: Path) -> Path:
             if k not in CONTAINERS:             # they hold the other stages: stacking them counts twice
                 totals[k] = totals.get(k, 0.0) + v
     names = sorted(totals, key=lambda k: -totals[k])
+    fig, ax = _stacked_bars(pts, [r["stage_s"] for r in pts], names)
+    gpu = all(r.get("backend") == "cupy" for r in pts)
+    ax.set_ylabel(f"{'GPU time (CUDA events)' if gpu else 'host time'} per stage (s, one generation)")
+    ax.legend(title="stage", fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
+    ax.set_title(run_title(meta, recs, "time per stage"), fontsize=10)
+    return _save(fig, path)
+
+
+def _stacked_bars(pts: list[dict], values: list[dict], names: list[str]):
+    """One bar per cell, stacked in `names` order from each cell's {name: value}; labelled cells."""
     fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(pts) + 3), 5))
     bottom = [0.0] * len(pts)
     cmap = plt.get_cmap("tab20")
     for i, k in enumerate(names):
-        ys = [r["stage_s"].get(k, 0.0) for r in pts]
+        ys = [v.get(k, 0.0) for v in values]
         ax.bar(range(len(pts)), ys, bottom=bottom, label=k, color=cmap(i % 20), edgecolor="white", linewidth=0.3)
         bottom = [b + y for b, y in zip(bottom, ys)]
     ax.set_xticks(range(len(pts)), [_label(r) for r in pts], rotation=45, ha="right")
-    gpu = all(r.get("backend") == "cupy" for r in pts)
-    ax.set_ylabel(f"{'GPU time (CUDA events)' if gpu else 'host time'} per stage (s, one generation)")
     ax.set_xlabel("cell (cache placement batch)")
-    ax.legend(title="stage", fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
-    ax.set_title(run_title(meta, recs, "time per stage"), fontsize=10)
-    return _save(fig, path)
+    return fig, ax
 
 
 def trace_ranges(meta: dict, recs: list[dict], path: Path) -> Path:
@@ -179,19 +185,11 @@ def trace_ranges(meta: dict, recs: list[dict], path: Path) -> Path:
         raise Skip("no traced cell (run with --trace)")
     stages_ = [by_stage(r["trace_gpu_ms"]) for r in pts]
     names = [n for n in ordered({k for st in stages_ for k in st}) if n not in CONTAINERS]
-    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(pts) + 3), 5))
-    bottom = [0.0] * len(pts)
-    cmap = plt.get_cmap("tab20")
-    for i, k in enumerate(names):
-        ys = [st.get(k, 0.0) for st in stages_]
-        ax.bar(range(len(pts)), ys, bottom=bottom, label=k, color=cmap(i % 20), edgecolor="white", linewidth=0.3)
-        bottom = [b + y for b, y in zip(bottom, ys)]
+    fig, ax = _stacked_bars(pts, stages_, names)
     kern = [r.get("trace_kernel_ms") for r in pts]
     ax.scatter([i for i, k in enumerate(kern) if k], [k for k in kern if k], marker="_", s=900, color="black",
                zorder=4, label="kernel time (all kernels)")
-    ax.set_xticks(range(len(pts)), [_label(r) for r in pts], rotation=45, ha="right")
     ax.set_ylabel("GPU ms projected onto the range (all timed repetitions)")
-    ax.set_xlabel("cell (cache placement batch)")
     ax.legend(title="range", fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
     ax.set_title(run_title(meta, recs, "GPU time per range (Nsight Systems)"), fontsize=10)
     return _save(fig, path)
