@@ -69,6 +69,18 @@ __device__ __forceinline__ void f16w_pair(const __half2* __restrict__ row, int k
     }
 }
 
+// F16 weight row o against a tile of tokens: this thread's share of the K/2 column pairs (k0,
+// k0 + step, ...) into acc, which it zeroes first. Both F16-weight matmuls use it.
+__device__ __forceinline__ void f16w_row_tile(const __half* __restrict__ W, const float* __restrict__ x, int o,
+                                              int K, int g, int t0, int nt, int x_stride, int k0, int step,
+                                              double* acc) {
+    const __half2* row = (const __half2*)(W + (long)o * K);
+#pragma unroll
+    for (int i = 0; i < TOKEN_TILE; i++) acc[i] = 0.0;
+    auto x_at = [&](int i) { return x + (long)(t0 + i) * x_stride + (long)g * K; };
+    for (int k = k0; k < K / 2; k += step) f16w_pair(row, k, nt, x_at, acc);
+}
+
 // A warp's per-token double sums rounded once into y[t0 + i, o] by lane 0.
 __device__ __forceinline__ void store_row_tile(double* acc, int lane, int nt, float* __restrict__ y,
                                                int t0, int O, int o) {
@@ -135,14 +147,9 @@ extern "C" __global__ void matmul_f16w(const __half* __restrict__ W, const float
     const int o = blockIdx.x * 8 + warp;
     const int t0 = blockIdx.y * TOKEN_TILE;
     if (o >= O) return;
-    const int g = o / rows_per_group;
     const int nt = min(TOKEN_TILE, T - t0);
-    const __half2* row = (const __half2*)(W + (long)o * K);
     double acc[TOKEN_TILE];
-#pragma unroll
-    for (int i = 0; i < TOKEN_TILE; i++) acc[i] = 0.0;
-    auto x_at = [&](int i) { return x + (long)(t0 + i) * x_stride + (long)g * K; };
-    for (int k = lane; k < K / 2; k += DS4_WARP) f16w_pair(row, k, nt, x_at, acc);
+    f16w_row_tile(W, x, o, K, o / rows_per_group, t0, nt, x_stride, lane, DS4_WARP, acc);
     store_row_tile(acc, lane, nt, y, t0, O, o);
 }
 
@@ -156,14 +163,9 @@ extern "C" __global__ void matmul_f16w_splitk(const __half* __restrict__ W, cons
     __shared__ double red[TOKEN_TILE][256 / DS4_WARP];
     const int o = blockIdx.x, t0 = blockIdx.y * TOKEN_TILE;
     const int warp = threadIdx.x / DS4_WARP, lane = threadIdx.x % DS4_WARP, nw = blockDim.x / DS4_WARP;
-    const int g = o / rows_per_group;
     const int nt = min(TOKEN_TILE, T - t0);
-    const __half2* row = (const __half2*)(W + (long)o * K);
     double acc[TOKEN_TILE];
-#pragma unroll
-    for (int i = 0; i < TOKEN_TILE; i++) acc[i] = 0.0;
-    auto x_at = [&](int i) { return x + (long)(t0 + i) * x_stride + (long)g * K; };
-    for (int k = threadIdx.x; k < K / 2; k += blockDim.x) f16w_pair(row, k, nt, x_at, acc);
+    f16w_row_tile(W, x, o, K, o / rows_per_group, t0, nt, x_stride, threadIdx.x, blockDim.x, acc);
 #pragma unroll
     for (int i = 0; i < TOKEN_TILE; i++) {
         const double v = warp_sum_d(acc[i]);
