@@ -220,15 +220,18 @@ class _Cells:
         return {"models": models, "cells": cells}
 
 
-def _timed(preset: str, cache: str, placement: str, batch: int) -> None:
-    """time_* run where DS4BENCH_ASV_TIME_PRESETS / _TIME_PLACEMENTS say (each needs its own
-    process and engine per cell) and not on skipped cells."""
+def _timed_cell(cached: dict, preset: str, cache: str, placement: str, batch: int, extra_ctx: int) -> "_Loaded":
+    """A primed engine for a time_* benchmark, where DS4BENCH_ASV_TIME_PRESETS / _TIME_PLACEMENTS
+    say (each needs its own process and engine per cell) and not on skipped cells."""
     if preset not in TIME_PRESETS or placement not in TIME_PLACEMENTS:
         raise NotImplementedError(f"time_* benchmarks run on presets {', '.join(TIME_PRESETS)} and placements "
                                   f"{', '.join(TIME_PLACEMENTS)} (DS4BENCH_ASV_TIME_PRESETS, _TIME_PLACEMENTS)")
     why = _skipped((preset, cache, placement, batch))
     if why:
         raise NotImplementedError(why)
+    cell = _Loaded(cached["models"], preset, cache, placement, batch, extra_ctx)
+    cell.prime()
+    return cell
 
 
 def _cell(cached: dict, key: tuple) -> dict:
@@ -250,9 +253,7 @@ class Prefill(_Cells):
     warmup_time = 0.0
 
     def setup(self, cached, preset, cache, placement, batch):
-        _timed(preset, cache, placement, batch)
-        self.cell = _Loaded(cached["models"], preset, cache, placement, batch, 1)
-        self.cell.prime()
+        self.cell = _timed_cell(cached, preset, cache, placement, batch, 1)
         self.ids = self.cell.prompts[0][1]
 
     def time_prefill(self, cached, preset, cache, placement, batch):
@@ -272,9 +273,7 @@ class DecodeStep(_Cells):
     def setup(self, cached, preset, cache, placement, batch):
         import numpy as np
         from ds4bench.generate import greedy
-        _timed(preset, cache, placement, batch)
-        self.cell = _Loaded(cached["models"], preset, cache, placement, batch, 256)
-        self.cell.prime()
+        self.cell = _timed_cell(cached, preset, cache, placement, batch, 256)
         eng = self.cell.engine
         eng.state.reset()
         ids = self.cell.prompts[0][1]

@@ -6,10 +6,10 @@ Same modes as the reference (see ops_ref): cache-eligible Q8_0 tensors go throug
        a float-activation kernel, so activations keep the precision of the NumPy f16 mode;
   f32  an F32 copy multiplied with cuBLAS through CuPy.
 Tensors that do not fit the cache budget fall back to q8 and are listed in `fallbacks`.
-HC mixing, RMS norms, RoPE, attention, the router, the compressor's pooling and the indexer
-scores and the shared expert's clamped SwiGLU run as single kernels (hc.cu, norm_rope.cu,
-attention.cu, router.cu, compress.cu, indexer.cu, swiglu.cu); DS4BENCH_UNFUSED=all (or a list, model.FUSABLE) runs
-them as the model's array code instead.
+HC mixing, RMS norms, RoPE, attention, the router, the compressor's pooling, the indexer scores
+and the shared expert's clamped SwiGLU run as single kernels (hc.cu, norm_rope.cu, attention.cu,
+router.cu, compress.cu, indexer.cu, swiglu.cu); DS4BENCH_UNFUSED=all (or a list, model.FUSABLE)
+runs them as the model's array code instead.
 Routed experts always stay quantized (kernels/moe.cu); the output head is always q8.
 Weights are placed per `placement` (backend.Placer); caches and run state are device memory.
 The q8 and F16-weight kernels form and sum their terms in double and round once, and the small
