@@ -85,6 +85,9 @@ def run_stats(nsys: str, rep: str | Path, timeout: float = 600.0) -> dict[str, s
     if not rep.is_file():
         raise NsysError(f"{rep}: no report (did the cell reach cudaProfilerStart?)")
     base = str(rep.with_suffix(""))
+    for name in REPORTS:                    # a failed run must not leave an older run's CSVs to be read
+        for stale in glob.glob(f"{glob.escape(base)}_{name}*.csv"):
+            os.unlink(stale)
     cmd = [nsys, "stats", "--report", ",".join(REPORTS), "--format", "csv", "--force-export=true",
            "--force-overwrite=true", "--output", base, str(rep)]
     try:

@@ -145,6 +145,18 @@ def test_matrix_trace_fills_the_record_summary_and_compare(tmp_path, monkeypatch
     assert "GPU time per range (Nsight Systems)" in capsys.readouterr().out
 
 
+def test_stats_never_reads_an_older_runs_csv(tmp_path):
+    """A report whose `nsys stats` writes nothing fails, even with CSVs of an earlier run beside it."""
+    rep = tmp_path / "cell.nsys-rep"
+    rep.write_bytes(b"report")
+    for name in N.REPORTS:
+        (tmp_path / f"cell_{name}.csv").write_text(csvs("q8")[name])
+    quiet = _exe(tmp_path / "nsys")
+    quiet.write_text("#!/bin/sh\necho nothing to export >&2\nexit 1\n")
+    with pytest.raises(N.NsysError, match="nsys stats wrote no nvtx_gpu_proj_sum, cuda_gpu_kern_sum .*nothing to export"):
+        N.run_stats(str(quiet), rep)
+
+
 def test_a_failed_trace_is_said_and_the_cell_kept(tmp_path):
     rec = {"unavailable": {}}
     M.add_trace(rec, tmp_path, ("nsys", tmp_path / "missing"))
