@@ -5,7 +5,17 @@ from __future__ import annotations
 import functools
 import os
 
-KERNEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
+
+
+def _kernel_dir() -> str:
+    """kernels/ of a source checkout (and of an editable install), else the copy an installed
+    wheel carries as ds4bench/kernel_src (pyproject.toml)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    candidates = (os.path.join(os.path.dirname(here), "kernels"), os.path.join(here, "kernel_src"))
+    return next((d for d in candidates if os.path.isfile(os.path.join(d, "q8_0.cu"))), candidates[0])
+
+
+KERNEL_DIR = _kernel_dir()
 # No fast-math: the kernels must compute what the NumPy reference computes.
 NVRTC_OPTIONS = ("-std=c++17", f"-I{KERNEL_DIR}")
 
