@@ -29,6 +29,8 @@ export DS4BENCH_ASV_TIME_PRESETS="${DS4BENCH_ASV_TIME_PRESETS:-tiny}"           
 export DS4BENCH_ASV_TIME_PLACEMENTS="${DS4BENCH_ASV_TIME_PLACEMENTS:-device}"   # tracks: every cell not skipped
 machine="${ASV_MACHINE:-$(hostname -s)}"
 asv machine --yes --machine "$machine" >/dev/null
-asv run --machine "$machine" --launch-method spawn --show-stderr --skip-existing-successful "$@"
+rc=0   # a failed benchmark fails the command, after the results are published and plotted
+asv run --machine "$machine" --launch-method spawn --show-stderr --skip-existing-successful "$@" || rc=$?
 asv publish
 python3 -m ds4bench plot --asv results/asv/results --machine "$machine"
+exit $rc

@@ -34,6 +34,7 @@ import hashlib
 import importlib.util
 import os
 import sys
+import time
 from pathlib import Path
 
 FULL = os.environ.get("DS4BENCH_ASV_FULL", "") not in ("", "0")
@@ -210,12 +211,16 @@ class _Cells:
             if _skipped(key) and key not in bases:
                 cells[key] = {"na": _skipped(key)}
                 continue
+            t0 = time.perf_counter()
             try:
                 cells[key] = _measure(models, *key)
             except NotImplementedError as e:
                 cells[key] = {"na": str(e)}
-            except Exception as e:                       # one cell's crash is that cell's n/a, not the run's
+            except Exception as e:                       # one cell's crash fails that cell, not the run
                 cells[key] = {"error": f"{type(e).__name__}: {e}"}
+            outcome = cells[key].get("error") or cells[key].get("na") or f"{cells[key]['tps']:.1f} tok/s"
+            print(f"setup_cache {':'.join(map(str, key))}: {outcome} ({time.perf_counter() - t0:.1f} s)",
+                  file=sys.stderr, flush=True)
         _judge(cells)
         return {"models": models, "cells": cells}
 
@@ -241,15 +246,22 @@ def _cell(cached: dict, key: tuple) -> dict:
         raise NotImplementedError(f"cell {key} was not measured")
     if "na" in c:
         raise NotImplementedError(c["na"])
-    if "error" in c:
-        raise NotImplementedError(f"cell {key} failed: {c['error']}")
+    if "error" in c:                 # a crash is a failure (asv: failed), never a quiet n/a
+        raise RuntimeError(f"cell {key} failed in setup_cache: {c['error']}")
     return c
 
 
-class Prefill(_Cells):
+class _TimedCells(_Cells):
+    """The grid narrowed to DS4BENCH_ASV_TIME_PRESETS x _TIME_PLACEMENTS: asv starts a process
+    per parameter combination, so cells that would only say n/a are not listed at all."""
+    params = [[p for p in PRESETS if p in TIME_PRESETS] or PRESETS, CACHES,
+              [pl for pl in PLACEMENTS if pl in TIME_PLACEMENTS] or PLACEMENTS, BATCHES]
+
+
+class Prefill(_TimedCells):
     """Every slot of the batch prefilled with the first smoke prompt."""
     number = 1
-    repeat = (2, 10, 5.0)
+    repeat = (2, 10, 2.0)
     warmup_time = 0.0
 
     def setup(self, cached, preset, cache, placement, batch):
@@ -264,10 +276,10 @@ class Prefill(_Cells):
         eng.sync()
 
 
-class DecodeStep(_Cells):
+class DecodeStep(_TimedCells):
     """One decode step: one token for each of the batch's sequences."""
     number = 1
-    repeat = (3, 40, 5.0)
+    repeat = (3, 40, 2.0)
     warmup_time = 0.0
 
     def setup(self, cached, preset, cache, placement, batch):
@@ -289,7 +301,9 @@ class DecodeStep(_Cells):
 
 
 class HostMemory(_Cells):
-    """Peak resident memory of a NumPy cell's process through load, prime and one generation."""
+    """Peak resident memory of a NumPy cell's process through load, prime and one generation
+    (placement cpu only; not part of the suite when the grid has no cpu placement)."""
+    params = [PRESETS, CACHES, ["cpu"], BATCHES]
 
     def setup(self, cached, preset, cache, placement, batch):
         if placement != "cpu":
@@ -326,7 +340,9 @@ class Generation(_Cells):
 
 class DeviceMemory(_Cells):
     """CuPy's pool total after one generation: the device high-water mark (weights placed on the
-    device, caches, run state); n/a on the NumPy backend. Measured in setup_cache."""
+    device, caches, run state), for the GPU placements (not part of the suite when the grid has
+    none). Measured in setup_cache."""
+    params = [PRESETS, CACHES, [pl for pl in PLACEMENTS if pl in GPU_PLACEMENTS], BATCHES]
 
     def setup(self, cached, preset, cache, placement, batch):
         self.c = _cell(cached, (preset, cache, placement, batch))
@@ -336,3 +352,10 @@ class DeviceMemory(_Cells):
     def track_device_peak_bytes(self, cached, preset, cache, placement, batch):
         return self.c["device_bytes"]
     track_device_peak_bytes.unit = "bytes"
+
+
+# asv starts a process per parameter combination: leave out what the grid has nothing for
+if "cpu" not in PLACEMENTS:
+    del HostMemory
+if not set(PLACEMENTS) & set(GPU_PLACEMENTS):
+    del DeviceMemory

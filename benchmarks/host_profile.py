@@ -1,7 +1,7 @@
 """Where a GPU decode step spends its host time: wall ms per step with and without cProfile, and
 the functions that cost most (the profile behind README's "The GPU engine" table).
 
-    python benchmarks/host_profile.py MODEL.gguf [--cache q8] [--steps 16] [--top 30]
+    python -m benchmarks.host_profile MODEL.gguf [--cache q8] [--steps 16] [--top 30]
 
 Runs on the GPU machine (CuPy); prefill 19 tokens, 4 untimed decode steps, then `--steps` steps
 timed plainly and `--steps` more under cProfile, batch 1.
