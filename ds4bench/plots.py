@@ -213,11 +213,16 @@ def plot_run(meta: dict, recs: list[dict], out_dir: str = DEFAULT_OUT) -> tuple[
 
 
 # ---- asv history -----------------------------------------------------------------------------
+PANEL_PARAMS = ("preset", "batch")          # one panel per value of these (when asv has them)
+LINE_STYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1)), (0, (1, 3)))
+
+
 def history(results_dir: str = asvdata.DEFAULT_DIR, path: Path | str = Path(DEFAULT_OUT) / "asv-history.png",
             machine: str | None = None) -> tuple[Path, list[str]]:
-    """Decode tokens/s of every parameter combination across commits (oldest left); a ring and
-    a note mark each commit where that cell's first divergence or max |Δlogprob| changed.
-    Returns (the PNG, the commits drawn)."""
+    """Decode tokens/s of every parameter combination across commits (oldest left), a panel per
+    preset and batch (each on its own scale), colour by the next parameter (cache mode), line
+    style by the one after (placement); a ring and a note mark each commit where that cell's
+    first divergence or max |Δlogprob| changed. Returns (the PNG, the commits drawn)."""
     commits = asvdata.load(results_dir, machine)
     tps = [c.values.get(BENCH + "track_decode_tokens_per_s", {}) for c in commits]
     div = [c.values.get(BENCH + "track_first_divergence", {}) for c in commits]
@@ -225,33 +230,52 @@ def history(results_dir: str = asvdata.DEFAULT_DIR, path: Path | str = Path(DEFA
     drawn = [i for i, t in enumerate(tps) if t]
     if not drawn:
         raise ValueError(f"asv results under {results_dir} have no {BENCH}track_decode_tokens_per_s values")
-    names = asvdata.param_names(results_dir, BENCH + "track_decode_tokens_per_s")
     combos = list(dict.fromkeys(k for i in drawn for k in tps[i]))
-    shown = [a for a in names if a != "preset" or len({c[0] for c in combos}) > 1]
-    fig, ax = plt.subplots(figsize=(max(7, 1.2 * len(drawn) + 4), 5.5))
-    cmap = plt.get_cmap("tab10" if len(combos) <= 10 else "tab20")
-    for n, k in enumerate(combos):
-        xs = [j for j, i in enumerate(drawn) if k in tps[i]]
-        ys = [tps[drawn[j]][k] for j in xs]
-        label = " ".join(str(v) for a, v in zip(names or [""] * len(k), k) if not names or a in shown)
-        ax.plot(xs, ys, marker="o", ms=4, color=cmap(n % cmap.N), label=label)
-        prev = None
-        for j in xs:
-            i = drawn[j]
-            now = (div[i].get(k), None if dlp[i].get(k) is None else round(dlp[i][k], 3))
-            if prev is not None and now != prev:
-                ax.scatter([j], [tps[i][k]], s=170, facecolors="none", edgecolors="#e03131", linewidths=2, zorder=4)
-                ax.annotate(f"div {prev[0]}→{now[0]}\nΔlp {prev[1]}→{now[1]}", (j, tps[i][k]), fontsize=7,
-                            color="#e03131", textcoords="offset points", xytext=(5, 6))
-            prev = now
-    ax.scatter([], [], s=120, facecolors="none", edgecolors="#e03131", linewidths=2,
-               label="correctness changed (first divergence / max |Δlogprob|)")
-    ax.set_xticks(range(len(drawn)), [commits[i].commit[:8] for i in drawn], rotation=30, ha="right")
-    ax.set_xlabel("commit (oldest left)")
-    ax.set_ylabel("decode throughput (tokens/s)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(title=" ".join(shown) if names else "cell", fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
-    presets = sorted({str(k[0]) for k in combos}) if names[:1] == ["preset"] else []
-    ax.set_title(f"decode tokens/s across commits (asv)\n{', '.join(presets) or 'cells'} · machine "
-                 f"{commits[0].machine} · {commits[drawn[0]].commit[:8]}..{commits[drawn[-1]].commit[:8]}", fontsize=10)
+    names = asvdata.param_names(results_dir, BENCH + "track_decode_tokens_per_s")
+    if len(names) != len(combos[0]):
+        names = [f"p{n}" for n in range(len(combos[0]))]
+    pan = [n for n, a in enumerate(names) if a in PANEL_PARAMS]
+    rest = [n for n in range(len(names)) if n not in pan]
+    panels = list(dict.fromkeys(tuple(k[n] for n in pan) for k in combos))
+    colour_of = {v: n for n, v in enumerate(dict.fromkeys(k[rest[0]] for k in combos))} if rest else {}
+    style_of = {v: n for n, v in enumerate(dict.fromkeys(k[rest[1]] for k in combos))} if len(rest) > 1 else {}
+    cmap = plt.get_cmap("tab10")
+    ncols = min(2, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(max(6, 1.1 * len(drawn) + 3.5) * ncols, 3.6 * nrows + 0.8),
+                             squeeze=False)
+    for ax, pv in zip(axes.flat, panels):
+        for k in (k for k in combos if tuple(k[n] for n in pan) == pv):
+            xs = [j for j, i in enumerate(drawn) if k in tps[i]]
+            ys = [tps[drawn[j]][k] for j in xs]
+            colour = cmap(colour_of[k[rest[0]]] % cmap.N) if rest else cmap(0)
+            style = LINE_STYLES[style_of[k[rest[1]]] % len(LINE_STYLES)] if len(rest) > 1 else "-"
+            ax.plot(xs, ys, marker="o", ms=3.5, color=colour, linestyle=style, lw=1.4)
+            prev = None
+            for j in xs:
+                i = drawn[j]
+                now = (div[i].get(k), None if dlp[i].get(k) is None else round(dlp[i][k], 3))
+                if prev is not None and now != prev:
+                    ax.scatter([j], [tps[i][k]], s=150, facecolors="none", edgecolors="#e03131", linewidths=2, zorder=4)
+                    ax.annotate(f"{' '.join(str(k[n]) for n in rest)}: div {prev[0]}→{now[0]}, Δlp {prev[1]}→{now[1]}",
+                                (j, tps[i][k]), fontsize=6.5, color="#e03131", textcoords="offset points", xytext=(5, 5))
+                prev = now
+        ax.set_title(" · ".join(f"{names[n]} {v}" for n, v in zip(pan, pv)) or "all cells", fontsize=9)
+        ax.set_xticks(range(len(drawn)), [commits[i].commit[:8] for i in drawn], rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("decode tokens/s")
+        ax.set_ylim(bottom=0)
+        ax.grid(True, alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    handles = [plt.Line2D([], [], color=cmap(n % cmap.N), lw=2, label=f"{names[rest[0]]} {v}")
+               for v, n in colour_of.items()]
+    handles += [plt.Line2D([], [], color="#495057", linestyle=LINE_STYLES[n % len(LINE_STYLES)], lw=1.4,
+                           label=f"{names[rest[1]]} {v}") for v, n in style_of.items()]
+    handles.append(plt.Line2D([], [], marker="o", ms=11, markerfacecolor="none", markeredgecolor="#e03131",
+                              markeredgewidth=2, linestyle="none", label="correctness changed"))
+    fig.legend(handles=handles, loc="upper center", ncol=min(len(handles), 5), fontsize=8,
+               bbox_to_anchor=(0.5, 0.0), frameon=False)
+    fig.suptitle(f"decode tokens/s across commits (asv, oldest left) · machine {commits[0].machine} · "
+                 f"{commits[drawn[0]].commit[:8]}..{commits[drawn[-1]].commit[:8]}", fontsize=10)
+    fig.tight_layout()
     return _save(fig, Path(path)), [commits[i].commit for i in drawn]
