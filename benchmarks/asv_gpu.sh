@@ -33,6 +33,9 @@ trap copy_back EXIT
 export PIP_FIND_LINKS="$here/.whl${PIP_FIND_LINKS:+ $PIP_FIND_LINKS}"
 [ -d /tmp/site ] && export EXTRA_SITE="${EXTRA_SITE:-/tmp/site}"   # where gpu-env.sh put gguf, tokenizers, nvtx
 export ASV_MACHINE="${ASV_MACHINE:-$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | awk '{print tolower($2)}')}"
+mkdir -p "$work/results/asv/results/$ASV_MACHINE"      # the card and driver each call ran on, beside asv's machine.json
+echo "$(date -u +%FT%TZ) $* : $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | head -1)" \
+  >> "$work/results/asv/results/$ASV_MACHINE/devices.txt"
 (cd "$work" && exec benchmarks/asv_range.sh "$@") &
 pid=$!
 wait $pid || exit $?

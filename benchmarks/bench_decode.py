@@ -160,6 +160,7 @@ def _release() -> None:
 def _measure(models: dict, preset: str, cache: str, placement: str, batch: int) -> dict:
     """One cell, once: a greedy generation of the smoke prompts (its fingerprints and decode
     tokens/s) and the device pool's high-water mark."""
+    _release()            # blocks the previous cell freed late (its results outlive its finally)
     cell = _Loaded(models, preset, cache, placement, batch, N_GEN + 1)
     try:
         cell.prime()
