@@ -34,6 +34,10 @@ from .ops_ref import cache_eligible, check_cache_mode
 ROWS_PER_BLOCK, TOKEN_TILE = 8, 8
 CACHE_RESERVE = 4 * 2 ** 30          # device memory left free when the cache budget is automatic
 SMEM_DEFAULT_MAX = 48 * 1024         # dynamic shared memory a launch gets without opting in
+# matmul_q8_0_fused quantizes the activations again in every block of rows: it beats the two
+# launches while that redundant work, K x (row blocks), stays small, and loses beyond (H200,
+# bench-kernels at 6324e4c: won at 0.26-1M, tied at 1M, lost 20-50% at 4M and 66M).
+FUSED_Q8_MAX_WORK = 1 << 20
 ROUTE_MAX_USED = 16                  # router.cu's RT_MAX_USED
 HC_MAX_STREAMS = 8                   # hc.cu's HC_MAX_STREAMS
 SPLITK_BELOW_BLOCKS = 264            # F16-weight matmuls with fewer row blocks split K (2 per H100 SM)
@@ -121,10 +125,12 @@ class GpuOps:
     def _q8(self, name: str, x: cp.ndarray, O: int, K: int, rows_per_group: int) -> cp.ndarray:
         """x [N, G*K] -> [N, O] with Q8_0 weights; groups of rows read their K-slice of x.
         One launch with the quantization fused in where the token tile's quantized activations
-        fit shared memory, else quantize_q8_0 then matmul_q8_0 (the same bits either way)."""
+        fit shared memory and the blocks' repeated quantization is cheap (FUSED_Q8_MAX_WORK),
+        else quantize_q8_0 then matmul_q8_0 (the same bits either way)."""
         N, stride = x.shape
         smem = min(N, TOKEN_TILE) * (K + K // 8)
-        if smem <= SMEM_DEFAULT_MAX and rows_per_group % ROWS_PER_BLOCK == 0 and "q8quant" not in self.unfused:
+        fuse = smem <= SMEM_DEFAULT_MAX and K * -(-O // ROWS_PER_BLOCK) <= FUSED_Q8_MAX_WORK
+        if fuse and rows_per_group % ROWS_PER_BLOCK == 0 and "q8quant" not in self.unfused:
             y = cp.empty((N, O), dtype=cp.float32)
             kernels.function("q8_0.cu", "matmul_q8_0_fused")(_grid(O, N), (256,), (
                 self.w[name], x, y, np.int32(O), np.int32(K), np.int32(N), np.int32(rows_per_group),
