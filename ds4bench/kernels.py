@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 
 
 
@@ -18,6 +19,22 @@ def _kernel_dir() -> str:
 KERNEL_DIR = _kernel_dir()
 # No fast-math: the kernels must compute what the NumPy reference computes.
 NVRTC_OPTIONS = ("-std=c++17", f"-I{KERNEL_DIR}")
+
+
+@functools.lru_cache(maxsize=None)
+def define(filename: str, name: str) -> int:
+    """The integer value of `#define name <int>` in kernels/`filename`: launch sizes that must
+    match a kernel's own (shared-memory slices, tiles) are read from its source."""
+    with open(os.path.join(KERNEL_DIR, filename)) as fh:
+        m = re.search(rf"^#define\s+{re.escape(name)}\s+(\d+)\s*$", fh.read(), re.M)
+    if m is None:
+        raise KeyError(f"kernels/{filename} has no integer #define {name}")
+    return int(m.group(1))
+
+
+def q8_stage_smem() -> int:
+    """Dynamic shared memory of matmul_q8_0_staged: 8 warps x Q8_STAGE_BLOCKS blocks of 34 bytes."""
+    return 8 * define("q8_0.cu", "Q8_STAGE_BLOCKS") * define("q8_0.cu", "Q8_BLOCK_BYTES")
 
 
 def kernel_files() -> list[str]:

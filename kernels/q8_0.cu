@@ -118,6 +118,54 @@ extern "C" __global__ void matmul_q8_0(const unsigned char* __restrict__ W, cons
     store_row_tile(acc, lane, nt, y, t0, O, o);
 }
 
+// matmul_q8_0 with the weight row brought in by 16-byte loads: each warp copies up to
+// Q8_STAGE_BLOCKS blocks of its row (4352 bytes) into its own shared-memory slice with every
+// load of the chunk in flight at once, then forms matmul_q8_0's block terms from there, each
+// lane taking the same blocks in the same order: the same bits, from fewer and wider loads
+// (matmul_q8_0 reads each block as sixteen 2-byte words, lane-strided by 34 bytes).
+// Needs K % 256 == 0 (whole 16-byte units per chunk; then every row starts 16-byte aligned)
+// and W 16-byte aligned. grid (ceil(O/8), ceil(T/TOKEN_TILE)), block 256, dynamic shared
+// memory Q8_STAGE_SMEM bytes.
+#define Q8_STAGE_BLOCKS 128
+#define Q8_STAGE_UNITS (Q8_STAGE_BLOCKS * Q8_BLOCK_BYTES / 16)              // 272 int4 per warp
+#define Q8_STAGE_PER_LANE ((Q8_STAGE_UNITS + DS4_WARP - 1) / DS4_WARP)      // 9
+extern "C" __global__ void matmul_q8_0_staged(const unsigned char* __restrict__ W, const signed char* __restrict__ xq,
+                                              const float* __restrict__ xd, float* __restrict__ y,
+                                              int O, int K, int T, int rows_per_group, int x_stride) {
+    extern __shared__ int4 stage[];                                    // [8 warps][Q8_STAGE_UNITS]
+    const int warp = threadIdx.x / DS4_WARP, lane = threadIdx.x % DS4_WARP;
+    const int o = blockIdx.x * 8 + warp;
+    const int t0 = blockIdx.y * TOKEN_TILE;
+    if (o >= O) return;                                                // warps never sync across the block
+    const int nb = K / 32, g = o / rows_per_group;
+    const int nt = min(TOKEN_TILE, T - t0);
+    const int4* src = (const int4*)(W + (long)o * nb * Q8_BLOCK_BYTES);
+    int4* mine = stage + warp * Q8_STAGE_UNITS;
+    double acc[TOKEN_TILE];
+#pragma unroll
+    for (int i = 0; i < TOKEN_TILE; i++) acc[i] = 0.0;
+    const long base = (long)g * K;
+    for (int c0 = 0; c0 < nb; c0 += Q8_STAGE_BLOCKS) {
+        const int cb = min(Q8_STAGE_BLOCKS, nb - c0);
+        const int units = cb * Q8_BLOCK_BYTES / 16;
+        const int4* s = src + (long)c0 * Q8_BLOCK_BYTES / 16;
+        int4 r[Q8_STAGE_PER_LANE];
+#pragma unroll
+        for (int j = 0; j < Q8_STAGE_PER_LANE; j++)
+            if (lane + j * DS4_WARP < units) r[j] = __ldg(s + lane + j * DS4_WARP);
+#pragma unroll
+        for (int j = 0; j < Q8_STAGE_PER_LANE; j++)
+            if (lane + j * DS4_WARP < units) mine[lane + j * DS4_WARP] = r[j];
+        __syncwarp();
+        q8_row_tile((const unsigned char*)mine, cb, lane, nt,
+                    [&](int i, int b) { return xq + (long)(t0 + i) * x_stride + base + (long)(c0 + b) * 32; },
+                    [&](int i, int b) { return xd[((long)(t0 + i) * x_stride + base + (long)(c0 + b) * 32) / 32]; },
+                    acc);
+        __syncwarp();                                                  // the slice is refilled next pass
+    }
+    store_row_tile(acc, lane, nt, y, t0, O, o);
+}
+
 // The Q8_0 -> F16 cache: each f16(d) * f16(q) product rounded to half, as ds4's cache kernel.
 // One thread per element.
 extern "C" __global__ void dequant_q8_0_f16(const unsigned char* __restrict__ W, __half* __restrict__ out, long n) {

@@ -314,10 +314,12 @@ def test_swiglu_kernel_matches_reference():
 
 
 @pytest.mark.parametrize("O,K,N,groups", [(1024, 4096, 1, 1), (32768, 1024, 3, 1), (4096, 8192, 2, 1),
-                                          (8192, 4096, 9, 8), (128, 256, 17, 2)])
-def test_fused_q8_matmul_equals_two_launches(O, K, N, groups):
+                                          (8192, 4096, 9, 8), (128, 256, 17, 2), (520, 4352, 3, 1)])
+def test_q8_matmul_variants_equal_two_launches(O, K, N, groups):
     """matmul_q8_0_fused (quantization in shared memory) gives matmul_q8_0's bits after
-    quantize_q8_0, for decode and token tiles, plain and grouped."""
+    quantize_q8_0, for decode and token tiles, plain and grouped; so does matmul_q8_0_staged
+    (16-byte loads through shared memory) where K allows it, a partial last chunk included
+    (K = 4352: 136 blocks, a chunk of 128 then 8)."""
     Kg = K // groups
     W = cp.asarray(F.quantize_q8_0((RNG.standard_normal((O, Kg)) * 0.02).astype(np.float32)))
     x = cp.asarray((RNG.standard_normal((N, K)) * RNG.uniform(0.1, 5, (N, 1))).astype(np.float32))
@@ -330,6 +332,25 @@ def test_fused_q8_matmul_equals_two_launches(O, K, N, groups):
     kernels.function("q8_0.cu", "matmul_q8_0_fused")(grid, (256,), (W, x, one) + args,
                                                      shared_mem=min(N, 8) * (Kg + Kg // 8))
     np.testing.assert_array_equal(one.get(), two.get())
+    if Kg % 256 == 0:
+        staged = poisoned((N, O))
+        kernels.function("q8_0.cu", "matmul_q8_0_staged")(grid, (256,), (W, xq, xd, staged) + args,
+                                                          shared_mem=kernels.q8_stage_smem())
+        np.testing.assert_array_equal(staged.get(), two.get())
+
+
+def test_kernel_bench_times_every_q8_variant():
+    """bench-kernels (few iterations): each Q8_0 shape timed as two launches, fused and matmul
+    alone, the staged matmul where K allows it, and the MoE kernels; positive finite times."""
+    from ds4bench import kbench
+    res = kbench.run("q2", iters=3)
+    names = [r["kernel"] for r in res["rows"]]
+    for name, O, K, G in kbench.Q8_SHAPES:                  # every Flash shape has K % 256 == 0
+        label = f"q8_0 {name} [{O}x{K // G}]" + (f" x{G} groups" if G > 1 else "")
+        assert {n[len(label):] for n in names if n.startswith(label)} == {
+            "", " fused", " matmul only", " staged, matmul only"}, label
+    assert any(n.startswith("moe q2") for n in names)
+    assert all(np.isfinite(r["us"]) and r["us"] > 0 for r in res["rows"])
 
 
 # ---- end to end ----------------------------------------------------------------------------------

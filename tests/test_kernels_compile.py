@@ -7,8 +7,10 @@ import re
 import shutil
 import subprocess
 
+import numpy as np
 import pytest
 
+from ds4bench import kernels
 from ds4bench.kernels import KERNEL_DIR, kernel_files
 
 NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
@@ -62,3 +64,23 @@ def test_gpu_ops_define_every_fusable_hook_with_the_models_arity():
         args = methods[name].args
         params = [a.arg for a in args.args if a.arg != "self"]
         assert len(params) - len(args.defaults) <= n <= len(params), (name, params)
+
+
+def test_launch_sizes_come_from_the_kernel_source():
+    """Shared-memory sizes the host passes are read from the kernels' #defines: the staged Q8_0
+    matmul's slices fit the 48 KiB a launch gets without opting in, in whole 16-byte units."""
+    blocks, block_bytes = kernels.define("q8_0.cu", "Q8_STAGE_BLOCKS"), kernels.define("q8_0.cu", "Q8_BLOCK_BYTES")
+    assert block_bytes == 34 and blocks % 32 == 0 and blocks * block_bytes % 16 == 0
+    assert kernels.q8_stage_smem() == 8 * blocks * block_bytes <= 48 * 1024
+    with pytest.raises(KeyError, match="no integer #define NOPE"):
+        kernels.define("q8_0.cu", "NOPE")
+
+
+def test_kernel_bench_rotates_weights_past_the_l2_cache():
+    from ds4bench.kbench import _Rotating
+    w = np.zeros(4_456_448, np.uint8)                   # attn_q_a's Q8_0 bytes
+    rot = _Rotating(w)
+    assert sum(c.nbytes for c in rot.copies) >= _Rotating.ROTATE_BYTES
+    seen = [id(rot.next()) for _ in range(len(rot.copies))]
+    assert len(set(seen)) == len(rot.copies)            # every copy once per round
+    assert len(_Rotating(np.zeros(600 << 20, np.uint8)).copies) == 1
