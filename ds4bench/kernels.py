@@ -37,6 +37,19 @@ def q8_stage_smem() -> int:
     return 8 * define("q8_0.cu", "Q8_STAGE_BLOCKS") * define("q8_0.cu", "Q8_BLOCK_BYTES")
 
 
+Q8_KERNELS = ("warp", "staged")
+
+
+def q8_kernel_from_env(text: str | None) -> str:
+    """DS4BENCH_Q8_KERNEL: which Q8_0 matmul the engine launches where the activation
+    quantization is not fused in: `warp` (matmul_q8_0, the default) or `staged`
+    (matmul_q8_0_staged: the same bits from 16-byte loads; rows with K % 256 == 0)."""
+    name = (text or "warp").strip()
+    if name not in Q8_KERNELS:
+        raise ValueError(f"DS4BENCH_Q8_KERNEL: unknown {name!r}; choose from {', '.join(Q8_KERNELS)}")
+    return name
+
+
 def kernel_files() -> list[str]:
     return sorted(f for f in os.listdir(KERNEL_DIR) if f.endswith(".cu"))
 

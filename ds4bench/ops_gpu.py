@@ -63,6 +63,7 @@ class GpuOps:
         if self.cfg.n_expert_used > ROUTE_MAX_USED or 8 * self.cfg.n_expert > SMEM_DEFAULT_MAX:
             off.add("route")                                                  # outside router.cu's
         self.unfused = frozenset(off)
+        self.q8_kernel = kernels.q8_kernel_from_env(os.environ.get("DS4BENCH_Q8_KERNEL"))
         self.placer = Placer(self.placement, model.nbytes)
         self.w: dict[str, cp.ndarray] = {}
         expert_tensors = {}
@@ -140,9 +141,13 @@ class GpuOps:
         xd = cp.empty((N, stride // 32), dtype=cp.float32)
         kernels.function("q8_0.cu", "quantize_q8_0")((stride // 32, N), (32,), (x, xq, xd, np.int32(stride)))
         y = cp.empty((N, O), dtype=cp.float32)
-        kernels.function("q8_0.cu", "matmul_q8_0")(_grid(O, N), (256,), (
-            self.w[name], xq, xd, y, np.int32(O), np.int32(K), np.int32(N), np.int32(rows_per_group),
-            np.int32(stride)))
+        W = self.w[name]
+        args = (W, xq, xd, y, np.int32(O), np.int32(K), np.int32(N), np.int32(rows_per_group), np.int32(stride))
+        if self.q8_kernel == "staged" and K % 256 == 0 and W.data.ptr % 16 == 0:
+            kernels.function("q8_0.cu", "matmul_q8_0_staged")(_grid(O, N), (256,), args,
+                                                              shared_mem=kernels.q8_stage_smem())
+        else:
+            kernels.function("q8_0.cu", "matmul_q8_0")(_grid(O, N), (256,), args)
         return y
 
     def _f16w(self, W: cp.ndarray, x: cp.ndarray, O: int, K: int, rows_per_group: int) -> cp.ndarray:

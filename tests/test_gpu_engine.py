@@ -392,6 +392,17 @@ def test_fused_kernels_match_the_array_code(cache, monkeypatch):
     _agree(cache, _run("cupy", cache), fused)
 
 
+def test_staged_q8_kernel_changes_no_bit(monkeypatch):
+    """DS4BENCH_Q8_KERNEL=staged (16-byte loads) against the default Q8_0 matmul, both as two
+    launches (DS4BENCH_UNFUSED=q8quant): the same kernel arithmetic, so the same bits."""
+    monkeypatch.setenv("DS4BENCH_UNFUSED", "q8quant")
+    base = _run("cupy", "q8")
+    monkeypatch.setenv("DS4BENCH_Q8_KERNEL", "staged")
+    got = _run("cupy", "q8")
+    for b, g in zip(base.fingerprints, got.fingerprints):
+        assert b.tokens == g.tokens and b.topk_logprobs == g.topk_logprobs
+
+
 @pytest.mark.parametrize("placement", ["managed", "managed-hinted", "host"])
 def test_placement_changes_no_bit(placement):
     base = _run("cupy", "q8", placement="device")

@@ -84,3 +84,9 @@ def test_kernel_bench_rotates_weights_past_the_l2_cache():
     seen = [id(rot.next()) for _ in range(len(rot.copies))]
     assert len(set(seen)) == len(rot.copies)            # every copy once per round
     assert len(_Rotating(np.zeros(600 << 20, np.uint8)).copies) == 1
+
+
+def test_q8_kernel_toggle():
+    assert kernels.q8_kernel_from_env(None) == "warp" and kernels.q8_kernel_from_env(" staged ") == "staged"
+    with pytest.raises(ValueError, match="DS4BENCH_Q8_KERNEL: unknown 'vec'; choose from warp, staged"):
+        kernels.q8_kernel_from_env("vec")
