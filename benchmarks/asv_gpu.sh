@@ -31,6 +31,7 @@ copy_back() {
 trap 'kill "$pid" 2>/dev/null; pkill -TERM -f "asv run --machine" 2>/dev/null; wait; copy_back; exit 143' TERM INT
 trap copy_back EXIT
 export PIP_FIND_LINKS="$here/.whl${PIP_FIND_LINKS:+ $PIP_FIND_LINKS}"
+export DS4BENCH_ASV_LOG="${DS4BENCH_ASV_LOG:-${OUT:-$here}/asv-cells.log}"    # each cell's outcome and seconds
 [ -d /tmp/site ] && export EXTRA_SITE="${EXTRA_SITE:-/tmp/site}"   # where gpu-env.sh put gguf, tokenizers, nvtx
 export ASV_MACHINE="${ASV_MACHINE:-$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | awk '{print tolower($2)}')}"
 mkdir -p "$work/results/asv/results/$ASV_MACHINE"      # the card and driver each call ran on, beside asv's machine.json

@@ -147,6 +147,15 @@ def _steps(fps) -> dict:
                           "topk_lp": [list(s) for s in f.topk_logprobs]} for f in fps}
 
 
+def _log(line: str) -> None:
+    """A progress line on stderr, and appended to $DS4BENCH_ASV_LOG when set (asv shows a
+    setup_cache's stderr only when it fails)."""
+    print(line, file=sys.stderr, flush=True)
+    if os.environ.get("DS4BENCH_ASV_LOG"):
+        with open(os.environ["DS4BENCH_ASV_LOG"], "a") as fh:
+            fh.write(f"{time.strftime('%H:%M:%S')} {line}\n")
+
+
 def _release() -> None:
     """Give a finished cell's device memory back before the next cell places its weights."""
     import gc
@@ -220,8 +229,7 @@ class _Cells:
             except Exception as e:                       # one cell's crash fails that cell, not the run
                 cells[key] = {"error": f"{type(e).__name__}: {e}"}
             outcome = cells[key].get("error") or cells[key].get("na") or f"{cells[key]['tps']:.1f} tok/s"
-            print(f"setup_cache {':'.join(map(str, key))}: {outcome} ({time.perf_counter() - t0:.1f} s)",
-                  file=sys.stderr, flush=True)
+            _log(f"setup_cache {':'.join(map(str, key))}: {outcome} ({time.perf_counter() - t0:.1f} s)")
         _judge(cells)
         return {"models": models, "cells": cells}
 

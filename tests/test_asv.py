@@ -47,7 +47,8 @@ def test_asv_run_two_commits_then_plot(tmp_path):
     shutil.rmtree(clone / "results" / "asv", ignore_errors=True)
 
     env = dict(os.environ, PYTHONPATH=str(clone), DS4BENCH_ASV_CACHES="f32,q8", DS4BENCH_ASV_BATCHES="1",
-               DS4BENCH_ASV_N="6", DS4BENCH_MODEL_CACHE=str(tmp_path / "models"))
+               DS4BENCH_ASV_N="6", DS4BENCH_MODEL_CACHE=str(tmp_path / "models"),
+               DS4BENCH_ASV_LOG=str(tmp_path / "cells.log"))
     env.pop("DS4BENCH_ASV_FULL", None)
     _sh("asv", "machine", "--yes", "--machine", "ci-cpu", cwd=clone, env=env)
     for c in commits:
@@ -55,6 +56,9 @@ def test_asv_run_two_commits_then_plot(tmp_path):
         _sh("asv", "run", "-E", f"existing:{sys.executable}", "--set-commit-hash", c, "--machine", "ci-cpu",
             "--quick", "--show-stderr", "--bench", r"Generation\.track_(decode_tokens_per_s|first_divergence)",
             cwd=clone, env=env)
+    log = (tmp_path / "cells.log").read_text()              # every measured cell, once per commit
+    for cell in ("tiny:f32:cpu:1", "tiny:q8:cpu:1"):
+        assert log.count(f"setup_cache {cell}: ") == 2 and " tok/s (" in log
     results = clone / "results" / "asv" / "results"
     drawn = asvdata.load(str(results))
     assert [c.commit for c in drawn] == commits or {c.commit for c in drawn} == set(commits)
