@@ -112,10 +112,13 @@ def run(variant: str = "q2", iters: int = 200) -> dict:
     sels = [cp.asarray(rng.choice(E, A, replace=False)[None, :].astype(np.int64)) for _ in range(64)]
     turn = iter(range(1 << 62))
     w = cp.full((1, A), 0.25, cp.float32)
-    t = _time(cp, lambda: moe(0, x, sels[next(turn) % len(sels)], w), iters)
     need = A * (2 * F * row_bytes(gate_t, D) + D * row_bytes(down_t, F))
-    rows.append({"kernel": f"moe {variant}: {A} experts gate/up+down (Q8_K quantize included)",
-                 "bytes": int(need), "us": t * 1e6, "gbs": need / t / 1e9, "pct_ceiling": 100 * need / t / ceiling})
+    for kind in kernels.KERNEL_CHOICES["DS4BENCH_MOE_KERNEL"]:
+        moe.variant = kind
+        t = _time(cp, lambda: moe(0, x, sels[next(turn) % len(sels)], w), iters)
+        rows.append({"kernel": f"moe {variant}: {A} experts gate/up+down (Q8_K quantize included)"
+                               + ("" if kind == "warp" else f", {kind}"),
+                     "bytes": int(need), "us": t * 1e6, "gbs": need / t / 1e9, "pct_ceiling": 100 * need / t / ceiling})
     return {"device": device_facts(), "copy_ceiling_gbs": ceiling / 1e9, "variant": variant, "rows": rows}
 
 

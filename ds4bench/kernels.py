@@ -37,16 +37,25 @@ def q8_stage_smem() -> int:
     return 8 * define("q8_0.cu", "Q8_STAGE_BLOCKS") * define("q8_0.cu", "Q8_BLOCK_BYTES")
 
 
-Q8_KERNELS = ("warp", "staged")
+# Kernel variants an environment variable picks (perf toggles: every variant computes the same
+# bits; the first is the default).
+KERNEL_CHOICES = {
+    # the Q8_0 matmul launched where the activation quantization is not fused in: matmul_q8_0, or
+    # matmul_q8_0_staged (16-byte loads through shared memory; rows with K % 256 == 0)
+    "DS4BENCH_Q8_KERNEL": ("warp", "staged"),
+    # the routed experts: a warp per row looping over the selected experts, or gate/up four
+    # blocks at a time and down with one warp per (row, expert) (moe_gate_up4_*, moe_down_split_*)
+    "DS4BENCH_MOE_KERNEL": ("warp", "split"),
+}
 
 
-def q8_kernel_from_env(text: str | None) -> str:
-    """DS4BENCH_Q8_KERNEL: which Q8_0 matmul the engine launches where the activation
-    quantization is not fused in: `warp` (matmul_q8_0, the default) or `staged`
-    (matmul_q8_0_staged: the same bits from 16-byte loads; rows with K % 256 == 0)."""
-    name = (text or "warp").strip()
-    if name not in Q8_KERNELS:
-        raise ValueError(f"DS4BENCH_Q8_KERNEL: unknown {name!r}; choose from {', '.join(Q8_KERNELS)}")
+def kernel_choice(var: str, text: str | None) -> str:
+    """The variant `text` (None or empty: the default) names for the toggle `var`; ValueError,
+    one line naming the choices, for anything else."""
+    choices = KERNEL_CHOICES[var]
+    name = (text or choices[0]).strip()
+    if name not in choices:
+        raise ValueError(f"{var}: unknown {name!r}; choose from {', '.join(choices)}")
     return name
 
 

@@ -11,6 +11,7 @@ size, D model dim.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import cupy as cp
@@ -87,6 +88,9 @@ class GpuExperts:
         self.E, self.F, self.D = cfg.n_expert, cfg.expert_ff, cfg.n_embd
         self.clamp = np.float32(cfg.swiglu_clamp)
         self.poison = False
+        self.variant = kernels.kernel_choice("DS4BENCH_MOE_KERNEL", os.environ.get("DS4BENCH_MOE_KERNEL"))
+        if self.variant == "split" and 32 * cfg.n_expert_used > 1024:
+            self.variant = "warp"                           # a CTA holds one warp per selected expert
         self.layers: dict[int, _Layer] = {}
         for il in range(cfg.n_layer):
             names = [f"blk.{il}.ffn_{k}_exps.weight" for k in ("gate", "up", "down")]
@@ -145,7 +149,8 @@ class GpuExperts:
         P = N * A
         mid = empty((P, F), cp.float32, self.poison)
         if P:
-            fn = kernels.function(SRC, f"moe_gate_up_{KERNEL_SUFFIX[L.gate_type]}")
+            stem = "moe_gate_up4_" if self.variant == "split" else "moe_gate_up_"
+            fn = kernels.function(SRC, stem + KERNEL_SUFFIX[L.gate_type])
             fn((P, (F + WARPS - 1) // WARPS), (32 * WARPS,),
                (L.gate, L.up, self.tables, xq, xd, xb, sel, w, mid, _i32(P), _i32(A), _i32(self.E),
                 _i32(F), _i32(self.D), self.clamp))
@@ -157,9 +162,12 @@ class GpuExperts:
         L, D = self.layers[il], self.D
         N, A = sel.shape
         y = empty((N, D), cp.float32, self.poison)
-        if N:
-            fn = kernels.function(SRC, f"moe_down_{KERNEL_SUFFIX[L.down_type]}")
-            fn((N, (D + WARPS - 1) // WARPS), (32 * WARPS,),
-               (L.down, self.tables, mq, md, mb, sel, y, _i32(N), _i32(A), _i32(self.E),
-                _i32(self.F), _i32(D)))
+        args = (L.down, self.tables, mq, md, mb, sel, y, _i32(N), _i32(A), _i32(self.E), _i32(self.F), _i32(D))
+        if N and self.variant == "split":
+            R = max(1, WARPS // A)                          # rows per CTA, A warps each
+            kernels.function(SRC, f"moe_down_split_{KERNEL_SUFFIX[L.down_type]}")(
+                (N, (D + R - 1) // R), (32 * A * R,), args + (_i32(R),), shared_mem=4 * A * R)
+        elif N:
+            kernels.function(SRC, f"moe_down_{KERNEL_SUFFIX[L.down_type]}")(
+                (N, (D + WARPS - 1) // WARPS), (32 * WARPS,), args)
         return y

@@ -63,7 +63,7 @@ class GpuOps:
         if self.cfg.n_expert_used > ROUTE_MAX_USED or 8 * self.cfg.n_expert > SMEM_DEFAULT_MAX:
             off.add("route")                                                  # outside router.cu's
         self.unfused = frozenset(off)
-        self.q8_kernel = kernels.q8_kernel_from_env(os.environ.get("DS4BENCH_Q8_KERNEL"))
+        self.q8_kernel = kernels.kernel_choice("DS4BENCH_Q8_KERNEL", os.environ.get("DS4BENCH_Q8_KERNEL"))
         self.placer = Placer(self.placement, model.nbytes)
         self.w: dict[str, cp.ndarray] = {}
         expert_tensors = {}

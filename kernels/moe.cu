@@ -205,7 +205,10 @@ __device__ __forceinline__ void stage_tables(u8* dst, const u8* src) {
 //   mid[p, f] = (g / (1 + exp(−g))) · u · w[p]                  (float32, the reference's order)
 // Weights: [E, F, D] raw blocks, row e·F + f of D/256 blocks. x as Q8_K: xq [N, D], xd [N, D/256],
 // xb [N, D/16]. An expert id outside 0..E−1 writes NaN.
-template <class Fmt>
+// U blocks at a time: their parts (independent loads) first, then their warp sums, then their
+// terms added to the accumulators in block order: the same arithmetic in the same order for any
+// U; U > 1 only lets the loads and shuffle chains of U blocks overlap.
+template <class Fmt, int U>
 __device__ __forceinline__ void gate_up(const u8* Wg, const u8* Wu, const u8* tab, const i8* xq,
                                         const float* xd, const int* xb, const int* sel,
                                         const float* wts, float* mid, int P, int A, int E, int F,
@@ -228,16 +231,34 @@ __device__ __forceinline__ void gate_up(const u8* Wg, const u8* Wu, const u8* ta
     const float* dr = xd + (i64)n * nb;
     const int* br = xb + (i64)n * (D / 16);
     double ag = 0.0, au = 0.0;
-    for (int b = 0; b < nb; ++b) {
-        const i8* x = xr + b * QK_K;
-        const int* bs = br + b * 16;
-        const Part pg = Fmt::part(wg + b * Fmt::BYTES, x, bs, lane, tab);
-        const Part pu = Fmt::part(wu + b * Fmt::BYTES, x, bs, lane, tab);
-        const int sg = warp_sum(pg.s), mg = warp_sum(pg.m);
-        const int su = warp_sum(pu.s), mu = warp_sum(pu.m);
-        const float dx = dr[b];
-        ag = __dadd_rn(ag, block_term(sg, mg, pg.d, pg.dmin, dx));
-        au = __dadd_rn(au, block_term(su, mu, pu.d, pu.dmin, dx));
+    for (int b0 = 0; b0 < nb; b0 += U) {
+        Part pg[U], pu[U];
+#pragma unroll
+        for (int k = 0; k < U; ++k) {
+            if (b0 + k < nb) {                              // uniform over the warp
+                const int b = b0 + k;
+                pg[k] = Fmt::part(wg + b * Fmt::BYTES, xr + b * QK_K, br + b * 16, lane, tab);
+                pu[k] = Fmt::part(wu + b * Fmt::BYTES, xr + b * QK_K, br + b * 16, lane, tab);
+            }
+        }
+        int sg[U], mg[U], su[U], mu[U];
+#pragma unroll
+        for (int k = 0; k < U; ++k) {
+            if (b0 + k < nb) {
+                sg[k] = warp_sum(pg[k].s);
+                mg[k] = warp_sum(pg[k].m);
+                su[k] = warp_sum(pu[k].s);
+                mu[k] = warp_sum(pu[k].m);
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < U; ++k) {
+            if (b0 + k < nb) {
+                const float dx = dr[b0 + k];
+                ag = __dadd_rn(ag, block_term(sg[k], mg[k], pg[k].d, pg[k].dmin, dx));
+                au = __dadd_rn(au, block_term(su[k], mu[k], pu[k].d, pu[k].dmin, dx));
+            }
+        }
     }
     if (lane == 0) {
         const float g = fminf((float)ag, clamp);
@@ -247,21 +268,53 @@ __device__ __forceinline__ void gate_up(const u8* Wg, const u8* Wu, const u8* ta
     }
 }
 
-#define GATE_UP_KERNEL(name, Fmt)                                                                  \
+#define GATE_UP_KERNEL(name, Fmt, U)                                                               \
     extern "C" __global__ void name(const u8* Wg, const u8* Wu, const u8* tables, const i8* xq,    \
                                     const float* xd, const int* xb, const int* sel,                \
                                     const float* wts, float* mid, int P, int A, int E, int F,      \
                                     int D, float clamp) {                                          \
         __shared__ u8 s_tab[Fmt::TABLES ? IQ2_TABLE_BYTES : 1];                                    \
         if (Fmt::TABLES) stage_tables(s_tab, tables);                                              \
-        gate_up<Fmt>(Wg, Wu, s_tab, xq, xd, xb, sel, wts, mid, P, A, E, F, D, clamp);              \
+        gate_up<Fmt, U>(Wg, Wu, s_tab, xq, xd, xb, sel, wts, mid, P, A, E, F, D, clamp);           \
     }
 
-GATE_UP_KERNEL(moe_gate_up_iq2_xxs, FmtIQ2_XXS)
-GATE_UP_KERNEL(moe_gate_up_q2_k, FmtQ2_K)
-GATE_UP_KERNEL(moe_gate_up_q4_k, FmtQ4_K)
+GATE_UP_KERNEL(moe_gate_up_iq2_xxs, FmtIQ2_XXS, 1)
+GATE_UP_KERNEL(moe_gate_up_q2_k, FmtQ2_K, 1)
+GATE_UP_KERNEL(moe_gate_up_q4_k, FmtQ4_K, 1)
+// the same, MOE_UNROLL blocks at a time (DS4BENCH_MOE_KERNEL=split)
+#define MOE_UNROLL 4
+GATE_UP_KERNEL(moe_gate_up4_iq2_xxs, FmtIQ2_XXS, MOE_UNROLL)
+GATE_UP_KERNEL(moe_gate_up4_q2_k, FmtQ2_K, MOE_UNROLL)
+GATE_UP_KERNEL(moe_gate_up4_q4_k, FmtQ4_K, MOE_UNROLL)
 
 // ---------------------------------------------------------------------------------- down
+
+// One expert's down row against one pair's Q8_K activations, U blocks at a time (as gate_up):
+// the block terms summed in double in block order.
+template <class Fmt, int U>
+__device__ __forceinline__ double down_row(const u8* w, const i8* xr, const float* dr, const int* br,
+                                           int nb, int lane, const u8* tab) {
+    double acc = 0.0;
+    for (int b0 = 0; b0 < nb; b0 += U) {
+        Part pw[U];
+#pragma unroll
+        for (int k = 0; k < U; ++k)
+            if (b0 + k < nb)                                // uniform over the warp
+                pw[k] = Fmt::part(w + (b0 + k) * Fmt::BYTES, xr + (b0 + k) * QK_K, br + (b0 + k) * 16, lane, tab);
+        int s[U], m[U];
+#pragma unroll
+        for (int k = 0; k < U; ++k) {
+            if (b0 + k < nb) {
+                s[k] = warp_sum(pw[k].s);
+                m[k] = warp_sum(pw[k].m);
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < U; ++k)
+            if (b0 + k < nb) acc = __dadd_rn(acc, block_term(s[k], m[k], pw[k].d, pw[k].dmin, dr[b0 + k]));
+    }
+    return acc;
+}
 
 // grid (N, ceil(D / warps)), block warps·32. Warp w of CTA (n, oy) computes output o = oy·warps + w:
 //   y[n, o] = Σ_{a = 0..A−1, in order, float32} f32(Wd[sel[n·A + a], o]·mid[n·A + a])
@@ -285,20 +338,43 @@ __device__ __forceinline__ void down(const u8* Wd, const u8* tab, const i8* mq, 
             tot = nan_f32();
             continue;
         }
-        const u8* w = Wd + ((i64)e * D + o) * rb;
-        const i8* xr = mq + (i64)p * F + 8 * lane;
-        const float* dr = md + (i64)p * nb;
-        const int* br = mb + (i64)p * (F / 16);
-        double acc = 0.0;
-        for (int b = 0; b < nb; ++b) {
-            const Part pw = Fmt::part(w + b * Fmt::BYTES, xr + b * QK_K, br + b * 16, lane, tab);
-            const int s = warp_sum(pw.s), m = warp_sum(pw.m);
-            acc = __dadd_rn(acc, block_term(s, m, pw.d, pw.dmin, dr[b]));
-        }
+        const double acc = down_row<Fmt, 1>(Wd + ((i64)e * D + o) * rb, mq + (i64)p * F + 8 * lane,
+                                            md + (i64)p * nb, mb + (i64)p * (F / 16), nb, lane, tab);
         const float ya = (float)acc;
         tot = a == 0 ? ya : __fadd_rn(tot, ya);
     }
     if (lane == 0) y[(i64)n * D + o] = tot;
+}
+
+// down with the A experts of a row in parallel (DS4BENCH_MOE_KERNEL=split): grid (N, ceil(D / R)),
+// block A·R warps, dynamic shared memory R·A floats. Warp w of CTA (n, oy) takes slot a = w % A
+// of row o = oy·R + w / A (MOE_UNROLL blocks at a time); the row's first warp then adds the A
+// rounded results in slot order in float32: down's numbers, from A times as many warps with
+// chains A times shorter.
+template <class Fmt>
+__device__ __forceinline__ void down_split(const u8* Wd, const u8* tab, const i8* mq, const float* md,
+                                           const int* mb, const int* sel, float* y, int N, int A, int E,
+                                           int F, int D, int R) {
+    extern __shared__ float s_ya[];                         // [R][A]
+    const int n = blockIdx.x, w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int a = w % A, r = w / A;
+    const int o = blockIdx.y * R + r;
+    const bool live = n < N && o < D && r < R;              // uniform over the warp
+    if (live) {
+        const int nb = F / QK_K, p = n * A + a, e = sel[p];
+        float ya = nan_f32();
+        if (e >= 0 && e < E)
+            ya = (float)down_row<Fmt, MOE_UNROLL>(Wd + ((i64)e * D + o) * (i64)nb * Fmt::BYTES,
+                                                  mq + (i64)p * F + 8 * lane, md + (i64)p * nb,
+                                                  mb + (i64)p * (F / 16), nb, lane, tab);
+        if (lane == 0) s_ya[r * A + a] = ya;
+    }
+    __syncthreads();
+    if (live && a == 0 && lane == 0) {
+        float tot = s_ya[r * A];
+        for (int k = 1; k < A; ++k) tot = __fadd_rn(tot, s_ya[r * A + k]);
+        y[(i64)n * D + o] = tot;
+    }
 }
 
 #define DOWN_KERNEL(name, Fmt)                                                                     \
@@ -309,7 +385,18 @@ __device__ __forceinline__ void down(const u8* Wd, const u8* tab, const i8* mq, 
         if (Fmt::TABLES) stage_tables(s_tab, tables);                                              \
         down<Fmt>(Wd, s_tab, mq, md, mb, sel, y, N, A, E, F, D);                                   \
     }
+#define DOWN_SPLIT_KERNEL(name, Fmt)                                                               \
+    extern "C" __global__ void name(const u8* Wd, const u8* tables, const i8* mq, const float* md, \
+                                    const int* mb, const int* sel, float* y, int N, int A, int E,  \
+                                    int F, int D, int R) {                                         \
+        __shared__ u8 s_tab[Fmt::TABLES ? IQ2_TABLE_BYTES : 1];                                    \
+        if (Fmt::TABLES) stage_tables(s_tab, tables);                                              \
+        down_split<Fmt>(Wd, s_tab, mq, md, mb, sel, y, N, A, E, F, D, R);                          \
+    }
 
 DOWN_KERNEL(moe_down_iq2_xxs, FmtIQ2_XXS)
 DOWN_KERNEL(moe_down_q2_k, FmtQ2_K)
 DOWN_KERNEL(moe_down_q4_k, FmtQ4_K)
+DOWN_SPLIT_KERNEL(moe_down_split_iq2_xxs, FmtIQ2_XXS)
+DOWN_SPLIT_KERNEL(moe_down_split_q2_k, FmtQ2_K)
+DOWN_SPLIT_KERNEL(moe_down_split_q4_k, FmtQ4_K)

@@ -349,7 +349,9 @@ def test_kernel_bench_times_every_q8_variant():
         label = f"q8_0 {name} [{O}x{K // G}]" + (f" x{G} groups" if G > 1 else "")
         assert {n[len(label):] for n in names if n.startswith(label)} == {
             "", " fused", " matmul only", " staged, matmul only"}, label
-    assert any(n.startswith("moe q2") for n in names)
+    assert [n for n in names if n.startswith("moe q2")] == [
+        "moe q2: 6 experts gate/up+down (Q8_K quantize included)",
+        "moe q2: 6 experts gate/up+down (Q8_K quantize included), split"]
     assert all(np.isfinite(r["us"]) and r["us"] > 0 for r in res["rows"])
 
 

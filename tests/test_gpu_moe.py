@@ -127,6 +127,27 @@ def test_experts_match_reference(cp, tiny, N):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("N", [1, 5, 37])
+def test_split_variant_gives_the_same_bits(cp, tiny, N):
+    """DS4BENCH_MOE_KERNEL=split (gate/up four blocks at a time, down with a warp per expert)
+    against the default kernels: the same arithmetic, so the same bits, NaN rows included (a
+    bad expert id in the last token's second slot)."""
+    ops, gpu = tiny
+    cfg = ops.cfg
+    rng = np.random.default_rng(300 + N)
+    x = (2.0 * rng.standard_normal((N, cfg.n_embd))).astype(np.float32)
+    sel, w = route(rng, N, cfg.n_expert_used, cfg.n_expert)
+    sel[-1, 1] = cfg.n_expert
+    out = {}
+    for variant in ("warp", "split"):
+        gpu.variant = variant
+        out[variant] = cp.asnumpy(gpu(2, cp.asarray(x), cp.asarray(sel), cp.asarray(w)))
+    gpu.variant = "warp"
+    assert np.isnan(out["warp"][-1]).all() and np.isfinite(out["warp"][:-1]).all()
+    np.testing.assert_array_equal(out["split"], out["warp"])
+
+
+@pytest.mark.gpu
 def test_gate_up_mid_matches_int_matmul(cp, moe, tiny):
     """The first kernel alone: mid against int_matmul and the reference's epilogue."""
     ops, gpu = tiny

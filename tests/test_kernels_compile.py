@@ -86,7 +86,12 @@ def test_kernel_bench_rotates_weights_past_the_l2_cache():
     assert len(_Rotating(np.zeros(600 << 20, np.uint8)).copies) == 1
 
 
-def test_q8_kernel_toggle():
-    assert kernels.q8_kernel_from_env(None) == "warp" and kernels.q8_kernel_from_env(" staged ") == "staged"
+def test_kernel_variant_toggles():
+    assert kernels.kernel_choice("DS4BENCH_Q8_KERNEL", None) == "warp"
+    assert kernels.kernel_choice("DS4BENCH_Q8_KERNEL", " staged ") == "staged"
+    assert kernels.kernel_choice("DS4BENCH_MOE_KERNEL", "") == "warp"
+    assert kernels.kernel_choice("DS4BENCH_MOE_KERNEL", "split") == "split"
     with pytest.raises(ValueError, match="DS4BENCH_Q8_KERNEL: unknown 'vec'; choose from warp, staged"):
-        kernels.q8_kernel_from_env("vec")
+        kernels.kernel_choice("DS4BENCH_Q8_KERNEL", "vec")
+    from ds4bench.matrix import ENGINE_ENV
+    assert set(kernels.KERNEL_CHOICES) <= set(ENGINE_ENV)          # matrix cells record each toggle
