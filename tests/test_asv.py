@@ -28,6 +28,20 @@ def test_asv_check():
     assert "No problems found" in out
 
 
+def test_every_benchmark_declares_its_version():
+    """Without an explicit version asv keys results on a hash of the suite's code, and an edit
+    that measures the same thing would start a new, unjoined history."""
+    sys.path.insert(0, str(REPO))
+    try:
+        from benchmarks import bench_decode
+    finally:
+        sys.path.remove(str(REPO))
+    classes = [c for c in vars(bench_decode).values()
+               if isinstance(c, type) and issubclass(c, bench_decode._Cells) and not c.__name__.startswith("_")]
+    assert {c.__name__ for c in classes} >= {"Prefill", "DecodeStep", "Generation", "HostMemory", "DeviceMemory"}
+    assert all(isinstance(c.version, str) and len(c.version) < 8 for c in classes)
+
+
 def test_asv_run_two_commits_then_plot(tmp_path):
     clone = tmp_path / "clone"
     _sh("git", "clone", "-q", "--no-hardlinks", str(REPO), str(clone), cwd=tmp_path)
