@@ -25,10 +25,9 @@ from .formats import FORMATS, row_bytes
 SRC = "moe.cu"
 QK_K = 256
 WARPS = 8                                      # output rows per CTA, one warp each
-# Kernel name suffix per weight format; moe.cu defines moe_gate_up_<s> and moe_down_<s> for each.
+# Kernel name suffix per weight format; moe.cu defines moe_gate_up_<s>, moe_down_<s> and the
+# split variant's moe_gate_up4_<s> and moe_down_split_<s> for each.
 KERNEL_SUFFIX = {QT.IQ2_XXS: "iq2_xxs", QT.Q2_K: "q2_k", QT.Q4_K: "q4_k"}
-KERNEL_NAMES = ("q8k_quantize",) + tuple(f"moe_{stage}_{s}" for stage in ("gate_up", "down")
-                                         for s in KERNEL_SUFFIX.values())
 _i32 = np.int32
 
 
@@ -89,8 +88,6 @@ class GpuExperts:
         self.clamp = np.float32(cfg.swiglu_clamp)
         self.poison = False
         self.variant = kernels.kernel_choice("DS4BENCH_MOE_KERNEL", os.environ.get("DS4BENCH_MOE_KERNEL"))
-        if self.variant == "split" and 32 * cfg.n_expert_used > 1024:
-            self.variant = "warp"                           # a CTA holds one warp per selected expert
         self.layers: dict[int, _Layer] = {}
         for il in range(cfg.n_layer):
             names = [f"blk.{il}.ffn_{k}_exps.weight" for k in ("gate", "up", "down")]
@@ -163,7 +160,7 @@ class GpuExperts:
         N, A = sel.shape
         y = empty((N, D), cp.float32, self.poison)
         args = (L.down, self.tables, mq, md, mb, sel, y, _i32(N), _i32(A), _i32(self.E), _i32(self.F), _i32(D))
-        if N and self.variant == "split":
+        if N and self.variant == "split" and 0 < A <= 32:   # a CTA holds a warp per selected expert
             R = max(1, WARPS // A)                          # rows per CTA, A warps each
             kernels.function(SRC, f"moe_down_split_{KERNEL_SUFFIX[L.down_type]}")(
                 (N, (D + R - 1) // R), (32 * A * R,), args + (_i32(R),), shared_mem=4 * A * R)

@@ -125,8 +125,9 @@ extern "C" __global__ void matmul_q8_0(const unsigned char* __restrict__ W, cons
 // (matmul_q8_0 reads each block as sixteen 2-byte words, lane-strided by 34 bytes).
 // Needs K % 256 == 0 (whole 16-byte units per chunk; then every row starts 16-byte aligned)
 // and W 16-byte aligned. grid (ceil(O/8), ceil(T/TOKEN_TILE)), block 256, dynamic shared
-// memory Q8_STAGE_SMEM bytes.
+// memory 8 * Q8_STAGE_BLOCKS * Q8_BLOCK_BYTES bytes (kernels.q8_stage_smem()).
 #define Q8_STAGE_BLOCKS 128
+static_assert(Q8_STAGE_BLOCKS % DS4_WARP == 0, "a lane's blocks must continue across chunks in order");
 #define Q8_STAGE_UNITS (Q8_STAGE_BLOCKS * Q8_BLOCK_BYTES / 16)              // 272 int4 per warp
 #define Q8_STAGE_PER_LANE ((Q8_STAGE_UNITS + DS4_WARP - 1) / DS4_WARP)      // 9
 extern "C" __global__ void matmul_q8_0_staged(const unsigned char* __restrict__ W, const signed char* __restrict__ xq,

@@ -314,12 +314,13 @@ def test_swiglu_kernel_matches_reference():
 
 
 @pytest.mark.parametrize("O,K,N,groups", [(1024, 4096, 1, 1), (32768, 1024, 3, 1), (4096, 8192, 2, 1),
-                                          (8192, 4096, 9, 8), (128, 256, 17, 2), (520, 4352, 3, 1)])
+                                          (8192, 4096, 9, 8), (128, 256, 17, 2), (520, 4352, 3, 1),
+                                          (1030, 4352, 3, 1)])
 def test_q8_matmul_variants_equal_two_launches(O, K, N, groups):
     """matmul_q8_0_fused (quantization in shared memory) gives matmul_q8_0's bits after
     quantize_q8_0, for decode and token tiles, plain and grouped; so does matmul_q8_0_staged
     (16-byte loads through shared memory) where K allows it, a partial last chunk included
-    (K = 4352: 136 blocks, a chunk of 128 then 8)."""
+    (K = 4352: 136 blocks, a chunk of 128 then 8) and rows past O in the last block (1030)."""
     Kg = K // groups
     W = cp.asarray(F.quantize_q8_0((RNG.standard_normal((O, Kg)) * 0.02).astype(np.float32)))
     x = cp.asarray((RNG.standard_normal((N, K)) * RNG.uniform(0.1, 5, (N, 1))).astype(np.float32))
@@ -400,7 +401,10 @@ def test_staged_q8_kernel_changes_no_bit(monkeypatch):
     monkeypatch.setenv("DS4BENCH_UNFUSED", "q8quant")
     base = _run("cupy", "q8")
     monkeypatch.setenv("DS4BENCH_Q8_KERNEL", "staged")
+    launched, real = [], kernels.function
+    monkeypatch.setattr(kernels, "function", lambda f, name: (launched.append(name), real(f, name))[1])
     got = _run("cupy", "q8")
+    assert "matmul_q8_0_staged" in launched                  # tiny's K = 256 projections qualify
     for b, g in zip(base.fingerprints, got.fingerprints):
         assert b.tokens == g.tokens and b.topk_logprobs == g.topk_logprobs
 
