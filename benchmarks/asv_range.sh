@@ -3,8 +3,8 @@
 #
 #   benchmarks/asv_range.sh A..B [more asv run options]     e.g. benchmarks/asv_range.sh e6d2171..HEAD
 #
-# Each commit is built as a wheel (--no-isolation) and installed --no-deps --no-index into a
-# virtualenv under .asv/env that sees this python's packages through a .pth file (asv.conf.json's
+# Each commit is installed editable (--no-deps --no-index --no-build-isolation) into a virtualenv
+# under .asv/env that sees this python's packages through a .pth file (asv.conf.json's
 # build_command writes it from $PARENT_SITE), so CuPy, NumPy and the rest come from the machine.
 # asv's own set-up (pip install wheel/pip/build) is served from $PIP_FIND_LINKS (default ./.whl,
 # which must hold wheel, build, packaging, pyproject_hooks; other find-links stay after it). Needs a git

@@ -21,12 +21,13 @@ one pass over the grid in `setup_cache` (one process per commit, one engine per 
 before the next), so asv's one-process-per-benchmark-and-parameter launches cost nothing for
 them. `time_prefill` and `time_decode_step` need their own engine in their own process (asv
 times them there); DS4BENCH_ASV_TIME_PRESETS and DS4BENCH_ASV_TIME_PLACEMENTS (comma lists;
-default all; benchmarks/asv_range.sh: tiny, device) limit them, and the other cells show n/a
-there. DS4BENCH_ASV_SKIP leaves cells out altogether (e.g. flash-4l:host).
+default all; benchmarks/asv_range.sh: tiny, device) limit them to the cells they list (asv
+starts no process for the others). DS4BENCH_ASV_SKIP leaves cells out altogether (e.g.
+flash-4l:host); DS4BENCH_ASV_LOG names a file that gets each setup_cache cell's outcome and time.
 
 Only the engine API every benchmarked commit shares is used (cli.load_model, generate.Engine,
 generate.generate, synth.write_model, prompts.load_prompts, verdict.compare_prompt); the
-prompts come from this checkout's benchmarks/prompts, since an installed wheel has none.
+prompts come from this checkout's benchmarks/prompts, since an installed package has none.
 """
 from __future__ import annotations
 
