@@ -271,13 +271,13 @@ class _TimedCells(_Cells):
     per parameter combination, so cells that would only say n/a are not listed at all."""
     params = [[p for p in PRESETS if p in TIME_PRESETS] or PRESETS, CACHES,
               [pl for pl in PLACEMENTS if pl in TIME_PLACEMENTS] or PLACEMENTS, BATCHES]
+    number = 1                       # one call per sample: each changes the engine's state
+    warmup_time = 0.0                # setup primes the engine (kernels compiled, caches built)
 
 
 class Prefill(_TimedCells):
     """Every slot of the batch prefilled with the first smoke prompt."""
-    number = 1
     repeat = (2, 10, 2.0)
-    warmup_time = 0.0
 
     def setup(self, cached, preset, cache, placement, batch):
         self.cell = _timed_cell(cached, preset, cache, placement, batch, 1)
@@ -293,9 +293,7 @@ class Prefill(_TimedCells):
 
 class DecodeStep(_TimedCells):
     """One decode step: one token for each of the batch's sequences."""
-    number = 1
     repeat = (3, 40, 2.0)
-    warmup_time = 0.0
 
     def setup(self, cached, preset, cache, placement, batch):
         import numpy as np

@@ -7,6 +7,7 @@ device-to-device copy rate measured in the same process (bytes read + written pe
 """
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -29,14 +30,10 @@ class _Rotating:
 
     def __init__(self, w):
         self.copies = [w] + [w.copy() for _ in range(min(63, -(-self.ROTATE_BYTES // w.nbytes) - 1))]
-        self.i = 0
+        self._turn = itertools.cycle(self.copies)
 
     def next(self):
-        self.i = (self.i + 1) % len(self.copies)
-        return self.copies[self.i]
-
-    def aligned(self, n: int) -> bool:
-        return all(c.data.ptr % n == 0 for c in self.copies)
+        return next(self._turn)
 
 
 def _time(cp, fn, iters: int) -> float:
@@ -94,7 +91,7 @@ def run(variant: str = "q2", iters: int = 200) -> dict:
                            mm(grid, (256,), (W.next(), xq, xd, y) + args)))
         timed(" fused", lambda: fused(grid, (256,), (W.next(), x, y) + args, shared_mem=Kg + Kg // 8))
         timed(" matmul only", lambda: mm(grid, (256,), (W.next(), xq, xd, y) + args))
-        if Kg % 256 == 0 and W.aligned(16):
+        if kernels.q8_staged_fits(Kg, *W.copies):
             timed(" staged, matmul only", lambda: staged(grid, (256,), (W.next(), xq, xd, y) + args,
                                                          shared_mem=kernels.q8_stage_smem()))
     cfg = C.preset("flash", variant)
@@ -109,13 +106,13 @@ def run(variant: str = "q2", iters: int = 200) -> dict:
     x = cp.asarray(rng.standard_normal((1, D)).astype(np.float32))
     # a new expert selection per launch (64 in turn), so the experts come from device memory,
     # not from the L2 cache the previous launch filled
-    sels = [cp.asarray(rng.choice(E, A, replace=False)[None, :].astype(np.int64)) for _ in range(64)]
-    turn = iter(range(1 << 62))
+    sels = itertools.cycle([cp.asarray(rng.choice(E, A, replace=False)[None, :].astype(np.int64))
+                            for _ in range(64)])
     w = cp.full((1, A), 0.25, cp.float32)
     need = A * (2 * F * row_bytes(gate_t, D) + D * row_bytes(down_t, F))
     for kind in kernels.KERNEL_CHOICES["DS4BENCH_MOE_KERNEL"]:
         moe.variant = kind
-        t = _time(cp, lambda: moe(0, x, sels[next(turn) % len(sels)], w), iters)
+        t = _time(cp, lambda: moe(0, x, next(sels), w), iters)
         rows.append({"kernel": f"moe {variant}: {A} experts gate/up+down (Q8_K quantize included)"
                                + ("" if kind == "warp" else f", {kind}"),
                      "bytes": int(need), "us": t * 1e6, "gbs": need / t / 1e9, "pct_ceiling": 100 * need / t / ceiling})

@@ -7,7 +7,6 @@ import os
 import re
 
 
-
 def _kernel_dir() -> str:
     """kernels/ of a source checkout (and of an editable install), else the copy an installed
     wheel carries as ds4bench/kernel_src (pyproject.toml)."""
@@ -35,6 +34,12 @@ def define(filename: str, name: str) -> int:
 def q8_stage_smem() -> int:
     """Dynamic shared memory of matmul_q8_0_staged: 8 warps x Q8_STAGE_BLOCKS blocks of 34 bytes."""
     return 8 * define("q8_0.cu", "Q8_STAGE_BLOCKS") * define("q8_0.cu", "Q8_BLOCK_BYTES")
+
+
+def q8_staged_fits(K: int, *weights) -> bool:
+    """Whether matmul_q8_0_staged can read these Q8_0 weights of K columns: whole 16-byte units
+    per chunk (K % 256 == 0) from 16-byte aligned device addresses."""
+    return K % 256 == 0 and all(w.data.ptr % 16 == 0 for w in weights)
 
 
 # Kernel variants an environment variable picks (perf toggles: every variant computes the same

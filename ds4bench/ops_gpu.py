@@ -143,7 +143,7 @@ class GpuOps:
         y = cp.empty((N, O), dtype=cp.float32)
         W = self.w[name]
         args = (W, xq, xd, y, np.int32(O), np.int32(K), np.int32(N), np.int32(rows_per_group), np.int32(stride))
-        if self.q8_kernel == "staged" and K % 256 == 0 and W.data.ptr % 16 == 0:
+        if self.q8_kernel == "staged" and kernels.q8_staged_fits(K, W):
             kernels.function("q8_0.cu", "matmul_q8_0_staged")(_grid(O, N), (256,), args,
                                                               shared_mem=kernels.q8_stage_smem())
         else:

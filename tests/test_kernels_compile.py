@@ -76,6 +76,14 @@ def test_launch_sizes_come_from_the_kernel_source():
         kernels.define("q8_0.cu", "NOPE")
 
 
+def test_staged_q8_eligibility():
+    from types import SimpleNamespace
+    at = lambda ptr: SimpleNamespace(data=SimpleNamespace(ptr=ptr))     # noqa: E731
+    assert kernels.q8_staged_fits(4096, at(256), at(1 << 20))
+    assert not kernels.q8_staged_fits(4224, at(256))                     # K % 256 == 128
+    assert not kernels.q8_staged_fits(4096, at(256), at(8))              # a copy off 16-byte alignment
+
+
 def test_kernel_bench_rotates_weights_past_the_l2_cache():
     from ds4bench.kbench import _Rotating
     w = np.zeros(4_456_448, np.uint8)                   # attn_q_a's Q8_0 bytes
