@@ -186,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     a = ap.parse_args(argv)
     try:
+        from .model import check_engine_env
+        check_engine_env(os.environ)            # a mistyped toggle fails here, on a CPU run too
         load_plugins()
         return int(a.func(a) or 0)
     except KeyboardInterrupt:

@@ -207,6 +207,11 @@ def validate(s: MatrixSpec) -> None:
             load_gguf(m, C.preset(s.presets[0], s.variant))
     if s.variant not in (None, "q2", "q4"):
         raise ValueError(f"{where}: variant must be q2 or q4, found {s.variant!r}")
+    try:
+        from .model import check_engine_env
+        check_engine_env(s.env)                 # the spec's [env] toggles, as the CLI checks the shell's
+    except ValueError as e:
+        raise ValueError(f"{where}: [env] {e}") from None
     for name, v, lo in (("n", s.n_gen, 1), ("reps", s.reps, 1), ("warmup", s.warmup, 0), ("chunk", s.chunk, 1)):
         if v < lo:
             raise ValueError(f"{where}: {name} must be at least {lo}, found {v}")

@@ -167,6 +167,15 @@ def unfused_from_env(text: str | None) -> frozenset:
     return frozenset(names)
 
 
+def check_engine_env(environ) -> None:
+    """Refuse (ValueError, one line) an engine toggle set to what no backend knows, whatever the
+    backend of this run: DS4BENCH_UNFUSED and the kernel variants (kernels.KERNEL_CHOICES)."""
+    from .kernels import KERNEL_CHOICES, kernel_choice
+    unfused_from_env(environ.get("DS4BENCH_UNFUSED"))
+    for var in KERNEL_CHOICES:
+        kernel_choice(var, environ.get(var))
+
+
 # ---- the model -----------------------------------------------------------------------------------
 class DS4Model:
     """Forward pass over a `RunState`. `ops` supplies projections and numeric modes."""

@@ -253,6 +253,18 @@ def test_generate_cli_rejects_unknown_mode(capsys):
     assert "unknown cache mode 'q4'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("var,value,msg", [
+    ("DS4BENCH_UNFUSED", "fast_norm", "DS4BENCH_UNFUSED: unknown fast_norm"),
+    ("DS4BENCH_Q8_KERNEL", "stagged", "DS4BENCH_Q8_KERNEL: unknown 'stagged'; choose from warp, staged"),
+    ("DS4BENCH_MOE_KERNEL", "fast", "DS4BENCH_MOE_KERNEL: unknown 'fast'; choose from warp, split")])
+def test_cli_refuses_an_unknown_engine_toggle(capsys, monkeypatch, var, value, msg):
+    """Checked before any backend runs, so a typo fails on the CPU too, in one line."""
+    monkeypatch.setenv(var, value)
+    assert cli.main(["generate", "--preset", "tiny", "-n", "2"]) == 2
+    err = capsys.readouterr().err
+    assert msg in err and err.count("\n") == 1
+
+
 def test_gpu_commands_without_a_gpu_say_so(capsys):
     from ds4bench.backend import gpu_available
     if gpu_available():

@@ -89,6 +89,7 @@ def test_excludes_and_an_added_baseline():
     ({"colour": "red"}, "unknown key"),
     ({"exclude": [{"color": "q8"}]}, "not axes"),
     ({"batch": ["x"]}, "list of int"),
+    ({"env": {"DS4BENCH_MOE_KERNEL": "fast"}}, r"\[env\] DS4BENCH_MOE_KERNEL: unknown 'fast'; choose from warp, split"),
 ])
 def test_invalid_specs_name_the_problem(doc, match):
     with pytest.raises(ValueError, match=match):
