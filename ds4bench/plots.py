@@ -217,6 +217,48 @@ PANEL_PARAMS = ("preset", "batch")          # one panel per value of these (when
 LINE_STYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1)), (0, (1, 3)))
 
 
+def correctness_changes(combos: list, drawn: list, div: list, dlp: list, pan: list) -> dict:
+    """Where each cell's correctness tracks (first divergence, max |Δlogprob| to 3 decimals)
+    differ from its previous drawn commit: {panel values: {x index: {cell: "div a→b, Δlp c→d"}}}."""
+    out: dict = {}
+    for k in combos:
+        prev = None
+        for j, i in enumerate(drawn):
+            if k not in div[i] and k not in dlp[i]:
+                continue
+            now = (div[i].get(k), None if dlp[i].get(k) is None else round(dlp[i][k], 3))
+            if prev is not None and now != prev:
+                out.setdefault(tuple(k[n] for n in pan), {}).setdefault(j, {})[k] = \
+                    f"div {prev[0]}→{now[0]}, Δlp {prev[1]}→{now[1]}"
+            prev = now
+    return out
+
+
+def _change_lines(changed: dict, rest: list, style_of: dict, most: int = 5) -> list[str]:
+    """One note line per distinct change, naming its cells compactly: the colour parameter's value
+    and the line-style values that share it ("all" when every one does)."""
+    by_change: dict = {}
+    for k, text in changed.items():
+        colour = k[rest[0]] if rest else ""
+        style = k[rest[1]] if len(rest) > 1 else None
+        by_change.setdefault(text, {}).setdefault(colour, []).append(style)
+    lines = []
+    for text, cells in by_change.items():
+        who = []
+        for colour, styles in cells.items():
+            styles = [s for s in styles if s is not None]
+            if not styles:
+                who.append(str(colour))
+            elif set(styles) >= set(style_of):
+                who.append(f"{colour} (all)")
+            else:
+                who.append(f"{colour} ({', '.join(map(str, styles))})")
+        lines.append(f"{'; '.join(who)}: {text}")
+    if len(lines) > most:
+        lines = lines[:most - 1] + [f"… and {len(lines) - most + 1} more changes"]
+    return lines
+
+
 def history(results_dir: str = asvdata.DEFAULT_DIR, path: Path | str = Path(DEFAULT_OUT) / "asv-history.png",
             machine: str | None = None) -> tuple[Path, list[str]]:
     """Decode tokens/s of every parameter combination across commits (oldest left), a panel per
@@ -239,6 +281,7 @@ def history(results_dir: str = asvdata.DEFAULT_DIR, path: Path | str = Path(DEFA
     panels = list(dict.fromkeys(tuple(k[n] for n in pan) for k in combos))
     colour_of = {v: n for n, v in enumerate(dict.fromkeys(k[rest[0]] for k in combos))} if rest else {}
     style_of = {v: n for n, v in enumerate(dict.fromkeys(k[rest[1]] for k in combos))} if len(rest) > 1 else {}
+    notes = correctness_changes(combos, drawn, div, dlp, pan)
     cmap = plt.get_cmap("tab10")
     ncols = min(2, len(panels))
     nrows = -(-len(panels) // ncols)
@@ -251,19 +294,19 @@ def history(results_dir: str = asvdata.DEFAULT_DIR, path: Path | str = Path(DEFA
             colour = cmap(colour_of[k[rest[0]]] % cmap.N) if rest else cmap(0)
             style = LINE_STYLES[style_of[k[rest[1]]] % len(LINE_STYLES)] if len(rest) > 1 else "-"
             ax.plot(xs, ys, marker="o", ms=3.5, color=colour, linestyle=style, lw=1.4)
-            prev = None
-            for j in xs:
-                i = drawn[j]
-                now = (div[i].get(k), None if dlp[i].get(k) is None else round(dlp[i][k], 3))
-                if prev is not None and now != prev:
-                    ax.scatter([j], [tps[i][k]], s=150, facecolors="none", edgecolors="#e03131", linewidths=2, zorder=4)
-                    ax.annotate(f"{' '.join(str(k[n]) for n in rest)}: div {prev[0]}→{now[0]}, Δlp {prev[1]}→{now[1]}",
-                                (j, tps[i][k]), fontsize=6.5, color="#e03131", textcoords="offset points", xytext=(5, 5))
-                prev = now
+            for j, changed in notes.get(pv, {}).items():
+                if k in changed and k in tps[drawn[j]]:
+                    ax.scatter([j], [tps[drawn[j]][k]], s=150, facecolors="none", edgecolors="#e03131",
+                               linewidths=2, zorder=4)
+        for j, changed in notes.get(pv, {}).items():
+            ax.axvline(j, color="#e03131", lw=0.8, ls=":", zorder=1)
+            ax.annotate("\n".join(_change_lines(changed, rest, style_of)), (j, 1.0), xycoords=("data", "axes fraction"),
+                        xytext=(4, -4), textcoords="offset points", va="top", fontsize=7, color="#c92a2a",
+                        bbox={"boxstyle": "round,pad=0.25", "fc": "white", "ec": "#e03131", "alpha": 0.85, "lw": 0.6})
         ax.set_title(" · ".join(f"{names[n]} {v}" for n, v in zip(pan, pv)) or "all cells", fontsize=9)
         ax.set_xticks(range(len(drawn)), [commits[i].commit[:8] for i in drawn], rotation=30, ha="right", fontsize=8)
         ax.set_ylabel("decode tokens/s")
-        ax.set_ylim(bottom=0)
+        ax.set_ylim(bottom=0, top=ax.get_ylim()[1] * (1.45 if pv in notes else 1.05))   # room for the notes
         ax.grid(True, alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)

@@ -83,6 +83,23 @@ def test_asv_history_orders_commits_and_reads_params(tmp_path):
     assert commits == ["a" * 40, "b" * 40] and path.stat().st_size > 10_000
 
 
+def test_asv_history_notes_each_correctness_change_once(tmp_path):
+    _asv_result(tmp_path, "a" * 40, 1000, [9.0, 12.0], [16, 16])
+    _asv_result(tmp_path, "b" * 40, 2000, [10.0, 11.0], [16, 3])
+    _asv_result(tmp_path, "c" * 40, 3000, [10.0, 11.0], [16, 3])
+    got = asvdata.load(str(tmp_path))
+    key = plots.BENCH + "track_{}"
+    div = [c.values[key.format("first_divergence")] for c in got]
+    dlp = [c.values[key.format("max_logprob_delta")] for c in got]
+    combos = [("tiny", "f32", "cpu", 1), ("tiny", "q8", "cpu", 1)]
+    notes = plots.correctness_changes(combos, [0, 1, 2], div, dlp, pan=[0, 3])
+    assert notes == {("tiny", 1): {1: {("tiny", "q8", "cpu", 1): "div 16→3, Δlp 0.5→0.5"}}}
+    assert plots._change_lines(notes[("tiny", 1)][1], rest=[1, 2], style_of={"cpu": 0}) == \
+        ["q8 (all): div 16→3, Δlp 0.5→0.5"]
+    assert plots._change_lines(notes[("tiny", 1)][1], rest=[1, 2], style_of={"cpu": 0, "device": 1}) == \
+        ["q8 (cpu): div 16→3, Δlp 0.5→0.5"]
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["plot", "--run", "no-such-run", "--out", str(tmp_path)]) == 2
     assert "run 'no-such-run'" in capsys.readouterr().err
