@@ -40,6 +40,7 @@ from pathlib import Path
 
 from . import config as C
 from .backend import PLACEMENTS
+from .kernels import KERNEL_CHOICES
 from . import record as R
 from . import verdict as V
 
@@ -55,7 +56,7 @@ SPEC_KEYS = {"description", "preset", "model", "variant", "seed", "cache", "plac
              "env"}
 # Variables that change what the engine does; a cell records those set in its environment,
 # wherever they came from (the spec's [env] or the shell), so no toggle goes unrecorded.
-ENGINE_ENV = ("DS4BENCH_UNFUSED", "DS4BENCH_Q8_KERNEL", "DS4BENCH_MOE_KERNEL", "DS4BENCH_CACHE_MB", "DS4BENCH_PLUGINS")
+ENGINE_ENV = ("DS4BENCH_UNFUSED", *KERNEL_CHOICES, "DS4BENCH_CACHE_MB", "DS4BENCH_PLUGINS")
 TRACE_FIELDS = ("trace_file", "trace_gpu_ms", "trace_calls", "trace_kernels", "trace_kernel_ms")   # CellRecord
 SYNTH_IN_MEMORY_MAX = 256 * 2**20      # larger presets are written to a GGUF once and memory-mapped per cell
 

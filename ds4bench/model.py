@@ -151,7 +151,7 @@ def swiglu_clamped(xp, g, u, c):
 # Operations an ops object may fuse into kernels (GpuOps does); DS4BENCH_UNFUSED names the ones
 # to run as the array code above instead: a perf toggle that must not change the answer.
 FUSABLE = {"hc": ("hc_weights", "hc_collapse", "hc_expand"), "rms_norm": ("rms_norm",), "rope": ("rope",),
-           "attend": ("attend",), "route": ("route",), "compress": ("pool_windows",),
+           "attend": ("attend", "attend_ring"), "route": ("route",), "compress": ("pool_windows",),
            "indexer": ("indexer_scores",), "swiglu": ("swiglu_clamped",),
            "q8quant": ()}                        # inside the ops: Q8_0 activation quantization fused into the matmul
 
@@ -199,6 +199,7 @@ class DS4Model:
         self._rms = fused.get("rms_norm") or (lambda x, w, eps: rms_norm(xp, x, w, eps))
         self._rope = fused.get("rope") or (lambda x, pos, f, inverse=False: rope(xp, x, pos, f, inverse))
         self._attend = fused.get("attend") or (lambda q, k, m, sk: attend(xp, acc, q, k, m, sk))
+        self._attend_ring = fused.get("attend_ring")      # the state read in place; None: gather and concatenate
         self._route = fused.get("route") or (
             lambda logits, sel, bias: route_weights(xp, cfg, logits, sel, bias, ops.topk_ids))
         self._pool = fused.get("pool_windows") or self.pool_windows
@@ -279,7 +280,7 @@ class DS4Model:
 
     # -- attention sublayer --------------------------------------------------------------------------
     def attention(self, il, X, P, ls):
-        xp, cfg, ops, prof = self.xp, self.cfg, self.ops, self.prof
+        cfg, ops, prof = self.cfg, self.ops, self.prof
         B, T = P.shape
         N, H, K, W = B * T, cfg.n_head, cfg.head_dim, cfg.sliding_window
         ratio = cfg.ratio(il)
@@ -325,15 +326,12 @@ class DS4Model:
                 with prof.range("indexer"):
                     visible = self.indexer_select(il, xn, qrn, P, ls, visible)
         with prof.range("attention"):
-            hist = self.idx(("hist", W), lambda: (P[:, :1] - W + np.arange(W)) % W)   # [B, W] ring rows
-            keys = xp.concatenate([ls.raw[bi, hist], kv], axis=1)                  # [B, W+T, K]
-            kpos = P[:, :1] - W + np.arange(W + T)                                 # [B, W+T]
-            mask = self.idx(("raw_mask", W), lambda: (kpos[:, None, :] >= 0) & (kpos[:, None, :] <= P[:, :, None])
-                            & (kpos[:, None, :] > P[:, :, None] - W))               # [B, T, W+T]
-            if cmax:
-                keys = xp.concatenate([keys, ls.comp[:, :cmax]], axis=1)           # [B, R+C, K]
-                mask = xp.concatenate([mask, visible], axis=-1)                      # [B, T, R+C]
-            o = self.attend(q.reshape(B, T, H, K), keys, mask, self.p(pre + "attn_sinks.weight"))  # [B, T, H, K]
+            sinks = self.p(pre + "attn_sinks.weight")
+            o = self._attend_ring(q.reshape(B, T, H, K), ls.raw, kv, ls.comp, visible, P, sinks) \
+                if self._attend_ring else None                                     # [B, T, H, K]
+            if o is None:
+                keys, mask = self.attention_keys(ls, kv, P, visible)               # [B, J, K], [B, T, J]
+                o = self.attend(q.reshape(B, T, H, K), keys, mask, sinks)          # [B, T, H, K]
             n = min(T, W)
             ls.raw[bi, self.idx(("ring", W, n), lambda: P[:, -n:] % W)] = kv[:, -n:]
         with prof.range("attn.out"):
@@ -342,6 +340,24 @@ class DS4Model:
             low = ops.linear_grouped(pre + "attn_output_a.weight", o.reshape(N, G, -1))   # [N, G, O]
             y = ops.linear(pre + "attn_output_b.weight", low.reshape(N, -1))        # [N, D]
             return self.hc_post(X, y, post, comb)                                    # [N, S, D]
+
+    def attention_keys(self, ls, kv, P, visible):
+        """The key rows a call's tokens attend to and which each sees: the window ring in position
+        order (positions P0-W..P0-1), this call's rows, then the compressed rows; a raw row is
+        seen when it is at or before the token and within the window, a compressed row where
+        `visible` [B, T, C] says (None: no compressed rows yet). -> keys [B, J, K], mask [B, T, J]."""
+        xp, W = self.xp, self.cfg.sliding_window
+        B, T = P.shape
+        bi = self.idx(("bi",), lambda: np.arange(B)[:, None])
+        hist = self.idx(("hist", W), lambda: (P[:, :1] - W + np.arange(W)) % W)   # [B, W] ring rows
+        keys = xp.concatenate([ls.raw[bi, hist], kv], axis=1)                      # [B, W+T, K]
+        kpos = P[:, :1] - W + np.arange(W + T)                                     # [B, W+T]
+        mask = self.idx(("raw_mask", W), lambda: (kpos[:, None, :] >= 0) & (kpos[:, None, :] <= P[:, :, None])
+                        & (kpos[:, None, :] > P[:, :, None] - W))                   # [B, T, W+T]
+        if visible is not None:
+            keys = xp.concatenate([keys, ls.comp[:, :visible.shape[-1]]], axis=1)  # [B, R+C, K]
+            mask = xp.concatenate([mask, visible], axis=-1)                          # [B, T, R+C]
+        return keys, mask
 
     def attend(self, q, keys, mask, sinks):
         """Softmax attention with a per-head sink; V = K. q [B,T,H,K], keys [B,J,K], mask [B,T,J]."""

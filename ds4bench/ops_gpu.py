@@ -64,6 +64,7 @@ class GpuOps:
             off.add("route")                                                  # outside router.cu's
         self.unfused = frozenset(off)
         self.q8_kernel = kernels.kernel_choice("DS4BENCH_Q8_KERNEL", os.environ.get("DS4BENCH_Q8_KERNEL"))
+        self.attn_kernel = kernels.kernel_choice("DS4BENCH_ATTN_KERNEL", os.environ.get("DS4BENCH_ATTN_KERNEL"))
         self.placer = Placer(self.placement, model.nbytes)
         self.w: dict[str, cp.ndarray] = {}
         expert_tensors = {}
@@ -279,6 +280,30 @@ class GpuOps:
             cp.ascontiguousarray(q, dtype=cp.float32), cp.ascontiguousarray(keys, dtype=cp.float32), m,
             cp.ascontiguousarray(sinks, dtype=cp.float32), o, np.int32(T), np.int32(H), np.int32(J), np.int32(K),
             np.float64(1.0 / math.sqrt(K))), shared_mem=smem)
+        return o
+
+    def attend_ring(self, q: cp.ndarray, raw: cp.ndarray, kv: cp.ndarray, comp, visible, P: np.ndarray,
+                    sinks: cp.ndarray):
+        """The attention of model.attention read in place (DS4BENCH_ATTN_KERNEL=ring): the
+        window ring raw [B, W, K], this call's rows kv [B, T, K] and the compressed rows comp
+        [B, Cs, K] seen through visible [B, T, C] (None: no compressed rows yet), the raw rows'
+        visibility derived on the device from the positions P [B, T]. The same bits as
+        gathering the keys, concatenating them and calling `attend`; None where it does not
+        apply (the default variant, or scores too long for shared memory): the caller does that."""
+        B, T, H, K = q.shape
+        W = raw.shape[1]
+        C = 0 if visible is None else visible.shape[-1]
+        smem = 8 * (W + T + C) + 256
+        if self.attn_kernel != "ring" or smem > SMEM_DEFAULT_MAX:
+            return None
+        o = cp.empty((B, T, H, K), cp.float32)
+        cmask = raw if C == 0 else cp.ascontiguousarray(visible, dtype=cp.bool_).view(cp.uint8)
+        comp = raw if C == 0 else comp                     # neither is read without compressed rows
+        kernels.function("attention.cu", "attend_sink_ring")((H, T, B), (256,), (
+            cp.ascontiguousarray(q, dtype=cp.float32), raw, cp.ascontiguousarray(kv, dtype=cp.float32), comp,
+            cmask, self._positions(np.ascontiguousarray(P, dtype=np.int64)),
+            cp.ascontiguousarray(sinks, dtype=cp.float32), o, np.int32(T), np.int32(H), np.int32(W),
+            np.int32(C), np.int32(comp.shape[1]), np.int32(K), np.float64(1.0 / math.sqrt(K))), shared_mem=smem)
         return o
 
     def route(self, logits: cp.ndarray, sel, bias):

@@ -341,3 +341,58 @@ def test_unfused_toggle_selects_the_array_code():
     assert M.unfused_from_env("all") == frozenset(M.FUSABLE) and M.unfused_from_env("") == frozenset()
     with pytest.raises(ValueError, match="unknown fast_norm; choose from all, hc, rms_norm"):
         M.unfused_from_env("fast_norm")
+
+
+def _ring_rows(raw, kv, comp, visible, P):
+    """kernels/attention.cu's RingRows in NumPy, line by line (C's truncating %): the key rows
+    and visibility attend_sink_ring reads in place of the gathered and concatenated ones."""
+    B, W, K = raw.shape
+    T = P.shape[1]
+    C = 0 if visible is None else visible.shape[-1]
+    keys = np.full((B, W + T + C, K), np.nan, np.float32)
+    mask = np.zeros((B, T, W + T + C), bool)
+    for b in range(B):
+        p0 = int(P[b, 0])
+        for j in range(W + T + C):
+            if j < W:
+                r = int(math.fmod(p0 - W + j, W))
+                keys[b, j] = raw[b, r + W if r < 0 else r]
+            elif j < W + T:
+                keys[b, j] = kv[b, j - W]
+            else:
+                keys[b, j] = comp[b, j - W - T]
+            for t in range(T):
+                kpos, p = p0 - W + j, int(P[b, t])
+                mask[b, t, j] = (kpos >= 0 and kpos <= p and kpos > p - W) if j < W + T else visible[b, t, j - W - T]
+    return keys, mask
+
+
+def test_in_place_attention_rows_are_the_concatenated_ones(monkeypatch):
+    """DS4BENCH_ATTN_KERNEL=ring reads the window ring, the new rows and the compressed rows in
+    place and derives the raw rows' visibility from the positions. Its addressing, ported to
+    NumPy, must give exactly the keys and mask the model gathers, concatenates and uploads, at
+    every attention call of a run that covers the cases: chunked prefill (T > 1) from position 0
+    (rows before the sequence), the ring wrapping (positions past W = 32), compressed rows of
+    ratio 4 and 16, the indexer's top-k once more than 16 rows are visible, and two sequences
+    at different positions in one decode step."""
+    from ds4bench.model import DS4Model
+    calls = []
+    orig = DS4Model.attention_keys
+
+    def checked(self, ls, kv, P, visible):
+        keys, mask = orig(self, ls, kv, P, visible)
+        want_k, want_m = _ring_rows(ls.raw, kv, ls.comp, visible, P)
+        np.testing.assert_array_equal(want_m, mask)
+        np.testing.assert_array_equal(want_k, keys)
+        C = 0 if visible is None else visible.shape[-1]
+        calls.append((P.shape[1], C, C > 16 and visible.sum(-1).max() <= 16))   # top-k: at most 16 seen
+        return keys, mask
+
+    monkeypatch.setattr(DS4Model, "attention_keys", checked)
+    eng = Engine(tiny_model(), cache="f32", batch=2, ctx=96, prefill_chunk=24)
+    eng.prefill(0, list(range(1, 76)))
+    eng.prefill(1, list(range(3, 40)))
+    for step in range(3):
+        eng.decode(np.array([5 + step, 7 + step]), np.array([0, 1]))
+    assert any(T > 1 for T, _, _ in calls) and any(C > 16 for _, C, _ in calls)
+    assert any(topk for *_, topk in calls)                     # the indexer hid some visible rows

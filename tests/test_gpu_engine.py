@@ -237,6 +237,39 @@ def test_attend_kernel_matches_reference(B, T, J):
     assert nmse(got, want) < 1e-12
 
 
+@pytest.mark.parametrize("B,T,W,C,p0s", [(1, 1, 128, 0, [5]), (3, 1, 128, 40, [0, 127, 900]),
+                                          (2, 7, 128, 3, [0, 300]), (1, 24, 32, 20, [70])])
+def test_in_place_attention_gives_the_concatenated_bits(B, T, W, C, p0s):
+    """attend_sink_ring (the window ring, the new rows and the compressed rows read in place, the
+    raw rows' visibility from the device positions) against attend_sink on the gathered,
+    concatenated keys and the model's mask: the same rows in the same order, so the same bits.
+    Covers rows before the sequence (position 0), a wrapped ring, chunked calls (T > 1), no
+    compressed rows and a compressed part with holes (an indexer selection)."""
+    H, K = 8, 512
+    P = np.array(p0s)[:, None] + np.arange(T)                                   # [B, T]
+    raw = RNG.standard_normal((B, W, K)).astype(np.float32)
+    kv = RNG.standard_normal((B, T, K)).astype(np.float32)
+    comp = RNG.standard_normal((B, C + 5, K)).astype(np.float32)                # capacity beyond C
+    visible = (RNG.random((B, T, C)) < 0.6) if C else None
+    q = RNG.standard_normal((B, T, H, K)).astype(np.float32)
+    sinks = RNG.standard_normal(H).astype(np.float32)
+    hist = (P[:, :1] - W + np.arange(W)) % W
+    keys = np.concatenate([raw[np.arange(B)[:, None], hist], kv] + ([comp[:, :C]] if C else []), axis=1)
+    kpos = P[:, :1] - W + np.arange(W + T)
+    mask = (kpos[:, None, :] >= 0) & (kpos[:, None, :] <= P[:, :, None]) & (kpos[:, None, :] > P[:, :, None] - W)
+    if C:
+        mask = np.concatenate([mask, visible], axis=-1)
+    ops = _gpu_ops(config.preset("flash"))
+    want = ops.attend(cp.asarray(q), cp.asarray(keys), cp.asarray(mask), cp.asarray(sinks)).get()
+    ops.attn_kernel = "concat"
+    args = (cp.asarray(q), cp.asarray(raw), cp.asarray(kv), cp.asarray(comp),
+            None if visible is None else cp.asarray(visible), P, cp.asarray(sinks))
+    assert ops.attend_ring(*args) is None                                        # the default: the caller concatenates
+    ops.attn_kernel = "ring"
+    got = ops.attend_ring(*args).get()
+    np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("N,hashed,bias", [(1, False, True), (37, False, True), (16, False, False), (9, True, False)])
 def test_router_kernel_matches_reference(N, hashed, bias):
     """Same experts in the same order (random scores have no ulp-level ties), weights within
@@ -405,6 +438,19 @@ def test_staged_q8_kernel_changes_no_bit(monkeypatch):
     monkeypatch.setattr(kernels, "function", lambda f, name: (launched.append(name), real(f, name))[1])
     got = _run("cupy", "q8")
     assert "matmul_q8_0_staged" in launched                  # tiny's K = 256 projections qualify
+    for b, g in zip(base.fingerprints, got.fingerprints):
+        assert b.tokens == g.tokens and b.topk_logprobs == g.topk_logprobs
+
+
+def test_in_place_attention_changes_no_bit(monkeypatch):
+    """DS4BENCH_ATTN_KERNEL=ring end to end on tiny (the window ring wraps, compressed rows of
+    both ratios): the same tokens and logprobs as the gathered, concatenated default."""
+    base = _run("cupy", "q8")
+    monkeypatch.setenv("DS4BENCH_ATTN_KERNEL", "ring")
+    launched, real = [], kernels.function
+    monkeypatch.setattr(kernels, "function", lambda f, name: (launched.append(name), real(f, name))[1])
+    got = _run("cupy", "q8")
+    assert "attend_sink_ring" in launched and "attend_sink" not in launched
     for b, g in zip(base.fingerprints, got.fingerprints):
         assert b.tokens == g.tokens and b.topk_logprobs == g.topk_logprobs
 

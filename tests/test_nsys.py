@@ -2,8 +2,6 @@
 real traced run (tests/fixtures/nsys: flash-4l, device placement, batch 1, on an H100), the
 record fields, the summary and compare views, and the whole `--trace` path with a stand-in
 nsys (tests/fake_nsys.py) that runs the cell and serves those CSVs."""
-import json
-import os
 import stat
 import sys
 from pathlib import Path

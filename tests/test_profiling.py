@@ -1,5 +1,4 @@
 """Stage ranges: free when off, named after the code, NVTX ranges that change nothing."""
-import numpy as np
 import pytest
 
 from ds4bench.generate import Engine, generate
