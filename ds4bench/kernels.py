@@ -51,7 +51,7 @@ KERNEL_CHOICES = {
     # the routed experts: a warp per row looping over the selected experts, or gate/up four
     # blocks at a time and down with one warp per (row, expert) (moe_gate_up4_*, moe_down_split_*)
     "DS4BENCH_MOE_KERNEL": ("warp", "split"),
-    # decode attention: keys gathered and concatenated with a host-built mask, then attend_sink;
+    # attention (prefill chunks and decode): keys gathered and concatenated with a host-built mask, then attend_sink;
     # or attend_sink_ring reading the window ring, the new rows and the compressed rows in place,
     # the raw rows' visibility derived on the device from the positions
     "DS4BENCH_ATTN_KERNEL": ("concat", "ring"),

@@ -296,6 +296,8 @@ class GpuOps:
         smem = 8 * (W + T + C) + 256
         if self.attn_kernel != "ring" or smem > SMEM_DEFAULT_MAX:
             return None
+        for a in (raw, comp) if C else (raw,):                # the kernel takes their pointers as they are
+            assert a.shape[0] == B and a.dtype == cp.float32 and a.flags.c_contiguous, "run state layout"
         o = cp.empty((B, T, H, K), cp.float32)
         cmask = raw if C == 0 else cp.ascontiguousarray(visible, dtype=cp.bool_).view(cp.uint8)
         comp = raw if C == 0 else comp                     # neither is read without compressed rows

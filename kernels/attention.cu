@@ -66,10 +66,11 @@ struct RingRows {                                     // the run state read in p
     const unsigned char* cmask;                       // [C] this token's visible compressed rows
     long long p0, p;                                  // first position of the call, this token's
     int W, T, K;
+    int r0;                                           // p0 % W in [0, W): the ring row of position p0 - W
     __device__ const float* row(int j) const {
         if (j < W) {                                  // position p0 - W + j, held at that position % W
-            long long r = (p0 - W + j) % W;
-            return raw + (r < 0 ? r + W : r) * (long long)K;
+            const int r = r0 + j;
+            return raw + (long long)(r < W ? r : r - W) * K;
         }
         if (j < W + T) return kv + (long long)(j - W) * K;
         return comp + (long long)(j - W - T) * K;
@@ -103,8 +104,9 @@ extern "C" __global__ void attend_sink_ring(const float* __restrict__ q, const f
                                             double scale) {
     const int h = blockIdx.x, t = blockIdx.y, b = blockIdx.z;
     const long long row = ((long long)b * T + t) * H + h;
+    const long long p0 = pos[(long long)b * T];
+    const int r0 = (int)(((p0 % W) + W) % W);         // once here, not per row and element
     const RingRows rows{raw + (long long)b * W * K, kv + (long long)b * T * K, comp + (long long)b * Cs * K,
-                        cmask + ((long long)b * T + t) * C, pos[(long long)b * T], pos[(long long)b * T + t],
-                        W, T, K};
+                        cmask + ((long long)b * T + t) * C, p0, pos[(long long)b * T + t], W, T, K, r0};
     attend_rows(q + row * K, rows, W + T + C, K, (double)sinks[h], scale, o + row * K);
 }

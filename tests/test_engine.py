@@ -353,10 +353,12 @@ def _ring_rows(raw, kv, comp, visible, P):
     mask = np.zeros((B, T, W + T + C), bool)
     for b in range(B):
         p0 = int(P[b, 0])
+        r0 = int(math.fmod(math.fmod(p0, W) + W, W))
         for j in range(W + T + C):
             if j < W:
-                r = int(math.fmod(p0 - W + j, W))
-                keys[b, j] = raw[b, r + W if r < 0 else r]
+                r = r0 + j if r0 + j < W else r0 + j - W
+                assert 0 <= r < W                          # NumPy would wrap a negative row; CUDA would not
+                keys[b, j] = raw[b, r]
             elif j < W + T:
                 keys[b, j] = kv[b, j - W]
             else:
@@ -371,8 +373,8 @@ def test_in_place_attention_rows_are_the_concatenated_ones(monkeypatch):
     """DS4BENCH_ATTN_KERNEL=ring reads the window ring, the new rows and the compressed rows in
     place and derives the raw rows' visibility from the positions. Its addressing, ported to
     NumPy, must give exactly the keys and mask the model gathers, concatenates and uploads, at
-    every attention call of a run that covers the cases: chunked prefill (T > 1) from position 0
-    (rows before the sequence), the ring wrapping (positions past W = 32), compressed rows of
+    every attention call of a run that covers the cases: chunked prefill (T > 1, and T > W) from
+    position 0 (rows before the sequence), the ring wrapping (positions past W = 32), compressed rows of
     ratio 4 and 16, the indexer's top-k once more than 16 rows are visible, and two sequences
     at different positions in one decode step."""
     from ds4bench.model import DS4Model
@@ -389,10 +391,10 @@ def test_in_place_attention_rows_are_the_concatenated_ones(monkeypatch):
         return keys, mask
 
     monkeypatch.setattr(DS4Model, "attention_keys", checked)
-    eng = Engine(tiny_model(), cache="f32", batch=2, ctx=96, prefill_chunk=24)
+    eng = Engine(tiny_model(), cache="f32", batch=2, ctx=96, prefill_chunk=40)
     eng.prefill(0, list(range(1, 76)))
     eng.prefill(1, list(range(3, 40)))
     for step in range(3):
         eng.decode(np.array([5 + step, 7 + step]), np.array([0, 1]))
-    assert any(T > 1 for T, _, _ in calls) and any(C > 16 for _, C, _ in calls)
+    assert any(T > 32 for T, _, _ in calls) and any(C > 16 for _, C, _ in calls)
     assert any(topk for *_, topk in calls)                     # the indexer hid some visible rows

@@ -237,6 +237,17 @@ def test_attend_kernel_matches_reference(B, T, J):
     assert nmse(got, want) < 1e-12
 
 
+def _model_keys(W, raw, kv, comp, visible, P):
+    """DS4Model.attention_keys in NumPy on bare state arrays (a model object with only what it reads)."""
+    import dataclasses
+    import types
+    from ds4bench.model import DS4Model
+    m = DS4Model.__new__(DS4Model)
+    m.xp, m.ix, m._memo = np, np.asarray, {}
+    m.cfg = dataclasses.replace(config.preset("tiny"), sliding_window=W)
+    return m.attention_keys(types.SimpleNamespace(raw=raw, comp=comp), kv, P, visible)
+
+
 @pytest.mark.parametrize("B,T,W,C,p0s", [(1, 1, 128, 0, [5]), (3, 1, 128, 40, [0, 127, 900]),
                                           (2, 7, 128, 3, [0, 300]), (1, 24, 32, 20, [70])])
 def test_in_place_attention_gives_the_concatenated_bits(B, T, W, C, p0s):
@@ -253,12 +264,7 @@ def test_in_place_attention_gives_the_concatenated_bits(B, T, W, C, p0s):
     visible = (RNG.random((B, T, C)) < 0.6) if C else None
     q = RNG.standard_normal((B, T, H, K)).astype(np.float32)
     sinks = RNG.standard_normal(H).astype(np.float32)
-    hist = (P[:, :1] - W + np.arange(W)) % W
-    keys = np.concatenate([raw[np.arange(B)[:, None], hist], kv] + ([comp[:, :C]] if C else []), axis=1)
-    kpos = P[:, :1] - W + np.arange(W + T)
-    mask = (kpos[:, None, :] >= 0) & (kpos[:, None, :] <= P[:, :, None]) & (kpos[:, None, :] > P[:, :, None] - W)
-    if C:
-        mask = np.concatenate([mask, visible], axis=-1)
+    keys, mask = _model_keys(W, raw, kv, comp, visible, P)
     ops = _gpu_ops(config.preset("flash"))
     want = ops.attend(cp.asarray(q), cp.asarray(keys), cp.asarray(mask), cp.asarray(sinks)).get()
     ops.attn_kernel = "concat"
@@ -442,17 +448,29 @@ def test_staged_q8_kernel_changes_no_bit(monkeypatch):
         assert b.tokens == g.tokens and b.topk_logprobs == g.topk_logprobs
 
 
+def _long_logits():
+    """Every call's logits for two sequences taken past the indexer's top-k (more than 16 visible
+    ratio-4 rows) in prefill chunks longer than the window (40 > W = 32), then decoded together."""
+    eng = Engine(tiny_model(), cache="q8", backend="cupy", batch=2, ctx=96, prefill_chunk=40)
+    out = [eng.prefill(0, list(range(1, 76))), eng.prefill(1, list(range(3, 40)))]
+    out += [eng.decode(np.array([5 + i, 7 + i]), np.array([0, 1])) for i in range(3)]
+    return [cp.asnumpy(x) for x in out]
+
+
 def test_in_place_attention_changes_no_bit(monkeypatch):
-    """DS4BENCH_ATTN_KERNEL=ring end to end on tiny (the window ring wraps, compressed rows of
-    both ratios): the same tokens and logprobs as the gathered, concatenated default."""
-    base = _run("cupy", "q8")
+    """DS4BENCH_ATTN_KERNEL=ring end to end on tiny: the golden prompts (the window ring wraps,
+    compressed rows of both ratios) give the same tokens and logprobs as the gathered,
+    concatenated default, and a longer run reaching the indexer's top-k the same logits."""
+    base, base_long = _run("cupy", "q8"), _long_logits()
     monkeypatch.setenv("DS4BENCH_ATTN_KERNEL", "ring")
     launched, real = [], kernels.function
     monkeypatch.setattr(kernels, "function", lambda f, name: (launched.append(name), real(f, name))[1])
-    got = _run("cupy", "q8")
+    got, got_long = _run("cupy", "q8"), _long_logits()
     assert "attend_sink_ring" in launched and "attend_sink" not in launched
     for b, g in zip(base.fingerprints, got.fingerprints):
         assert b.tokens == g.tokens and b.topk_logprobs == g.topk_logprobs
+    for b, g in zip(base_long, got_long):
+        np.testing.assert_array_equal(g, b)
 
 
 @pytest.mark.parametrize("placement", ["managed", "managed-hinted", "host"])
