@@ -31,18 +31,23 @@ def _unrepr(s: str):
         return s
 
 
+def machines(results_dir: str = DEFAULT_DIR) -> list[str]:
+    """The asv machine names with results under `results_dir`."""
+    return sorted(p.parent.name for p in Path(results_dir).glob("*/machine.json"))
+
+
 def load(results_dir: str = DEFAULT_DIR, machine: str | None = None) -> list[CommitResult]:
     """Every commit's results under `results_dir` (one machine), oldest commit first."""
     root = Path(results_dir)
-    machines = sorted(p.parent.name for p in root.glob("*/machine.json"))
-    if not machines:
+    machines_ = machines(results_dir)
+    if not machines_:
         raise ValueError(f"no asv results under {root}: run `asv run` (benchmarks/asv_range.sh A..B) first")
     if machine is None:
-        if len(machines) > 1:
-            raise ValueError(f"asv results of several machines under {root} ({', '.join(machines)}); pick one with --machine")
-        machine = machines[0]
-    elif machine not in machines:
-        raise ValueError(f"no asv results of machine {machine!r} under {root} (machines: {', '.join(machines)})")
+        if len(machines_) > 1:
+            raise ValueError(f"asv results of several machines under {root} ({', '.join(machines_)}); pick one with --machine")
+        machine = machines_[0]
+    elif machine not in machines_:
+        raise ValueError(f"no asv results of machine {machine!r} under {root} (machines: {', '.join(machines_)})")
     out = []
     for path in sorted((root / machine).glob("*.json")):
         if path.name == "machine.json":

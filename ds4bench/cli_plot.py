@@ -17,9 +17,11 @@ def cmd_plot(a) -> int:
         for s in skipped:
             print(s)
     if a.asv:
-        path, commits = plots.history(a.asv, Path(a.out) / f"asv-history{'-' + a.machine if a.machine else ''}.png",
-                                      a.machine)
-        print(f"wrote {path} ({len(commits)} commits: {', '.join(c[:8] for c in commits)})")
+        from .asvdata import machines
+        several = a.machine is None and len(machines(a.asv)) > 1
+        for m in machines(a.asv) if several else [a.machine]:      # each machine's history on its own
+            path, commits = plots.history(a.asv, Path(a.out) / f"asv-history{'-' + m if m else ''}.png", m)
+            print(f"wrote {path} ({len(commits)} commits: {', '.join(c[:8] for c in commits)})")
     return 0
 
 
@@ -32,6 +34,6 @@ def register(sub) -> None:
     p.add_argument("--root", default=DEFAULT_ROOT, help=f"where run ids are looked up (default {DEFAULT_ROOT})")
     p.add_argument("--asv", nargs="?", const=asvdata.DEFAULT_DIR, metavar="DIR",
                    help=f"draw the history from asv results (default dir {asvdata.DEFAULT_DIR})")
-    p.add_argument("--machine", help="asv machine name (needed when the results hold several)")
+    p.add_argument("--machine", help="asv machine name (default: each machine in the results, a figure each)")
     p.add_argument("--out", default=plots.DEFAULT_OUT, help=f"output directory (default {plots.DEFAULT_OUT})")
     p.set_defaults(func=cmd_plot)

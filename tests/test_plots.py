@@ -83,6 +83,17 @@ def test_asv_history_orders_commits_and_reads_params(tmp_path):
     assert commits == ["a" * 40, "b" * 40] and path.stat().st_size > 10_000
 
 
+def test_plot_asv_draws_each_machine_unless_one_is_named(tmp_path, capsys):
+    _asv_result(tmp_path, "a" * 40, 1000, [9.0, 12.0], [16, 16])
+    _asv_result(tmp_path, "b" * 40, 2000, [10.0, 11.0], [16, 3])
+    shutil.copytree(tmp_path / "m", tmp_path / "n")
+    (tmp_path / "n" / "machine.json").write_text(json.dumps({"machine": "n", "version": 1}))
+    assert main(["plot", "--asv", str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["asv-history-m.png", "asv-history-n.png"]
+    assert main(["plot", "--asv", str(tmp_path), "--machine", "n", "--out", str(tmp_path / "one")]) == 0
+    assert [p.name for p in (tmp_path / "one").iterdir()] == ["asv-history-n.png"]
+
+
 def test_asv_history_notes_each_correctness_change_once(tmp_path):
     _asv_result(tmp_path, "a" * 40, 1000, [9.0, 12.0], [16, 16])
     _asv_result(tmp_path, "b" * 40, 2000, [10.0, 11.0], [16, 3])
