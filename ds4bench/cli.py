@@ -10,6 +10,7 @@ import os
 import sys
 
 from . import config as C
+from .backend import PLACEMENTS
 
 
 class UserError(Exception):
@@ -115,8 +116,10 @@ def cmd_generate(a) -> int:
     ctx = max(a.ctx, len(ids) + a.n + 1)
     backend = resolve_backend(a.backend)
     opts = {"placement": a.placement} if backend == "cupy" and a.placement else {}
+    if a.placement and a.placement not in PLACEMENTS:
+        raise UserError(f"unknown placement {a.placement!r}; choose from {', '.join(PLACEMENTS)}")
     if backend == "numpy" and a.placement:
-        raise UserError(f"--placement {a.placement} needs the GPU backend (no GPU is in use)")
+        raise UserError(f"placement {a.placement} needs the GPU backend (no GPU is in use)")
     prof = make_profiler(a.profile, backend)
     eng = Engine(mf, cache=a.cache, backend=backend, batch=a.batch, ctx=ctx, prefill_chunk=a.chunk,
                  profiler=prof, **opts)
@@ -188,11 +191,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from .model import check_engine_env
         check_engine_env(os.environ)            # a mistyped toggle fails here, on a CPU run too
+        if (getattr(a, "seed", 0) or 0) < 0:
+            raise UserError(f"--seed must be a non-negative integer, got {a.seed}")
         load_plugins()
         return int(a.func(a) or 0)
     except KeyboardInterrupt:
         print("ds4bench: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:                     # the reader went away (`ds4bench show RUN | head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (UserError, ValueError, OSError, MemoryError, ImportError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"ds4bench: error: {msg}", file=sys.stderr)

@@ -85,7 +85,10 @@ def load_plugins(spec: str | None = None) -> list[str]:
     """Import the comma-separated modules in `spec` (default: $DS4BENCH_PLUGINS)."""
     names = [n.strip() for n in (spec if spec is not None else os.environ.get("DS4BENCH_PLUGINS", "")).split(",")]
     for n in filter(None, names):
-        importlib.import_module(n)
+        try:
+            importlib.import_module(n)
+        except ImportError as e:
+            raise ImportError(f"DS4BENCH_PLUGINS: cannot import {n!r} ({e}; is its folder on PYTHONPATH?)") from None
     return [n for n in names if n]
 
 

@@ -15,8 +15,8 @@ TOML file (benchmarks/matrices/*.toml) or from command-line comma lists:
     timeout = 600                     # seconds per cell
     baseline = { cache = "f32", placement = "device", batch = 1 }
     exclude = [{ cache = "q8", batch = 16 }]
-    [env]                             # extra environment for every cell
-    DS4BENCH_SOMETHING = "1"
+    [env]                             # extra environment for every cell: engine toggles (ENGINE_ENV)
+    DS4BENCH_UNFUSED = "rope"         # and anything else (OMP_NUM_THREADS, ...)
 
 Cells are grouped by model (so a model is generated or paged in once per group) with the
 group's baseline first, then in axis order. Each cell runs `python -m ds4bench cell` in its own
@@ -208,12 +208,17 @@ def validate(s: MatrixSpec) -> None:
             load_gguf(m, C.preset(s.presets[0], s.variant))
     if s.variant not in (None, "q2", "q4"):
         raise ValueError(f"{where}: variant must be q2 or q4, found {s.variant!r}")
+    unknown = sorted(k for k in s.env if k.startswith("DS4BENCH_") and k not in ENGINE_ENV)
+    if unknown:                                 # a misspelt toggle would be recorded and do nothing
+        raise ValueError(f"{where}: [env] {unknown[0]} is not an engine toggle ({', '.join(ENGINE_ENV)}; "
+                         f"the cells set cache, placement and batch themselves)")
     try:
         from .model import check_engine_env
         check_engine_env(s.env)                 # the spec's [env] toggles, as the CLI checks the shell's
     except ValueError as e:
         raise ValueError(f"{where}: [env] {e}") from None
-    for name, v, lo in (("n", s.n_gen, 1), ("reps", s.reps, 1), ("warmup", s.warmup, 0), ("chunk", s.chunk, 1)):
+    for name, v, lo in (("n", s.n_gen, 1), ("reps", s.reps, 1), ("warmup", s.warmup, 0), ("chunk", s.chunk, 1),
+                        ("seed", s.seed, 0)):
         if v < lo:
             raise ValueError(f"{where}: {name} must be at least {lo}, found {v}")
     if s.timeout_s <= 0:

@@ -315,6 +315,10 @@ def compare(a: list[dict], b: list[dict], alpha: float = 0.05, factor: float = 1
     `slower` only when the difference is significant (p < alpha) and beyond `factor`."""
     from scipy.stats import mannwhitneyu
     A, B = {join_key(r): r for r in a}, {join_key(r): r for r in b}
+    if A and B and not A.keys() & B.keys():
+        ka, kb = next(iter(A)), next(iter(B))
+        differ = [f"{f} {json.loads(x)} vs {json.loads(y)}" for f, x, y in zip(JOIN, ka, kb) if x != y]
+        raise ValueError(f"the runs have no cell in common (their first cells differ in {'; '.join(differ)})")
     from .nsys import range_deltas
     changes, speed, ranges = [], [], []
     for k in [k for k in A if k in B]:

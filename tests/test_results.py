@@ -92,6 +92,12 @@ def test_compare_joins_runs_that_differ_in_a_toggle_and_says_so():
     assert 'environments differ: A {} ; B {"DS4BENCH_UNFUSED": "all"}'.replace(" ;", ";") in md
 
 
+def test_compare_refuses_runs_with_no_cell_in_common():
+    """Nothing joined is a mistake (another preset, token count, ...), not 'no change'."""
+    with pytest.raises(ValueError, match="no cell in common .* differ in n_gen 32 vs 8"):
+        S.compare([rec("a", n_gen=32)], [rec("a", n_gen=8)])
+
+
 def test_a_cell_records_the_engine_toggles_of_its_environment(monkeypatch, tmp_path):
     from ds4bench import matrix as M
     monkeypatch.setenv("DS4BENCH_UNFUSED", "rope")
