@@ -279,7 +279,12 @@ def load_gguf(path: str, expect: C.ModelConfig | None = None) -> ModelFile:
         raise ModelFileError(f"{path}: not a GGUF file (magic {magic!r})")
     try:
         reader = GGUFReader(path, "r")
+    except (OSError, MemoryError) as e:          # the mapping itself failed, not the file's contents
+        raise ModelFileError(f"{path}: cannot memory-map the file ({type(e).__name__}: {e})") from None
     except Exception as e:       # the reader raises whatever numpy does on a short file
+        if isinstance(e, ValueError) and ("reshape" in str(e) or "buffer" in str(e)):
+            raise ModelFileError(f"{path}: truncated: a tensor's data run past the end of the file "
+                                 f"({size} bytes)") from None
         raise ModelFileError(f"{path}: unreadable GGUF header or tensor table ({type(e).__name__}: {e}); "
                              f"the file is probably truncated ({size} bytes)") from None
     fields = read_metadata(reader)

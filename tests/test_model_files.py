@@ -147,7 +147,8 @@ def _fill(s):
 @pytest.mark.parametrize("case,pattern", [
     ("text", "not a GGUF file"),
     ("header", "probably truncated"),
-    ("data", "truncated"),
+    ("data", "truncated: a tensor's data run past the end of the file"),
+    ("last_byte", "truncated: a tensor's data run past the end of the file"),
     ("missing", "tensor blk.2.attn_kv.weight is missing"),
     ("shape", r"tensor blk.1.attn_q_a.weight: expected Q8_0 \[256, 128\], found Q8_0 \[256, 96\]"),
     ("type", r"tensor blk.0.ffn_gate_inp.weight: expected F16 \[256, 16\], found F32 \[256, 16\]"),
@@ -165,6 +166,8 @@ def test_bad_files_give_one_line(tmp_path, tiny_file, capsys, case, pattern):
         p.write_bytes(blob[:2000])
     elif case == "data":
         p.write_bytes(blob[: len(blob) - 5000])
+    elif case == "last_byte":
+        p.write_bytes(blob[:-1])
     elif case == "missing":
         _write(p, [s for s in tensor_specs(TINY) if s.name != "blk.2.attn_kv.weight"])
     elif case == "shape":
