@@ -7,6 +7,8 @@ keep their file layout: a tensor is its raw bytes (uint8 [..., rows, row_bytes])
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -202,6 +204,17 @@ def _kind_of(value) -> str:
     raise TypeError(f"cannot store metadata value of type {type(value).__name__}")
 
 
+def _term_raises():
+    """Make SIGTERM (`timeout`, `kill`) raise SystemExit while a file is written, so the clean-up
+    that Ctrl-C gets runs for it too; returns the handler to restore (None off the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def _raise(signum, frame):
+        raise SystemExit(128 + signum)
+    return signal.signal(signal.SIGTERM, _raise)
+
+
 def write_gguf(path: str, cfg: C.ModelConfig, source: "TensorSource",
                specs: list[TensorSpec] | None = None,
                extra_metadata: dict[str, object] | None = None) -> int:
@@ -222,6 +235,7 @@ def write_gguf(path: str, cfg: C.ModelConfig, source: "TensorSource",
         plain = PLAIN_DTYPES.get(s.qtype)
         w.add_tensor_info(s.name, s.shape, np.dtype(plain or np.float32), s.nbytes,
                           raw_dtype=None if plain else s.qtype)
+    on_term = _term_raises()
     try:
         w.write_header_to_file()
         w.write_kv_data_to_file()
@@ -238,6 +252,9 @@ def write_gguf(path: str, cfg: C.ModelConfig, source: "TensorSource",
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    finally:
+        if on_term is not None:
+            signal.signal(signal.SIGTERM, on_term)
     return os.path.getsize(path)
 
 

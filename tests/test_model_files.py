@@ -224,3 +224,27 @@ def test_model_info_flash_preset(capsys):
     assert rc == 0
     assert "86,714,778,972 B" in out and "80.76 GiB" in out
     assert "9.56 GB with the indexer active" in out
+
+
+def test_a_terminated_write_leaves_no_temporary_file(tmp_path):
+    """SIGTERM (`timeout`, `kill`) mid-write removes the half-written file, as Ctrl-C does."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    code = (
+        "import sys, time, numpy as np\n"
+        "from ds4bench import config as C\n"
+        "from ds4bench.gguf_io import write_gguf\n"
+        "def slow(s):\n"
+        "    print('writing', flush=True); time.sleep(30)\n"
+        "    return np.zeros(s.nbytes, np.uint8)\n"
+        "write_gguf(sys.argv[1], C.preset('tiny'), slow)\n")
+    out = tmp_path / "m.gguf"
+    proc = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"          # the temporary file exists now
+    assert [p.name for p in tmp_path.iterdir()] == [f"m.gguf.tmp{proc.pid}"]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 128 + signal.SIGTERM
+    time.sleep(0.1)
+    assert list(tmp_path.iterdir()) == []
