@@ -48,11 +48,18 @@ def _axis(name: str, default: str) -> list[str]:
     return [v.strip() for v in os.environ.get(name, default).split(",") if v.strip()]
 
 
+def _ints(name: str, default: str) -> list[int]:
+    try:
+        return [int(v) for v in _axis(name, default)]
+    except ValueError:
+        raise ValueError(f"{name}={os.environ.get(name)!r}: expected comma-separated integers") from None
+
+
 PRESETS = _axis("DS4BENCH_ASV_PRESETS", "tiny,flash-4l" if FULL else "tiny")
 CACHES = _axis("DS4BENCH_ASV_CACHES", "f32,q8,f16")
 PLACEMENTS = _axis("DS4BENCH_ASV_PLACEMENTS", ",".join(GPU_PLACEMENTS) if FULL else "cpu")
-BATCHES = [int(b) for b in _axis("DS4BENCH_ASV_BATCHES", "1,16" if FULL else "1,4")]
-N_GEN = int(os.environ.get("DS4BENCH_ASV_N", "16"))
+BATCHES = _ints("DS4BENCH_ASV_BATCHES", "1,16" if FULL else "1,4")
+N_GEN = _ints("DS4BENCH_ASV_N", "16")[0]
 TIME_PRESETS = _axis("DS4BENCH_ASV_TIME_PRESETS", ",".join(PRESETS))
 TIME_PLACEMENTS = _axis("DS4BENCH_ASV_TIME_PLACEMENTS", ",".join(PLACEMENTS))
 # cells left out (n/a), e.g. "flash-4l:host,flash-4l:managed": a cell matching every value of

@@ -42,6 +42,16 @@ def test_every_benchmark_declares_its_version():
     assert all(isinstance(c.version, str) and len(c.version) < 8 for c in classes)
 
 
+def test_a_bad_suite_variable_is_named(monkeypatch):
+    """The suite reads its grid from DS4BENCH_ASV_* at import; a bad value names itself."""
+    monkeypatch.setenv("DS4BENCH_ASV_BATCHES", "1,x")
+    code = "import benchmarks.bench_decode"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode != 0
+    assert out.stderr.strip().splitlines()[-1] == \
+        "ValueError: DS4BENCH_ASV_BATCHES='1,x': expected comma-separated integers"
+
+
 def test_asv_run_two_commits_then_plot(tmp_path):
     clone = tmp_path / "clone"
     _sh("git", "clone", "-q", "--no-hardlinks", str(REPO), str(clone), cwd=tmp_path)
