@@ -217,6 +217,9 @@ def cmd_matrix(a) -> int:
         print(f"matrix {spec.source}: {len(cells)} cells, backend {backend} ({why}); run {run.path}", file=sys.stderr)
         for n in notes:
             print(f"note: {n}", file=sys.stderr)
+        if a.id and run.run_id != a.id:
+            print(f"note: run id {a.id} is taken (finish that one with --resume {a.id}); this run is {run.run_id}",
+                  file=sys.stderr)
     progress = Progress(len(cells), len(run.records()))
     old = signal.signal(signal.SIGTERM, _raise_interrupt)
     status = "interrupted"

@@ -238,3 +238,11 @@ def test_large_presets_are_written_once_and_mapped(tmp_path, monkeypatch):
     assert all(c.params["model_file"] == str(path) and c.params["preset"] == "tiny" for c in cells)
     M.prepare_models(cells, str(tmp_path), say=said.append)        # a resume: present, not rewritten
     assert len(said) == 1
+
+
+def test_a_taken_run_id_is_said_not_silently_renamed(capsys, tmp_path):
+    args = ["matrix", "--id", "dup", "-n", "1", "--reps", "1", "--cache", "f32", "--batch", "1",
+            "--backend", "numpy", "--out", str(tmp_path)]
+    assert main(args) == 0 and main(args) == 0
+    assert "note: run id dup is taken (finish that one with --resume dup); this run is dup-2" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dup", "dup-2"]
