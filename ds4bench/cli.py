@@ -10,7 +10,7 @@ import os
 import sys
 
 from . import config as C
-from .backend import PLACEMENTS
+from .backend import check_placement
 
 
 class UserError(Exception):
@@ -116,8 +116,8 @@ def cmd_generate(a) -> int:
     ctx = max(a.ctx, len(ids) + a.n + 1)
     backend = resolve_backend(a.backend)
     opts = {"placement": a.placement} if backend == "cupy" and a.placement else {}
-    if a.placement and a.placement not in PLACEMENTS:
-        raise UserError(f"unknown placement {a.placement!r}; choose from {', '.join(PLACEMENTS)}")
+    if a.placement:
+        check_placement(a.placement)
     if backend == "numpy" and a.placement:
         raise UserError(f"placement {a.placement} needs the GPU backend (no GPU is in use)")
     prof = make_profiler(a.profile, backend)

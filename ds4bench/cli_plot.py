@@ -18,8 +18,8 @@ def cmd_plot(a) -> int:
             print(s)
     if a.asv:
         from .asvdata import machines
-        several = a.machine is None and len(machines(a.asv)) > 1
-        for m in machines(a.asv) if several else [a.machine]:      # each machine's history on its own
+        found = machines(a.asv)
+        for m in found if a.machine is None and len(found) > 1 else [a.machine]:   # each machine on its own
             path, commits = plots.history(a.asv, Path(a.out) / f"asv-history{'-' + m if m else ''}.png", m)
             print(f"wrote {path} ({len(commits)} commits: {', '.join(c[:8] for c in commits)})")
     return 0

@@ -171,7 +171,7 @@ def check_engine_env(environ) -> None:
     """Refuse (ValueError, one line) an engine toggle set to what no backend knows, whatever the
     backend of this run: DS4BENCH_UNFUSED, the kernel variants (kernels.KERNEL_CHOICES), the
     cache budget DS4BENCH_CACHE_MB and DS4BENCH_PLACEMENT."""
-    from .backend import PLACEMENTS
+    from .backend import check_placement
     from .kernels import KERNEL_CHOICES, kernel_choice
     unfused_from_env(environ.get("DS4BENCH_UNFUSED"))
     for var in KERNEL_CHOICES:
@@ -179,9 +179,11 @@ def check_engine_env(environ) -> None:
     mb = environ.get("DS4BENCH_CACHE_MB")
     if mb is not None and not mb.strip().isdigit():
         raise ValueError(f"DS4BENCH_CACHE_MB: {mb!r} is not a whole number of MiB")
-    placement = environ.get("DS4BENCH_PLACEMENT")
-    if placement and placement not in PLACEMENTS:
-        raise ValueError(f"DS4BENCH_PLACEMENT: unknown {placement!r}; choose from {', '.join(PLACEMENTS)}")
+    if environ.get("DS4BENCH_PLACEMENT"):
+        try:
+            check_placement(environ["DS4BENCH_PLACEMENT"])
+        except ValueError as e:
+            raise ValueError(f"DS4BENCH_PLACEMENT: {e}") from None
 
 
 # ---- the model -----------------------------------------------------------------------------------

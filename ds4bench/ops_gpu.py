@@ -43,6 +43,12 @@ HC_MAX_STREAMS = 8                   # hc.cu's HC_MAX_STREAMS
 SPLITK_BELOW_BLOCKS = 264            # F16-weight matmuls with fewer row blocks split K (2 per H100 SM)
 
 
+def _attend_smem(J: int) -> int:
+    """attention.cu's dynamic shared memory for J key rows: their scores in double, then the
+    block reduction's scratch."""
+    return 8 * J + 256
+
+
 def _grid(O: int, T: int) -> tuple[int, int]:
     return ((O + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK, (T + TOKEN_TILE - 1) // TOKEN_TILE)
 
@@ -270,7 +276,7 @@ class GpuOps:
         """model.attend in one launch per step; array code when the scores do not fit shared memory."""
         B, T, H, K = q.shape
         J = keys.shape[1]
-        smem = 8 * J + 256
+        smem = _attend_smem(J)
         if smem > SMEM_DEFAULT_MAX:
             from .model import attend
             return attend(cp, self.acc, q, keys, mask, sinks)
@@ -293,7 +299,7 @@ class GpuOps:
         B, T, H, K = q.shape
         W = raw.shape[1]
         C = 0 if visible is None else visible.shape[-1]
-        smem = 8 * (W + T + C) + 256
+        smem = _attend_smem(W + T + C)
         if self.attn_kernel != "ring" or smem > SMEM_DEFAULT_MAX:
             return None
         for a in (raw, comp) if C else (raw,):                # the kernel takes their pointers as they are

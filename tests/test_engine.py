@@ -259,7 +259,7 @@ def test_generate_cli_rejects_unknown_mode(capsys):
     ("DS4BENCH_MOE_KERNEL", "fast", "DS4BENCH_MOE_KERNEL: unknown 'fast'; choose from warp, split"),
     ("DS4BENCH_ATTN_KERNEL", "inplace", "DS4BENCH_ATTN_KERNEL: unknown 'inplace'; choose from concat, ring"),
     ("DS4BENCH_CACHE_MB", "abc", "DS4BENCH_CACHE_MB: 'abc' is not a whole number of MiB"),
-    ("DS4BENCH_PLACEMENT", "vram", "DS4BENCH_PLACEMENT: unknown 'vram'; choose from device, managed"),
+    ("DS4BENCH_PLACEMENT", "vram", "DS4BENCH_PLACEMENT: unknown placement 'vram'; choose one of device, managed"),
     ("DS4BENCH_PLUGINS", "no_such_plugin", "DS4BENCH_PLUGINS: cannot import 'no_such_plugin'")])
 def test_cli_refuses_an_unknown_engine_toggle(capsys, monkeypatch, var, value, msg):
     """Checked before any backend runs, so a typo fails on the CPU too, in one line."""
@@ -271,7 +271,7 @@ def test_cli_refuses_an_unknown_engine_toggle(capsys, monkeypatch, var, value, m
 
 @pytest.mark.parametrize("args,msg", [
     (["--seed", "-1"], "--seed must be a non-negative integer, got -1"),
-    (["--placement", "vram"], "unknown placement 'vram'; choose from device, managed, managed-hinted, host")])
+    (["--placement", "vram"], "unknown placement 'vram'; choose one of device, managed, managed-hinted, host")])
 def test_cli_names_a_bad_generate_option(capsys, args, msg):
     assert cli.main(["generate", "--preset", "tiny", "-n", "2", *args]) == 2
     err = capsys.readouterr().err
