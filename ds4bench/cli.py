@@ -127,6 +127,8 @@ def cmd_generate(a) -> int:
     fp, t = res.fingerprints[0], res.timing
     print(fp.text)
     where = backend + (f", placement {getattr(eng.ops, 'placement', '')}" if backend == "cupy" else "")
+    if eng.decode_path != "eager":
+        where += f", decode {eng.decode_path}"
     if prof.enabled and a.profile == "stages":
         print("stages (s): " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(prof.summary().items(), key=lambda kv: -kv[1])
                                           if not k.startswith("layer.")))

@@ -120,6 +120,17 @@ class Engine:
         self.xp = self.ops.xp
         self.net = DS4Model(self.cfg, self.ops, profiler)
         self.state = RunState.allocate(self.cfg, batch, ctx, self.xp, getattr(self.ops, "alloc", None))
+        # how a decode step of every slot runs: "eager" (kernels launched from Python), "graph"
+        # (DS4BENCH_DECODE_GRAPH=on: replayed from a CUDA graph), or eager with the reason the
+        # graph does not apply
+        self.graph, self.decode_path = None, "eager"
+        if getattr(self.ops, "decode_graph", "off") == "on":
+            from .graph_gpu import DecodeGraph, graph_unsupported
+            why = graph_unsupported(self.ops, self.state)
+            if why:
+                self.decode_path = f"eager (DS4BENCH_DECODE_GRAPH=on does not apply: {why})"
+            else:
+                self.graph, self.decode_path = DecodeGraph(self.net, self.state), "graph"
 
     @property
     def prof(self) -> Profiler:
@@ -145,8 +156,17 @@ class Engine:
     def decode(self, tokens, slots) -> np.ndarray:
         """One token for each slot in one step; returns logits [B, V] on the host."""
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1, 1)
+        slots = np.asarray(slots)
+        g = self.graph
+        if g is not None and len(slots) == self.batch and (slots == np.arange(self.batch)).all():
+            if int(self.state.pos.max()) >= self.ctx:
+                raise ValueError(f"context overflow: position {int(self.state.pos.max())} >= ctx {self.ctx}")
+            with g.stream, self.prof.range("decode"):
+                logits = g(tokens, self.state.pos)
+            self.state.pos += 1
+            return g.to_host(logits)
         with self.prof.range("decode"):
-            logits = self.net.forward(self.state, tokens, np.asarray(slots))
+            logits = self.net.forward(self.state, tokens, slots)
         return self.to_host(logits)
 
     def to_host(self, a) -> np.ndarray:

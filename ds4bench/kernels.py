@@ -42,8 +42,8 @@ def q8_staged_fits(K: int, *weights) -> bool:
     return K % 256 == 0 and all(w.data.ptr % 16 == 0 for w in weights)
 
 
-# Kernel variants an environment variable picks (perf toggles: every variant computes the same
-# bits; the first is the default).
+# Kernel variants and launch paths an environment variable picks (perf toggles: every choice
+# computes the same bits; the first is the default).
 KERNEL_CHOICES = {
     # the Q8_0 matmul launched where the activation quantization is not fused in: matmul_q8_0, or
     # matmul_q8_0_staged (16-byte loads through shared memory; rows with K % 256 == 0)
@@ -55,6 +55,9 @@ KERNEL_CHOICES = {
     # or attend_sink_ring reading the window ring, the new rows and the compressed rows in place,
     # the raw rows' visibility derived on the device from the positions
     "DS4BENCH_ATTN_KERNEL": ("concat", "ring"),
+    # decode: each step's kernels launched from Python, or the static step (model.DS4Model.step)
+    # captured once in a CUDA graph and replayed (graph_gpu.DecodeGraph; the f32 mode stays eager)
+    "DS4BENCH_DECODE_GRAPH": ("off", "on"),
 }
 
 

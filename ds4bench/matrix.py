@@ -562,6 +562,7 @@ def run_cell(params: dict, out: str, fingerprints: str) -> dict:
     opts = {"placement": p["placement"]} if gpu and p["placement"] else {}
     eng = Engine(mf, cache=p["cache"], backend=p["backend"], batch=p["batch"], ctx=rec.ctx,
                  prefill_chunk=p["chunk"], **opts)
+    rec.decode_path = eng.decode_path
     if p.get("nvtx") or p.get("trace"):
         from .profiling import NvtxRanges
         eng.net.prof = NvtxRanges()

@@ -189,6 +189,12 @@ def check_engine_env(environ) -> None:
 # ---- the model -----------------------------------------------------------------------------------
 class DS4Model:
     """Forward pass over a `RunState`. `ops` supplies projections and numeric modes."""
+    # Index arrays come from the positions: on the host (the index module _im is NumPy, then
+    # uploaded once per call) in `forward`; in `step` (_static) the positions are arrays of the
+    # array module, everything derived from them is computed there (_im is xp), and shapes are
+    # fixed by the run state's capacity.
+    _static = False
+    _im = np
 
     def __init__(self, cfg: ModelConfig, ops, profiler: Profiler | None = None):
         self.cfg, self.ops, self.xp = cfg, ops, ops.xp
@@ -213,13 +219,15 @@ class DS4Model:
         self._route = fused.get("route") or (
             lambda logits, sel, bias: route_weights(xp, cfg, logits, sel, bias, ops.topk_ids))
         self._pool = fused.get("pool_windows") or self.pool_windows
-        self._iscore = fused.get("indexer_scores") or (lambda iq, ik, wt: indexer_scores(xp, acc, iq, ik, wt))
+        self._iscore = fused.get("indexer_scores") or (lambda iq, ik, wt, **_: indexer_scores(xp, acc, iq, ik, wt))
         self._swiglu = fused.get("swiglu_clamped") or (lambda g, u, c: swiglu_clamped(xp, g, u, c))
 
     def idx(self, key: tuple, make):
-        """A host-computed index or mask array (from the positions) on the array module's
-        device, built once per forward call: every layer with the same ring length or ratio
-        reuses it, so a GPU step uploads a few small arrays instead of a few per layer."""
+        """An index or mask array derived from the positions, on the array module's device,
+        built once per forward call: every layer with the same ring length or ratio reuses it,
+        so a GPU step uploads a few small arrays instead of a few per layer (`forward`), or
+        computes them on the device from the device positions (`step`). `make` builds it with
+        the index module `self._im` (NumPy on the host, or the array module in `step`)."""
         v = self._memo.get(key)
         if v is None:
             v = self._memo[key] = self.ix(make())
@@ -251,8 +259,12 @@ class DS4Model:
         """
         B, T, _ = ck.shape
         L = ring_k.shape[1]
-        bi = self.idx(("bi",), lambda: np.arange(B)[:, None])
-        eb, et = np.nonzero((P + 1) % ratio == 0)                               # emitting tokens
+        im = self._im
+        bi = self.idx(("bi",), lambda: im.arange(B)[:, None])
+        if self._static:                        # every slot pools; emit_rows keeps the completed windows
+            eb, et = self.idx(("all_b",), lambda: im.arange(B)), self.idx(("all_t",), lambda: im.zeros(B, dtype=np.int64))
+        else:
+            eb, et = np.nonzero((P + 1) % ratio == 0)                           # emitting tokens
         rows = None
         if len(eb):                             # most decode steps complete no window: no pooling
             pooled = self._pool(ring_k, ring_s, ck, cs, P, eb, et, ratio, width)  # [nE, width]
@@ -266,17 +278,16 @@ class DS4Model:
     def pool_windows(self, ring_k, ring_s, ck, cs, P, eb, et, ratio, width):
         """Softmax-pooled rows [nE, width] (not normalized) of the windows ending at (eb, et):
         each window's candidates from the ring (positions before this call) and the new rows."""
-        xp = self.xp
+        xp, im = self.xp, self._im
         B, T, _ = ck.shape
         L = ring_k.shape[1]
         pos0 = P[:, 0]
-        bi = self.idx(("bi",), lambda: np.arange(B)[:, None])
-        hist = self.idx(("hist", L), lambda: (pos0[:, None] - L + np.arange(L)) % L)   # [B, L] pos0-L..pos0-1
+        bi = self.idx(("bi",), lambda: im.arange(B)[:, None])
+        hist = self.idx(("hist", L), lambda: (pos0[:, None] - L + im.arange(L)) % L)   # [B, L] pos0-L..pos0-1
         tl_k = xp.concatenate([ring_k[bi, hist], ck], axis=1)                   # [B, L+T, w] timeline
         tl_s = xp.concatenate([ring_s[bi, hist], cs], axis=1)                   # [B, L+T, w]
-        cur = L + et[:, None] - ratio + 1 + np.arange(ratio)                     # [nE, ratio] timeline idx
         e2 = self.idx(("emit_b", ratio), lambda: eb[:, None])
-        c2 = self.idx(("emit_t", ratio, L), lambda: cur)
+        c2 = self.idx(("emit_t", ratio, L), lambda: L + et[:, None] - ratio + 1 + im.arange(ratio))   # [nE, ratio] timeline idx
         k_cur, s_cur = tl_k[e2, c2], tl_s[e2, c2]                                # [nE, ratio, w]
         if ratio == 4:
             k_prev, s_prev = tl_k[e2, c2 - 4], tl_s[e2, c2 - 4]
@@ -296,7 +307,8 @@ class DS4Model:
         ratio = cfg.ratio(il)
         pre = f"blk.{il}."
         freq = self.inv_freq[ratio != 0]
-        bi = self.idx(("bi",), lambda: np.arange(B)[:, None])
+        im = self._im
+        bi = self.idx(("bi",), lambda: im.arange(B)[:, None])
         with prof.range("hc_pre"):
             x, post, comb = self.hc_pre(X, pre + "hc_attn")                       # [N, D], [N, S], [N, S, S]
             xn = self._rms(x, self.p(pre + "attn_norm.weight"), cfg.rms_eps)   # [N, D]
@@ -311,7 +323,9 @@ class DS4Model:
             kv = self._rms(kv, self.p(pre + "attn_kv_a_norm.weight"), cfg.rms_eps)
             kv = ops.kv_round(self._rope(kv, P.reshape(N), freq)).reshape(B, T, K)   # [B, T, K] FP8 nope, F16
 
-        cmax = int((P[:, -1] + 1).max()) // ratio if ratio else 0               # most compressed rows after this call
+        # most compressed rows after this call; in `step`, the state's capacity (rows beyond a
+        # token's count are invisible to it, and the kernels stop at the count)
+        cmax = (ls.comp.shape[1] if self._static else int((P[:, -1] + 1).max()) // ratio) if ratio else 0
         if ratio:
             with prof.range("compressor"):
                 w = cfg.compressor_width(il)
@@ -323,22 +337,24 @@ class DS4Model:
                                              self.p(pre + "attn_compressor_norm.weight"))
                 if rows is not None:
                     rows = ops.kv_round(self._rope(rows, P[eb, et] + 1 - ratio, freq))   # [nE, K]
-                    ls.comp[self.idx(("emit_b1", ratio), lambda: eb),
-                            self.idx(("emit_row", ratio), lambda: (P[eb, et] + 1) // ratio - 1)] = rows
+                    self.emit_rows(ls.comp, eb, et, P, ratio, rows)
         visible = None
         if cfg.has_indexer(il):
             with prof.range("indexer"):
                 self.indexer_keys(il, xn, P, ls)                                   # every token feeds its ring
         if cmax:
             n_vis = (P + 1) // ratio                                               # [B, T] visible rows
-            visible = self.idx(("visible", ratio), lambda: np.arange(cmax)[None, None, :] < n_vis[:, :, None])  # [B, T, C]
-            if cfg.has_indexer(il) and (n_vis > cfg.indexer_topk).any():
+            visible = self.idx(("visible", ratio), lambda: im.arange(cmax)[None, None, :] < n_vis[:, :, None])  # [B, T, C]
+            # top-k applies once some token sees more rows than k; in `step`, whenever the
+            # capacity allows it (each token then keeps all its rows until its count exceeds k)
+            select = cmax > cfg.indexer_topk if self._static else (n_vis > cfg.indexer_topk).any()
+            if cfg.has_indexer(il) and select:
                 with prof.range("indexer"):
                     visible = self.indexer_select(il, xn, qrn, P, ls, visible)
         with prof.range("attention"):
             sinks = self.p(pre + "attn_sinks.weight")
-            o = self._attend_ring(q.reshape(B, T, H, K), ls.raw, kv, ls.comp, visible, P, sinks) \
-                if self._attend_ring else None                                     # [B, T, H, K]
+            o = self._attend_ring(q.reshape(B, T, H, K), ls.raw, kv, ls.comp, visible, P, sinks, ratio,
+                                  self._static) if self._attend_ring else None     # [B, T, H, K]
             if o is None:
                 keys, mask = self.attention_keys(ls, kv, P, visible)               # [B, J, K], [B, T, J]
                 o = self.attend(q.reshape(B, T, H, K), keys, mask, sinks)          # [B, T, H, K]
@@ -356,12 +372,12 @@ class DS4Model:
         order (positions P0-W..P0-1), this call's rows, then the compressed rows; a raw row is
         seen when it is at or before the token and within the window, a compressed row where
         `visible` [B, T, C] says (None: no compressed rows yet). -> keys [B, J, K], mask [B, T, J]."""
-        xp, W = self.xp, self.cfg.sliding_window
+        xp, W, im = self.xp, self.cfg.sliding_window, self._im
         B, T = P.shape
-        bi = self.idx(("bi",), lambda: np.arange(B)[:, None])
-        hist = self.idx(("hist", W), lambda: (P[:, :1] - W + np.arange(W)) % W)   # [B, W] ring rows
+        bi = self.idx(("bi",), lambda: im.arange(B)[:, None])
+        hist = self.idx(("hist", W), lambda: (P[:, :1] - W + im.arange(W)) % W)   # [B, W] ring rows
         keys = xp.concatenate([ls.raw[bi, hist], kv], axis=1)                      # [B, W+T, K]
-        kpos = P[:, :1] - W + np.arange(W + T)                                     # [B, W+T]
+        kpos = P[:, :1] - W + im.arange(W + T)                                     # [B, W+T]
         mask = self.idx(("raw_mask", W), lambda: (kpos[:, None, :] >= 0) & (kpos[:, None, :] <= P[:, :, None])
                         & (kpos[:, None, :] > P[:, :, None] - W))                   # [B, T, W+T]
         if visible is not None:
@@ -387,7 +403,21 @@ class DS4Model:
                                      self.p(pre + "indexer_compressor_norm.weight"))
         if rows is not None:
             rows = ops.indexer_round(self._rope(rows, P[eb, et] - 3, self.inv_freq[True]))   # [nE, I]
-            ls.ik[self.idx(("emit_b1", 4), lambda: eb), self.idx(("emit_row", 4), lambda: (P[eb, et] + 1) // 4 - 1)] = rows
+            self.emit_rows(ls.ik, eb, et, P, 4, rows)
+
+    def emit_rows(self, store, eb, et, P, ratio, rows):
+        """Store the row of each window that ends at (eb, et) at its index (P + 1) // ratio - 1
+        of `store` [B, C, width]. In `step` every slot pooled a row: a slot whose window did not
+        complete writes back what its index holds (its last row, or row 0 before the first), so
+        nothing changes and no decision leaves the device."""
+        b = self.idx(("emit_b1", ratio), lambda: eb)
+        r = self.idx(("emit_row", ratio), lambda: (P[eb, et] + 1) // ratio - 1)
+        if self._static:
+            xp = self.xp
+            r = self.idx(("emit_row0", ratio), lambda: xp.maximum(r, 0))
+            done = self.idx(("emit_done", ratio), lambda: ((P[eb, et] + 1) % ratio == 0)[:, None])
+            rows = xp.where(done, rows, store[b, r])
+        store[b, r] = rows
 
     def indexer_select(self, il, xn, qrn, P, ls, visible):
         """Top-k visible compressed rows per token by ReLU-weighted indexer scores [B, T, C]."""
@@ -401,7 +431,10 @@ class DS4Model:
         iq = ops.linear(pre + "indexer.attn_q_b.weight", qrn).reshape(N, J, I)        # [N, J, I]
         iq = ops.indexer_round(self._rope(iq, P.reshape(N, 1), freq)).reshape(B, T * J, I)
         wt = ops.linear(pre + "indexer.proj.weight", xn) * np.float32(1.0 / math.sqrt(I * J))  # [N, J]
-        score = self._iscore(iq.reshape(B, T, J, I), ls.ik[:, :C], wt.reshape(B, T, J))  # [B, T, C]
+        # in `step` the scores stop at each token's count, and a token that keeps all its rows
+        # (count <= k) scores none (-inf where not scored)
+        count = dict(pos=P, ratio=4, min_rows=cfg.indexer_topk) if self._static else {}
+        score = self._iscore(iq.reshape(B, T, J, I), ls.ik[:, :C], wt.reshape(B, T, J), **count)  # [B, T, C]
         keep = ops.topk_mask(score, visible, cfg.indexer_topk)                          # [B, T, C]
         return xp.where(self.idx(("topk_on",), lambda: n_vis[..., None] > cfg.indexer_topk), keep, visible)
 
@@ -437,19 +470,40 @@ class DS4Model:
         """Process tokens [B, T] for state slots [B]; return logits [B, V] of each last token
         (or [B, T, V] with all_logits). Advances the slots' positions by T.
         `observe(il, X)`, when given, sees the HC state [N, S, D] after each layer."""
-        xp, cfg = self.xp, self.cfg
         tokens = np.asarray(tokens, dtype=np.int64)
         slots = np.asarray(slots, dtype=np.int64)
         B, T = tokens.shape
         P = state.pos[slots][:, None] + np.arange(T)                                    # [B, T]
         if int(P.max()) >= state.ctx:
             raise ValueError(f"context overflow: position {int(P.max())} >= ctx {state.ctx}")
-        flat = tokens.reshape(-1)
+        inplace = len(slots) == state.batch and bool((slots == np.arange(state.batch)).all())
+        self._static, self._im = False, np
+        logits = self._run(state, tokens.reshape(-1), P, slots, inplace, all_logits, observe)
+        state.pos[slots] += T
+        return logits
+
+    def step(self, state: RunState, tokens, pos):
+        """One decode token for every slot of `state`, reading nothing from the host: tokens and
+        pos are [B] int64 arrays of the array module (device memory on a GPU). Every shape is
+        fixed by the state's (batch, ctx) and every count is derived on the device from `pos`
+        (compressed rows up to the capacity, completed windows written under a device-side
+        condition, the indexer's top-k gated per token), so on a GPU the call can be captured
+        in a CUDA graph and replayed with new tokens and positions (graph_gpu.DecodeGraph).
+        Returns logits [B, V]; the caller checks the context and advances state.pos."""
+        B = state.batch
+        self._static, self._im = True, self.xp
+        try:
+            return self._run(state, tokens.reshape(B), pos.reshape(B, 1), None, True, False, None)
+        finally:
+            self._static, self._im = False, np
+
+    def _run(self, state, flat, P, slots, inplace, all_logits, observe):
+        xp, cfg = self.xp, self.cfg
+        B, T = P.shape
         self._memo = {}                        # positions changed: index arrays are rebuilt once
         X = xp.repeat(self.ops.embed(flat)[:, None, :], cfg.hc_streams, axis=1)          # [N, S, D]
-        inplace = len(slots) == state.batch and bool((slots == np.arange(state.batch)).all())
         for il in range(cfg.n_layer):
-            ls = _SlotView(state.layers[il], self.idx(("slots",), lambda: slots), inplace)
+            ls = _SlotView(state.layers[il], None if inplace else self.idx(("slots",), lambda: slots), inplace)
             with self.prof.range(f"layer.{il}"):
                 X = self.attention(il, X, P, ls)
                 X = self.ffn(il, X, flat)
@@ -460,7 +514,6 @@ class DS4Model:
             X = X.reshape(B, T, *X.shape[1:])[:, -1]
         with self.prof.range("head"):
             logits = self.head(X)                                                        # [B(*T), V]
-        state.pos[slots] += T
         return logits.reshape(B, T, -1) if all_logits else logits
 
     def head(self, X):
@@ -470,7 +523,7 @@ class DS4Model:
         pre = self.ops.linear("output_hc_fn.weight", flat)                                # [N, S]
         wgt = sigmoid(xp, pre * self.p("output_hc_scale.weight")[0]
                       + self.p("output_hc_base.weight")) + cfg.hc_eps                    # [N, S]
-        x = xp.einsum("ns,nsd->nd", wgt, X)                                               # [N, D]
+        x = self._hc_collapse(X, wgt)                                                     # [N, D]
         x = self._rms(x, self.p("output_norm.weight"), cfg.rms_eps)
         return self.ops.linear("output.weight", x)                                        # [N, V]
 

@@ -43,10 +43,17 @@ HC_MAX_STREAMS = 8                   # hc.cu's HC_MAX_STREAMS
 SPLITK_BELOW_BLOCKS = 264            # F16-weight matmuls with fewer row blocks split K (2 per H100 SM)
 
 
-def _attend_smem(J: int) -> int:
+def attend_smem(J: int) -> int:
     """attention.cu's dynamic shared memory for J key rows: their scores in double, then the
     block reduction's scratch."""
     return 8 * J + 256
+
+
+def _index(a) -> cp.ndarray:
+    """A host or device index array as contiguous int64 on the device."""
+    if isinstance(a, cp.ndarray):
+        return cp.ascontiguousarray(a, dtype=cp.int64)
+    return cp.asarray(np.ascontiguousarray(a, dtype=np.int64))
 
 
 def _grid(O: int, T: int) -> tuple[int, int]:
@@ -71,6 +78,7 @@ class GpuOps:
         self.unfused = frozenset(off)
         self.q8_kernel = kernels.kernel_choice("DS4BENCH_Q8_KERNEL", os.environ.get("DS4BENCH_Q8_KERNEL"))
         self.attn_kernel = kernels.kernel_choice("DS4BENCH_ATTN_KERNEL", os.environ.get("DS4BENCH_ATTN_KERNEL"))
+        self.decode_graph = kernels.kernel_choice("DS4BENCH_DECODE_GRAPH", os.environ.get("DS4BENCH_DECODE_GRAPH"))
         self.placer = Placer(self.placement, model.nbytes)
         self.w: dict[str, cp.ndarray] = {}
         expert_tensors = {}
@@ -244,21 +252,36 @@ class GpuOps:
 
     def rope(self, x: cp.ndarray, pos, inv_freq: np.ndarray, inverse: bool = False) -> cp.ndarray:
         """model.rope in one launch: angles and cos/sin computed on the device in double from the
-        positions (one small copy in) instead of host tables."""
+        positions (host positions: one small copy in; device positions, as in a captured decode
+        step: read where they are) instead of host tables."""
         x = cp.ascontiguousarray(x, dtype=cp.float32)
         K = x.shape[-1]
         rows = x.size // K
         y = cp.empty_like(x)
         if rows:
-            p = np.ascontiguousarray(np.broadcast_to(np.asarray(pos, dtype=np.int64), x.shape[:-1]).reshape(-1))
+            p, pdiv = self._rope_positions(pos, x.shape[:-1])
             key = inv_freq.tobytes()
             f = self._freq.get(key)
             if f is None:
                 f = self._freq[key] = cp.asarray(np.asarray(inv_freq, dtype=np.float64))
             kernels.function("norm_rope.cu", "rope")((rows,), (64,), (
-                x, y, self._positions(p), f, np.int32(K), np.int32(len(inv_freq)),
-                np.float32(-1.0 if inverse else 1.0)))
+                x, y, p, f, np.int32(K), np.int32(len(inv_freq)), np.float32(-1.0 if inverse else 1.0),
+                np.int32(pdiv)))
         return y
+
+    def _rope_positions(self, pos, lead: tuple):
+        """(positions on the device, rows per position) for rows of shape `lead` that `pos`
+        broadcasts to. Device positions whose shape is `lead` up to trailing ones ([N, 1] for
+        [N, H] rows: one per token, shared by its heads) are used in place."""
+        if isinstance(pos, cp.ndarray):
+            shape = pos.shape
+            while shape and shape[-1] == 1:
+                shape = shape[:-1]
+            if tuple(lead[:len(shape)]) == shape and pos.dtype == cp.int64 and pos.flags.c_contiguous:
+                return pos, int(np.prod(lead[len(shape):], dtype=np.int64))
+            return cp.ascontiguousarray(cp.broadcast_to(pos.astype(cp.int64), lead)).reshape(-1), 1
+        p = np.ascontiguousarray(np.broadcast_to(np.asarray(pos, dtype=np.int64), lead).reshape(-1))
+        return self._positions(p), 1
 
     def _positions(self, p: np.ndarray) -> cp.ndarray:
         """Per-row positions on the device, kept by content for the few arrays a step repeats
@@ -276,7 +299,7 @@ class GpuOps:
         """model.attend in one launch per step; array code when the scores do not fit shared memory."""
         B, T, H, K = q.shape
         J = keys.shape[1]
-        smem = _attend_smem(J)
+        smem = attend_smem(J)
         if smem > SMEM_DEFAULT_MAX:
             from .model import attend
             return attend(cp, self.acc, q, keys, mask, sinks)
@@ -288,19 +311,21 @@ class GpuOps:
             np.float64(1.0 / math.sqrt(K))), shared_mem=smem)
         return o
 
-    def attend_ring(self, q: cp.ndarray, raw: cp.ndarray, kv: cp.ndarray, comp, visible, P: np.ndarray,
-                    sinks: cp.ndarray):
-        """The attention of model.attention read in place (DS4BENCH_ATTN_KERNEL=ring): the
-        window ring raw [B, W, K], this call's rows kv [B, T, K] and the compressed rows comp
-        [B, Cs, K] seen through visible [B, T, C] (None: no compressed rows yet), the raw rows'
-        visibility derived on the device from the positions P [B, T]. The same bits as
-        gathering the keys, concatenating them and calling `attend`; None where it does not
-        apply (the default variant, or scores too long for shared memory): the caller does that."""
+    def attend_ring(self, q: cp.ndarray, raw: cp.ndarray, kv: cp.ndarray, comp, visible, P,
+                    sinks: cp.ndarray, ratio: int = 0, static: bool = False):
+        """The attention of model.attention read in place (DS4BENCH_ATTN_KERNEL=ring, and always
+        in a static decode step): the window ring raw [B, W, K], this call's rows kv [B, T, K]
+        and the compressed rows comp [B, Cs, K] seen through visible [B, T, C] (None: no
+        compressed rows yet), the raw rows' visibility and each token's compressed-row count
+        ((p + 1) // ratio) derived on the device from the positions P [B, T] (host or device).
+        The same bits as gathering the keys, concatenating them and calling `attend`; None where
+        it does not apply (the default variant outside a static step, or scores too long for
+        shared memory): the caller does that."""
         B, T, H, K = q.shape
         W = raw.shape[1]
         C = 0 if visible is None else visible.shape[-1]
-        smem = _attend_smem(W + T + C)
-        if self.attn_kernel != "ring" or smem > SMEM_DEFAULT_MAX:
+        smem = attend_smem(W + T + C)
+        if (self.attn_kernel != "ring" and not static) or smem > SMEM_DEFAULT_MAX:
             return None
         for a in (raw, comp) if C else (raw,):                # the kernel takes their pointers as they are
             assert a.shape[0] == B and a.dtype == cp.float32 and a.flags.c_contiguous, "run state layout"
@@ -309,9 +334,10 @@ class GpuOps:
         comp = raw if C == 0 else comp                     # neither is read without compressed rows
         kernels.function("attention.cu", "attend_sink_ring")((H, T, B), (256,), (
             cp.ascontiguousarray(q, dtype=cp.float32), raw, cp.ascontiguousarray(kv, dtype=cp.float32), comp,
-            cmask, self._positions(np.ascontiguousarray(P, dtype=np.int64)),
+            cmask, self._rope_positions(P, (B, T))[0],
             cp.ascontiguousarray(sinks, dtype=cp.float32), o, np.int32(T), np.int32(H), np.int32(W),
-            np.int32(C), np.int32(comp.shape[1]), np.int32(K), np.float64(1.0 / math.sqrt(K))), shared_mem=smem)
+            np.int32(C), np.int32(comp.shape[1]), np.int32(K), np.float64(1.0 / math.sqrt(K)), np.int32(ratio)),
+            shared_mem=smem)
         return o
 
     def route(self, logits: cp.ndarray, sel, bias):
@@ -340,14 +366,17 @@ class GpuOps:
         kernels.function("compress.cu", "compress_pool")(((width + 127) // 128, len(eb)), (128,), (
             cp.ascontiguousarray(ring_k, dtype=cp.float32), cp.ascontiguousarray(ring_s, dtype=cp.float32),
             cp.ascontiguousarray(ck, dtype=cp.float32), cp.ascontiguousarray(cs, dtype=cp.float32),
-            cp.asarray(np.asarray(eb, dtype=np.int64)), cp.asarray(np.asarray(et, dtype=np.int64)),
-            cp.asarray(np.ascontiguousarray(P[:, 0], dtype=np.int64)), out,
+            _index(eb), _index(et), _index(P[:, 0]), out,
             np.int32(L), np.int32(T), np.int32(w), np.int32(ratio), np.int32(width)))
         return out
 
-    def indexer_scores(self, iq: cp.ndarray, ik: cp.ndarray, wt: cp.ndarray) -> cp.ndarray:
+    def indexer_scores(self, iq: cp.ndarray, ik: cp.ndarray, wt: cp.ndarray, pos=None, ratio: int = 4,
+                       min_rows: int = 0) -> cp.ndarray:
         """model.indexer_scores in one launch (kernels/indexer.cu) where the queries fit shared
-        memory; iq [B, T, J, I], ik [B, C, I] (may be a slice), wt [B, T, J] -> [B, T, C] double."""
+        memory; iq [B, T, J, I], ik [B, C, I] (may be a slice), wt [B, T, J] -> [B, T, C] double.
+        With positions `pos` [B, T] (a static decode step), a token's rows past its count
+        (p + 1) // ratio, and all its rows when that count is at most min_rows, are -inf, not
+        computed."""
         B, T, J, I = iq.shape
         C = ik.shape[1]
         smem = 4 * (J * (I + 1) + 8 * I + J)
@@ -356,9 +385,11 @@ class GpuOps:
             return indexer_scores(cp, self.acc, iq, ik, wt)
         score = cp.empty((B, T, C), cp.float64)
         if C:
+            p = score if pos is None else self._rope_positions(pos, (B, T))[0]    # not read without pos
             kernels.function("indexer.cu", "indexer_score")((T, B), (256,), (
                 cp.ascontiguousarray(iq, dtype=cp.float32), ik, cp.ascontiguousarray(wt, dtype=cp.float32), score,
-                np.int32(T), np.int32(J), np.int32(I), np.int32(C), np.int64(ik.strides[0] // 4)), shared_mem=smem)
+                np.int32(T), np.int32(J), np.int32(I), np.int32(C), np.int64(ik.strides[0] // 4),
+                p, np.int32(pos is not None), np.int32(ratio), np.int32(min_rows)), shared_mem=smem)
         return score
 
     def swiglu_clamped(self, g: cp.ndarray, u: cp.ndarray, c: float) -> cp.ndarray:
@@ -400,13 +431,23 @@ class GpuOps:
 
     @staticmethod
     def topk_mask(score: cp.ndarray, visible: cp.ndarray, k: int) -> cp.ndarray:
-        """As RefOps.topk_mask: one stable sort per row, then the k best marked."""
+        """As RefOps.topk_mask (a stable sort per row, the k best visible entries marked): ranked
+        by counting in one launch (kernels/indexer.cu topk_keep) where a row's scores fit shared
+        memory, else with a sort."""
         C = score.shape[-1]
-        s = cp.where(visible, score, -cp.inf).reshape(-1, C)
-        idx = cp.argsort(-s, axis=-1)[:, :k]
-        keep = cp.zeros(s.shape, dtype=cp.bool_)
-        keep[cp.arange(s.shape[0])[:, None], idx] = True
-        return keep.reshape(visible.shape) & visible
+        if 8 * C > SMEM_DEFAULT_MAX:
+            s = cp.where(visible, score, -cp.inf).reshape(-1, C)
+            idx = cp.argsort(-s, axis=-1)[:, :k]
+            keep = cp.zeros(s.shape, dtype=cp.bool_)
+            keep[cp.arange(s.shape[0])[:, None], idx] = True
+            return keep.reshape(visible.shape) & visible
+        keep = cp.empty(visible.shape, dtype=cp.bool_)
+        R = visible.size // C if C else 0
+        if R:
+            kernels.function("indexer.cu", "topk_keep")((R,), (256,), (
+                cp.ascontiguousarray(score, dtype=cp.float64), cp.ascontiguousarray(visible, dtype=cp.bool_).view(cp.uint8),
+                keep.view(cp.uint8), np.int32(C), np.int32(k)), shared_mem=8 * C)
+        return keep
 
     def experts(self, il: int, x: cp.ndarray, sel: cp.ndarray, w: cp.ndarray) -> cp.ndarray:
         return self.moe(il, cp.ascontiguousarray(x, dtype=cp.float32), sel, cp.ascontiguousarray(w, dtype=cp.float32))

@@ -90,6 +90,7 @@ class CellRecord:
     trace: bool = False                 # the cell ran under Nsight Systems (implies nvtx)
     timeout_s: float = 0.0
     env: dict = field(default_factory=dict)     # DS4BENCH_* and spec variables the cell ran with
+    decode_path: str = "eager"          # eager | graph (DS4BENCH_DECODE_GRAPH=on) | eager (why the graph did not apply)
     # provenance
     git_commit: str | None = None
     git_dirty: bool | None = None

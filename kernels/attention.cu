@@ -9,7 +9,8 @@
 //                     and a host-built mask, uploaded each step);
 //   attend_sink_ring  the same rows read in place: the sliding-window ring [B, W, K], this call's
 //                     rows [B, T, K], the compressed rows [B, Cs, K] with their visibility [B, T, C],
-//                     the raw rows' visibility derived from the positions in device memory.
+//                     the raw rows' visibility and each token's compressed-row count derived from
+//                     the positions in device memory (what a captured decode step needs).
 // Row j means the same key in both (ring rows in position order, then the new rows, then the
 // compressed ones) and the arithmetic is the same, so the two give the same bits.
 #include "common.cuh"
@@ -95,18 +96,23 @@ extern "C" __global__ void attend_sink(const float* __restrict__ q, const float*
 }
 
 // q [B, T, H, K], raw [B, W, K], kv [B, T, K], comp [B, Cs, K] and cmask [B, T, C] (C <= Cs; with
-// C == 0 neither is read), pos [B, T] int64 positions, sinks [H] -> o [B, T, H, K]
+// C == 0 neither is read), pos [B, T] int64 positions, sinks [H] -> o [B, T, H, K].
+// A token at position p has (p + 1) / ratio compressed rows: the rows past that count are
+// invisible to it, so they are not visited (C may be the state's whole capacity; shared memory
+// is sized for C). Skipping them changes no bit: an invisible row adds exactly zero.
 extern "C" __global__ void attend_sink_ring(const float* __restrict__ q, const float* __restrict__ raw,
                                             const float* __restrict__ kv, const float* __restrict__ comp,
                                             const unsigned char* __restrict__ cmask,
                                             const long long* __restrict__ pos, const float* __restrict__ sinks,
                                             float* __restrict__ o, int T, int H, int W, int C, int Cs, int K,
-                                            double scale) {
+                                            double scale, int ratio) {
     const int h = blockIdx.x, t = blockIdx.y, b = blockIdx.z;
     const long long row = ((long long)b * T + t) * H + h;
-    const long long p0 = pos[(long long)b * T];
+    const long long p0 = pos[(long long)b * T], p = pos[(long long)b * T + t];
     const int r0 = (int)(((p0 % W) + W) % W);         // once here, not per row and element
+    const long long seen = ratio > 0 ? (p + 1) / ratio : 0;
+    const int n = (int)(seen < C ? seen : C);         // this token's compressed rows
     const RingRows rows{raw + (long long)b * W * K, kv + (long long)b * T * K, comp + (long long)b * Cs * K,
-                        cmask + ((long long)b * T + t) * C, p0, pos[(long long)b * T + t], W, T, K, r0};
-    attend_rows(q + row * K, rows, W + T + C, K, (double)sinks[h], scale, o + row * K);
+                        cmask + ((long long)b * T + t) * C, p0, p, W, T, K, r0};
+    attend_rows(q + row * K, rows, W + T + n, K, (double)sinks[h], scale, o + row * K);
 }

@@ -27,17 +27,18 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
     }
 }
 
-// Rotate the last 2*npair of the K dims of each row r in adjacent pairs (GPT-J) by pos[r]*freq;
-// the other dims are copied. sgn = -1 rotates back (the inverse RoPE of the attention output).
+// Rotate the last 2*npair of the K dims of each row r in adjacent pairs (GPT-J) by
+// pos[r / pdiv]*freq (pdiv rows share a position: the heads of one token); the other dims are
+// copied. sgn = -1 rotates back (the inverse RoPE of the attention output).
 extern "C" __global__ void rope(const float* __restrict__ x, float* __restrict__ y,
                                 const long long* __restrict__ pos, const double* __restrict__ inv_freq,
-                                int K, int npair, float sgn) {
+                                int K, int npair, float sgn, int pdiv) {
     const long long r = blockIdx.x;
     const float* xr = x + r * K;
     float* yr = y + r * K;
     const int first = K - 2 * npair;
     for (int i = threadIdx.x; i < first; i += blockDim.x) yr[i] = xr[i];
-    const double p = (double)pos[r];
+    const double p = (double)pos[r / pdiv];
     for (int j = threadIdx.x; j < npair; j += blockDim.x) {
         double ang = p * inv_freq[j];
         float c = (float)cos(ang), s = __fmul_rn(sgn, (float)sin(ang));

@@ -411,3 +411,33 @@ def test_in_place_attention_rows_are_the_concatenated_ones(monkeypatch):
         eng.decode(np.array([5 + step, 7 + step]), np.array([0, 1]))
     assert any(T > 32 for T, _, _ in calls) and any(C > 16 for _, C, _ in calls)
     assert any(topk for *_, topk in calls)                     # the indexer hid some visible rows
+
+
+def test_static_step_decodes_as_forward():
+    """DS4Model.step, the decode step with shapes fixed by the run state and every count derived
+    from the positions as arrays (what a CUDA graph captures), against forward on the NumPy
+    engine: two sequences at different positions, decoding across window ends of ratio 4 and
+    16, past the ring's wrap, with the indexer's top-k active for one of them. Same tokens,
+    logits and stored compressed rows to float32 rounding (the attention softmax sums over the
+    capacity instead of the rows in use)."""
+    def engine():
+        eng = Engine(tiny_model(), cache="f32", batch=2, ctx=96, prefill_chunk=40)
+        eng.prefill(0, list(range(1, 76)))
+        eng.prefill(1, list(range(3, 40)))
+        return eng
+
+    eager, static = engine(), engine()
+    tok = np.array([5, 7])
+    for _ in range(14):
+        want = eager.decode(tok, np.array([0, 1]))
+        got = static.net.step(static.state, tok, static.state.pos.copy())
+        static.state.pos += 1
+        np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        tok = want.argmax(-1)
+    assert (static.state.pos == eager.state.pos).all()
+    for le, ls in zip(eager.state.layers, static.state.layers):
+        for name in ("comp", "ik"):
+            a, b = getattr(le, name), getattr(ls, name)
+            if a is not None:                  # rows past a slot's count stay as they were (zero)
+                np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)

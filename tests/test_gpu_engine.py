@@ -264,16 +264,26 @@ def test_in_place_attention_gives_the_concatenated_bits(B, T, W, C, p0s):
     visible = (RNG.random((B, T, C)) < 0.6) if C else None
     q = RNG.standard_normal((B, T, H, K)).astype(np.float32)
     sinks = RNG.standard_normal(H).astype(np.float32)
+    ratio = 4                                                                   # (p + 1) // 4 rows exist
+    if C:
+        visible &= np.arange(C) < ((P + 1) // ratio)[..., None]
     keys, mask = _model_keys(W, raw, kv, comp, visible, P)
     ops = _gpu_ops(config.preset("flash"))
     want = ops.attend(cp.asarray(q), cp.asarray(keys), cp.asarray(mask), cp.asarray(sinks)).get()
     ops.attn_kernel = "concat"
     args = (cp.asarray(q), cp.asarray(raw), cp.asarray(kv), cp.asarray(comp),
-            None if visible is None else cp.asarray(visible), P, cp.asarray(sinks))
+            None if visible is None else cp.asarray(visible), P, cp.asarray(sinks), ratio)
     assert ops.attend_ring(*args) is None                                        # the default: the caller concatenates
+    np.testing.assert_array_equal(ops.attend_ring(*args, static=True).get(), want)   # a static step: always
     ops.attn_kernel = "ring"
     got = ops.attend_ring(*args).get()
     np.testing.assert_array_equal(got, want)
+    # device positions, and the whole capacity as C (what a static step passes): the same bits
+    if C:
+        vis_cap = np.zeros((B, T, C + 5), bool)
+        vis_cap[..., :C] = visible
+        got = ops.attend_ring(*args[:4], cp.asarray(vis_cap), cp.asarray(P), cp.asarray(sinks), ratio).get()
+        np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("N,hashed,bias", [(1, False, True), (37, False, True), (16, False, False), (9, True, False)])
@@ -300,6 +310,66 @@ def test_indexer_topk_mask_matches_reference():
     visible = RNG.random((2, 3, 700)) < 0.9
     got = GpuOps.topk_mask(cp.asarray(score), cp.asarray(visible), 512).get()
     np.testing.assert_array_equal(got, RefOps.topk_mask(score, visible, 512))
+
+
+@pytest.mark.parametrize("C,k", [(1025, 512), (40, 16), (7, 16), (1, 1)])
+def test_topk_kernel_ranks_as_the_stable_sort(C, k):
+    """topk_keep (rank by counting, no sort) against RefOps' stable sort on the cases a sort
+    decides: ties, NaN scores (after every number), -inf and +inf scores, invisible entries,
+    rows with fewer visible entries than k, a row with none, and the whole visible set."""
+    from ds4bench.ops_gpu import GpuOps
+    R = 12
+    score = RNG.integers(0, 9, (R, C)).astype(np.float64)                # many ties
+    score[1, ::3] = np.nan
+    score[2, ::5] = -np.inf
+    score[3, ::7] = np.inf
+    score[4] = RNG.standard_normal(C)
+    visible = RNG.random((R, C)) < 0.8
+    visible[5] = False
+    visible[6] = True
+    visible[7, k // 2:] = False                                          # fewer than k visible
+    got = GpuOps.topk_mask(cp.asarray(score), cp.asarray(visible), k).get()
+    np.testing.assert_array_equal(got, RefOps.topk_mask(score, visible, k))
+
+
+def test_indexer_scores_stop_at_each_tokens_count():
+    """With positions (a static decode step), a token scores its (p + 1) // 4 rows as without
+    them, and -inf past them; a token whose count is at most min_rows scores nothing (-inf)."""
+    cfg = config.preset("flash")
+    J, I, B, T, C = cfg.indexer_heads, cfg.indexer_dim, 3, 2, 300
+    iq = cp.asarray(RNG.standard_normal((B, T, J, I)).astype(np.float32))
+    cache = cp.asarray(RNG.standard_normal((B, C, I)).astype(np.float32))
+    wt = cp.asarray(RNG.standard_normal((B, T, J)).astype(np.float32))
+    P = np.array([[10, 11], [400, 401], [2000, 2001]])                     # counts 2-3, 100, all 300
+    ops = _gpu_ops(cfg)
+    full = ops.indexer_scores(iq, cache, wt).get()
+    got = ops.indexer_scores(iq, cache, wt, pos=cp.asarray(P), ratio=4, min_rows=5).get()
+    n = np.minimum((P + 1) // 4, C)
+    n[n <= 5] = 0
+    for b in range(B):
+        for t in range(T):
+            np.testing.assert_array_equal(got[b, t, :n[b, t]], full[b, t, :n[b, t]])
+            assert (got[b, t, n[b, t]:] == -np.inf).all()
+
+
+def test_rope_and_pooling_take_device_positions():
+    """RoPE and the compressor's pooling read positions (and window ends) kept in device memory
+    as they read host ones: the same bits."""
+    from ds4bench import model as M
+    cfg = config.preset("flash")
+    ops = _gpu_ops(cfg)
+    freq = M.rope_inv_freq(cfg, True)
+    x = cp.asarray(RNG.standard_normal((5, cfg.n_head, cfg.head_dim)).astype(np.float32))
+    pos = RNG.integers(0, 1 << 16, (5, 1))
+    want = ops.rope(x, pos, freq).get()
+    np.testing.assert_array_equal(ops.rope(x, cp.asarray(pos), freq).get(), want)
+    np.testing.assert_array_equal(ops.rope(x[:, 0], cp.asarray(pos[:, 0]), freq).get(), ops.rope(x[:, 0], pos[:, 0], freq).get())
+    ring_k, ring_s = (cp.asarray(RNG.standard_normal((2, 8, 128)).astype(np.float32)) for _ in range(2))
+    ck, cs = (cp.asarray(RNG.standard_normal((2, 1, 128)).astype(np.float32)) for _ in range(2))
+    P, eb, et = np.array([[7], [11]]), np.array([0, 1]), np.array([0, 0])
+    want = ops.pool_windows(ring_k, ring_s, ck, cs, P, eb, et, 4, 64).get()
+    got = ops.pool_windows(ring_k, ring_s, ck, cs, cp.asarray(P), cp.asarray(eb), cp.asarray(et), 4, 64).get()
+    np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("ratio,T,pos0", [(4, 1, 3), (4, 1, 7), (4, 9, 0), (4, 6, 5), (128, 1, 127), (16, 20, 3)])
@@ -471,6 +541,67 @@ def test_in_place_attention_changes_no_bit(monkeypatch):
         assert b.tokens == g.tokens and b.topk_logprobs == g.topk_logprobs
     for b, g in zip(base_long, got_long):
         np.testing.assert_array_equal(g, b)
+
+
+def _decode_run(cache, steps=14, graph=False, monkeypatch=None):
+    """Logits of every decode step of two sequences at different positions (75 and 37 prompt
+    tokens, prefill chunks of 40) decoded together on tiny, past window ends of ratio 4 and 16
+    and the ring's wrap, with the indexer's top-k active for the longer one; and the engine."""
+    if monkeypatch is not None:
+        monkeypatch.setenv("DS4BENCH_DECODE_GRAPH", "on" if graph else "off")
+    eng = Engine(tiny_model(), cache=cache, backend="cupy", batch=2, ctx=96, prefill_chunk=40)
+    eng.prefill(0, list(range(1, 76)))
+    eng.prefill(1, list(range(3, 40)))
+    tok, out = np.array([5, 7]), []
+    for _ in range(steps):
+        out.append(eng.decode(tok, np.array([0, 1])))
+        tok = out[-1].argmax(-1)
+    return out, eng
+
+
+@pytest.mark.parametrize("cache", ["q8", "f16"])
+def test_static_step_gives_the_forward_bits(cache):
+    """DS4Model.step run eagerly (device positions, shapes fixed by the state's capacity, the
+    completed windows written under a device condition, the indexer gated per token) against
+    forward: every decode step's logits bit for bit."""
+    want, _ = _decode_run(cache)
+    eng = Engine(tiny_model(), cache=cache, backend="cupy", batch=2, ctx=96, prefill_chunk=40)
+    eng.prefill(0, list(range(1, 76)))
+    eng.prefill(1, list(range(3, 40)))
+    tok = np.array([5, 7])
+    for w in want:
+        got = eng.net.step(eng.state, cp.asarray(tok), cp.asarray(eng.state.pos)).get()
+        eng.state.pos += 1
+        np.testing.assert_array_equal(got, w)
+        tok = w.argmax(-1)
+
+
+@pytest.mark.parametrize("cache", ["q8", "f16"])
+def test_decode_graph_changes_no_bit(cache, monkeypatch):
+    """DS4BENCH_DECODE_GRAPH=on: the first step eager, then every step replayed from the captured
+    graph with new tokens and positions: the eager engine's logits bit for bit, and the golden
+    prompts' tokens and logprobs (batch 1, three sequences one after another on one graph)."""
+    want, _ = _decode_run(cache, monkeypatch=monkeypatch)
+    got, eng = _decode_run(cache, graph=True, monkeypatch=monkeypatch)
+    assert eng.decode_path == "graph" and eng.graph.replays == len(want) - 1
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+    monkeypatch.setenv("DS4BENCH_DECODE_GRAPH", "off")
+    base = _run("cupy", cache)
+    monkeypatch.setenv("DS4BENCH_DECODE_GRAPH", "on")
+    again = _run("cupy", cache)
+    for b, g in zip(base.fingerprints, again.fingerprints):
+        assert b.tokens == g.tokens and b.topk_logprobs == g.topk_logprobs
+
+
+def test_decode_graph_says_where_it_does_not_apply(monkeypatch):
+    """f32 multiplies with cuBLAS, which CuPy refuses inside a capture: that engine decodes
+    eagerly, says why, and gives the eager bits."""
+    want, _ = _decode_run("f32", steps=3, monkeypatch=monkeypatch)
+    got, eng = _decode_run("f32", steps=3, graph=True, monkeypatch=monkeypatch)
+    assert eng.graph is None and eng.decode_path.startswith("eager (DS4BENCH_DECODE_GRAPH=on does not apply: the f32")
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
 
 
 @pytest.mark.parametrize("placement", ["managed", "managed-hinted", "host"])
