@@ -128,7 +128,7 @@ def cmd_generate(a) -> int:
     print(fp.text)
     where = backend + (f", placement {getattr(eng.ops, 'placement', '')}" if backend == "cupy" else "")
     if eng.decode_path != "eager":
-        where += f", decode {eng.decode_path}"
+        where += f", decode {eng.decode_path}" + (f" ({eng.graph.info()})" if eng.graph else "")
     if prof.enabled and a.profile == "stages":
         print("stages (s): " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(prof.summary().items(), key=lambda kv: -kv[1])
                                           if not k.startswith("layer.")))

@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 
 from .gguf_io import ModelFile
+from .kernels import kernel_choice
 from .model import DS4Model
 from .profiling import Profiler
 from .state import RunState
@@ -124,13 +125,17 @@ class Engine:
         # (DS4BENCH_DECODE_GRAPH=on: replayed from a CUDA graph), or eager with the reason the
         # graph does not apply
         self.graph, self.decode_path = None, "eager"
-        if getattr(self.ops, "decode_graph", "off") == "on":
-            from .graph_gpu import DecodeGraph, graph_unsupported
-            why = graph_unsupported(self.ops, self.state)
+        want = getattr(self.ops, "decode_graph", None) or kernel_choice(
+            "DS4BENCH_DECODE_GRAPH", os.environ.get("DS4BENCH_DECODE_GRAPH"))
+        if want == "on":
+            why = "the NumPy engine has no CUDA graphs" if self.xp is np else None
+            if why is None:
+                from .graph_gpu import DecodeGraph, graph_unsupported
+                why = graph_unsupported(self.ops, self.state)
+                if why is None:
+                    self.graph, self.decode_path = DecodeGraph(self.net, self.state), "graph"
             if why:
                 self.decode_path = f"eager (DS4BENCH_DECODE_GRAPH=on does not apply: {why})"
-            else:
-                self.graph, self.decode_path = DecodeGraph(self.net, self.state), "graph"
 
     @property
     def prof(self) -> Profiler:

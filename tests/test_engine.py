@@ -258,6 +258,7 @@ def test_generate_cli_rejects_unknown_mode(capsys):
     ("DS4BENCH_Q8_KERNEL", "stagged", "DS4BENCH_Q8_KERNEL: unknown 'stagged'; choose from warp, staged"),
     ("DS4BENCH_MOE_KERNEL", "fast", "DS4BENCH_MOE_KERNEL: unknown 'fast'; choose from warp, split"),
     ("DS4BENCH_ATTN_KERNEL", "inplace", "DS4BENCH_ATTN_KERNEL: unknown 'inplace'; choose from concat, ring"),
+    ("DS4BENCH_DECODE_GRAPH", "1", "DS4BENCH_DECODE_GRAPH: unknown '1'; choose from off, on"),
     ("DS4BENCH_CACHE_MB", "abc", "DS4BENCH_CACHE_MB: 'abc' is not a whole number of MiB"),
     ("DS4BENCH_PLACEMENT", "vram", "DS4BENCH_PLACEMENT: unknown placement 'vram'; choose one of device, managed"),
     ("DS4BENCH_PLUGINS", "no_such_plugin", "DS4BENCH_PLUGINS: cannot import 'no_such_plugin'")])
@@ -441,3 +442,16 @@ def test_static_step_decodes_as_forward():
             a, b = getattr(le, name), getattr(ls, name)
             if a is not None:                  # rows past a slot's count stay as they were (zero)
                 np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_graph_toggle_says_it_does_not_apply_on_the_cpu(monkeypatch, capsys):
+    """DS4BENCH_DECODE_GRAPH=on on the NumPy engine: eager decoding, and the engine, the
+    `generate` line and so a matrix cell's record say why."""
+    monkeypatch.setenv("DS4BENCH_DECODE_GRAPH", "on")
+    eng = Engine(tiny_model(), cache="q8", ctx=64)
+    assert eng.graph is None
+    assert eng.decode_path == "eager (DS4BENCH_DECODE_GRAPH=on does not apply: the NumPy engine has no CUDA graphs)"
+    assert cli.main(["generate", "--preset", "tiny", "-n", "2", "--backend", "numpy"]) == 0
+    assert "decode eager (DS4BENCH_DECODE_GRAPH=on does not apply" in capsys.readouterr().out
+    monkeypatch.setenv("DS4BENCH_DECODE_GRAPH", "off")
+    assert Engine(tiny_model(), cache="q8", ctx=64).decode_path == "eager"

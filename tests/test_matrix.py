@@ -176,6 +176,7 @@ def test_kill_mid_matrix_then_resume_loses_nothing(tmp_path, prompts):
     assert len(r.stdout.strip().splitlines()) == 5
     rec = RunDir(out / "killed").records()[0]
     assert rec["verdict"] == "identical" and rec["deterministic"] and len(rec["decode_tps_reps"]) == 2
+    assert rec["decode_path"] == "eager"                   # how its decode steps ran
     assert {"prefill", "decode", "layer", "attn.q", "moe.experts", "head"} <= set(rec["stage_s"])
     # every measurement is a number or None with its stated reason
     missing = [k for k, v in rec.items() if v is None and k not in NOT_MEASURED and k not in rec["unavailable"]]
