@@ -109,7 +109,8 @@ def make_ops(model: ModelFile, backend: str, cache: str, **opts):
 
 class Engine:
     def __init__(self, model: ModelFile, cache: str = "f32", backend: str = "numpy", batch: int = 1,
-                 ctx: int = 4096, prefill_chunk: int = 512, profiler: Profiler | None = None, ops=None, **opts):
+                 ctx: int = 4096, prefill_chunk: int = 512, profiler: Profiler | None = None, ops=None,
+                 decode_graph: str | None = None, **opts):
         if not 1 <= batch <= 64:
             raise ValueError(f"batch must be in 1..64, got {batch}")
         if prefill_chunk < 1:
@@ -122,10 +123,10 @@ class Engine:
         self.net = DS4Model(self.cfg, self.ops, profiler)
         self.state = RunState.allocate(self.cfg, batch, ctx, self.xp, getattr(self.ops, "alloc", None))
         # how a decode step of every slot runs: "eager" (kernels launched from Python), "graph"
-        # (DS4BENCH_DECODE_GRAPH=on: replayed from a CUDA graph), or eager with the reason the
-        # graph does not apply
+        # (DS4BENCH_DECODE_GRAPH=on, or decode_graph="on": replayed from a CUDA graph), or eager
+        # with the reason the graph does not apply
         self.graph, self.decode_path = None, "eager"
-        want = getattr(self.ops, "decode_graph", None) or kernel_choice(
+        want = decode_graph or getattr(self.ops, "decode_graph", None) or kernel_choice(
             "DS4BENCH_DECODE_GRAPH", os.environ.get("DS4BENCH_DECODE_GRAPH"))
         if want == "on":
             why = "the NumPy engine has no CUDA graphs" if self.xp is np else None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 
 import numpy as np
 from gguf import GGMLQuantizationType as QT
@@ -36,8 +37,12 @@ class _Rotating:
         return next(self._turn)
 
 
-def _time(cp, fn, iters: int) -> float:
-    """Seconds per call, CUDA events around `iters` launches after 3 warm-up calls."""
+def _time(cp, fn, iters: int) -> tuple[float, float]:
+    """Seconds per call of `fn` (kernel launches), after 3 warm-up calls: (GPU, eager).
+    GPU: `iters` calls captured in one CUDA graph, CUDA events around its replay, so the host's
+    launch cost is out and back-to-back kernels are timed as the GPU runs them. Eager: CUDA
+    events around `iters` calls issued from Python, which is what an eager step sees; below a
+    few microseconds of work a call costs its launches, not its kernel."""
     for _ in range(3):
         fn()
     s, e = cp.cuda.Event(), cp.cuda.Event()
@@ -46,13 +51,27 @@ def _time(cp, fn, iters: int) -> float:
         fn()
     e.record()
     e.synchronize()
-    return cp.cuda.get_elapsed_time(s, e) / 1e3 / iters
+    eager = cp.cuda.get_elapsed_time(s, e) / 1e3 / iters
+    stream, pool = cp.cuda.Stream(non_blocking=True), cp.cuda.MemoryPool()
+    with stream, cp.cuda.using_allocator(pool.malloc):
+        stream.begin_capture()
+        try:
+            for _ in range(iters):
+                fn()
+        finally:
+            graph = stream.end_capture()
+        graph.launch(stream)                            # uploaded and warm
+        s.record(stream)
+        graph.launch(stream)
+        e.record(stream)
+        e.synchronize()
+    return cp.cuda.get_elapsed_time(s, e) / 1e3 / iters, eager
 
 
 def copy_bandwidth(cp, nbytes: int = 2 ** 30) -> float:
     a = cp.empty(nbytes, dtype=cp.uint8)
     b = cp.empty_like(a)
-    t = _time(cp, lambda: b.__setitem__(Ellipsis, a), 10)
+    t = _time(cp, lambda: b.__setitem__(Ellipsis, a), 10)[0]
     return 2 * nbytes / t
 
 
@@ -82,9 +101,9 @@ def run(variant: str = "q2", iters: int = 200) -> dict:
         label = f"q8_0 {name} [{O}x{Kg}]" + (f" x{G} groups" if G > 1 else "")
 
         def timed(suffix, fn):
-            t = _time(cp, fn, iters)
+            t, eager = _time(cp, fn, iters)
             rows.append({"kernel": label + suffix, "bytes": int(W0.nbytes), "us": t * 1e6, "gbs": W0.nbytes / t / 1e9,
-                         "pct_ceiling": 100 * W0.nbytes / t / ceiling})
+                         "pct_ceiling": 100 * W0.nbytes / t / ceiling, "eager_us": eager * 1e6})
 
         quant((K // 32, 1), (32,), (x, xq, xd, np.int32(K)))
         timed("", lambda: (quant((K // 32, 1), (32,), (x, xq, xd, np.int32(K))),
@@ -112,10 +131,11 @@ def run(variant: str = "q2", iters: int = 200) -> dict:
     need = A * (2 * F * row_bytes(gate_t, D) + D * row_bytes(down_t, F))
     for kind in kernels.KERNEL_CHOICES["DS4BENCH_MOE_KERNEL"]:
         moe.variant = kind
-        t = _time(cp, lambda: moe(0, x, next(sels), w), iters)
+        t, eager = _time(cp, lambda: moe(0, x, next(sels), w), iters)
         rows.append({"kernel": f"moe {variant}: {A} experts gate/up+down (Q8_K quantize included)"
                                + ("" if kind == "warp" else f", {kind}"),
-                     "bytes": int(need), "us": t * 1e6, "gbs": need / t / 1e9, "pct_ceiling": 100 * need / t / ceiling})
+                     "bytes": int(need), "us": t * 1e6, "gbs": need / t / 1e9, "pct_ceiling": 100 * need / t / ceiling,
+                     "eager_us": eager * 1e6})
     return {"device": device_facts(), "copy_ceiling_gbs": ceiling / 1e9, "variant": variant, "rows": rows}
 
 
@@ -127,19 +147,27 @@ def decode_layers(model_path: str, cache: str, placement: str, steps: int = 20, 
     from .profiling import CudaEventTimer
     mf = load_gguf(model_path)
     prof = CudaEventTimer()
-    eng = Engine(mf, cache=cache, backend="cupy", ctx=256, profiler=prof, placement=placement)
-    eng.prefill(0, list(range(1, 65)))
-    tok = 5
-    for _ in range(3):
-        tok = int(eng.decode([tok], [0])[0].argmax())
-    prof.summary()
-    prof.reset()
-    import time
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        tok = int(eng.decode([tok], [0])[0].argmax())
-    wall = (time.perf_counter() - t0) / steps
+    eng = Engine(mf, cache=cache, backend="cupy", ctx=256, profiler=prof, placement=placement, decode_graph="off")
+
+    def step_wall(e, timer=None) -> float:
+        """Wall seconds per decode step after 3 untimed ones (a graph is captured in those)."""
+        e.state.reset()
+        e.prefill(0, list(range(1, 65)))
+        tok = 5
+        for _ in range(3):
+            tok = int(e.decode([tok], [0])[0].argmax())
+        if timer:
+            timer.summary()
+            timer.reset()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            tok = int(e.decode([tok], [0])[0].argmax())
+        return (time.perf_counter() - t0) / steps
+
+    wall = step_wall(eng, prof)                             # eager: per-layer events
     stages = prof.summary()
+    graphed = Engine(mf, cache=cache, backend="cupy", ctx=256, ops=eng.ops, decode_graph="on")
+    graph_wall = step_wall(graphed) if graphed.graph is not None else None
     cfg = mf.cfg
     per_layer_bytes = {}
     for sp in tensor_specs(cfg):
@@ -151,14 +179,17 @@ def decode_layers(model_path: str, cache: str, placement: str, steps: int = 20, 
                "floor_ms": per_layer_bytes[il] / ceiling_bps * 1e3} for il in range(cfg.n_layer)]
     return {"model": cfg.name, "cache": cache, "placement": placement, "step_ms_wall": wall * 1e3,
             "step_ms_gpu": stages.get("decode", 0) / steps * 1e3, "layers": layers,
+            "step_ms_graph": None if graph_wall is None else graph_wall * 1e3, "graph_note": graphed.decode_path,
             "bytes_per_token": decode_read_bytes(cfg, False)["total"], "fallbacks": eng.ops.fallbacks}
 
 
 def report(res: dict) -> str:
-    lines = [f"{res['device']['gpu_name']}: copy ceiling {res['copy_ceiling_gbs']:.0f} GB/s (read+write)",
-             f"{'kernel':58s} {'bytes':>12s} {'us':>9s} {'GB/s':>8s} {'% ceil':>7s}"]
+    lines = [f"{res['device']['gpu_name']}: copy ceiling {res['copy_ceiling_gbs']:.0f} GB/s (read+write); "
+             "us, GB/s, % ceil: GPU time (calls replayed from a CUDA graph); eager us: issued from Python",
+             f"{'kernel':58s} {'bytes':>12s} {'us':>9s} {'GB/s':>8s} {'% ceil':>7s} {'eager us':>9s}"]
     for r in res["rows"]:
-        lines.append(f"{r['kernel']:58s} {r['bytes']:12,d} {r['us']:9.1f} {r['gbs']:8.0f} {r['pct_ceiling']:7.1f}")
+        lines.append(f"{r['kernel']:58s} {r['bytes']:12,d} {r['us']:9.1f} {r['gbs']:8.0f} {r['pct_ceiling']:7.1f}"
+                     f" {r['eager_us']:9.1f}")
     return "\n".join(lines)
 
 
@@ -168,8 +199,8 @@ def bench(variant: str = "q2", model: str | None = None, json_path: str | None =
     if model:
         res["decode"] = []
         ceiling = res["copy_ceiling_gbs"] * 1e9
-        print(f"\n{'cache':6s} {'placement':15s} {'step ms (wall)':>15s} {'step ms (gpu)':>14s}  "
-              f"per layer ms (floor at {ceiling / 1e12:.2f} TB/s)")
+        print(f"\n{'cache':6s} {'placement':15s} {'step ms (wall)':>15s} {'step ms (gpu)':>14s} {'graph (wall)':>13s}  "
+              f"eager per layer ms (floor at {ceiling / 1e12:.2f} TB/s)")
         from .backend import PLACEMENTS
         from .ops_ref import CACHE_MODES
         for cache in CACHE_MODES:
@@ -177,7 +208,9 @@ def bench(variant: str = "q2", model: str | None = None, json_path: str | None =
                 d = decode_layers(model, cache, placement, ceiling_bps=ceiling)
                 res["decode"].append(d)
                 lay = "  ".join(f"{x['ms']:.2f} ({x['floor_ms']:.3f})" for x in d["layers"])
-                print(f"{cache:6s} {placement:15s} {d['step_ms_wall']:15.2f} {d['step_ms_gpu']:14.2f}  {lay}", flush=True)
+                gw = "n/a" if d["step_ms_graph"] is None else f"{d['step_ms_graph']:.2f}"
+                print(f"{cache:6s} {placement:15s} {d['step_ms_wall']:15.2f} {d['step_ms_gpu']:14.2f} {gw:>13s}  {lay}",
+                      flush=True)
     if json_path:
         with open(json_path, "w") as fh:
             json.dump(res, fh, indent=1)

@@ -119,6 +119,8 @@ class GpuExperts:
             raise ValueError(f"tensor {name}: expected {want} contiguous uint8 bytes of "
                              f"{FORMATS[qtype].name} {shape}, found {arr.size} {arr.dtype} "
                              f"(contiguous: {arr.flags.c_contiguous})")
+        if arr.data.ptr % 16:                 # the kernels read blocks with 2- to 8-byte loads
+            raise ValueError(f"tensor {name}: its device address is not 16-byte aligned")
         return qtype, arr.reshape(-1)
 
     def __call__(self, il: int, x: cp.ndarray, sel: cp.ndarray, w: cp.ndarray) -> cp.ndarray:

@@ -16,6 +16,7 @@
 #include "common.cuh"
 
 #define AT_THREADS 256
+#define AT_BATCH 8                                    // key rows whose values a thread loads together
 
 template <class Rows>
 __device__ void attend_rows(const float* __restrict__ qv, const Rows& rows, int J, int K, double sink,
@@ -47,7 +48,15 @@ __device__ void attend_rows(const float* __restrict__ qv, const Rows& rows, int 
     const double den = block_reduce_d(sum, red, 0) + exp(sink - m);
     for (int k = threadIdx.x; k < K; k += blockDim.x) {
         double acc = 0.0;
-        for (int j = 0; j < J; ++j) acc += s[j] * (double)rows.row(j)[k];
+        int j = 0;
+        for (; j + AT_BATCH <= J; j += AT_BATCH) {    // the loads of AT_BATCH rows in flight at once,
+            float v[AT_BATCH];                        // then the sum in the same order as one by one
+#pragma unroll
+            for (int u = 0; u < AT_BATCH; ++u) v[u] = rows.row(j + u)[k];
+#pragma unroll
+            for (int u = 0; u < AT_BATCH; ++u) acc += s[j + u] * (double)v[u];
+        }
+        for (; j < J; ++j) acc += s[j] * (double)rows.row(j)[k];
         out[k] = (float)(acc / den);
     }
 }

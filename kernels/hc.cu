@@ -12,50 +12,76 @@ __device__ __forceinline__ float hc_sigmoid(float x) {
 
 // mix [N, S*(S+2)] -> pre [N, S] (sigmoid + eps), post [N, S] (2 sigmoid), comb [N, S, S]
 // (row softmax + eps, then Sinkhorn: `iters` column normalizations with iters-1 row ones between).
-extern "C" __global__ void hc_weights(const float* __restrict__ mix, const float* __restrict__ scale,
-                                      const float* __restrict__ base, float* __restrict__ pre,
-                                      float* __restrict__ post, float* __restrict__ comb,
-                                      int N, int S, int iters, float eps) {
-    int n = blockIdx.x * blockDim.x + threadIdx.x;
-    if (n >= N || S > HC_MAX_STREAMS) return;
-    const int M = S * (S + 2);
-    const float* m = mix + (long long)n * M;
+// One thread per token. SC > 0 fixes S at compile time (the loops unroll and the S x S matrix
+// stays in registers; a runtime S keeps it in local memory, several times slower); the
+// arithmetic and its order are the same either way.
+template <int SC>
+__device__ __forceinline__ void hc_weights_row(const float* __restrict__ m, const float* __restrict__ scale,
+                                               const float* __restrict__ base, float* __restrict__ pre,
+                                               float* __restrict__ post, float* __restrict__ comb,
+                                               int S_rt, int iters, float eps) {
+    const int S = SC > 0 ? SC : S_rt;
     for (int s = 0; s < S; ++s) {
-        pre[n * S + s] = __fadd_rn(hc_sigmoid(__fadd_rn(__fmul_rn(m[s], scale[0]), base[s])), eps);
-        post[n * S + s] = __fmul_rn(2.0f, hc_sigmoid(__fadd_rn(__fmul_rn(m[S + s], scale[1]), base[S + s])));
+        pre[s] = __fadd_rn(hc_sigmoid(__fadd_rn(__fmul_rn(m[s], scale[0]), base[s])), eps);
+        post[s] = __fmul_rn(2.0f, hc_sigmoid(__fadd_rn(__fmul_rn(m[S + s], scale[1]), base[S + s])));
     }
-    float c[HC_MAX_STREAMS * HC_MAX_STREAMS];
+    float c[(SC > 0 ? SC : HC_MAX_STREAMS) * (SC > 0 ? SC : HC_MAX_STREAMS)];
+#pragma unroll
     for (int i = 0; i < S; ++i) {                       // row i: softmax over columns j
         float mx = __int_as_float(0xff800000);           // -inf (NVRTC has no math.h macros)
+#pragma unroll
         for (int j = 0; j < S; ++j) {
             int k = 2 * S + i * S + j;
             c[i * S + j] = __fadd_rn(__fmul_rn(m[k], scale[2]), base[k]);
             mx = fmaxf(mx, c[i * S + j]);
         }
         float sum = 0.0f;
+#pragma unroll
         for (int j = 0; j < S; ++j) {
             c[i * S + j] = expf(__fsub_rn(c[i * S + j], mx));
             sum = __fadd_rn(sum, c[i * S + j]);
         }
+#pragma unroll
         for (int j = 0; j < S; ++j) c[i * S + j] = __fadd_rn(__fdiv_rn(c[i * S + j], sum), eps);
     }
     for (int it = 0; it < iters; ++it) {
         if (it > 0) {
+#pragma unroll
             for (int i = 0; i < S; ++i) {
                 float sum = 0.0f;
+#pragma unroll
                 for (int j = 0; j < S; ++j) sum = __fadd_rn(sum, c[i * S + j]);
                 sum = __fadd_rn(sum, eps);
+#pragma unroll
                 for (int j = 0; j < S; ++j) c[i * S + j] = __fdiv_rn(c[i * S + j], sum);
             }
         }
+#pragma unroll
         for (int j = 0; j < S; ++j) {
             float sum = 0.0f;
+#pragma unroll
             for (int i = 0; i < S; ++i) sum = __fadd_rn(sum, c[i * S + j]);
             sum = __fadd_rn(sum, eps);
+#pragma unroll
             for (int i = 0; i < S; ++i) c[i * S + j] = __fdiv_rn(c[i * S + j], sum);
         }
     }
-    for (int k = 0; k < S * S; ++k) comb[(long long)n * S * S + k] = c[k];
+#pragma unroll
+    for (int k = 0; k < S * S; ++k) comb[k] = c[k];
+}
+
+extern "C" __global__ void hc_weights(const float* __restrict__ mix, const float* __restrict__ scale,
+                                      const float* __restrict__ base, float* __restrict__ pre,
+                                      float* __restrict__ post, float* __restrict__ comb,
+                                      int N, int S, int iters, float eps) {
+    int n = blockIdx.x * blockDim.x + threadIdx.x;
+    if (n >= N || S > HC_MAX_STREAMS) return;
+    const float* m = mix + (long long)n * S * (S + 2);
+    float* pn = pre + (long long)n * S;
+    float* qn = post + (long long)n * S;
+    float* cn = comb + (long long)n * S * S;
+    if (S == 4) hc_weights_row<4>(m, scale, base, pn, qn, cn, S, iters, eps);     // DS4 Flash: 4 streams
+    else hc_weights_row<0>(m, scale, base, pn, qn, cn, S, iters, eps);
 }
 
 // x [N, D] = sum_s pre[n, s] * X[n, s, :], in double, rounded once.

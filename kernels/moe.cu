@@ -11,8 +11,11 @@
 // The _rn intrinsics keep the compiler from contracting those steps into FMAs.
 //
 // Geometry: one warp per output row; each lane owns 8 consecutive elements of every 256-block
-// (lane l: elements 8l..8l+7, which always lie inside one sub-block of 16 or 32), the block's
-// S and M are summed over the warp with shuffles, then every lane adds the block term.
+// (lane l: elements 8l..8l+7, which always lie inside one sub-block of 16 or 32). The default
+// kernels take 8 blocks at a time: every lane forms its integer parts of all 8 (independent
+// loads, 8-byte vector reads of x and of the IQ2 grid), one transposing warp reduction leaves
+// block k's S and M with lanes 4k..4k+3, lane 4k forms block k's term, and the terms are added
+// in block order from there. The DS4BENCH_MOE_KERNEL=split variants reduce block by block.
 // Legend: N tokens, A selected experts per token, P = N·A (token, slot) pairs, E experts,
 // F expert hidden size, D model dim.
 #include <cuda_fp16.h>
@@ -64,6 +67,31 @@ struct Part {
 struct FmtIQ2_XXS {
     static constexpr int BYTES = 66;
     static constexpr bool TABLES = true;
+    static constexpr bool HAS_MIN = false;
+    // part's s and m from vector reads: x8 = the lane's 8 activations, tab 8-byte aligned
+    static __device__ __forceinline__ void sm(const u8* b, const i8* x8, const int* bs, int lane,
+                                              const u8* tab, int& s, int& m) {
+        const u8* qs = b + 2;
+        const int ib = lane >> 2, k = lane & 3;
+        const unsigned short* a1h = (const unsigned short*)(qs + 8 * ib + 4);   // 2-byte aligned
+        const u32 a1 = (u32)a1h[0] | ((u32)a1h[1] << 16);
+        const uint2 g = *(const uint2*)(tab + 8 * qs[8 * ib + k]);
+        const int signs = tab[IQ2_GRID_BYTES + ((a1 >> (7 * k)) & 127)];
+        const int2 xv = *(const int2*)x8;
+        int sum = 0;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const int v = (int)(((j < 4 ? g.x : g.y) >> (8 * (j & 3))) & 255);
+            const int xj = (int)(signed char)(((j < 4 ? xv.x : xv.y) >> (8 * (j & 3))) & 255);
+            sum += ((signs >> j) & 1 ? -v : v) * xj;
+        }
+        s = (2 * (int)(a1 >> 28) + 1) * sum;
+        m = 0;
+    }
+    static __device__ __forceinline__ void scales(const u8* b, float& d, float& dmin) {
+        d = f16_at(b) * 0.125f;
+        dmin = 0.0f;
+    }
     static __device__ __forceinline__ Part part(const u8* b, const i8* x, const int* bs, int lane,
                                                 const u8* tab) {
         const u8* qs = b + 2;
@@ -91,6 +119,28 @@ struct FmtIQ2_XXS {
 struct FmtQ2_K {
     static constexpr int BYTES = 84;
     static constexpr bool TABLES = false;
+    static constexpr bool HAS_MIN = true;
+    static __device__ __forceinline__ void sm(const u8* b, const i8* x8, const int* bs, int lane,
+                                              const u8*, int& s, int& m) {
+        const int i0 = 8 * lane;
+        const int h = i0 >> 7, j = (i0 >> 5) & 3, l0 = i0 & 31;
+        const u32* q = (const u32*)(b + 16 + 32 * h + l0);        // 4-byte aligned (84 = 4·21)
+        const u32 q0 = q[0], q1 = q[1];
+        const int2 xv = *(const int2*)x8;
+        int sum = 0;
+#pragma unroll
+        for (int t = 0; t < 8; ++t) {
+            const u32 qb = ((t < 4 ? q0 : q1) >> (8 * (t & 3))) & 255;
+            const int xt = (int)(signed char)(((t < 4 ? xv.x : xv.y) >> (8 * (t & 3))) & 255);
+            sum += (int)((qb >> (2 * j)) & 3) * xt;
+        }
+        s = (b[lane >> 1] & 15) * sum;
+        m = lane < 16 ? (b[lane] >> 4) * bs[lane] : 0;
+    }
+    static __device__ __forceinline__ void scales(const u8* b, float& d, float& dmin) {
+        d = f16_at(b + 80);
+        dmin = f16_at(b + 82);
+    }
     static __device__ __forceinline__ Part part(const u8* b, const i8* x, const int* bs, int lane,
                                                 const u8*) {
         const u8* scales = b;
@@ -126,6 +176,33 @@ __device__ __forceinline__ void scale_min_k4(int s, const u8* q, int& sc, int& m
 struct FmtQ4_K {
     static constexpr int BYTES = 144;
     static constexpr bool TABLES = false;
+    static constexpr bool HAS_MIN = true;
+    static __device__ __forceinline__ void sm(const u8* b, const i8* x8, const int* bs, int lane,
+                                              const u8*, int& s, int& m) {
+        const u8* scales = b + 4;
+        const int sb = lane >> 2, c = sb >> 1, k = sb & 1, l0 = 8 * (lane & 3);
+        const uint2 q = *(const uint2*)(b + 16 + 32 * c + l0);    // 8-byte aligned (144 = 8·18)
+        const int2 xv = *(const int2*)x8;
+        int sum = 0;
+#pragma unroll
+        for (int t = 0; t < 8; ++t) {
+            const u32 qb = ((t < 4 ? q.x : q.y) >> (8 * (t & 3))) & 255;
+            const int xt = (int)(signed char)(((t < 4 ? xv.x : xv.y) >> (8 * (t & 3))) & 255);
+            sum += (int)((qb >> (4 * k)) & 15) * xt;
+        }
+        int sc, mn;
+        scale_min_k4(sb, scales, sc, mn);
+        s = sc * sum;
+        m = 0;
+        if (lane < 8) {
+            scale_min_k4(lane, scales, sc, mn);
+            m = mn * (bs[2 * lane] + bs[2 * lane + 1]);
+        }
+    }
+    static __device__ __forceinline__ void scales(const u8* b, float& d, float& dmin) {
+        d = f16_at(b);
+        dmin = f16_at(b + 2);
+    }
     static __device__ __forceinline__ Part part(const u8* b, const i8* x, const int* bs, int lane,
                                                 const u8*) {
         const u8* scales = b + 4;
@@ -147,6 +224,57 @@ struct FmtQ4_K {
         return p;
     }
 };
+
+// ---------------------------------------------------------------------------------- dots
+
+// Warp sums of 8 per-lane ints at once: lane l gets the sum over the warp of v[l >> 2]. Each
+// round sends half of what a lane still holds to its partner (4, 2, 1 values), then two plain
+// rounds: 9 shuffles where 8 separate sums take 40. Integer sums are exact in any order.
+__device__ __forceinline__ int warp_sum8(const int (&v)[8], int lane) {
+    const bool h4 = lane & 16, h3 = lane & 8, h2 = lane & 4;
+    int a[4], b[2];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)                                    // a[i]: block 4·h4 + i
+        a[i] = (h4 ? v[i + 4] : v[i]) + __shfl_xor_sync(0xffffffffu, h4 ? v[i] : v[i + 4], 16);
+#pragma unroll
+    for (int i = 0; i < 2; ++i)                                    // b[i]: block 4·h4 + 2·h3 + i
+        b[i] = (h3 ? a[i + 2] : a[i]) + __shfl_xor_sync(0xffffffffu, h3 ? a[i] : a[i + 2], 8);
+    int c = (h2 ? b[1] : b[0]) + __shfl_xor_sync(0xffffffffu, h2 ? b[0] : b[1], 4);   // block l >> 2
+    c += __shfl_xor_sync(0xffffffffu, c, 2);
+    return c + __shfl_xor_sync(0xffffffffu, c, 1);
+}
+
+// One weight row against one token's Q8_K activations, 8 blocks at a time (see the header):
+// returns Σ_b term_b in double, blocks in order, in every lane. w: the row's blocks; xr: the
+// lane's 8 activations of block 0; dr, br: the token's block scales and 16-sums.
+template <class Fmt>
+__device__ __forceinline__ double row_dot8(const u8* w, const i8* xr, const float* dr, const int* br,
+                                           int nb, int lane, const u8* tab) {
+    double acc = 0.0;
+    for (int b0 = 0; b0 < nb; b0 += 8) {
+        int sv[8], mv[8];
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            sv[k] = mv[k] = 0;
+            if (b0 + k < nb)                                            // uniform over the warp
+                Fmt::sm(w + (b0 + k) * Fmt::BYTES, xr + (b0 + k) * QK_K, br + (b0 + k) * 16, lane, tab,
+                        sv[k], mv[k]);
+        }
+        const int S = warp_sum8(sv, lane);
+        const int M = Fmt::HAS_MIN ? warp_sum8(mv, lane) : 0;
+        const int bk = b0 + (lane >> 2);
+        double t = 0.0;
+        if (bk < nb) {
+            float d, dmin;
+            Fmt::scales(w + bk * Fmt::BYTES, d, dmin);
+            t = block_term(S, M, d, dmin, dr[bk]);
+        }
+#pragma unroll
+        for (int k = 0; k < 8; ++k)
+            if (b0 + k < nb) acc = __dadd_rn(acc, __shfl_sync(0xffffffffu, t, 4 * k));
+    }
+    return acc;
+}
 
 // ---------------------------------------------------------------------------------- Q8_K
 
@@ -268,24 +396,55 @@ __device__ __forceinline__ void gate_up(const u8* Wg, const u8* Wu, const u8* ta
     }
 }
 
-#define GATE_UP_KERNEL(name, Fmt, U)                                                               \
+// The default gate/up: gate_up's geometry and numbers, each row through row_dot8.
+template <class Fmt>
+__device__ __forceinline__ void gate_up8(const u8* Wg, const u8* Wu, const u8* tab, const i8* xq,
+                                         const float* xd, const int* xb, const int* sel,
+                                         const float* wts, float* mid, int P, int A, int E, int F,
+                                         int D, float clamp) {
+    const int p = blockIdx.x;
+    const int f = blockIdx.y * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (p >= P || f >= F) return;                           // uniform over the warp
+    const int e = sel[p];
+    float* out = mid + (i64)p * F + f;
+    if (e < 0 || e >= E) {
+        if (lane == 0) *out = nan_f32();
+        return;
+    }
+    const int n = p / A, nb = D / QK_K;
+    const i64 rb = (i64)nb * Fmt::BYTES;
+    const i8* xr = xq + (i64)n * D + 8 * lane;
+    const float* dr = xd + (i64)n * nb;
+    const int* br = xb + (i64)n * (D / 16);
+    const double ag = row_dot8<Fmt>(Wg + ((i64)e * F + f) * rb, xr, dr, br, nb, lane, tab);
+    const double au = row_dot8<Fmt>(Wu + ((i64)e * F + f) * rb, xr, dr, br, nb, lane, tab);
+    if (lane == 0) {
+        const float g = fminf((float)ag, clamp);
+        const float u = fminf(fmaxf((float)au, -clamp), clamp);
+        const float silu = __fdiv_rn(g, __fadd_rn(1.0f, expf(-g)));
+        *out = __fmul_rn(__fmul_rn(silu, u), wts[p]);
+    }
+}
+
+#define GATE_UP_KERNEL(name, Fmt, body)                                                            \
     extern "C" __global__ void name(const u8* Wg, const u8* Wu, const u8* tables, const i8* xq,    \
                                     const float* xd, const int* xb, const int* sel,                \
                                     const float* wts, float* mid, int P, int A, int E, int F,      \
                                     int D, float clamp) {                                          \
-        __shared__ u8 s_tab[Fmt::TABLES ? IQ2_TABLE_BYTES : 1];                                    \
+        __shared__ __align__(16) u8 s_tab[Fmt::TABLES ? IQ2_TABLE_BYTES : 1];                      \
         if (Fmt::TABLES) stage_tables(s_tab, tables);                                              \
-        gate_up<Fmt, U>(Wg, Wu, s_tab, xq, xd, xb, sel, wts, mid, P, A, E, F, D, clamp);           \
+        body(Wg, Wu, s_tab, xq, xd, xb, sel, wts, mid, P, A, E, F, D, clamp);                      \
     }
 
-GATE_UP_KERNEL(moe_gate_up_iq2_xxs, FmtIQ2_XXS, 1)
-GATE_UP_KERNEL(moe_gate_up_q2_k, FmtQ2_K, 1)
-GATE_UP_KERNEL(moe_gate_up_q4_k, FmtQ4_K, 1)
-// the same, MOE_UNROLL blocks at a time (DS4BENCH_MOE_KERNEL=split)
+GATE_UP_KERNEL(moe_gate_up_iq2_xxs, FmtIQ2_XXS, gate_up8<FmtIQ2_XXS>)
+GATE_UP_KERNEL(moe_gate_up_q2_k, FmtQ2_K, gate_up8<FmtQ2_K>)
+GATE_UP_KERNEL(moe_gate_up_q4_k, FmtQ4_K, gate_up8<FmtQ4_K>)
+// block by block, MOE_UNROLL blocks in flight (DS4BENCH_MOE_KERNEL=split)
 #define MOE_UNROLL 4
-GATE_UP_KERNEL(moe_gate_up4_iq2_xxs, FmtIQ2_XXS, MOE_UNROLL)
-GATE_UP_KERNEL(moe_gate_up4_q2_k, FmtQ2_K, MOE_UNROLL)
-GATE_UP_KERNEL(moe_gate_up4_q4_k, FmtQ4_K, MOE_UNROLL)
+GATE_UP_KERNEL(moe_gate_up4_iq2_xxs, FmtIQ2_XXS, (gate_up<FmtIQ2_XXS, MOE_UNROLL>))
+GATE_UP_KERNEL(moe_gate_up4_q2_k, FmtQ2_K, (gate_up<FmtQ2_K, MOE_UNROLL>))
+GATE_UP_KERNEL(moe_gate_up4_q4_k, FmtQ4_K, (gate_up<FmtQ4_K, MOE_UNROLL>))
 
 // ---------------------------------------------------------------------------------- down
 
@@ -338,8 +497,8 @@ __device__ __forceinline__ void down(const u8* Wd, const u8* tab, const i8* mq, 
             tot = nan_f32();
             continue;
         }
-        const double acc = down_row<Fmt, 1>(Wd + ((i64)e * D + o) * rb, mq + (i64)p * F + 8 * lane,
-                                            md + (i64)p * nb, mb + (i64)p * (F / 16), nb, lane, tab);
+        const double acc = row_dot8<Fmt>(Wd + ((i64)e * D + o) * rb, mq + (i64)p * F + 8 * lane,
+                                         md + (i64)p * nb, mb + (i64)p * (F / 16), nb, lane, tab);
         const float ya = (float)acc;
         tot = a == 0 ? ya : __fadd_rn(tot, ya);
     }
@@ -381,7 +540,7 @@ __device__ __forceinline__ void down_split(const u8* Wd, const u8* tab, const i8
     extern "C" __global__ void name(const u8* Wd, const u8* tables, const i8* mq, const float* md, \
                                     const int* mb, const int* sel, float* y, int N, int A, int E,  \
                                     int F, int D) {                                                \
-        __shared__ u8 s_tab[Fmt::TABLES ? IQ2_TABLE_BYTES : 1];                                    \
+        __shared__ __align__(16) u8 s_tab[Fmt::TABLES ? IQ2_TABLE_BYTES : 1];                      \
         if (Fmt::TABLES) stage_tables(s_tab, tables);                                              \
         down<Fmt>(Wd, s_tab, mq, md, mb, sel, y, N, A, E, F, D);                                   \
     }

@@ -462,7 +462,21 @@ def test_kernel_bench_times_every_q8_variant():
     assert [n for n in names if n.startswith("moe q2")] == [
         "moe q2: 6 experts gate/up+down (Q8_K quantize included)",
         "moe q2: 6 experts gate/up+down (Q8_K quantize included), split"]
-    assert all(np.isfinite(r["us"]) and r["us"] > 0 for r in res["rows"])
+    assert all(np.isfinite(r[k]) and r[k] > 0 for r in res["rows"] for k in ("us", "eager_us"))
+
+
+def test_kernel_bench_decode_times_eager_layers_and_the_graph(tmp_path):
+    """bench-kernels' decode table: per-layer event times of the eager step, and the step's wall
+    time replayed from a graph where the mode allows one (q8), with the reason where not (f32)."""
+    from ds4bench import kbench
+    from ds4bench.synth import write_model
+    path = str(tmp_path / "tiny.gguf")
+    write_model(config.preset("tiny"), path)
+    q8 = kbench.decode_layers(path, "q8", "device", steps=2)
+    assert q8["graph_note"] == "graph" and q8["step_ms_graph"] > 0
+    assert len(q8["layers"]) == tiny_model().cfg.n_layer and all(x["ms"] > 0 for x in q8["layers"])
+    f32 = kbench.decode_layers(path, "f32", "device", steps=2)
+    assert f32["step_ms_graph"] is None and f32["graph_note"].startswith("eager (DS4BENCH_DECODE_GRAPH=on does not apply")
 
 
 # ---- end to end ----------------------------------------------------------------------------------
