@@ -69,9 +69,12 @@ def _time(cp, fn, iters: int) -> tuple[float, float]:
 
 
 def copy_bandwidth(cp, nbytes: int = 2 ** 30) -> float:
+    """Device-to-device copy rate, bytes read + written per second, issued eagerly: CuPy copies
+    a contiguous array with cudaMemcpyAsync, which in a graph becomes a copy-engine node that
+    moves data markedly slower than the copy does outside one (2.7 against 4.2 TB/s on an H200)."""
     a = cp.empty(nbytes, dtype=cp.uint8)
     b = cp.empty_like(a)
-    t = _time(cp, lambda: b.__setitem__(Ellipsis, a), 10)[0]
+    t = _time(cp, lambda: b.__setitem__(Ellipsis, a), 10)[1]
     return 2 * nbytes / t
 
 
@@ -125,17 +128,26 @@ def run(variant: str = "q2", iters: int = 200) -> dict:
     x = cp.asarray(rng.standard_normal((1, D)).astype(np.float32))
     # a new expert selection per launch (64 in turn), so the experts come from device memory,
     # not from the L2 cache the previous launch filled
-    sels = itertools.cycle([cp.asarray(rng.choice(E, A, replace=False)[None, :].astype(np.int64))
-                            for _ in range(64)])
+    sel_list = [rng.choice(E, A, replace=False)[None, :] for _ in range(64)]
+    sels = itertools.cycle([cp.asarray(a.astype(np.int64)) for a in sel_list])
+    sels32 = itertools.cycle([cp.asarray(a.astype(np.int32)) for a in sel_list])      # the kernels' own type
     w = cp.full((1, A), 0.25, cp.float32)
     need = A * (2 * F * row_bytes(gate_t, D) + D * row_bytes(down_t, F))
+    from .moe_gpu import q8k_quantize
+    n_gu, n_down = A * 2 * F * row_bytes(gate_t, D), A * D * row_bytes(down_t, F)
     for kind in kernels.KERNEL_CHOICES["DS4BENCH_MOE_KERNEL"]:
         moe.variant = kind
-        t, eager = _time(cp, lambda: moe(0, x, next(sels), w), iters)
-        rows.append({"kernel": f"moe {variant}: {A} experts gate/up+down (Q8_K quantize included)"
-                               + ("" if kind == "warp" else f", {kind}"),
-                     "bytes": int(need), "us": t * 1e6, "gbs": need / t / 1e9, "pct_ceiling": 100 * need / t / ceiling,
-                     "eager_us": eager * 1e6})
+        tail = "" if kind == "warp" else f", {kind}"
+        xq = q8k_quantize(x)
+        mq = q8k_quantize(moe.gate_up(0, *xq, next(sels32), w))
+        for label, nbytes, fn in (
+                (f"moe {variant}: {A} experts gate/up+down (Q8_K quantize included)", need,
+                 lambda: moe(0, x, next(sels), w)),
+                (f"moe {variant}: gate/up only", n_gu, lambda: moe.gate_up(0, *xq, next(sels32), w)),
+                (f"moe {variant}: down only", n_down, lambda: moe.down(0, *mq, next(sels32)))):
+            t, eager = _time(cp, fn, iters)
+            rows.append({"kernel": label + tail, "bytes": int(nbytes), "us": t * 1e6, "gbs": nbytes / t / 1e9,
+                         "pct_ceiling": 100 * nbytes / t / ceiling, "eager_us": eager * 1e6})
     return {"device": device_facts(), "copy_ceiling_gbs": ceiling / 1e9, "variant": variant, "rows": rows}
 
 

@@ -460,8 +460,9 @@ def test_kernel_bench_times_every_q8_variant():
         assert {n[len(label):] for n in names if n.startswith(label)} == {
             "", " fused", " matmul only", " staged, matmul only"}, label
     assert [n for n in names if n.startswith("moe q2")] == [
-        "moe q2: 6 experts gate/up+down (Q8_K quantize included)",
-        "moe q2: 6 experts gate/up+down (Q8_K quantize included), split"]
+        "moe q2: 6 experts gate/up+down (Q8_K quantize included)", "moe q2: gate/up only", "moe q2: down only",
+        "moe q2: 6 experts gate/up+down (Q8_K quantize included), split", "moe q2: gate/up only, split",
+        "moe q2: down only, split"]
     assert all(np.isfinite(r[k]) and r[k] > 0 for r in res["rows"] for k in ("us", "eager_us"))
 
 
