@@ -14,9 +14,9 @@ name=${NAME:-ab}
 before="$stamp-$card-$name-before" after="$stamp-$card-$name-after"
 old=$(mktemp -d)
 git clone -q .gitcarry/ds4bench.bundle "$old" && git -C "$old" checkout -q "$BEFORE" || exit 2
-(cd "$old" && DS4BENCH_COMMIT=$BEFORE PYTHONPATH="$old" python3 -m ds4bench matrix "$@" \
+(cd "$old" && DS4BENCH_COMMIT=$BEFORE PYTHONPATH="$old:$PYTHONPATH" python3 -m ds4bench matrix "$@" \
    --out "$OLDPWD/results/runs" --id "$before")
 python3 -m ds4bench matrix "$@" --id "$after"
-python3 -m ds4bench compare "$before" "$after" | tee "results/runs/$after/compare.md"
+python3 -m ds4bench compare "$before" "$after" | tee "results/runs/$after/compare.md" || exit 1
 [ -n "${OUT:-}" ] && tar czf "$OUT/$name.tgz" --exclude=fingerprints "results/runs/$before" "results/runs/$after"
 exit 0
