@@ -29,7 +29,8 @@ import time
 import cupy as cp
 import numpy as np
 
-from .ops_gpu import SMEM_DEFAULT_MAX, attend_smem
+from . import kernels
+from .ops_gpu import SMEM_DEFAULT_MAX, attend_smem, indexer_smem
 from .profiling import Profiler
 
 
@@ -37,10 +38,14 @@ def graph_unsupported(ops, state) -> str | None:
     """Why a decode step on these ops and this run state cannot be captured, or None."""
     if getattr(ops, "cache", None) == "f32":
         return "the f32 mode multiplies with cuBLAS, which CuPy refuses during stream capture"
-    off = sorted(getattr(ops, "unfused", ()))
+    off = sorted(set(getattr(ops, "unfused", ())) - {"q8quant"})   # q8quant: two launches, no cuBLAS
     if off:
         return f"model code left unfused ({', '.join(off)}) is array code that may call cuBLAS"
-    W = state.cfg.sliding_window
+    cfg, W = state.cfg, state.cfg.sliding_window
+    if any(ls.ik is not None for ls in state.layers):
+        J, I = cfg.indexer_heads, cfg.indexer_dim
+        if indexer_smem(J, I) > SMEM_DEFAULT_MAX:
+            return f"the indexer's {J} heads of {I} do not fit its kernel's shared memory (einsum instead)"
     for ls in state.layers:                 # the static step attends over the whole capacity
         need = max(attend_smem(W + 1 + ls.comp.shape[1]) if ls.comp is not None else 0,
                    8 * ls.ik.shape[1] if ls.ik is not None else 0)
@@ -78,7 +83,7 @@ class DecodeGraph:
         self.pos.set(np.ascontiguousarray(pos, dtype=np.int64).reshape(-1), stream=self.stream)
 
     def __call__(self, tokens, pos) -> cp.ndarray:
-        cp.cuda.Stream.null.synchronize()             # work queued on the default stream (prefill) first
+        self.stream.wait_event(cp.cuda.Stream.null.record())   # after the default stream's work (prefill)
         self._load(tokens, pos)
         if self.graph is not None:
             self.graph.launch(self.stream)
@@ -92,14 +97,21 @@ class DecodeGraph:
     def _capture(self) -> None:
         """Capture a step on the stream (not run: the eager step has made this one's result)."""
         t0 = time.perf_counter()
+        for name in ("quantize_q8_0", "matmul_q8_0", "matmul_q8_0_staged"):
+            kernels.function("q8_0.cu", name)         # a captured step does not fuse (ops_gpu._q8): loaded now
         prof, self.net.prof = self.net.prof, Profiler()   # no events or ranges inside the graph
         try:
             with self.stream, cp.cuda.using_allocator(self.pool.malloc):
                 self.stream.begin_capture()
                 try:
                     logits = self.net.step(self.state, self.tokens, self.pos)
-                finally:
-                    graph = self.stream.end_capture()
+                except BaseException:
+                    try:
+                        self.stream.end_capture()     # leave the stream usable; the step's error is the one to see
+                    except Exception:
+                        pass
+                    raise
+                graph = self.stream.end_capture()
         finally:
             self.net.prof = prof
         graph.upload(self.stream)

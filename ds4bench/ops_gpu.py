@@ -36,10 +36,13 @@ CACHE_RESERVE = 4 * 2 ** 30          # device memory left free when the cache bu
 SMEM_DEFAULT_MAX = 48 * 1024         # dynamic shared memory a launch gets without opting in
 # matmul_q8_0_fused quantizes the activations again in every block of rows: it beats the two
 # launches while that redundant work, K x (row blocks), stays small, and loses beyond (H200,
-# bench-kernels at 6324e4c: won at 0.26-1M, tied at 1M, lost 20-50% at 4M and 66M).
+# bench-kernels at 6324e4c: won at 0.26-1M, tied at 1M, lost 20-50% at 4M and 66M). It wins by
+# saving a launch from Python: replayed from a graph the two launches are faster at every size
+# (9a7c7c5: 7.7 against 12.9 us on attn_q_a), so a step being captured does not fuse.
 FUSED_Q8_MAX_WORK = 1 << 20
 ROUTE_MAX_USED = 16                  # router.cu's RT_MAX_USED
 HC_MAX_STREAMS = 8                   # hc.cu's HC_MAX_STREAMS
+TOPK_COUNT_MAX = 1 << 32             # comparisons above which an eager top-k sorts instead of ranking
 SPLITK_BELOW_BLOCKS = 264            # F16-weight matmuls with fewer row blocks split K (2 per H100 SM)
 
 
@@ -47,6 +50,12 @@ def attend_smem(J: int) -> int:
     """attention.cu's dynamic shared memory for J key rows: their scores in double, then the
     block reduction's scratch."""
     return 8 * J + 256
+
+
+def indexer_smem(J: int, I: int) -> int:
+    """indexer.cu indexer_score's dynamic shared memory: J queries of I (rows padded by one),
+    a key row per warp, J head weights."""
+    return 4 * (J * (I + 1) + 8 * I + J)
 
 
 def _index(a) -> cp.ndarray:
@@ -141,11 +150,13 @@ class GpuOps:
     def _q8(self, name: str, x: cp.ndarray, O: int, K: int, rows_per_group: int) -> cp.ndarray:
         """x [N, G*K] -> [N, O] with Q8_0 weights; groups of rows read their K-slice of x.
         One launch with the quantization fused in where the token tile's quantized activations
-        fit shared memory and the blocks' repeated quantization is cheap (FUSED_Q8_MAX_WORK),
+        fit shared memory, the blocks' repeated quantization is cheap (FUSED_Q8_MAX_WORK) and
+        the stream is not capturing a graph,
         else quantize_q8_0 then matmul_q8_0 (the same bits either way)."""
         N, stride = x.shape
         smem = min(N, TOKEN_TILE) * (K + K // 8)
-        fuse = smem <= SMEM_DEFAULT_MAX and K * -(-O // ROWS_PER_BLOCK) <= FUSED_Q8_MAX_WORK
+        fuse = (smem <= SMEM_DEFAULT_MAX and K * -(-O // ROWS_PER_BLOCK) <= FUSED_Q8_MAX_WORK
+                and not cp.cuda.get_current_stream().is_capturing())
         if fuse and rows_per_group % ROWS_PER_BLOCK == 0 and "q8quant" not in self.unfused:
             y = cp.empty((N, O), dtype=cp.float32)
             kernels.function("q8_0.cu", "matmul_q8_0_fused")(_grid(O, N), (256,), (
@@ -271,17 +282,25 @@ class GpuOps:
 
     def _rope_positions(self, pos, lead: tuple):
         """(positions on the device, rows per position) for rows of shape `lead` that `pos`
-        broadcasts to. Device positions whose shape is `lead` up to trailing ones ([N, 1] for
-        [N, H] rows: one per token, shared by its heads) are used in place."""
+        broadcasts to (NumPy's rules). Device positions of `lead`'s rank whose shape is `lead`
+        with trailing ones ([N, 1] for [N, H] rows: one per token, shared by its heads) are used
+        in place; anything else is broadcast into one position per row."""
         if isinstance(pos, cp.ndarray):
             shape = pos.shape
-            while shape and shape[-1] == 1:
-                shape = shape[:-1]
-            if tuple(lead[:len(shape)]) == shape and pos.dtype == cp.int64 and pos.flags.c_contiguous:
-                return pos, int(np.prod(lead[len(shape):], dtype=np.int64))
+            k = len(shape)
+            while k and shape[k - 1] == 1:
+                k -= 1
+            if (len(shape) == len(lead) and tuple(lead[:k]) == shape[:k] and pos.dtype == cp.int64
+                    and pos.flags.c_contiguous):
+                return pos, int(np.prod(lead[k:], dtype=np.int64))
             return cp.ascontiguousarray(cp.broadcast_to(pos.astype(cp.int64), lead)).reshape(-1), 1
         p = np.ascontiguousarray(np.broadcast_to(np.asarray(pos, dtype=np.int64), lead).reshape(-1))
         return self._positions(p), 1
+
+    def _positions_per_row(self, pos, lead: tuple) -> cp.ndarray:
+        """One device position per row of shape `lead` (kernels that index positions by row)."""
+        p, pdiv = self._rope_positions(pos, lead)
+        return p if pdiv == 1 else cp.ascontiguousarray(cp.broadcast_to(p.reshape(-1, 1), (p.size, pdiv))).reshape(-1)
 
     def _positions(self, p: np.ndarray) -> cp.ndarray:
         """Per-row positions on the device, kept by content for the few arrays a step repeats
@@ -334,7 +353,7 @@ class GpuOps:
         comp = raw if C == 0 else comp                     # neither is read without compressed rows
         kernels.function("attention.cu", "attend_sink_ring")((H, T, B), (256,), (
             cp.ascontiguousarray(q, dtype=cp.float32), raw, cp.ascontiguousarray(kv, dtype=cp.float32), comp,
-            cmask, self._rope_positions(P, (B, T))[0],
+            cmask, self._positions_per_row(P, (B, T)),
             cp.ascontiguousarray(sinks, dtype=cp.float32), o, np.int32(T), np.int32(H), np.int32(W),
             np.int32(C), np.int32(comp.shape[1]), np.int32(K), np.float64(1.0 / math.sqrt(K)), np.int32(ratio)),
             shared_mem=smem)
@@ -379,13 +398,13 @@ class GpuOps:
         computed."""
         B, T, J, I = iq.shape
         C = ik.shape[1]
-        smem = 4 * (J * (I + 1) + 8 * I + J)
+        smem = indexer_smem(J, I)
         if smem > SMEM_DEFAULT_MAX or ik.strides[1:] != (4 * I, 4) or ik.dtype != cp.float32:
             from .model import indexer_scores
             return indexer_scores(cp, self.acc, iq, ik, wt)
         score = cp.empty((B, T, C), cp.float64)
         if C:
-            p = score if pos is None else self._rope_positions(pos, (B, T))[0]    # not read without pos
+            p = score if pos is None else self._positions_per_row(pos, (B, T))    # not read without pos
             kernels.function("indexer.cu", "indexer_score")((T, B), (256,), (
                 cp.ascontiguousarray(iq, dtype=cp.float32), ik, cp.ascontiguousarray(wt, dtype=cp.float32), score,
                 np.int32(T), np.int32(J), np.int32(I), np.int32(C), np.int64(ik.strides[0] // 4),
@@ -435,14 +454,17 @@ class GpuOps:
         by counting in one launch (kernels/indexer.cu topk_keep) where a row's scores fit shared
         memory, else with a sort."""
         C = score.shape[-1]
-        if 8 * C > SMEM_DEFAULT_MAX:
+        R = visible.size // C if C else 0
+        # ranking by counting costs up to C comparisons per entry: a long eager prefill chunk
+        # sorts instead (the same result); a step being captured cannot sort
+        many = R * C * C > TOPK_COUNT_MAX and not cp.cuda.get_current_stream().is_capturing()
+        if 8 * C > SMEM_DEFAULT_MAX or many:
             s = cp.where(visible, score, -cp.inf).reshape(-1, C)
             idx = cp.argsort(-s, axis=-1)[:, :k]
             keep = cp.zeros(s.shape, dtype=cp.bool_)
             keep[cp.arange(s.shape[0])[:, None], idx] = True
             return keep.reshape(visible.shape) & visible
         keep = cp.empty(visible.shape, dtype=cp.bool_)
-        R = visible.size // C if C else 0
         if R:
             kernels.function("indexer.cu", "topk_keep")((R,), (256,), (
                 cp.ascontiguousarray(score, dtype=cp.float64), cp.ascontiguousarray(visible, dtype=cp.bool_).view(cp.uint8),

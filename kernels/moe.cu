@@ -276,6 +276,41 @@ __device__ __forceinline__ double row_dot8(const u8* w, const i8* xr, const floa
     return acc;
 }
 
+// row_dot8's sum block by block (the split variants): U blocks at a time, their parts first,
+// then their warp sums, then their terms added in block order: the same arithmetic in the same
+// order for any U (and as row_dot8); U > 1 only lets the loads and shuffle chains of U blocks overlap.
+template <class Fmt, int U>
+__device__ __forceinline__ double row_dot_blocks(const u8* w, const i8* xr, const float* dr, const int* br,
+                                           int nb, int lane, const u8* tab) {
+    double acc = 0.0;
+    for (int b0 = 0; b0 < nb; b0 += U) {
+        Part pw[U];
+#pragma unroll
+        for (int k = 0; k < U; ++k)
+            if (b0 + k < nb)                                // uniform over the warp
+                pw[k] = Fmt::part(w + (b0 + k) * Fmt::BYTES, xr + (b0 + k) * QK_K, br + (b0 + k) * 16, lane, tab);
+        int s[U], m[U];
+#pragma unroll
+        for (int k = 0; k < U; ++k) {
+            if (b0 + k < nb) {
+                s[k] = warp_sum(pw[k].s);
+                m[k] = warp_sum(pw[k].m);
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < U; ++k)
+            if (b0 + k < nb) acc = __dadd_rn(acc, block_term(s[k], m[k], pw[k].d, pw[k].dmin, dr[b0 + k]));
+    }
+    return acc;
+}
+
+template <class Fmt, int U>
+__device__ __forceinline__ double row_dot(const u8* w, const i8* xr, const float* dr, const int* br, int nb,
+                                          int lane, const u8* tab) {
+    if (U == 0) return row_dot8<Fmt>(w, xr, dr, br, nb, lane, tab);
+    return row_dot_blocks<Fmt, (U > 0 ? U : 1)>(w, xr, dr, br, nb, lane, tab);
+}
+
 // ---------------------------------------------------------------------------------- Q8_K
 
 // One CTA of 256 threads per 256-block of x [rows, n] (blockIdx.x = row·n/256 + block, which is
@@ -333,9 +368,7 @@ __device__ __forceinline__ void stage_tables(u8* dst, const u8* src) {
 //   mid[p, f] = (g / (1 + exp(−g))) · u · w[p]                  (float32, the reference's order)
 // Weights: [E, F, D] raw blocks, row e·F + f of D/256 blocks. x as Q8_K: xq [N, D], xd [N, D/256],
 // xb [N, D/16]. An expert id outside 0..E−1 writes NaN.
-// U blocks at a time: their parts (independent loads) first, then their warp sums, then their
-// terms added to the accumulators in block order: the same arithmetic in the same order for any
-// U; U > 1 only lets the loads and shuffle chains of U blocks overlap.
+// Each row's dot is row_dot<Fmt, U> (U = 0: the default, row_dot8; else block by block).
 template <class Fmt, int U>
 __device__ __forceinline__ void gate_up(const u8* Wg, const u8* Wu, const u8* tab, const i8* xq,
                                         const float* xd, const int* xb, const int* sel,
@@ -353,41 +386,11 @@ __device__ __forceinline__ void gate_up(const u8* Wg, const u8* Wu, const u8* ta
     }
     const int n = p / A, nb = D / QK_K;
     const i64 rb = (i64)nb * Fmt::BYTES;
-    const u8* wg = Wg + ((i64)e * F + f) * rb;
-    const u8* wu = Wu + ((i64)e * F + f) * rb;
     const i8* xr = xq + (i64)n * D + 8 * lane;
     const float* dr = xd + (i64)n * nb;
     const int* br = xb + (i64)n * (D / 16);
-    double ag = 0.0, au = 0.0;
-    for (int b0 = 0; b0 < nb; b0 += U) {
-        Part pg[U], pu[U];
-#pragma unroll
-        for (int k = 0; k < U; ++k) {
-            if (b0 + k < nb) {                              // uniform over the warp
-                const int b = b0 + k;
-                pg[k] = Fmt::part(wg + b * Fmt::BYTES, xr + b * QK_K, br + b * 16, lane, tab);
-                pu[k] = Fmt::part(wu + b * Fmt::BYTES, xr + b * QK_K, br + b * 16, lane, tab);
-            }
-        }
-        int sg[U], mg[U], su[U], mu[U];
-#pragma unroll
-        for (int k = 0; k < U; ++k) {
-            if (b0 + k < nb) {
-                sg[k] = warp_sum(pg[k].s);
-                mg[k] = warp_sum(pg[k].m);
-                su[k] = warp_sum(pu[k].s);
-                mu[k] = warp_sum(pu[k].m);
-            }
-        }
-#pragma unroll
-        for (int k = 0; k < U; ++k) {
-            if (b0 + k < nb) {
-                const float dx = dr[b0 + k];
-                ag = __dadd_rn(ag, block_term(sg[k], mg[k], pg[k].d, pg[k].dmin, dx));
-                au = __dadd_rn(au, block_term(su[k], mu[k], pu[k].d, pu[k].dmin, dx));
-            }
-        }
-    }
+    const double ag = row_dot<Fmt, U>(Wg + ((i64)e * F + f) * rb, xr, dr, br, nb, lane, tab);
+    const double au = row_dot<Fmt, U>(Wu + ((i64)e * F + f) * rb, xr, dr, br, nb, lane, tab);
     if (lane == 0) {
         const float g = fminf((float)ag, clamp);
         const float u = fminf(fmaxf((float)au, -clamp), clamp);
@@ -396,84 +399,26 @@ __device__ __forceinline__ void gate_up(const u8* Wg, const u8* Wu, const u8* ta
     }
 }
 
-// The default gate/up: gate_up's geometry and numbers, each row through row_dot8.
-template <class Fmt>
-__device__ __forceinline__ void gate_up8(const u8* Wg, const u8* Wu, const u8* tab, const i8* xq,
-                                         const float* xd, const int* xb, const int* sel,
-                                         const float* wts, float* mid, int P, int A, int E, int F,
-                                         int D, float clamp) {
-    const int p = blockIdx.x;
-    const int f = blockIdx.y * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    const int lane = threadIdx.x & 31;
-    if (p >= P || f >= F) return;                           // uniform over the warp
-    const int e = sel[p];
-    float* out = mid + (i64)p * F + f;
-    if (e < 0 || e >= E) {
-        if (lane == 0) *out = nan_f32();
-        return;
-    }
-    const int n = p / A, nb = D / QK_K;
-    const i64 rb = (i64)nb * Fmt::BYTES;
-    const i8* xr = xq + (i64)n * D + 8 * lane;
-    const float* dr = xd + (i64)n * nb;
-    const int* br = xb + (i64)n * (D / 16);
-    const double ag = row_dot8<Fmt>(Wg + ((i64)e * F + f) * rb, xr, dr, br, nb, lane, tab);
-    const double au = row_dot8<Fmt>(Wu + ((i64)e * F + f) * rb, xr, dr, br, nb, lane, tab);
-    if (lane == 0) {
-        const float g = fminf((float)ag, clamp);
-        const float u = fminf(fmaxf((float)au, -clamp), clamp);
-        const float silu = __fdiv_rn(g, __fadd_rn(1.0f, expf(-g)));
-        *out = __fmul_rn(__fmul_rn(silu, u), wts[p]);
-    }
-}
-
-#define GATE_UP_KERNEL(name, Fmt, body)                                                            \
+#define GATE_UP_KERNEL(name, Fmt, U)                                                               \
     extern "C" __global__ void name(const u8* Wg, const u8* Wu, const u8* tables, const i8* xq,    \
                                     const float* xd, const int* xb, const int* sel,                \
                                     const float* wts, float* mid, int P, int A, int E, int F,      \
                                     int D, float clamp) {                                          \
         __shared__ __align__(16) u8 s_tab[Fmt::TABLES ? IQ2_TABLE_BYTES : 1];                      \
         if (Fmt::TABLES) stage_tables(s_tab, tables);                                              \
-        body(Wg, Wu, s_tab, xq, xd, xb, sel, wts, mid, P, A, E, F, D, clamp);                      \
+        gate_up<Fmt, U>(Wg, Wu, s_tab, xq, xd, xb, sel, wts, mid, P, A, E, F, D, clamp);           \
     }
 
-GATE_UP_KERNEL(moe_gate_up_iq2_xxs, FmtIQ2_XXS, gate_up8<FmtIQ2_XXS>)
-GATE_UP_KERNEL(moe_gate_up_q2_k, FmtQ2_K, gate_up8<FmtQ2_K>)
-GATE_UP_KERNEL(moe_gate_up_q4_k, FmtQ4_K, gate_up8<FmtQ4_K>)
+GATE_UP_KERNEL(moe_gate_up_iq2_xxs, FmtIQ2_XXS, 0)
+GATE_UP_KERNEL(moe_gate_up_q2_k, FmtQ2_K, 0)
+GATE_UP_KERNEL(moe_gate_up_q4_k, FmtQ4_K, 0)
 // block by block, MOE_UNROLL blocks in flight (DS4BENCH_MOE_KERNEL=split)
 #define MOE_UNROLL 4
-GATE_UP_KERNEL(moe_gate_up4_iq2_xxs, FmtIQ2_XXS, (gate_up<FmtIQ2_XXS, MOE_UNROLL>))
-GATE_UP_KERNEL(moe_gate_up4_q2_k, FmtQ2_K, (gate_up<FmtQ2_K, MOE_UNROLL>))
-GATE_UP_KERNEL(moe_gate_up4_q4_k, FmtQ4_K, (gate_up<FmtQ4_K, MOE_UNROLL>))
+GATE_UP_KERNEL(moe_gate_up4_iq2_xxs, FmtIQ2_XXS, MOE_UNROLL)
+GATE_UP_KERNEL(moe_gate_up4_q2_k, FmtQ2_K, MOE_UNROLL)
+GATE_UP_KERNEL(moe_gate_up4_q4_k, FmtQ4_K, MOE_UNROLL)
 
 // ---------------------------------------------------------------------------------- down
-
-// One expert's down row against one pair's Q8_K activations, U blocks at a time (as gate_up):
-// the block terms summed in double in block order.
-template <class Fmt, int U>
-__device__ __forceinline__ double down_row(const u8* w, const i8* xr, const float* dr, const int* br,
-                                           int nb, int lane, const u8* tab) {
-    double acc = 0.0;
-    for (int b0 = 0; b0 < nb; b0 += U) {
-        Part pw[U];
-#pragma unroll
-        for (int k = 0; k < U; ++k)
-            if (b0 + k < nb)                                // uniform over the warp
-                pw[k] = Fmt::part(w + (b0 + k) * Fmt::BYTES, xr + (b0 + k) * QK_K, br + (b0 + k) * 16, lane, tab);
-        int s[U], m[U];
-#pragma unroll
-        for (int k = 0; k < U; ++k) {
-            if (b0 + k < nb) {
-                s[k] = warp_sum(pw[k].s);
-                m[k] = warp_sum(pw[k].m);
-            }
-        }
-#pragma unroll
-        for (int k = 0; k < U; ++k)
-            if (b0 + k < nb) acc = __dadd_rn(acc, block_term(s[k], m[k], pw[k].d, pw[k].dmin, dr[b0 + k]));
-    }
-    return acc;
-}
 
 // grid (N, ceil(D / warps)), block warps·32. Warp w of CTA (n, oy) computes output o = oy·warps + w:
 //   y[n, o] = Σ_{a = 0..A−1, in order, float32} f32(Wd[sel[n·A + a], o]·mid[n·A + a])
@@ -523,7 +468,7 @@ __device__ __forceinline__ void down_split(const u8* Wd, const u8* tab, const i8
         const int nb = F / QK_K, p = n * A + a, e = sel[p];
         float ya = nan_f32();
         if (e >= 0 && e < E)
-            ya = (float)down_row<Fmt, MOE_UNROLL>(Wd + ((i64)e * D + o) * (i64)nb * Fmt::BYTES,
+            ya = (float)row_dot_blocks<Fmt, MOE_UNROLL>(Wd + ((i64)e * D + o) * (i64)nb * Fmt::BYTES,
                                                   mq + (i64)p * F + 8 * lane, md + (i64)p * nb,
                                                   mb + (i64)p * (F / 16), nb, lane, tab);
         if (lane == 0) s_ya[r * A + a] = ya;

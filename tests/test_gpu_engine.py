@@ -609,6 +609,41 @@ def test_decode_graph_changes_no_bit(cache, monkeypatch):
         assert b.tokens == g.tokens and b.topk_logprobs == g.topk_logprobs
 
 
+def test_decode_graph_interleaves_with_eager_steps(monkeypatch):
+    """Replays mixed with what stays eager, as an engine sees them: a step of one slot only
+    (forward), then replays again, then a new sequence in a slot (reset and prefill) and more
+    replays; against an engine that decodes everything eagerly, bit for bit. With
+    DS4BENCH_UNFUSED=q8quant (two launches, no cuBLAS) the graph still applies."""
+    monkeypatch.setenv("DS4BENCH_UNFUSED", "q8quant")
+
+    def run(graph):
+        eng = Engine(tiny_model(), cache="q8", backend="cupy", batch=2, ctx=96, prefill_chunk=40,
+                     decode_graph="on" if graph else "off")
+        assert eng.decode_path == ("graph" if graph else "eager")
+        eng.prefill(0, list(range(1, 30)))
+        eng.prefill(1, list(range(3, 20)))
+        both, out, tok = np.array([0, 1]), [], np.array([5, 7])
+        for step in range(9):
+            if step == 3:
+                out.append(eng.decode(tok[1:], np.array([1])))            # one slot: eager
+                tok[1] = out[-1][0].argmax()
+                continue
+            if step == 6:
+                eng.state.reset([0])
+                out.append(eng.prefill(0, list(range(40, 61)))[None])       # a new sequence in slot 0
+                tok[0] = out[-1][0].argmax()
+                continue
+            out.append(eng.decode(tok, both))
+            tok = out[-1].argmax(-1)
+        return out, eng
+
+    want, _ = run(False)
+    got, eng = run(True)
+    assert eng.graph.replays == 6                                            # 7 two-slot steps, the first eager
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+
+
 def test_decode_graph_says_where_it_does_not_apply(monkeypatch):
     """f32 multiplies with cuBLAS, which CuPy refuses inside a capture: that engine decodes
     eagerly, says why, and gives the eager bits."""
