@@ -29,7 +29,6 @@ import time
 import cupy as cp
 import numpy as np
 
-from . import kernels
 from .ops_gpu import SMEM_DEFAULT_MAX, attend_smem, indexer_smem
 from .profiling import Profiler
 
@@ -97,8 +96,6 @@ class DecodeGraph:
     def _capture(self) -> None:
         """Capture a step on the stream (not run: the eager step has made this one's result)."""
         t0 = time.perf_counter()
-        for name in ("quantize_q8_0", "matmul_q8_0", "matmul_q8_0_staged"):
-            kernels.function("q8_0.cu", name)         # a captured step does not fuse (ops_gpu._q8): loaded now
         prof, self.net.prof = self.net.prof, Profiler()   # no events or ranges inside the graph
         try:
             with self.stream, cp.cuda.using_allocator(self.pool.malloc):

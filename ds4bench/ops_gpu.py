@@ -36,9 +36,10 @@ CACHE_RESERVE = 4 * 2 ** 30          # device memory left free when the cache bu
 SMEM_DEFAULT_MAX = 48 * 1024         # dynamic shared memory a launch gets without opting in
 # matmul_q8_0_fused quantizes the activations again in every block of rows: it beats the two
 # launches while that redundant work, K x (row blocks), stays small, and loses beyond (H200,
-# bench-kernels at 6324e4c: won at 0.26-1M, tied at 1M, lost 20-50% at 4M and 66M). It wins by
-# saving a launch from Python: replayed from a graph the two launches are faster at every size
-# (9a7c7c5: 7.7 against 12.9 us on attn_q_a), so a step being captured does not fuse.
+# bench-kernels at 6324e4c: won at 0.26-1M, tied at 1M, lost 20-50% at 4M and 66M). Replayed
+# from a graph the two launches time faster alone (9a7c7c5: 7.7 against 12.9 us on attn_q_a),
+# but a captured step without the fused kernel decoded no faster (14ae248 against 9a7c7c5,
+# results/runs/20261126-0456-h200-flash-4l-graph-nofuse-*), so the captured step fuses too.
 FUSED_Q8_MAX_WORK = 1 << 20
 ROUTE_MAX_USED = 16                  # router.cu's RT_MAX_USED
 HC_MAX_STREAMS = 8                   # hc.cu's HC_MAX_STREAMS
@@ -150,13 +151,11 @@ class GpuOps:
     def _q8(self, name: str, x: cp.ndarray, O: int, K: int, rows_per_group: int) -> cp.ndarray:
         """x [N, G*K] -> [N, O] with Q8_0 weights; groups of rows read their K-slice of x.
         One launch with the quantization fused in where the token tile's quantized activations
-        fit shared memory, the blocks' repeated quantization is cheap (FUSED_Q8_MAX_WORK) and
-        the stream is not capturing a graph,
+        fit shared memory and the blocks' repeated quantization is cheap (FUSED_Q8_MAX_WORK),
         else quantize_q8_0 then matmul_q8_0 (the same bits either way)."""
         N, stride = x.shape
         smem = min(N, TOKEN_TILE) * (K + K // 8)
-        fuse = (smem <= SMEM_DEFAULT_MAX and K * -(-O // ROWS_PER_BLOCK) <= FUSED_Q8_MAX_WORK
-                and not cp.cuda.get_current_stream().is_capturing())
+        fuse = smem <= SMEM_DEFAULT_MAX and K * -(-O // ROWS_PER_BLOCK) <= FUSED_Q8_MAX_WORK
         if fuse and rows_per_group % ROWS_PER_BLOCK == 0 and "q8quant" not in self.unfused:
             y = cp.empty((N, O), dtype=cp.float32)
             kernels.function("q8_0.cu", "matmul_q8_0_fused")(_grid(O, N), (256,), (
