@@ -120,4 +120,4 @@ class DecodeGraph:
 
     def info(self) -> str:
         return (f"captured in {self.capture_s * 1e3:.0f} ms, replayed {self.replays} times, "
-                f"{self.pool.total_bytes() / 2 ** 20:.1f} MiB of its own memory")
+                f"{self.pool.total_bytes() / 2 ** 20:.2f} MiB of its own memory")
