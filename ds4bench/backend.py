@@ -17,6 +17,7 @@ import numpy as np
 
 PLACEMENTS = ("device", "managed", "managed-hinted", "host")
 MANAGED_MARGIN = 2 * 2 ** 30          # bytes kept free beyond the weights under managed placement
+SLACK = 16                            # bytes allocated past each placed tensor (Placer.put)
 
 
 def check_placement(p: str) -> str:
@@ -78,7 +79,9 @@ class Placer:
                     f"memory can hang the GPU: use placement host or a smaller model")
 
     def put(self, a: np.ndarray):
-        """A CuPy array holding `a` (same dtype and shape) in this placement."""
+        """A CuPy array holding `a` (same dtype and shape) in this placement. Every allocation
+        has at least SLACK bytes past the data (CuPy's pool rounds device ones up to 512), so
+        a kernel's aligned word loads of a tensor's last block stay inside it."""
         cp = self.cp
         a = np.ascontiguousarray(a)
         n = a.nbytes
@@ -87,20 +90,20 @@ class Placer:
             return cp.asarray(a)
         if self.placement == "host":
             rt = cp.cuda.runtime
-            ptr = rt.hostAlloc(max(n, 1), rt.hostAllocMapped)
+            ptr = rt.hostAlloc(n + SLACK, rt.hostAllocMapped)
             self._host_blocks.append(ptr)
             ctypes.memmove(ptr, a.ctypes.data, n)
             # mapped pinned memory under unified addressing: the host pointer is the device pointer
-            mem = cp.cuda.UnownedMemory(ptr, max(n, 1), self)
+            mem = cp.cuda.UnownedMemory(ptr, n + SLACK, self)
             return cp.ndarray(a.shape, a.dtype, cp.cuda.MemoryPointer(mem, 0))
-        mem = cp.cuda.malloc_managed(max(n, 1))
+        mem = cp.cuda.malloc_managed(n + SLACK)
         out = cp.ndarray(a.shape, a.dtype, mem)
         out.set(a)
         if self.placement == "managed-hinted":
             rt, dev = cp.cuda.runtime, cp.cuda.Device().id
-            rt.memAdvise(mem.ptr, max(n, 1), rt.cudaMemAdviseSetReadMostly, dev)
-            rt.memAdvise(mem.ptr, max(n, 1), rt.cudaMemAdviseSetPreferredLocation, dev)
-            rt.memPrefetchAsync(mem.ptr, max(n, 1), dev, cp.cuda.get_current_stream().ptr)
+            rt.memAdvise(mem.ptr, n + SLACK, rt.cudaMemAdviseSetReadMostly, dev)
+            rt.memAdvise(mem.ptr, n + SLACK, rt.cudaMemAdviseSetPreferredLocation, dev)
+            rt.memPrefetchAsync(mem.ptr, n + SLACK, dev, cp.cuda.get_current_stream().ptr)
         return out
 
     def close(self) -> None:

@@ -28,6 +28,22 @@ extern "C" __global__ void quantize_q8_0(const float* __restrict__ x, signed cha
     if (threadIdx.x == 0) d[row * (n / 32) + b] = dd;
 }
 
+// The scale and the 8 quant words (4 int8 each, little-endian) of the Q8_0 block at blk. A block
+// starts 2-byte aligned (34 bytes), so its words are taken from the 9 aligned 4-byte words that
+// cover it, starting at blk or 2 bytes before: 9 loads, the same in every lane (no divergence),
+// where 2-byte reads take 17. A block starting 4-byte aligned reads the 2 bytes after it (the
+// next block's scale; allocations carry slack past a tensor's last block, backend.Placer).
+__device__ __forceinline__ float q8_block_words(const unsigned char* blk, int* wq) {
+    const bool mid = ((size_t)blk & 2) != 0;                         // starts 2 bytes into a word
+    const unsigned int* w = (const unsigned int*)(blk - (mid ? 2 : 0));
+    unsigned int u[9];
+#pragma unroll
+    for (int i = 0; i < 9; i++) u[i] = w[i];
+#pragma unroll
+    for (int j = 0; j < 8; j++) wq[j] = (int)(mid ? u[j + 1] : __funnelshift_r(u[j], u[j + 1], 16));
+    return __half2float(__ushort_as_half((unsigned short)(mid ? u[0] >> 16 : u[0] & 0xffffu)));
+}
+
 // One Q8_0 weight row against a tile of quantized activations: lane l takes blocks l, l+32, ...;
 // xq(i, b) points at token i's int8 block b, xd(i, b) is its scale. Block terms are formed and
 // summed in double (see matmul_q8_0).
@@ -35,12 +51,8 @@ template <typename XQ, typename XD>
 __device__ __forceinline__ void q8_row_tile(const unsigned char* __restrict__ row, int nb, int lane, int nt,
                                             XQ xq, XD xd, double* acc) {
     for (int b = lane; b < nb; b += DS4_WARP) {
-        const unsigned char* blk = row + b * Q8_BLOCK_BYTES;
-        const double dw = (double)__half2float(*(const __half*)blk);
-        const unsigned short* qs = (const unsigned short*)(blk + 2);     // 2-byte aligned
         int wq[8];
-#pragma unroll
-        for (int i = 0; i < 8; i++) wq[i] = (int)((unsigned int)qs[2 * i] | ((unsigned int)qs[2 * i + 1] << 16));
+        const double dw = (double)q8_block_words(row + b * Q8_BLOCK_BYTES, wq);
 #pragma unroll
         for (int i = 0; i < TOKEN_TILE; i++) {
             if (i < nt) {

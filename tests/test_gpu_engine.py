@@ -85,9 +85,12 @@ def test_quantize_q8_0_exact(N, n):
 
 
 @pytest.mark.parametrize("O,K,N,groups", [(1024, 4096, 1, 1), (32768, 1024, 3, 1), (4096, 8192, 9, 1),
-                                          (8192, 4096, 2, 8), (129280, 4096, 1, 1), (128, 256, 17, 2)])
+                                          (8192, 4096, 2, 8), (129280, 4096, 1, 1), (128, 256, 17, 2),
+                                          (65, 96, 2, 1)])
 def test_matmul_q8_0_matches_int_dot(O, K, N, groups):
-    """Flash shapes (attn_q_a, attn_q_b, attn_output_b, grouped attn_output_a, output head) and tiny."""
+    """Flash shapes (attn_q_a, attn_q_b, attn_output_b, grouped attn_output_a, output head), tiny,
+    and rows of an odd number of blocks (rows alternate between starting 4-byte aligned and 2
+    bytes in, and the tensor's last block starts aligned: its word loads read past it)."""
     Kg = K // groups
     w = (RNG.standard_normal((O, Kg)) * 0.02).astype(np.float32)
     raw = F.quantize_q8_0(w)
