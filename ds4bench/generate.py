@@ -126,8 +126,7 @@ class Engine:
         # (DS4BENCH_DECODE_GRAPH=on, or decode_graph="on": replayed from a CUDA graph), or eager
         # with the reason the graph does not apply
         self.graph, self.decode_path = None, "eager"
-        want = decode_graph or getattr(self.ops, "decode_graph", None) or kernel_choice(
-            "DS4BENCH_DECODE_GRAPH", os.environ.get("DS4BENCH_DECODE_GRAPH"))
+        want = decode_graph or kernel_choice("DS4BENCH_DECODE_GRAPH", os.environ.get("DS4BENCH_DECODE_GRAPH"))
         if want == "on":
             why = "the NumPy engine has no CUDA graphs" if self.xp is np else None
             if why is None:
@@ -165,8 +164,7 @@ class Engine:
         slots = np.asarray(slots)
         g = self.graph
         if g is not None and len(slots) == self.batch and (slots == np.arange(self.batch)).all():
-            if int(self.state.pos.max()) >= self.ctx:
-                raise ValueError(f"context overflow: position {int(self.state.pos.max())} >= ctx {self.ctx}")
+            self.state.check_position(int(self.state.pos.max()))
             with g.stream, self.prof.range("decode"):
                 logits = g(tokens, self.state.pos)
             self.state.pos += 1

@@ -54,6 +54,23 @@ def graph_unsupported(ops, state) -> str | None:
     return None
 
 
+def capture(stream, pool, fn):
+    """Capture `fn()` on the non-default `stream`, everything it allocates taken from `pool`:
+    (the instantiated graph, fn's result). When fn fails, the capture is ended and fn's error
+    is the one raised."""
+    with stream, cp.cuda.using_allocator(pool.malloc):
+        stream.begin_capture()
+        try:
+            out = fn()
+        except BaseException:
+            try:
+                stream.end_capture()
+            except Exception:
+                pass
+            raise
+        return stream.end_capture(), out
+
+
 class DecodeGraph:
     """One decode token for every slot of `state`, captured after a first eager step and replayed.
 
@@ -98,17 +115,8 @@ class DecodeGraph:
         t0 = time.perf_counter()
         prof, self.net.prof = self.net.prof, Profiler()   # no events or ranges inside the graph
         try:
-            with self.stream, cp.cuda.using_allocator(self.pool.malloc):
-                self.stream.begin_capture()
-                try:
-                    logits = self.net.step(self.state, self.tokens, self.pos)
-                except BaseException:
-                    try:
-                        self.stream.end_capture()     # leave the stream usable; the step's error is the one to see
-                    except Exception:
-                        pass
-                    raise
-                graph = self.stream.end_capture()
+            graph, logits = capture(self.stream, self.pool,
+                                    lambda: self.net.step(self.state, self.tokens, self.pos))
         finally:
             self.net.prof = prof
         graph.upload(self.stream)

@@ -54,14 +54,10 @@ def _time(cp, fn, iters: int, graph: bool = True) -> tuple[float, float]:
     eager = cp.cuda.get_elapsed_time(s, e) / 1e3 / iters
     if not graph:
         return eager, eager
+    from .graph_gpu import capture
     stream, pool = cp.cuda.Stream(non_blocking=True), cp.cuda.MemoryPool()
-    with stream, cp.cuda.using_allocator(pool.malloc):
-        stream.begin_capture()
-        try:
-            for _ in range(iters):
-                fn()
-        finally:
-            graph = stream.end_capture()
+    graph, _ = capture(stream, pool, lambda: [fn() for _ in range(iters)])
+    with stream:
         graph.launch(stream)                            # uploaded and warm
         s.record(stream)
         graph.launch(stream)
@@ -134,9 +130,9 @@ def run(variant: str = "q2", iters: int = 200) -> dict:
     sels = itertools.cycle([cp.asarray(a.astype(np.int64)) for a in sel_list])
     sels32 = itertools.cycle([cp.asarray(a.astype(np.int32)) for a in sel_list])      # the kernels' own type
     w = cp.full((1, A), 0.25, cp.float32)
-    need = A * (2 * F * row_bytes(gate_t, D) + D * row_bytes(down_t, F))
     from .moe_gpu import q8k_quantize
     n_gu, n_down = A * 2 * F * row_bytes(gate_t, D), A * D * row_bytes(down_t, F)
+    need = n_gu + n_down
     for kind in kernels.KERNEL_CHOICES["DS4BENCH_MOE_KERNEL"]:
         moe.variant = kind
         tail = "" if kind == "warp" else f", {kind}"

@@ -474,8 +474,7 @@ class DS4Model:
         slots = np.asarray(slots, dtype=np.int64)
         B, T = tokens.shape
         P = state.pos[slots][:, None] + np.arange(T)                                    # [B, T]
-        if int(P.max()) >= state.ctx:
-            raise ValueError(f"context overflow: position {int(P.max())} >= ctx {state.ctx}")
+        state.check_position(int(P.max()))
         inplace = len(slots) == state.batch and bool((slots == np.arange(state.batch)).all())
         self._static, self._im = False, np
         logits = self._run(state, tokens.reshape(-1), P, slots, inplace, all_logits, observe)

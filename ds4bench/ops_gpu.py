@@ -88,7 +88,6 @@ class GpuOps:
         self.unfused = frozenset(off)
         self.q8_kernel = kernels.kernel_choice("DS4BENCH_Q8_KERNEL", os.environ.get("DS4BENCH_Q8_KERNEL"))
         self.attn_kernel = kernels.kernel_choice("DS4BENCH_ATTN_KERNEL", os.environ.get("DS4BENCH_ATTN_KERNEL"))
-        self.decode_graph = kernels.kernel_choice("DS4BENCH_DECODE_GRAPH", os.environ.get("DS4BENCH_DECODE_GRAPH"))
         self.placer = Placer(self.placement, model.nbytes)
         self.w: dict[str, cp.ndarray] = {}
         expert_tensors = {}
@@ -292,14 +291,14 @@ class GpuOps:
             if (len(shape) == len(lead) and tuple(lead[:k]) == shape[:k] and pos.dtype == cp.int64
                     and pos.flags.c_contiguous):
                 return pos, int(np.prod(lead[k:], dtype=np.int64))
-            return cp.ascontiguousarray(cp.broadcast_to(pos.astype(cp.int64), lead)).reshape(-1), 1
-        p = np.ascontiguousarray(np.broadcast_to(np.asarray(pos, dtype=np.int64), lead).reshape(-1))
-        return self._positions(p), 1
+        return self._positions_per_row(pos, lead), 1
 
     def _positions_per_row(self, pos, lead: tuple) -> cp.ndarray:
-        """One device position per row of shape `lead` (kernels that index positions by row)."""
-        p, pdiv = self._rope_positions(pos, lead)
-        return p if pdiv == 1 else cp.ascontiguousarray(cp.broadcast_to(p.reshape(-1, 1), (p.size, pdiv))).reshape(-1)
+        """One device position per row of shape `lead` that `pos` (host or device) broadcasts to:
+        what kernels that index positions by row read."""
+        if isinstance(pos, cp.ndarray):
+            return cp.ascontiguousarray(cp.broadcast_to(pos.astype(cp.int64, copy=False), lead)).reshape(-1)
+        return self._positions(np.ascontiguousarray(np.broadcast_to(np.asarray(pos, dtype=np.int64), lead).reshape(-1)))
 
     def _positions(self, p: np.ndarray) -> cp.ndarray:
         """Per-row positions on the device, kept by content for the few arrays a step repeats

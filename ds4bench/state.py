@@ -58,6 +58,11 @@ class RunState:
             layers.append(ls)
         return cls(cfg, batch, ctx, layers, np.zeros(batch, dtype=np.int64), xp)
 
+    def check_position(self, p: int) -> None:
+        """ValueError (one line) when position p does not fit the context."""
+        if p >= self.ctx:
+            raise ValueError(f"context overflow: position {p} >= ctx {self.ctx}")
+
     def reset(self, slots=None) -> None:
         """Start fresh sequences in `slots` (all when None). Old rows are never read again:
         every read is limited to positions in [0, pos)."""

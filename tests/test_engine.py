@@ -455,3 +455,12 @@ def test_decode_graph_toggle_says_it_does_not_apply_on_the_cpu(monkeypatch, caps
     assert "decode eager (DS4BENCH_DECODE_GRAPH=on does not apply" in capsys.readouterr().out
     monkeypatch.setenv("DS4BENCH_DECODE_GRAPH", "off")
     assert Engine(tiny_model(), cache="q8", ctx=64).decode_path == "eager"
+
+
+def test_decoding_past_the_context_is_refused_in_one_line():
+    """A step whose position does not fit the run state's context stops with one line naming
+    the position and the context (forward; the graph path calls the same check)."""
+    eng = Engine(tiny_model(), cache="q8", ctx=8)
+    eng.prefill(0, list(range(1, 9)))                       # positions 0..7: full
+    with pytest.raises(ValueError, match=r"^context overflow: position 8 >= ctx 8$"):
+        eng.decode(np.array([5]), np.array([0]))
