@@ -2,7 +2,8 @@
 
 One `Tokenizer` serves real DeepSeek V4 Flash GGUFs (built from their `tokenizer.ggml.*`
 metadata) and synthetic models (`byte_level`, whose vocabulary is the 256 byte tokens, the
-six DS4 control tokens, a few English merges and `<unused_N>` padding). Both split text the
+six DS4 control tokens, a few English merges, the `｜DSML｜` marker ds4 requires and
+`<unused_N>` padding). Both split text the
 way ds4's `bpe_tokenize_text` does, so a piece boundary, and therefore a token count, means
 the same thing for either.
 
@@ -26,6 +27,10 @@ SPECIAL_TOKENS = (
     "<think>",
     "</think>",
 )
+# ds4's loader also requires this tool-call marker in the vocabulary ("required tokenizer token
+# is missing" otherwise); synthetic vocabularies carry it in the first unused id after the
+# merges, so every other id keeps its place and a synthetic file loads in ds4 too.
+DSML_TOKEN = "｜DSML｜"
 
 PRE_JOYAI = "joyai-llm"
 
@@ -214,7 +219,8 @@ BYTE_LEVEL_MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
 
 def byte_level(vocab_size: int) -> Tokenizer:
     """The tokenizer of synthetic models: ids 0-255 are the bytes, then the six DS4 control
-    tokens, then as many of ENGLISH_MERGES as fit, then "<unused_N>" (N = id) up to vocab_size."""
+    tokens, then as many of ENGLISH_MERGES as fit, then ds4's "｜DSML｜" marker where there is room,
+    then "<unused_N>" (N = id) up to vocab_size."""
     if vocab_size < BYTE_LEVEL_MIN_VOCAB:
         raise ValueError(f"byte-level vocab_size {vocab_size} is too small: it needs at least "
                          f"{BYTE_LEVEL_MIN_VOCAB} (256 bytes + {len(SPECIAL_TOKENS)} control tokens)")
@@ -222,6 +228,9 @@ def byte_level(vocab_size: int) -> Tokenizer:
     tokens = [BYTE_TO_CHAR[b] for b in range(256)] + list(SPECIAL_TOKENS)
     tokens += [m.replace(" ", "") for m in merges]
     types = [TOKEN_NORMAL] * 256 + [TOKEN_CONTROL] * len(SPECIAL_TOKENS) + [TOKEN_NORMAL] * len(merges)
+    if len(tokens) < vocab_size:
+        tokens.append(DSML_TOKEN)
+        types.append(TOKEN_CONTROL)
     tokens += [f"<unused_{i}>" for i in range(len(tokens), vocab_size)]
     types += [TOKEN_UNUSED] * (vocab_size - len(types))
     return Tokenizer(tokens, types, merges)

@@ -204,3 +204,15 @@ def test_prompt_errors_name_the_file(tmp_path):
     bad.write_text("[[prompt]\n")
     with pytest.raises(ValueError, match=r"bad\.toml: not valid TOML"):
         load_prompts(str(bad))
+
+
+def test_synthetic_vocab_carries_the_token_ds4_requires_without_moving_ids():
+    from ds4bench.tokenizer import BYTE_LEVEL_MIN_VOCAB, DSML_TOKEN, ENGLISH_MERGES, TOKEN_CONTROL
+    for size in (512, 4096, 129280):
+        tok = byte_level(size)
+        i = tok._tokens.index(DSML_TOKEN)
+        assert i == BYTE_LEVEL_MIN_VOCAB + len(ENGLISH_MERGES)      # after bytes, controls, merges
+        assert tok._types[i] == TOKEN_CONTROL and tok.decode([i]) == DSML_TOKEN
+        assert tok._tokens[i + 1] == f"<unused_{i + 1}>"            # the ids after it keep their names
+        assert tok.encode(DSML_TOKEN) != [i]                        # never parsed out of text
+    assert DSML_TOKEN not in byte_level(BYTE_LEVEL_MIN_VOCAB + len(ENGLISH_MERGES))._tokens   # no room: absent
