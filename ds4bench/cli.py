@@ -197,9 +197,9 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--seed must be a non-negative integer, got {a.seed}")
         load_plugins()
         return int(a.func(a) or 0)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:              # SIGINT 130; SIGTERM (guards.Terminated) 143
         print("ds4bench: interrupted", file=sys.stderr)
-        return 130
+        return 128 + getattr(e, "signum", 2)
     except BrokenPipeError:                     # the reader went away (`ds4bench show RUN | head`)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141

@@ -20,10 +20,18 @@ import signal
 import sys
 import time
 
+from . import guards as G
+
 AXIS_OPTS = ("preset", "model", "cache", "placement", "batch", "nvtx")
 SCALAR_OPTS = (("prompts", "prompts"), ("n", "n_gen"), ("reps", "reps"), ("warmup", "warmup"),
                ("timeout", "timeout_s"), ("variant", "variant"), ("seed", "seed"), ("ctx", "ctx"),
                ("chunk", "chunk"))
+
+
+# The keys `ds4bench cell` reads from --params (matrix.expand writes them).
+CELL_PARAMS = frozenset({"preset", "model_file", "variant", "seed", "backend", "cache", "placement", "batch",
+                         "nvtx", "n_gen", "prompt_set", "reps", "warmup", "ctx", "chunk", "stages", "trace",
+                         "timeout_s", "env"})
 
 
 def register(sub) -> None:
@@ -180,16 +188,25 @@ def cmd_matrix(a) -> int:
     if a.resume:
         given = [_flag(o) for o in AXIS_OPTS + tuple(o for o, _ in SCALAR_OPTS)
                  + ("spec", "baseline", "backend", "tol", "tie", "id", "exclude", "stages")
-                 if getattr(a, o, None) not in (None, [], False)]
+                 if _given(getattr(a, o, None))]
         if given:
             raise UserError(f"--resume reruns the run's own spec; drop {', '.join(given)}")
         run = RunDir.open(a.resume, a.out)
-        meta = run.meta()
+        meta = run.meta(for_resume=True)
+        state, said = G.runner_state(meta)
+        if state == "alive":
+            raise UserError(f"run {run.run_id}: {said}; wait for it or stop it before resuming")
+        if state == "unknown":
+            print(f"note: {said.split('; if it is not')[0]}; resuming", file=sys.stderr)
+        for p in G.remove_temporaries(run.path):
+            print(f"note: removed {p.relative_to(run.path)}, left by an interrupted write", file=sys.stderr)
+        run.write_meta({**meta, "status": "running", "runner": G.runner_identity()})
         cells = [M.Cell(**c) for c in meta["cells"]]
         th = V.Thresholds(**meta["thresholds"])
         if meta["backend"] == "cupy":
             M.resolve_backend("cupy")
         nsys = meta.get("nsys")
+        G.check_host_memory(cells)
         M.prepare_models(cells, say=lambda s: print(s, file=sys.stderr))
         print(f"resuming {run.path}: {len(run.records())} of {len(cells)} cells recorded", file=sys.stderr)
     else:
@@ -211,6 +228,7 @@ def cmd_matrix(a) -> int:
                 notes.append(f"traced with {nsys}")
         meta = {"spec": spec.to_dict(), "backend": backend, "backend_reason": why, "notes": notes,
                 "thresholds": th.to_dict(), "label": label, "nsys": nsys}
+        G.check_host_memory(cells)              # before any model file is written
         M.prepare_models(cells, say=lambda s: print(s, file=sys.stderr))
         meta["cells"] = [vars(c) for c in cells]
         run = RunDir.create(a.out, meta, a.id)
@@ -221,7 +239,7 @@ def cmd_matrix(a) -> int:
             print(f"note: run id {a.id} is taken (finish that one with --resume {a.id}); this run is {run.run_id}",
                   file=sys.stderr)
     progress = Progress(len(cells), len(run.records()))
-    old = signal.signal(signal.SIGTERM, _raise_interrupt)
+    old = signal.signal(signal.SIGTERM, G.raise_terminated)
     status = "interrupted"
     try:
         recs = M.run_matrix(cells, run, th, progress, nsys)
@@ -249,8 +267,9 @@ def _check_one_cell(cells) -> None:
                         f"give one value per axis, or use `ds4bench matrix --trace`")
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
+def _given(v) -> bool:
+    """An option the user gave (0 counts: `--reps 0` is given; an unset flag or list is not)."""
+    return v is not None and v is not False and v != []
 
 
 class Progress:
@@ -294,13 +313,18 @@ def cmd_show(a) -> int:
     from .results import RunDir, gate, reasons_md, render
     run = RunDir.open(a.run, a.out)
     recs = run.records()
+    meta = run.meta()
+    state, said = G.runner_state(meta)
     if a.format == "md":
-        meta = run.meta()
         print(f"run {run.run_id}: {meta.get('status')}, {len(recs)} of {len(meta.get('cells', []))} cells; "
               f"backend {meta.get('backend')} ({meta.get('backend_reason')})")
+        if said:
+            print(f"note: {said}")
         for n in meta.get("notes", []):
             print(f"note: {n}")
         print()
+    if said and a.format != "md":
+        print(f"ds4bench: note: run {run.run_id}: {said}", file=sys.stderr)
     sys.stdout.write(render(recs, a.format))
     if a.format == "md":
         why = reasons_md(recs)
@@ -319,8 +343,19 @@ def _print_traces(recs) -> None:
 
 def cmd_compare(a) -> int:
     from .results import RunDir, compare, render_compare
+    from .cli import UserError
     ra, rb = RunDir.open(a.run_a, a.out), RunDir.open(a.run_b, a.out)
-    res = compare(ra.records(), rb.records(), a.alpha, a.factor)
+    metas = {run: run.meta() for run in (ra, rb)}
+    recs = {run: run.records() for run in (ra, rb)}
+    for run in (ra, rb):
+        if not recs[run]:
+            raise UserError(f"run {run.run_id} ({run.path}) has no recorded cell (status "
+                            f"{metas[run].get('status')}); nothing to compare")
+    for run in (ra, rb):
+        said = G.runner_state(metas[run])[1]
+        if said:
+            print(f"note: run {run.run_id}: {said}", file=sys.stderr)
+    res = compare(recs[ra], recs[rb], a.alpha, a.factor)
     sys.stdout.write(render_compare(res, a.format, ra.run_id, rb.run_id))
     return res["status"]
 
@@ -331,5 +366,10 @@ def cmd_cell(a) -> int:
         params = json.loads(a.params)
     except json.JSONDecodeError as e:
         raise ValueError(f"--params is not JSON: {e}") from None
+    need = CELL_PARAMS
+    if not isinstance(params, dict) or not need <= set(params):
+        missing = sorted(need - set(params)) if isinstance(params, dict) else ["(not an object)"]
+        raise ValueError(f"--params lacks {', '.join(missing)}: it takes the JSON object `ds4bench matrix` "
+                         f"gives each cell (see a run's run.json, cells[].params)")
     run_cell(params, a.out, a.fingerprints)
     return 0

@@ -438,7 +438,8 @@ def run_cell_process(cell: Cell, out: Path, fingerprints: Path, log: Path,
         name = signal.Signals(-rc).name
         hint = " (out of memory?)" if -rc == signal.SIGKILL else ""
         return None, f"killed by {name}{hint}" + (f"; last output: {last}" if last else ""), wall
-    return None, last or f"exited with status {rc} without a record", wall
+    from .guards import disk_note                # a full disk also swallows the cell's own last words
+    return None, (last or f"exited with status {rc} without a record") + disk_note(out.parent), wall
 
 
 # What nsys prints after the program it profiled; the cell's own last words come before it.

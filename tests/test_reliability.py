@@ -1,0 +1,252 @@
+"""Reliability: compare's report of bad cells and empty runs, runs whose runner was killed, disk
+full and temporaries, damaged run.json, atomic run creation, SIGTERM's exit status (no GPU)."""
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ds4bench import guards as G
+from ds4bench import matrix as M
+from ds4bench import results as S
+from ds4bench import verdict as V
+from ds4bench.cli import main
+from tests.test_results import make_run, rec
+
+
+def run_cli(args, capsys):
+    rc = main(args)
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def one_line_error(rc, err, *words):
+    assert rc == 2, err
+    assert err.count("\n") == 1 and err.startswith("ds4bench: error: ") and "Traceback" not in err, err
+    for w in words:
+        assert w in err, err
+
+
+def dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def temporaries(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if ".tmp" in p.name)
+
+
+# ---- compare ---------------------------------------------------------------------------------
+def test_compare_lists_every_bad_cell_of_b_with_its_verdict_and_reason(tmp_path, capsys):
+    a, b = make_run(tmp_path / "ra", ["x", "y"]), make_run(tmp_path / "rb", ["x", "y", "z"])
+    a.append(rec("x"))
+    a.append(rec("y", cache="q8", verdict="broken", verdict_reason="median |Δlogprob| 0.9 > tol"))
+    b.append(rec("x"))
+    b.append(rec("y", cache="q8", verdict="broken", verdict_reason="median |Δlogprob| 0.9 > tol"))
+    b.append(rec("z", cache="f16", verdict="failed", status="failed", error="killed by SIGKILL (out of memory?)"))
+    res = S.compare(a.records(), b.records())
+    assert res["status"] == 1
+    assert [(c["cell"], c["verdict"], c["in_a"]) for c in res["bad_b"]] == [
+        ("cache=q8 batch=1", "broken", True), ("cache=f16 batch=1", "failed", False)]
+    md = S.render_compare(res, "md")
+    assert "**cache=f16 batch=1** FAILED (only in B): killed by SIGKILL (out of memory?)" in md
+    assert "**cache=q8 batch=1** BROKEN: median |Δlogprob| 0.9 > tol" in md
+    assert "# bad in B" in S.render_compare(res, "csv")
+    rc, out, _ = run_cli(["compare", str(a.path), str(b.path)], capsys)
+    assert rc == 1 and "FAILED (only in B)" in out
+
+
+def test_compare_with_an_empty_run_is_a_user_error(tmp_path, capsys):
+    a, b = make_run(tmp_path / "ra", ["x"]), make_run(tmp_path / "rb", [])
+    a.append(rec("x"))
+    for args in ([str(a.path), str(b.path)], [str(b.path), str(a.path)]):
+        rc, out, err = run_cli(["compare", *args], capsys)
+        one_line_error(rc, err, f"run {b.run_id}", "no recorded cell")
+        assert out == ""
+
+
+# ---- the runner ------------------------------------------------------------------------------
+def test_a_run_whose_runner_is_gone_says_so_with_the_resume_command(tmp_path, capsys):
+    run = make_run(tmp_path, ["x", "y"])
+    run.append(rec("x"))
+    meta = run.meta()
+    assert meta["runner"]["pid"] == os.getpid() and meta["runner"]["host"] == socket.gethostname()
+    rc, out, _ = run_cli(["show", str(run.path)], capsys)
+    assert "is still running" in out
+    pid = dead_pid()
+    run.write_meta({**meta, "runner": {**meta["runner"], "pid": pid}})
+    rc, out, _ = run_cli(["show", str(run.path)], capsys)
+    assert f"the runner (pid {pid} on {socket.gethostname()}) is gone; finish with " \
+           f"`ds4bench matrix --resume {run.run_id}`" in out
+    b = make_run(tmp_path / "b", ["x"])
+    b.append(rec("x"))
+    rc, _, err = run_cli(["compare", str(run.path), str(b.path)], capsys)
+    assert "is gone" in err
+    run.write_meta({**meta, "runner": {**meta["runner"], "host": "elsewhere"}})
+    rc, out, _ = run_cli(["show", str(run.path)], capsys)
+    assert "on another host" in out and "cannot tell" in out
+
+
+def test_a_recycled_pid_is_not_taken_for_the_runner(tmp_path):
+    run = make_run(tmp_path)
+    meta = run.meta()
+    run.write_meta({**meta, "runner": {**meta["runner"], "proc_start": "1"}})   # this pid, another process
+    assert G.runner_state(run.meta())[0] == "gone"
+
+
+def test_resume_refuses_a_run_whose_runner_is_alive(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(M, "run_cell_process", lambda *a, **k: (None, "fake", 0.0))
+    out = str(tmp_path)
+    assert main(["matrix", "--backend", "numpy", "--cache", "f32", "--out", out, "--id", "r"]) == 1
+    run = S.RunDir(Path(out) / "r")
+    assert run.meta()["status"] == "complete"
+    run.write_meta({**run.meta(), "status": "running", "runner": G.runner_identity()})
+    capsys.readouterr()
+    rc, _, err = run_cli(["matrix", "--resume", "r", "--out", out], capsys)
+    one_line_error(rc, err, "is still running", f"pid {os.getpid()}")
+
+
+# ---- disk full and temporaries ---------------------------------------------------------------
+def _enospc_after(n_bytes):
+    """A Path.write_text that writes part of the text, then fails as a full disk does."""
+    real = Path.write_text
+
+    def write_text(self, text, *a, **k):
+        real(self, text[:n_bytes], *a, **k)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return write_text
+
+
+def test_a_write_on_a_full_disk_names_the_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    monkeypatch.setattr(Path, "write_text", _enospc_after(3))
+    with pytest.raises(OSError, match=r"cannot write .*summary.md: no space left on the device$"):
+        S.write_atomic(tmp_path / "summary.md", "hello world")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fingerprints_on_a_full_disk_leave_no_temporary(tmp_path, monkeypatch):
+    def savez(fh, **arrays):
+        fh.write(b"PK partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(V.np, "savez", savez)
+    with pytest.raises(OSError, match="no space left"):
+        V.save_fingerprints(str(tmp_path / "c.npz"), [], {})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_at_the_end_never_marks_the_run_complete(tmp_path, monkeypatch):
+    run = make_run(tmp_path, ["a"])
+    run.append(rec("a"))
+    import pandas as pd
+
+    def to_parquet(self, path, **k):
+        Path(path).write_bytes(b"PAR1 partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", to_parquet)
+    with pytest.raises(OSError, match=r"cells.parquet: no space left.*--resume"):
+        run.finalize("complete")
+    assert run.meta()["status"] == "interrupted"
+    assert "no space left" in run.meta()["error"]
+    assert temporaries(run.path) == []
+    monkeypatch.undo()
+    run.finalize("complete")
+    assert run.meta()["status"] == "complete" and (run.path / "cells.parquet").is_file()
+
+
+def test_a_full_disk_while_appending_names_cells_jsonl(tmp_path, monkeypatch):
+    run = make_run(tmp_path, ["a"])
+    monkeypatch.setattr(S.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space")))
+    with pytest.raises(OSError, match=r"cannot write .*cells.jsonl: no space left on the device"):
+        run.append(rec("a"))
+
+
+def test_a_cell_that_died_silently_on_a_full_disk_says_so(tmp_path, monkeypatch):
+    monkeypatch.setattr(G, "_disk_full", lambda path, slack=0: True)
+    cell = M.Cell("c", "c", "tiny", {"timeout_s": 60, "backend": "numpy", "cache": "f32", "batch": 1,
+                                     "placement": None, "env": {}})
+    popen = subprocess.Popen
+    monkeypatch.setattr(M.subprocess, "Popen", lambda *a, **k: popen([sys.executable, "-c", "raise SystemExit(2)"]))
+    got, err, _ = M.run_cell_process(cell, tmp_path / "c.json", tmp_path / "c.npz", tmp_path / "c.log")
+    assert got is None and err.startswith("exited with status 2 without a record; the disk holding")
+    assert err.endswith("is full")
+
+
+def test_resume_removes_stale_temporaries(tmp_path, capsys, monkeypatch):
+    calls = []
+
+    def fake(cell, out, fp, log, trace=None):
+        calls.append(cell.cell_id)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return None, "fake", 0.0
+    monkeypatch.setattr(M, "run_cell_process", fake)
+    out = str(tmp_path)
+    assert main(["matrix", "--backend", "numpy", "--cache", "f32,q8", "--out", out, "--id", "r"]) == 130
+    run = S.RunDir(Path(out) / "r")
+    for stale in (".run.json.tmp123", ".cells.parquet.tmp99", "fingerprints/x.npz.tmp7",
+                  "fingerprints/.y.npz.tmp8", "tmp/tiny-q8-b1.json"):
+        (run.path / stale).parent.mkdir(exist_ok=True)
+        (run.path / stale).write_text("partial")
+    capsys.readouterr()
+    assert main(["matrix", "--resume", "r", "--out", out]) == 1
+    assert "removed fingerprints/x.npz.tmp7" in capsys.readouterr().err
+    assert temporaries(run.path) == [] and not (run.path / "tmp").exists()
+    assert run.meta()["status"] == "complete"
+
+
+# ---- damaged run.json and cell parameters ----------------------------------------------------
+@pytest.mark.parametrize("text,words", [("{}", ["'cells' is missing"]), ("[1, 2]", ["top level is a JSON list"]),
+                                        ('{"cells": 3, "status": "complete"}', ["'cells' must be a list"]),
+                                        ('{"cells": [], "status": "runn', ["not valid JSON"])])
+def test_a_damaged_run_json_gives_one_line_naming_it(tmp_path, capsys, text, words):
+    good = make_run(tmp_path / "good", ["a"])
+    good.append(rec("a"))
+    bad = tmp_path / "runs" / "bad"
+    bad.mkdir(parents=True)
+    (bad / "run.json").write_text(text)
+    for args in (["show", str(bad)], ["compare", str(good.path), str(bad)], ["compare", str(bad), str(good.path)],
+                 ["plot", "--run", str(bad), "--out", str(tmp_path / "plots")],
+                 ["matrix", "--resume", "bad", "--out", str(tmp_path / "runs")]):
+        rc, out, err = run_cli(args, capsys)
+        one_line_error(rc, err, str(bad / "run.json"))
+        for w in words:
+            assert w in err, (args, err)
+
+
+@pytest.mark.parametrize("params", ["{}", "[1]", '{"cache": "f32"}'])
+def test_cell_with_incomplete_params_is_one_line(tmp_path, capsys, params):
+    rc, _, err = run_cli(["cell", "--params", params, "--out", str(tmp_path / "o.json"),
+                                                   "--fingerprints", str(tmp_path / "f.npz")], capsys)
+    one_line_error(rc, err, "--params lacks")
+
+
+# ---- run creation and signals ----------------------------------------------------------------
+def test_run_creation_claims_its_directory_atomically(tmp_path, monkeypatch):
+    """Another process creating the same id between a check and the mkdir must not fail this one."""
+    (tmp_path / "dup").mkdir()
+    monkeypatch.setattr(Path, "exists", lambda self: False)     # the other process won the race
+    meta = {"backend": "numpy", "cells": []}
+    run = S.RunDir.create(str(tmp_path), meta, "dup")
+    assert run.run_id == "dup-2" and (run.path / "run.json").is_file()
+
+
+def test_sigterm_exits_143_and_keeps_the_finished_cells(tmp_path, capsys, monkeypatch):
+    calls = []
+
+    def fake(cell, out, fp, log, trace=None):
+        calls.append(cell.cell_id)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return None, "fake", 0.0
+    monkeypatch.setattr(M, "run_cell_process", fake)
+    out = str(tmp_path)
+    assert main(["matrix", "--backend", "numpy", "--cache", "f32,q8,f16", "--out", out, "--id", "t"]) == 143
+    run = S.RunDir(Path(out) / "t")
+    assert run.meta()["status"] == "interrupted" and len(run.records()) == 1
+    assert "--resume t" in capsys.readouterr().err
