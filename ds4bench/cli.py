@@ -23,7 +23,7 @@ def load_model(model: str | None = None, preset: str | None = None, variant: str
     from .synth import make_model
     if model:
         expect = C.preset(preset, variant) if preset else None
-        return load_gguf(model, expect)
+        return load_gguf(model, expect, variant)
     cfg = C.preset(preset or "tiny", variant)
     need = sum(s.nbytes for s in tensor_specs(cfg))
     avail = _host_available()
@@ -68,7 +68,7 @@ def cmd_model_info(a) -> int:
     from .gguf_io import load_gguf
     from .modelinfo import report
     if a.file:
-        mf = load_gguf(a.file, C.preset(a.preset, a.variant) if a.preset else None)
+        mf = load_gguf(a.file, C.preset(a.preset) if a.preset else None, a.variant)
         print(report(mf.cfg, f"{a.file} ({os.path.getsize(a.file):,} bytes; "
                               f"{len(mf.tensors)} tensors validated: names, shapes, types)"))
     else:

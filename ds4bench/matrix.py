@@ -205,7 +205,7 @@ def validate(s: MatrixSpec) -> None:
             raise ValueError(f"{where}: model file {m} does not exist")
         if len(s.presets) == 1:                 # the file must be that preset: check once, here
             from .gguf_io import load_gguf
-            load_gguf(m, C.preset(s.presets[0], s.variant))
+            load_gguf(m, C.preset(s.presets[0]), s.variant)
     if s.variant not in (None, "q2", "q4"):
         raise ValueError(f"{where}: variant must be q2 or q4, found {s.variant!r}")
     unknown = sorted(k for k in s.env if k.startswith("DS4BENCH_") and k not in ENGINE_ENV)

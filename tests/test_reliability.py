@@ -250,3 +250,88 @@ def test_sigterm_exits_143_and_keeps_the_finished_cells(tmp_path, capsys, monkey
     run = S.RunDir(Path(out) / "t")
     assert run.meta()["status"] == "interrupted" and len(run.records()) == 1
     assert "--resume t" in capsys.readouterr().err
+
+
+# ---- GGUF validation -------------------------------------------------------------------------
+from ds4bench import config as C                                   # noqa: E402
+from ds4bench.gguf_io import ModelFileError, load_gguf, tensor_specs, write_gguf  # noqa: E402
+from ds4bench.synth import make_tensor, synth_metadata, write_model  # noqa: E402
+
+TINY = C.preset("tiny")
+
+
+@pytest.fixture(scope="module")
+def tiny_blob(tmp_path_factory):
+    path = tmp_path_factory.mktemp("m") / "tiny.gguf"
+    write_model(TINY, str(path), seed=0)
+    return path.read_bytes()
+
+
+def _offset_at(blob: bytes, name: str) -> int:
+    """Where a 2-D tensor's data offset sits in the tensor table (after name, n_dims, dims, type)."""
+    at = blob.index(name.encode() + (2).to_bytes(4, "little")) + len(name)
+    return at + 4 + 2 * 8 + 4
+
+
+def _header(blob, version=None, n_kv=None):
+    b = bytearray(blob)
+    if version is not None:
+        b[4:8] = version.to_bytes(4, "little")
+    if n_kv is not None:
+        b[16:24] = (int.from_bytes(b[16:24], "little") + n_kv).to_bytes(8, "little")
+    return bytes(b)
+
+
+def _offset(blob, name, value):
+    at = _offset_at(blob, name)
+    assert int.from_bytes(blob[at:at + 8], "little") in (0, 262144)
+    return blob[:at] + value.to_bytes(8, "little") + blob[at + 8:]
+
+
+@pytest.mark.parametrize("case,pattern", [
+    ("version1", r"GGUF version 1 is not supported \(ds4bench reads versions 2 and 3\)"),
+    ("one_more_key", "cannot be parsed: the header is damaged or the file is truncated"),
+    ("many_keys", "truncated or damaged header: it claims 181 tensors and 1000000"),
+    ("offset_moved", r"tensor output_hc_fn.weight \(bytes \d+..\d+\) overlaps tensor token_embd.weight"),
+    ("offset_unaligned", "tensor token_embd.weight: data offset 16 is not a multiple of the file's alignment 32"),
+    ("rms_eps", r"metadata key deepseek4.attention.layer_norm_rms_epsilon=4.4e\+06 is outside the allowed range "
+                r"\(0, 0.01\]"),
+    ("scale", r"metadata key deepseek4.expert_weights_scale=-1.5 is outside the allowed range \(0, 100\]"),
+    ("embd0", r"metadata key deepseek4.embedding_length=0 is outside the allowed range \[256, 65536\]"),
+])
+def test_damaged_gguf_files_give_one_line_naming_the_problem(tmp_path, tiny_blob, capsys, case, pattern):
+    p = tmp_path / f"{case}.gguf"
+    bad_cfg = {"rms_eps": dict(rms_eps=4.4e6), "scale": dict(expert_weights_scale=-1.5)}.get(case)
+    if case == "version1":
+        p.write_bytes(_header(tiny_blob, version=1))
+    elif case == "one_more_key":
+        p.write_bytes(_header(tiny_blob, n_kv=1))
+    elif case == "many_keys":
+        p.write_bytes(_header(tiny_blob, n_kv=10**6 - int.from_bytes(tiny_blob[16:24], "little")))
+    elif case == "offset_moved":
+        p.write_bytes(_offset(tiny_blob, "token_embd.weight", 65536))
+    elif case == "offset_unaligned":
+        p.write_bytes(_offset(tiny_blob, "token_embd.weight", 16))
+    else:
+        import dataclasses
+        cfg = dataclasses.replace(TINY, **bad_cfg) if bad_cfg else TINY
+        if case == "embd0":
+            object.__setattr__(cfg := dataclasses.replace(TINY), "n_embd", 0)
+        write_gguf(str(p), cfg, lambda s: make_tensor(TINY, s, 0), tensor_specs(TINY), synth_metadata(TINY, 0))
+    with pytest.raises(ModelFileError, match=pattern):
+        load_gguf(str(p))
+    rc, out, err = run_cli(["model", "info", str(p)], capsys)
+    one_line_error(rc, err, str(p))
+    assert "Sorry" not in err and "Error" not in err.split(":", 2)[2]
+
+
+def test_a_preset_check_does_not_invent_a_variant(tmp_path, capsys):
+    q4 = tmp_path / "tiny-q4.gguf"
+    write_model(C.preset("tiny", "q4"), str(q4))
+    rc, out, err = run_cli(["model", "info", str(q4), "--preset", "tiny"], capsys)
+    assert rc == 0 and "q2" not in err, err
+    rc, out, err = run_cli(["model", "info", str(q4), "--preset", "tiny", "--variant", "q2"], capsys)
+    one_line_error(rc, err, "routed experts are variant q4, not the q2 asked for")
+    rc, out, err = run_cli(["model", "info", str(q4), "--preset", "small"], capsys)
+    one_line_error(rc, err, "does not match preset small")
+    assert "variant" not in err
