@@ -88,7 +88,8 @@ def engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default=os.environ.get("DS4BENCH_PROFILE", "none"),
                    help="none | nvtx (ranges for Nsight Systems) | stages (per-stage time)")
     p.add_argument("--batch", "-b", type=int, default=1, help="sequences decoded per step (1..64)")
-    p.add_argument("--ctx", type=int, default=4096, help="context allocated per sequence")
+    p.add_argument("--ctx", type=int, help="context allocated per sequence (default 4096, or prompt + n + 1 "
+                                          "when that is more)")
     p.add_argument("--chunk", type=int, default=512, help="prefill chunk (tokens)")
 
 
@@ -113,7 +114,12 @@ def cmd_generate(a) -> int:
     mf = load_model(a.model, a.preset, a.variant, a.seed)
     tok = Tokenizer.from_gguf_metadata(mf.metadata)
     ids = tok.encode(a.prompt) if a.raw else tok.chat(a.prompt)
-    ctx = max(a.ctx, len(ids) + a.n + 1)
+    from .guards import context_needed
+    need = context_needed(len(ids), a.n)
+    if a.ctx is not None and a.ctx < need:
+        raise UserError(f"--ctx {a.ctx} is too small: the prompt is {len(ids)} tokens, + -n {a.n} + 1 = {need}; "
+                        f"give --ctx {need} or more, or leave it out")
+    ctx = max(4096, need) if a.ctx is None else a.ctx
     backend = resolve_backend(a.backend)
     opts = {"placement": a.placement} if backend == "cupy" and a.placement else {}
     if a.placement:

@@ -216,3 +216,31 @@ def check_host_memory(cells, available: int | None = None, share: float = 0.8) -
         raise ValueError(f"cell {c.cell_id}: the numpy backend needs about {need / 2**30:.1f} GiB of host memory "
                          f"for preset {c.params['preset']} in cache mode {c.params['cache']}, "
                          f"{avail / 2**30:.1f} GiB is available; use a smaller preset (tiny, small) or a GPU")
+
+
+# ---- options -------------------------------------------------------------------------------
+def context_needed(prompt_tokens: int, n_gen: int) -> int:
+    """Positions a sequence uses: its prompt, the generated tokens, one more for the last step."""
+    return prompt_tokens + n_gen + 1
+
+
+def check_ctx(ctx: int | None, n_gen: int, prompt_set: str, models: list, where: str) -> None:
+    """A context given by the user must hold the longest prompt of the set (chat-templated with
+    each model's tokenizer) plus the generated tokens, and fit the model's context length."""
+    if ctx is None:
+        return
+    if ctx < 1:
+        raise ValueError(f"{where}: ctx must be a positive number of positions, found {ctx}")
+    from .prompts import load_prompts
+    from .tokenizer import Tokenizer
+    texts = [q.text for q in load_prompts(prompt_set)]
+    for label, cfg, metadata in models:
+        tok = Tokenizer.from_gguf_metadata(metadata)
+        longest = max(len(tok.chat(t)) for t in texts)
+        need = context_needed(longest, n_gen)
+        if ctx < need:
+            raise ValueError(f"{where}: ctx {ctx} is too small for {label}: the longest prompt of set {prompt_set} "
+                             f"is {longest} tokens, + n {n_gen} + 1 = {need}; give ctx {need} or more, or leave "
+                             f"it out")
+        if ctx > cfg.context_length:
+            raise ValueError(f"{where}: ctx {ctx} exceeds {label}'s context length {cfg.context_length}")

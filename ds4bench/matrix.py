@@ -244,6 +244,18 @@ def validate(s: MatrixSpec) -> None:
         raise ValueError(f"{where}: baseline batch must be an integer in 1..64, found {b['batch']!r}")
     from .prompts import load_prompts
     load_prompts(s.prompts)
+    if s.ctx is not None:                       # a context too small would fail every cell
+        from .guards import check_ctx
+        check_ctx(s.ctx, s.n_gen, s.prompts, _model_meta(s), where)
+
+
+def _model_meta(s: MatrixSpec) -> list:
+    """(label, config, metadata) of each model of a spec: a file's own, or a preset's synthetic."""
+    from .gguf_io import load_gguf
+    from .synth import synth_metadata
+    if s.models:
+        return [(Path(m).name, (mf := load_gguf(m)).cfg, mf.metadata) for m in s.models]
+    return [(p, cfg, synth_metadata(cfg, s.seed)) for p in s.presets for cfg in [C.preset(p, s.variant)]]
 
 
 # ---- backend ---------------------------------------------------------------------------------

@@ -335,3 +335,40 @@ def test_a_preset_check_does_not_invent_a_variant(tmp_path, capsys):
     rc, out, err = run_cli(["model", "info", str(q4), "--preset", "small"], capsys)
     one_line_error(rc, err, "does not match preset small")
     assert "variant" not in err
+
+
+# ---- options checked up front ----------------------------------------------------------------
+def test_resume_refuses_any_option_even_a_zero(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(M, "run_cell_process", lambda *a, **k: (None, "fake", 0.0))
+    out = str(tmp_path)
+    assert main(["matrix", "--backend", "numpy", "--cache", "f32", "--out", out, "--id", "r"]) == 1
+    capsys.readouterr()
+    rc, _, err = run_cli(["matrix", "--resume", "r", "--reps", "0", "--seed", "0", "--out", out], capsys)
+    one_line_error(rc, err, "drop --reps, --seed")
+
+
+@pytest.mark.parametrize("ctx,words", [("5", ["ctx 5 is too small for tiny", "give ctx"]),
+                                       ("-5", ["ctx must be a positive number", "-5"]),
+                                       ("0", ["ctx must be a positive number", "found 0"]),
+                                       ("99999", ["exceeds tiny's context length 16384"])])
+def test_matrix_ctx_is_checked_before_any_cell_runs(tmp_path, capsys, monkeypatch, ctx, words):
+    ran = []
+    monkeypatch.setattr(M, "run_cell_process", lambda *a, **k: ran.append(1) or (None, "fake", 0.0))
+    rc, _, err = run_cli(["matrix", "--backend", "numpy", "--ctx", ctx, "-n", "4", "--out", str(tmp_path)], capsys)
+    one_line_error(rc, err, *words)
+    assert ran == [] and list(tmp_path.iterdir()) == []
+
+
+def test_generate_refuses_a_ctx_smaller_than_prompt_and_n(capsys):
+    rc, _, err = run_cli(["generate", "--backend", "numpy", "-n", "4", "--ctx", "10", "--raw", "-p", "Hello there, sky"],
+                         capsys)
+    one_line_error(rc, err, "--ctx 10 is too small", "+ -n 4 + 1")
+
+
+def test_a_preset_too_large_for_host_memory_is_refused_before_any_file_is_written(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DS4BENCH_MODEL_CACHE", str(tmp_path / "models"))
+    monkeypatch.setattr(G, "host_available", lambda: 16 * 2**30)
+    rc, _, err = run_cli(["matrix", "--spec", "gpu", "--backend", "numpy", "--out", str(tmp_path / "runs")], capsys)
+    one_line_error(rc, err, "needs about 37.5 GiB of host memory for preset flash-4l", "16.0 GiB is available")
+    assert not (tmp_path / "models").exists() and not (tmp_path / "runs").exists()
+    assert G.numpy_cell_bytes(C.preset("tiny"), "f32") < 2**27          # tiny passes anywhere
