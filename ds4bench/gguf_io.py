@@ -224,7 +224,9 @@ def write_gguf(path: str, cfg: C.ModelConfig, source: "TensorSource",
     The host never holds the whole model. The file is written under a temporary name and renamed,
     so a crash never leaves a half-written model behind. Returns the file size.
     """
+    from .guards import check_free_space, write_error
     specs = tensor_specs(cfg) if specs is None else specs
+    check_free_space(path, sum(s.nbytes for s in specs))
     tmp = f"{path}.tmp{os.getpid()}"
     w = GGUFWriter(tmp, C.ARCH)
     w.add_name(f"ds4bench synthetic {cfg.name} ({cfg.variant})")
@@ -248,10 +250,13 @@ def write_gguf(path: str, cfg: C.ModelConfig, source: "TensorSource",
             w.write_tensor_data(np.ascontiguousarray(data))
         w.close()
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        err = write_error(path, e) if isinstance(e, OSError) else None     # before the space is freed
         w.close()
         if os.path.exists(tmp):
             os.remove(tmp)
+        if err is not None:
+            raise err from None
         raise
     finally:
         if on_term is not None:

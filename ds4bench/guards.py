@@ -244,3 +244,14 @@ def check_ctx(ctx: int | None, n_gen: int, prompt_set: str, models: list, where:
                              f"it out")
         if ctx > cfg.context_length:
             raise ValueError(f"{where}: ctx {ctx} exceeds {label}'s context length {cfg.context_length}")
+
+
+def check_free_space(path, need: int) -> None:
+    """OSError before a large write that the disk cannot hold."""
+    where = Path(path).resolve().parent
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return
+    if need > free:
+        raise OSError(f"cannot write {path}: it needs {need:,} bytes and {where} has {free:,} free")

@@ -372,3 +372,22 @@ def test_a_preset_too_large_for_host_memory_is_refused_before_any_file_is_writte
     one_line_error(rc, err, "needs about 37.5 GiB of host memory for preset flash-4l", "16.0 GiB is available")
     assert not (tmp_path / "models").exists() and not (tmp_path / "runs").exists()
     assert G.numpy_cell_bytes(C.preset("tiny"), "f32") < 2**27          # tiny passes anywhere
+
+
+def test_model_make_on_a_full_disk_says_so_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    import gguf
+    import shutil
+    out = tmp_path / "m.gguf"
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    rc, _, err = run_cli(["model", "make", "--preset", "tiny", "-o", str(out)], capsys)
+    one_line_error(rc, err, f"cannot write {out}: it needs 10,", "has 1,000 free")
+    monkeypatch.undo()
+
+    def short_write(self, *a, **k):                   # numpy's tofile on a full disk
+        raise OSError("270336 requested and 248736 written")
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", short_write)
+    monkeypatch.setattr(G, "_disk_full", lambda path, slack=0: True)
+    rc, _, err = run_cli(["model", "make", "--preset", "tiny", "-o", str(out)], capsys)
+    one_line_error(rc, err, f"cannot write {out}: no space left on the device")
+    assert list(tmp_path.iterdir()) == []
