@@ -82,15 +82,17 @@ def engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", default=os.environ.get("DS4BENCH_CACHE", "f32"),
                    help="numeric mode: q8 | f16 | f32 (env DS4BENCH_CACHE; default f32)")
     p.add_argument("--backend", default=os.environ.get("DS4BENCH_BACKEND", "auto"),
-                   help="numpy | cupy | auto: cupy when a GPU is visible (env DS4BENCH_BACKEND)")
+                   help="numpy | cupy | auto: cupy when a GPU is visible (env DS4BENCH_BACKEND; default auto)")
     p.add_argument("--placement", default=os.environ.get("DS4BENCH_PLACEMENT"),
-                   help="GPU weight placement: device | managed | managed-hinted | host (env DS4BENCH_PLACEMENT)")
+                   help="GPU weight placement: device | managed | managed-hinted | host (env DS4BENCH_PLACEMENT; "
+                        "default device)")
     p.add_argument("--profile", default=os.environ.get("DS4BENCH_PROFILE", "none"),
-                   help="none | nvtx (ranges for Nsight Systems) | stages (per-stage time)")
-    p.add_argument("--batch", "-b", type=int, default=1, help="sequences decoded per step (1..64)")
+                   help="none | nvtx (ranges for Nsight Systems) | stages (per-stage time) "
+                        "(env DS4BENCH_PROFILE; default none)")
+    p.add_argument("--batch", "-b", type=int, default=1, help="sequences decoded per step, 1..64 (default 1)")
     p.add_argument("--ctx", type=int, help="context allocated per sequence (default 4096, or prompt + n + 1 "
                                           "when that is more)")
-    p.add_argument("--chunk", type=int, default=512, help="prefill chunk (tokens)")
+    p.add_argument("--chunk", type=int, default=512, help="prefill chunk in tokens (default 512)")
 
 
 def resolve_backend(name: str) -> str:
@@ -157,11 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
                                  "speed and greedy-output correctness recorded together")
     sub = ap.add_subparsers(dest="cmd", required=True)
     mp = sub.add_parser("model", help="make or inspect DS4 GGUF models").add_subparsers(dest="model_cmd", required=True)
-    p = mp.add_parser("make", help="write a synthetic DS4 GGUF")
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--variant", choices=("q2", "q4"))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("-o", "--output", required=True)
+    p = mp.add_parser("make", help="write a synthetic DS4 GGUF",
+                      description="Write a synthetic DS4 GGUF: the preset's shapes and types, seeded random "
+                                  "weights, a byte-level tokenizer. Its text output is meaningless by design.")
+    p.add_argument("--preset", default="tiny", help=f"one of {', '.join(C.PRESETS)} (default tiny)")
+    p.add_argument("--variant", choices=("q2", "q4"), help="routed-expert weights: q2 (IQ2_XXS/Q2_K) or q4 "
+                                                           "(Q4_K) (default: the preset's, q2)")
+    p.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
+    p.add_argument("-o", "--output", required=True, help="the GGUF file to write (written under a temporary "
+                                                         "name, then renamed)")
     p.set_defaults(func=cmd_model_make)
     p = mp.add_parser("info", help="tensors, sizes and per-token read bytes of a file or preset")
     model_args(p, positional=True)
@@ -170,13 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="greedy generation with timing and a fingerprint")
     model_args(p)
     engine_args(p)
-    p.add_argument("-p", "--prompt", default="What is the capital of France? One word.")
-    p.add_argument("-n", type=int, default=32, help="tokens to generate")
+    p.add_argument("-p", "--prompt", default="What is the capital of France? One word.",
+                   help="the prompt (default: %(default)r)")
+    p.add_argument("-n", type=int, default=32, help="tokens to generate (default 32)")
     p.add_argument("--raw", action="store_true", help="no chat template")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench-kernels", help="GPU kernel bandwidth at Flash shapes (needs a GPU)")
-    p.add_argument("--variant", default="q2", choices=("q2", "q4"))
+    p.add_argument("--variant", default="q2", choices=("q2", "q4"), help="routed-expert weights (default q2)")
     p.add_argument("--model", help="also time decode per layer of this GGUF in every cache mode and placement")
     p.add_argument("--json", help="also write the result as JSON here")
     p.set_defaults(func=cmd_bench_kernels)

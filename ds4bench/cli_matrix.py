@@ -48,34 +48,51 @@ def register(sub) -> None:
                        description="Run one cell (one value per axis) under nsys, capturing only its timed "
                                    "repetitions, and record the GPU time of each engine range. The "
                                    ".nsys-rep stays in the run directory's traces/.")
-    _run_args(p)
-    p.set_defaults(func=cmd_matrix, trace=True, trace_one=True, resume=None)
+    _run_args(p, one_cell=True)
+    p.set_defaults(func=cmd_matrix, trace=True, trace_one=True, resume=None, exclude=[], baseline=None, tol=None,
+                   tie=None)
 
     p = sub.add_parser("show", help="print a stored matrix run")
     p.add_argument("run", help="run id under --out, or a run directory")
-    p.add_argument("--out", default="results/runs")
-    p.add_argument("--format", choices=("md", "csv", "json"), default="md")
+    p.add_argument("--out", default="results/runs", help="root of run directories (default results/runs)")
+    p.add_argument("--format", choices=("md", "csv", "json"), default="md", help="output format (default md)")
     p.set_defaults(func=cmd_show)
 
     p = sub.add_parser("compare", help="join two runs' cells: correctness changes, then speedups with p-values")
-    p.add_argument("run_a")
-    p.add_argument("run_b")
-    p.add_argument("--out", default="results/runs")
+    p.add_argument("run_a", help="the reference run: an id under --out or a run directory")
+    p.add_argument("run_b", help="the run judged against it")
+    p.add_argument("--out", default="results/runs", help="root of run directories (default results/runs)")
     p.add_argument("--alpha", type=float, default=0.05, help="significance level (default 0.05)")
     p.add_argument("--factor", type=float, default=1.1, help="smallest speed ratio reported as a change (default 1.1)")
-    p.add_argument("--format", choices=("md", "csv", "json"), default="md")
+    p.add_argument("--format", choices=("md", "csv", "json"), default="md", help="output format (default md)")
     p.set_defaults(func=cmd_compare)
 
     # internal: one cell in this process; the runner launches it (not listed in --help)
-    p = sub.add_parser("cell")
+    p = sub.add_parser("cell", description="Measure one matrix cell in this process and write its record and "
+                                           "fingerprints: what `ds4bench matrix` runs, in a process of its own, "
+                                           "for each cell. Its parameters are one entry of a run's run.json "
+                                           "cells[].params.")
     p.add_argument("--params", required=True, help="the cell's parameters as JSON")
     p.add_argument("--out", required=True, help="where to write the record (JSON)")
     p.add_argument("--fingerprints", required=True, help="where to write the fingerprints (.npz)")
     p.set_defaults(func=cmd_cell)
 
 
-def _run_args(p) -> None:
-    """Options `matrix` and `trace` share."""
+def _spec_defaults() -> dict:
+    """default.toml's values, for help texts (read, not validated)."""
+    from .matrix import MATRICES_DIR, tomllib
+    try:
+        return tomllib.loads((MATRICES_DIR / "default.toml").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _run_args(p, one_cell: bool = False) -> None:
+    """Options `matrix` and `trace` share (`trace` runs one cell: no excludes, baseline or limits)."""
+    d = _spec_defaults()
+
+    def dflt(key):
+        return f" (default: the spec's; {d[key]} in default.toml)" if key in d else " (default: the spec's)"
     p.add_argument("--spec", help="matrix TOML: a name in benchmarks/matrices/ or a path (default: default, "
                                   "or gpu when the GPU backend is available)")
     g = p.add_argument_group("axes (comma lists; they replace the spec's)")
@@ -85,26 +102,34 @@ def _run_args(p) -> None:
     g.add_argument("--placement", help="GPU weight placement: device,managed,managed-hinted,host")
     g.add_argument("--batch", "-b", help="sequences per decode step, e.g. 1,4,16")
     g.add_argument("--nvtx", help="NVTX ranges in the timed repetitions: off, on or off,on (their cost)")
-    p.add_argument("--prompts", help="prompt set name or TOML path (spec default: smoke)")
-    p.add_argument("-n", type=int, help="tokens generated per prompt")
-    p.add_argument("--reps", type=int, help="timed repetitions per cell")
-    p.add_argument("--warmup", type=int, help="untimed full passes before the timed ones")
-    p.add_argument("--exclude", action="append", default=[], metavar="K=V[,K=V]",
-                   help="skip cells matching all pairs, e.g. cache=q8,batch=16 (repeatable)")
-    p.add_argument("--baseline", metavar="K=V[,K=V]",
-                   help="the reference cell (default cache=f32,placement=device,batch=1; on the CPU f32, batch 1)")
-    p.add_argument("--timeout", type=float, help="seconds per cell before it is killed and recorded failed")
-    p.add_argument("--backend", choices=("auto", "numpy", "cupy"), help="default auto: cupy when usable")
-    p.add_argument("--variant", choices=("q2", "q4"))
-    p.add_argument("--seed", type=int, help="synthetic weight seed")
+    p.add_argument("--prompts", help="prompt set name or TOML path" + dflt("prompts"))
+    p.add_argument("-n", type=int, help="tokens generated per prompt" + dflt("n"))
+    p.add_argument("--reps", type=int, help="timed repetitions per cell" + dflt("reps"))
+    p.add_argument("--warmup", type=int, help="untimed full passes before the timed ones" + dflt("warmup"))
+    if not one_cell:
+        p.add_argument("--exclude", action="append", default=[], metavar="K=V[,K=V]",
+                       help="skip cells matching all pairs, e.g. cache=q8,batch=16 (repeatable)")
+        p.add_argument("--baseline", metavar="K=V[,K=V]",
+                       help="the reference cell (default cache=f32,placement=device,batch=1; on the CPU f32, batch 1)")
+    p.add_argument("--timeout", type=float, help="seconds per cell before it is killed and recorded failed"
+                   + dflt("timeout"))
+    p.add_argument("--backend", choices=("auto", "numpy", "cupy"), help="(default auto: cupy when usable)")
+    p.add_argument("--variant", choices=("q2", "q4"), help="routed-expert weights of the presets (default: each "
+                                                             "preset's, q2)")
+    p.add_argument("--seed", type=int, help="synthetic weight seed (default 0)")
     p.add_argument("--ctx", type=int, help="context per sequence (default: longest prompt + n + 1)")
-    p.add_argument("--chunk", type=int, help="prefill chunk (tokens)")
+    p.add_argument("--chunk", type=int, help="prefill chunk in tokens (default 512)")
     p.add_argument("--stages", action="store_true", help="one extra pass per cell with per-stage host times")
-    p.add_argument("--tol", type=float, help="override the calibrated limit on a cell's median |Δlogprob|")
-    p.add_argument("--tie", type=float, help="override the calibrated near-tie margin (nats)")
+    if not one_cell:
+        from .verdict import DEFAULT
+        p.add_argument("--tol", type=float, help="override the calibrated limit on a cell's median |Δlogprob| "
+                                                 f"(default {DEFAULT.tol:g})")
+        p.add_argument("--tie", type=float, help=f"override the calibrated near-tie margin in nats "
+                                                 f"(default {DEFAULT.tie:g})")
     p.add_argument("--out", default="results/runs", help="root of run directories (default results/runs)")
     p.add_argument("--id", help="run id (default: UTC time, model, backend)")
-    p.add_argument("--format", choices=("md", "csv", "json"), default="md", help="table printed at the end")
+    p.add_argument("--format", choices=("md", "csv", "json"), default="md", help="table printed at the end "
+                                                                                 "(default md)")
 
 
 # ---- matrix ----------------------------------------------------------------------------------

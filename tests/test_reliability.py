@@ -391,3 +391,24 @@ def test_model_make_on_a_full_disk_says_so_and_leaves_nothing(tmp_path, capsys, 
     rc, _, err = run_cli(["model", "make", "--preset", "tiny", "-o", str(out)], capsys)
     one_line_error(rc, err, f"cannot write {out}: no space left on the device")
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- help --------------------------------------------------------------------------------------
+def _help(args, capsys):
+    with pytest.raises(SystemExit):
+        main([*args, "--help"])
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_help_texts_say_what_options_do_and_their_defaults(capsys):
+    make = _help(["model", "make"], capsys)
+    assert "(default tiny)" in make and "weight seed (default 0)" in make and "meaningless by design" in make
+    matrix = _help(["matrix"], capsys)
+    for words in ("tokens generated per prompt (default: the spec's; 32 in default.toml)",
+                  "timed repetitions per cell (default: the spec's; 3 in default.toml)",
+                  "(default: the spec's; 300 in default.toml)", "--exclude", "--tol"):
+        assert words in matrix, words
+    assert "what `ds4bench matrix` runs" in _help(["cell"], capsys)
+    trace = _help(["trace"], capsys)
+    assert not any(f"--{o}" in trace for o in ("exclude", "baseline", "tol", "tie", "resume"))
+    assert "(default 32)" in _help(["generate"], capsys)
