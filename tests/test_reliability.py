@@ -412,3 +412,11 @@ def test_help_texts_say_what_options_do_and_their_defaults(capsys):
     trace = _help(["trace"], capsys)
     assert not any(f"--{o}" in trace for o in ("exclude", "baseline", "tol", "tie", "resume"))
     assert "(default 32)" in _help(["generate"], capsys)
+
+
+def test_readme_first_use_says_synthetic_text_is_meaningless_and_how_to_read_the_table():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    first_use = " ".join(readme.split("## Set-up", 1)[1].split("\n## ", 1)[0].split())
+    for words in ("meaningless by design", "`1st div`", "`1 (3/3)`", "`median Δlp`", "`UNRELIABLE`",
+                  "docs/reliability.md"):
+        assert words in first_use, words
