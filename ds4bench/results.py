@@ -166,7 +166,7 @@ def _last_byte(p: Path) -> bytes:
 
 def gate(recs: list[dict]) -> int:
     """Exit status: 1 when any cell is broken or failed (or was not judged), else 0."""
-    return int(any(r["verdict"] in V.BAD or r["verdict"] is None for r in recs))
+    return int(any(r.get("verdict") in V.BAD or r.get("verdict") is None for r in recs))
 
 
 # ---- printers --------------------------------------------------------------------------------
