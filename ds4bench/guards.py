@@ -255,3 +255,15 @@ def check_free_space(path, need: int) -> None:
         return
     if need > free:
         raise OSError(f"cannot write {path}: it needs {need:,} bytes and {where} has {free:,} free")
+
+
+def remove_orphans(directory, pattern: str = "*.tmp[0-9]*") -> list[Path]:
+    """Delete temporaries in a shared directory (the model cache) whose writer, named by the pid
+    after `.tmp`, is no longer alive; another process's write in progress is left alone."""
+    gone = []
+    for p in Path(directory).glob(pattern):
+        pid = p.name.rpartition(".tmp")[2]
+        if pid.isdigit() and not _alive(int(pid), None) and p.is_file():
+            p.unlink(missing_ok=True)
+            gone.append(p)
+    return gone

@@ -379,6 +379,9 @@ def prepare_models(cells: list[Cell], cache_dir: str | None = None, say=print) -
             continue
         if not path.is_file():
             root.mkdir(parents=True, exist_ok=True)
+            from .guards import remove_orphans
+            for orphan in remove_orphans(root):              # left by a writer that was killed
+                say(f"removed {orphan}, left by an interrupted write")
             say(f"writing synthetic {cfg.name} ({cfg.variant}) once to {path}")
             write_model(cfg, str(path), p["seed"])            # written under a temporary name, renamed
         p["model_file"] = str(path)

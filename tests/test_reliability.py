@@ -420,3 +420,27 @@ def test_readme_first_use_says_synthetic_text_is_meaningless_and_how_to_read_the
     for words in ("meaningless by design", "`1st div`", "`1 (3/3)`", "`median Δlp`", "`UNRELIABLE`",
                   "docs/reliability.md"):
         assert words in first_use, words
+
+
+def test_a_killed_model_write_leaves_no_orphan_in_the_model_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(M, "SYNTH_IN_MEMORY_MAX", 0)
+    orphan = tmp_path / f"tiny-q2-seed0.gguf.tmp{dead_pid()}"
+    mine = tmp_path / f"other.gguf.tmp{os.getpid()}"            # a write in progress: kept
+    orphan.write_bytes(b"GGUF partial")
+    mine.write_bytes(b"GGUF partial")
+    cells, _ = M.expand(M.spec_from_mapping({"cache": ["f32"]}, "test"), "numpy", "test")
+    said = []
+    M.prepare_models(cells, str(tmp_path), say=said.append)
+    assert not orphan.exists() and mine.exists() and (tmp_path / "tiny-q2-seed0.gguf").is_file()
+    assert any("removed" in s for s in said)
+
+
+def test_runners_racing_for_one_id_get_distinct_directories(tmp_path):
+    code = ("import sys; from ds4bench.results import RunDir; "
+            "print(RunDir.create(sys.argv[1], {'backend': 'numpy', 'cells': []}, 'same').run_id)")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e for _, e in outs]
+    assert sorted(o.strip() for o, _ in outs) == ["same", "same-2", "same-3", "same-4"]
