@@ -113,7 +113,8 @@ def _run_args(p, one_cell: bool = False) -> None:
                        help="the reference cell (default cache=f32,placement=device,batch=1; on the CPU f32, batch 1)")
     p.add_argument("--timeout", type=float, help="seconds per cell before it is killed and recorded failed"
                    + dflt("timeout"))
-    p.add_argument("--backend", choices=("auto", "numpy", "cupy"), help="(default auto: cupy when usable)")
+    p.add_argument("--backend", choices=("auto", "numpy", "cupy"),
+                   help="auto, numpy or cupy (default auto: cupy when usable)")
     p.add_argument("--variant", choices=("q2", "q4"), help="routed-expert weights of the presets (default: each "
                                                              "preset's, q2)")
     p.add_argument("--seed", type=int, help="synthetic weight seed (default 0)")
@@ -145,7 +146,7 @@ def build_spec(a):
         spec = M.load_spec("gpu" if backend == "cupy" else "default")
     doc = spec.to_dict()
     given = [_flag(o) for o in AXIS_OPTS + tuple(o for o, _ in SCALAR_OPTS) + ("exclude", "baseline", "stages", "trace")
-             if getattr(a, o) not in (None, [], False)]
+             if _given(getattr(a, o))]
     if given:
         doc["source"] = f"{spec.source} with {' '.join(given)}"
     for opt in AXIS_OPTS:
