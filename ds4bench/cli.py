@@ -26,23 +26,13 @@ def load_model(model: str | None = None, preset: str | None = None, variant: str
         return load_gguf(model, expect, variant)
     cfg = C.preset(preset or "tiny", variant)
     need = sum(s.nbytes for s in tensor_specs(cfg))
-    avail = _host_available()
+    from .guards import host_available
+    avail = host_available()
     if avail and need > 0.6 * avail:
         raise UserError(f"preset {cfg.name} ({cfg.variant}) needs {need / 2**30:.1f} GiB of host memory, "
                         f"{avail / 2**30:.1f} GiB is available; use a smaller preset or write it with "
                         f"`ds4bench model make` on a larger machine")
     return make_model(cfg, seed)
-
-
-def _host_available() -> int:
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
