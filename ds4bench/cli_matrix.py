@@ -222,8 +222,8 @@ def cmd_matrix(a) -> int:
         state, said = G.runner_state(meta)
         if state == "alive":
             raise UserError(f"run {run.run_id}: {said}; wait for it or stop it before resuming")
-        if state == "unknown":
-            print(f"note: {said.split('; if it is not')[0]}; resuming", file=sys.stderr)
+        if state in ("unknown", "gone"):
+            print(f"note: {said.split('; if it is not')[0].split('; finish with')[0]}; resuming", file=sys.stderr)
         for p in G.remove_temporaries(run.path):
             print(f"note: removed {p.relative_to(run.path)}, left by an interrupted write", file=sys.stderr)
         run.write_meta({**meta, "status": "running", "runner": G.runner_identity()})

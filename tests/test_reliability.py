@@ -93,6 +93,19 @@ def test_a_run_whose_runner_is_gone_says_so_with_the_resume_command(tmp_path, ca
     assert "on another host" in out and "cannot tell" in out
 
 
+def test_resume_of_a_run_whose_runner_is_gone_says_so_and_records_the_new_runner(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(M, "run_cell_process", lambda *a, **k: (None, "fake", 0.0))
+    out = str(tmp_path)
+    assert main(["matrix", "--backend", "numpy", "--cache", "f32", "--out", out, "--id", "r"]) == 1
+    run = S.RunDir(Path(out) / "r")
+    pid = dead_pid()
+    run.write_meta({**run.meta(), "status": "running", "runner": {**run.meta()["runner"], "pid": pid}})
+    capsys.readouterr()
+    assert main(["matrix", "--resume", "r", "--out", out]) == 1
+    assert f"note: the runner (pid {pid} on {socket.gethostname()}) is gone; resuming" in capsys.readouterr().err
+    assert run.meta()["runner"]["pid"] == os.getpid() and run.meta()["status"] == "complete"
+
+
 def test_a_recycled_pid_is_not_taken_for_the_runner(tmp_path):
     run = make_run(tmp_path)
     meta = run.meta()
