@@ -23,26 +23,16 @@ def load_model(model: str | None = None, preset: str | None = None, variant: str
     from .synth import make_model
     if model:
         expect = C.preset(preset, variant) if preset else None
-        return load_gguf(model, expect)
+        return load_gguf(model, expect, variant)
     cfg = C.preset(preset or "tiny", variant)
     need = sum(s.nbytes for s in tensor_specs(cfg))
-    avail = _host_available()
+    from .guards import host_available
+    avail = host_available()
     if avail and need > 0.6 * avail:
         raise UserError(f"preset {cfg.name} ({cfg.variant}) needs {need / 2**30:.1f} GiB of host memory, "
                         f"{avail / 2**30:.1f} GiB is available; use a smaller preset or write it with "
                         f"`ds4bench model make` on a larger machine")
     return make_model(cfg, seed)
-
-
-def _host_available() -> int:
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
@@ -68,7 +58,7 @@ def cmd_model_info(a) -> int:
     from .gguf_io import load_gguf
     from .modelinfo import report
     if a.file:
-        mf = load_gguf(a.file, C.preset(a.preset, a.variant) if a.preset else None)
+        mf = load_gguf(a.file, C.preset(a.preset) if a.preset else None, a.variant)
         print(report(mf.cfg, f"{a.file} ({os.path.getsize(a.file):,} bytes; "
                               f"{len(mf.tensors)} tensors validated: names, shapes, types)"))
     else:
@@ -82,14 +72,17 @@ def engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", default=os.environ.get("DS4BENCH_CACHE", "f32"),
                    help="numeric mode: q8 | f16 | f32 (env DS4BENCH_CACHE; default f32)")
     p.add_argument("--backend", default=os.environ.get("DS4BENCH_BACKEND", "auto"),
-                   help="numpy | cupy | auto: cupy when a GPU is visible (env DS4BENCH_BACKEND)")
+                   help="numpy | cupy | auto: cupy when a GPU is visible (env DS4BENCH_BACKEND; default auto)")
     p.add_argument("--placement", default=os.environ.get("DS4BENCH_PLACEMENT"),
-                   help="GPU weight placement: device | managed | managed-hinted | host (env DS4BENCH_PLACEMENT)")
+                   help="GPU weight placement: device | managed | managed-hinted | host (env DS4BENCH_PLACEMENT; "
+                        "default device)")
     p.add_argument("--profile", default=os.environ.get("DS4BENCH_PROFILE", "none"),
-                   help="none | nvtx (ranges for Nsight Systems) | stages (per-stage time)")
-    p.add_argument("--batch", "-b", type=int, default=1, help="sequences decoded per step (1..64)")
-    p.add_argument("--ctx", type=int, default=4096, help="context allocated per sequence")
-    p.add_argument("--chunk", type=int, default=512, help="prefill chunk (tokens)")
+                   help="none | nvtx (ranges for Nsight Systems) | stages (per-stage time) "
+                        "(env DS4BENCH_PROFILE; default none)")
+    p.add_argument("--batch", "-b", type=int, default=1, help="sequences decoded per step, 1..64 (default 1)")
+    p.add_argument("--ctx", type=int, help="context allocated per sequence (default 4096, or prompt + n + 1 "
+                                          "when that is more)")
+    p.add_argument("--chunk", type=int, default=512, help="prefill chunk in tokens (default 512)")
 
 
 def resolve_backend(name: str) -> str:
@@ -113,7 +106,12 @@ def cmd_generate(a) -> int:
     mf = load_model(a.model, a.preset, a.variant, a.seed)
     tok = Tokenizer.from_gguf_metadata(mf.metadata)
     ids = tok.encode(a.prompt) if a.raw else tok.chat(a.prompt)
-    ctx = max(a.ctx, len(ids) + a.n + 1)
+    from .guards import context_needed
+    need = context_needed(len(ids), a.n)
+    if a.ctx is not None and a.ctx < need:
+        raise UserError(f"--ctx {a.ctx} is too small: the prompt is {len(ids)} tokens, + -n {a.n} + 1 = {need}; "
+                        f"give --ctx {need} or more, or leave it out")
+    ctx = max(4096, need) if a.ctx is None else a.ctx
     backend = resolve_backend(a.backend)
     opts = {"placement": a.placement} if backend == "cupy" and a.placement else {}
     if a.placement:
@@ -151,11 +149,15 @@ def build_parser() -> argparse.ArgumentParser:
                                  "speed and greedy-output correctness recorded together")
     sub = ap.add_subparsers(dest="cmd", required=True)
     mp = sub.add_parser("model", help="make or inspect DS4 GGUF models").add_subparsers(dest="model_cmd", required=True)
-    p = mp.add_parser("make", help="write a synthetic DS4 GGUF")
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--variant", choices=("q2", "q4"))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("-o", "--output", required=True)
+    p = mp.add_parser("make", help="write a synthetic DS4 GGUF",
+                      description="Write a synthetic DS4 GGUF: the preset's shapes and types, seeded random "
+                                  "weights, a byte-level tokenizer. Its text output is meaningless by design.")
+    p.add_argument("--preset", default="tiny", help=f"one of {', '.join(C.PRESETS)} (default tiny)")
+    p.add_argument("--variant", choices=("q2", "q4"), help="routed-expert weights: q2 (IQ2_XXS/Q2_K) or q4 "
+                                                           "(Q4_K) (default: the preset's, q2)")
+    p.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
+    p.add_argument("-o", "--output", required=True, help="the GGUF file to write (written under a temporary "
+                                                         "name, then renamed)")
     p.set_defaults(func=cmd_model_make)
     p = mp.add_parser("info", help="tensors, sizes and per-token read bytes of a file or preset")
     model_args(p, positional=True)
@@ -164,13 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="greedy generation with timing and a fingerprint")
     model_args(p)
     engine_args(p)
-    p.add_argument("-p", "--prompt", default="What is the capital of France? One word.")
-    p.add_argument("-n", type=int, default=32, help="tokens to generate")
+    p.add_argument("-p", "--prompt", default="What is the capital of France? One word.",
+                   help="the prompt (default: %(default)r)")
+    p.add_argument("-n", type=int, default=32, help="tokens to generate (default 32)")
     p.add_argument("--raw", action="store_true", help="no chat template")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench-kernels", help="GPU kernel bandwidth at Flash shapes (needs a GPU)")
-    p.add_argument("--variant", default="q2", choices=("q2", "q4"))
+    p.add_argument("--variant", default="q2", choices=("q2", "q4"), help="routed-expert weights (default q2)")
     p.add_argument("--model", help="also time decode per layer of this GGUF in every cache mode and placement")
     p.add_argument("--json", help="also write the result as JSON here")
     p.set_defaults(func=cmd_bench_kernels)
@@ -197,9 +200,9 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--seed must be a non-negative integer, got {a.seed}")
         load_plugins()
         return int(a.func(a) or 0)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:              # SIGINT 130; SIGTERM (guards.Terminated) 143
         print("ds4bench: interrupted", file=sys.stderr)
-        return 130
+        return 128 + getattr(e, "signum", 2)
     except BrokenPipeError:                     # the reader went away (`ds4bench show RUN | head`)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141

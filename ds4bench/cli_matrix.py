@@ -20,10 +20,18 @@ import signal
 import sys
 import time
 
+from . import guards as G
+
 AXIS_OPTS = ("preset", "model", "cache", "placement", "batch", "nvtx")
 SCALAR_OPTS = (("prompts", "prompts"), ("n", "n_gen"), ("reps", "reps"), ("warmup", "warmup"),
                ("timeout", "timeout_s"), ("variant", "variant"), ("seed", "seed"), ("ctx", "ctx"),
                ("chunk", "chunk"))
+
+
+# The keys `ds4bench cell` reads from --params (matrix.expand writes them).
+CELL_PARAMS = frozenset({"preset", "model_file", "variant", "seed", "backend", "cache", "placement", "batch",
+                         "nvtx", "n_gen", "prompt_set", "reps", "warmup", "ctx", "chunk", "stages", "trace",
+                         "timeout_s", "env"})
 
 
 def register(sub) -> None:
@@ -40,34 +48,51 @@ def register(sub) -> None:
                        description="Run one cell (one value per axis) under nsys, capturing only its timed "
                                    "repetitions, and record the GPU time of each engine range. The "
                                    ".nsys-rep stays in the run directory's traces/.")
-    _run_args(p)
-    p.set_defaults(func=cmd_matrix, trace=True, trace_one=True, resume=None)
+    _run_args(p, one_cell=True)
+    p.set_defaults(func=cmd_matrix, trace=True, trace_one=True, resume=None, exclude=[], baseline=None, tol=None,
+                   tie=None)
 
     p = sub.add_parser("show", help="print a stored matrix run")
     p.add_argument("run", help="run id under --out, or a run directory")
-    p.add_argument("--out", default="results/runs")
-    p.add_argument("--format", choices=("md", "csv", "json"), default="md")
+    p.add_argument("--out", default="results/runs", help="root of run directories (default results/runs)")
+    p.add_argument("--format", choices=("md", "csv", "json"), default="md", help="output format (default md)")
     p.set_defaults(func=cmd_show)
 
     p = sub.add_parser("compare", help="join two runs' cells: correctness changes, then speedups with p-values")
-    p.add_argument("run_a")
-    p.add_argument("run_b")
-    p.add_argument("--out", default="results/runs")
+    p.add_argument("run_a", help="the reference run: an id under --out or a run directory")
+    p.add_argument("run_b", help="the run judged against it")
+    p.add_argument("--out", default="results/runs", help="root of run directories (default results/runs)")
     p.add_argument("--alpha", type=float, default=0.05, help="significance level (default 0.05)")
     p.add_argument("--factor", type=float, default=1.1, help="smallest speed ratio reported as a change (default 1.1)")
-    p.add_argument("--format", choices=("md", "csv", "json"), default="md")
+    p.add_argument("--format", choices=("md", "csv", "json"), default="md", help="output format (default md)")
     p.set_defaults(func=cmd_compare)
 
     # internal: one cell in this process; the runner launches it (not listed in --help)
-    p = sub.add_parser("cell")
+    p = sub.add_parser("cell", description="Measure one matrix cell in this process and write its record and "
+                                           "fingerprints: what `ds4bench matrix` runs, in a process of its own, "
+                                           "for each cell. Its parameters are one entry of a run's run.json "
+                                           "cells[].params.")
     p.add_argument("--params", required=True, help="the cell's parameters as JSON")
     p.add_argument("--out", required=True, help="where to write the record (JSON)")
     p.add_argument("--fingerprints", required=True, help="where to write the fingerprints (.npz)")
     p.set_defaults(func=cmd_cell)
 
 
-def _run_args(p) -> None:
-    """Options `matrix` and `trace` share."""
+def _spec_defaults() -> dict:
+    """default.toml's values, for help texts (read, not validated)."""
+    from .matrix import MATRICES_DIR, tomllib
+    try:
+        return tomllib.loads((MATRICES_DIR / "default.toml").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _run_args(p, one_cell: bool = False) -> None:
+    """Options `matrix` and `trace` share (`trace` runs one cell: no excludes, baseline or limits)."""
+    d = _spec_defaults()
+
+    def dflt(key):
+        return f" (default: the spec's; {d[key]} in default.toml)" if key in d else " (default: the spec's)"
     p.add_argument("--spec", help="matrix TOML: a name in benchmarks/matrices/ or a path (default: default, "
                                   "or gpu when the GPU backend is available)")
     g = p.add_argument_group("axes (comma lists; they replace the spec's)")
@@ -77,26 +102,35 @@ def _run_args(p) -> None:
     g.add_argument("--placement", help="GPU weight placement: device,managed,managed-hinted,host")
     g.add_argument("--batch", "-b", help="sequences per decode step, e.g. 1,4,16")
     g.add_argument("--nvtx", help="NVTX ranges in the timed repetitions: off, on or off,on (their cost)")
-    p.add_argument("--prompts", help="prompt set name or TOML path (spec default: smoke)")
-    p.add_argument("-n", type=int, help="tokens generated per prompt")
-    p.add_argument("--reps", type=int, help="timed repetitions per cell")
-    p.add_argument("--warmup", type=int, help="untimed full passes before the timed ones")
-    p.add_argument("--exclude", action="append", default=[], metavar="K=V[,K=V]",
-                   help="skip cells matching all pairs, e.g. cache=q8,batch=16 (repeatable)")
-    p.add_argument("--baseline", metavar="K=V[,K=V]",
-                   help="the reference cell (default cache=f32,placement=device,batch=1; on the CPU f32, batch 1)")
-    p.add_argument("--timeout", type=float, help="seconds per cell before it is killed and recorded failed")
-    p.add_argument("--backend", choices=("auto", "numpy", "cupy"), help="default auto: cupy when usable")
-    p.add_argument("--variant", choices=("q2", "q4"))
-    p.add_argument("--seed", type=int, help="synthetic weight seed")
+    p.add_argument("--prompts", help="prompt set name or TOML path" + dflt("prompts"))
+    p.add_argument("-n", type=int, help="tokens generated per prompt" + dflt("n"))
+    p.add_argument("--reps", type=int, help="timed repetitions per cell" + dflt("reps"))
+    p.add_argument("--warmup", type=int, help="untimed full passes before the timed ones" + dflt("warmup"))
+    if not one_cell:
+        p.add_argument("--exclude", action="append", default=[], metavar="K=V[,K=V]",
+                       help="skip cells matching all pairs, e.g. cache=q8,batch=16 (repeatable)")
+        p.add_argument("--baseline", metavar="K=V[,K=V]",
+                       help="the reference cell (default cache=f32,placement=device,batch=1; on the CPU f32, batch 1)")
+    p.add_argument("--timeout", type=float, help="seconds per cell before it is killed and recorded failed"
+                   + dflt("timeout"))
+    p.add_argument("--backend", choices=("auto", "numpy", "cupy"),
+                   help="auto, numpy or cupy (default auto: cupy when usable)")
+    p.add_argument("--variant", choices=("q2", "q4"), help="routed-expert weights of the presets (default: each "
+                                                             "preset's, q2)")
+    p.add_argument("--seed", type=int, help="synthetic weight seed (default 0)")
     p.add_argument("--ctx", type=int, help="context per sequence (default: longest prompt + n + 1)")
-    p.add_argument("--chunk", type=int, help="prefill chunk (tokens)")
+    p.add_argument("--chunk", type=int, help="prefill chunk in tokens (default 512)")
     p.add_argument("--stages", action="store_true", help="one extra pass per cell with per-stage host times")
-    p.add_argument("--tol", type=float, help="override the calibrated limit on a cell's median |Δlogprob|")
-    p.add_argument("--tie", type=float, help="override the calibrated near-tie margin (nats)")
+    if not one_cell:
+        from .verdict import DEFAULT
+        p.add_argument("--tol", type=float, help="override the calibrated limit on a cell's median |Δlogprob| "
+                                                 f"(default {DEFAULT.tol:g})")
+        p.add_argument("--tie", type=float, help=f"override the calibrated near-tie margin in nats "
+                                                 f"(default {DEFAULT.tie:g})")
     p.add_argument("--out", default="results/runs", help="root of run directories (default results/runs)")
     p.add_argument("--id", help="run id (default: UTC time, model, backend)")
-    p.add_argument("--format", choices=("md", "csv", "json"), default="md", help="table printed at the end")
+    p.add_argument("--format", choices=("md", "csv", "json"), default="md", help="table printed at the end "
+                                                                                 "(default md)")
 
 
 # ---- matrix ----------------------------------------------------------------------------------
@@ -112,7 +146,7 @@ def build_spec(a):
         spec = M.load_spec("gpu" if backend == "cupy" else "default")
     doc = spec.to_dict()
     given = [_flag(o) for o in AXIS_OPTS + tuple(o for o, _ in SCALAR_OPTS) + ("exclude", "baseline", "stages", "trace")
-             if getattr(a, o) not in (None, [], False)]
+             if _given(getattr(a, o))]
     if given:
         doc["source"] = f"{spec.source} with {' '.join(given)}"
     for opt in AXIS_OPTS:
@@ -180,16 +214,25 @@ def cmd_matrix(a) -> int:
     if a.resume:
         given = [_flag(o) for o in AXIS_OPTS + tuple(o for o, _ in SCALAR_OPTS)
                  + ("spec", "baseline", "backend", "tol", "tie", "id", "exclude", "stages")
-                 if getattr(a, o, None) not in (None, [], False)]
+                 if _given(getattr(a, o, None))]
         if given:
             raise UserError(f"--resume reruns the run's own spec; drop {', '.join(given)}")
         run = RunDir.open(a.resume, a.out)
-        meta = run.meta()
+        meta = run.meta(for_resume=True)
+        state, said = G.runner_state(meta)
+        if state == "alive":
+            raise UserError(f"run {run.run_id}: {said}; wait for it or stop it before resuming")
+        if state in ("unknown", "gone"):
+            print(f"note: {said.split('; if it is not')[0].split('; finish with')[0]}; resuming", file=sys.stderr)
+        for p in G.remove_temporaries(run.path):
+            print(f"note: removed {p.relative_to(run.path)}, left by an interrupted write", file=sys.stderr)
+        run.write_meta({**meta, "status": "running", "runner": G.runner_identity()})
         cells = [M.Cell(**c) for c in meta["cells"]]
         th = V.Thresholds(**meta["thresholds"])
         if meta["backend"] == "cupy":
             M.resolve_backend("cupy")
         nsys = meta.get("nsys")
+        G.check_host_memory(cells)
         M.prepare_models(cells, say=lambda s: print(s, file=sys.stderr))
         print(f"resuming {run.path}: {len(run.records())} of {len(cells)} cells recorded", file=sys.stderr)
     else:
@@ -211,6 +254,7 @@ def cmd_matrix(a) -> int:
                 notes.append(f"traced with {nsys}")
         meta = {"spec": spec.to_dict(), "backend": backend, "backend_reason": why, "notes": notes,
                 "thresholds": th.to_dict(), "label": label, "nsys": nsys}
+        G.check_host_memory(cells)              # before any model file is written
         M.prepare_models(cells, say=lambda s: print(s, file=sys.stderr))
         meta["cells"] = [vars(c) for c in cells]
         run = RunDir.create(a.out, meta, a.id)
@@ -221,7 +265,7 @@ def cmd_matrix(a) -> int:
             print(f"note: run id {a.id} is taken (finish that one with --resume {a.id}); this run is {run.run_id}",
                   file=sys.stderr)
     progress = Progress(len(cells), len(run.records()))
-    old = signal.signal(signal.SIGTERM, _raise_interrupt)
+    old = signal.signal(signal.SIGTERM, G.raise_terminated)
     status = "interrupted"
     try:
         recs = M.run_matrix(cells, run, th, progress, nsys)
@@ -249,8 +293,9 @@ def _check_one_cell(cells) -> None:
                         f"give one value per axis, or use `ds4bench matrix --trace`")
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
+def _given(v) -> bool:
+    """An option the user gave (0 counts: `--reps 0` is given; an unset flag or list is not)."""
+    return v is not None and v is not False and v != []
 
 
 class Progress:
@@ -294,13 +339,18 @@ def cmd_show(a) -> int:
     from .results import RunDir, gate, reasons_md, render
     run = RunDir.open(a.run, a.out)
     recs = run.records()
+    meta = run.meta()
+    state, said = G.runner_state(meta)
     if a.format == "md":
-        meta = run.meta()
         print(f"run {run.run_id}: {meta.get('status')}, {len(recs)} of {len(meta.get('cells', []))} cells; "
               f"backend {meta.get('backend')} ({meta.get('backend_reason')})")
+        if said:
+            print(f"note: {said}")
         for n in meta.get("notes", []):
             print(f"note: {n}")
         print()
+    if said and a.format != "md":
+        print(f"ds4bench: note: run {run.run_id}: {said}", file=sys.stderr)
     sys.stdout.write(render(recs, a.format))
     if a.format == "md":
         why = reasons_md(recs)
@@ -319,8 +369,19 @@ def _print_traces(recs) -> None:
 
 def cmd_compare(a) -> int:
     from .results import RunDir, compare, render_compare
+    from .cli import UserError
     ra, rb = RunDir.open(a.run_a, a.out), RunDir.open(a.run_b, a.out)
-    res = compare(ra.records(), rb.records(), a.alpha, a.factor)
+    metas = {run: run.meta() for run in (ra, rb)}
+    recs = {run: run.records() for run in (ra, rb)}
+    for run in (ra, rb):
+        if not recs[run]:
+            raise UserError(f"run {run.run_id} ({run.path}) has no recorded cell (status "
+                            f"{metas[run].get('status')}); nothing to compare")
+    for run in (ra, rb):
+        said = G.runner_state(metas[run])[1]
+        if said:
+            print(f"note: run {run.run_id}: {said}", file=sys.stderr)
+    res = compare(recs[ra], recs[rb], a.alpha, a.factor)
     sys.stdout.write(render_compare(res, a.format, ra.run_id, rb.run_id))
     return res["status"]
 
@@ -331,5 +392,10 @@ def cmd_cell(a) -> int:
         params = json.loads(a.params)
     except json.JSONDecodeError as e:
         raise ValueError(f"--params is not JSON: {e}") from None
+    need = CELL_PARAMS
+    if not isinstance(params, dict) or not need <= set(params):
+        missing = sorted(need - set(params)) if isinstance(params, dict) else ["(not an object)"]
+        raise ValueError(f"--params lacks {', '.join(missing)}: it takes the JSON object `ds4bench matrix` "
+                         f"gives each cell (see a run's run.json, cells[].params)")
     run_cell(params, a.out, a.fingerprints)
     return 0

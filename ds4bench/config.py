@@ -191,6 +191,33 @@ GGUF_KEYS: tuple[tuple[str, str, str], ...] = (
     ("yarn_beta_slow", "rope.scaling.yarn_beta_slow", "f32"),
     ("rope_orig_ctx", "rope.scaling.original_context_length", "u64"),
 )
+# Allowed values of the numeric keys a file may set: (low, high, low excluded). A value outside
+# them is a damaged or foreign file; loading it would only show up later as wrong output.
+META_RANGES: dict[str, tuple[float, float, bool]] = {
+    "n_layer": (1, 1024, False), "context_length": (1, 1 << 24, False), "n_embd": (256, 1 << 16, False),
+    "n_vocab": (1, 1 << 22, False), "n_head": (1, 1024, False), "head_dim": (64, 4096, False),
+    "n_rot": (2, 4096, False), "q_lora_rank": (32, 1 << 16, False), "o_lora_rank": (32, 1 << 16, False),
+    "o_groups": (1, 1024, False), "n_expert": (1, 4096, False), "n_expert_used": (1, 4096, False),
+    "expert_ff": (256, 1 << 17, False), "n_hash_layers": (0, 1024, False),
+    "expert_weights_scale": (0.0, 100.0, True), "swiglu_clamp": (0.0, 1e4, True),
+    "sliding_window": (1, 1 << 20, False), "indexer_heads": (1, 1024, False), "indexer_dim": (64, 4096, False),
+    "indexer_topk": (1, 1 << 20, False), "hc_streams": (1, 64, False), "hc_sinkhorn_iters": (1, 1000, False),
+    "hc_eps": (0.0, 1e-2, True), "rms_eps": (0.0, 1e-2, True), "rope_base": (1.0, 1e9, False),
+    "compress_rope_base": (1.0, 1e9, False), "rope_scale_factor": (1.0, 1e4, False),
+    "yarn_beta_fast": (0.0, 1e4, True), "yarn_beta_slow": (0.0, 1e4, True), "rope_orig_ctx": (1, 1 << 24, False),
+}
+
+
+def check_range(fld: str, key: str, value) -> None:
+    """ValueError naming the key when a value lies outside META_RANGES."""
+    import math
+    lo, hi, open_lo = META_RANGES[fld]
+    ok = math.isfinite(value) and (value > lo if open_lo else value >= lo) and value <= hi
+    if not ok:
+        raise ValueError(f"metadata key {key}={value:g} is outside the allowed range "
+                         f"{'(' if open_lo else '['}{lo:g}, {hi:g}]")
+
+
 # Always zero in DS4 (no group-limited routing); written so ds4's loader finds them.
 GGUF_ZERO_KEYS = ("expert_group_count", "expert_group_used_count")
 # ds4bench's own keys: how to rebuild the config name and weight variant from a file.
@@ -232,6 +259,8 @@ def from_gguf_metadata(fields: dict[str, object], name: str = "file", variant: s
             value = int(value)
         else:
             value = float(f"{float(value):.7g}")     # f32 in the file: back to the written decimal
+        if fld in META_RANGES:
+            check_range(fld, full, value)
         if fld in seen and seen[fld] != value:
             raise ValueError(f"metadata key {full}={value} disagrees with {fld}={seen[fld]}")
         seen[fld] = value

@@ -6,6 +6,7 @@ keep their file layout: a tensor is its raw bytes (uint8 [..., rows, row_bytes])
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import threading
@@ -223,7 +224,9 @@ def write_gguf(path: str, cfg: C.ModelConfig, source: "TensorSource",
     The host never holds the whole model. The file is written under a temporary name and renamed,
     so a crash never leaves a half-written model behind. Returns the file size.
     """
+    from .guards import check_free_space, write_error
     specs = tensor_specs(cfg) if specs is None else specs
+    check_free_space(path, sum(s.nbytes for s in specs))
     tmp = f"{path}.tmp{os.getpid()}"
     w = GGUFWriter(tmp, C.ARCH)
     w.add_name(f"ds4bench synthetic {cfg.name} ({cfg.variant})")
@@ -247,10 +250,13 @@ def write_gguf(path: str, cfg: C.ModelConfig, source: "TensorSource",
             w.write_tensor_data(np.ascontiguousarray(data))
         w.close()
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        err = write_error(path, e) if isinstance(e, OSError) else None     # before the space is freed
         w.close()
         if os.path.exists(tmp):
             os.remove(tmp)
+        if err is not None:
+            raise err from None
         raise
     finally:
         if on_term is not None:
@@ -281,19 +287,65 @@ def _variant_from(reader_tensors: dict, fields: dict) -> str:
     return "q2"
 
 
-def load_gguf(path: str, expect: C.ModelConfig | None = None) -> ModelFile:
+GGUF_VERSIONS = (2, 3)
+MIN_TENSOR_INFO = 8 + 1 + 4 + 8 + 4 + 8      # name length, a name, n_dims, one dim, type, offset
+MIN_KV = 8 + 1 + 4 + 1                       # key length, a key, value type, a byte of value
+
+
+def check_header(path: str, size: int) -> None:
+    """The fixed 24-byte header (magic, version, tensor and key counts) before gguf-py reads the
+    rest, so a damaged one gives a line that says what is wrong rather than the reader's internals."""
+    with open(path, "rb") as fh:
+        head = fh.read(24)
+    if head[:4] != b"GGUF":
+        raise ModelFileError(f"{path}: not a GGUF file (magic {head[:4]!r})")
+    if len(head) < 24:
+        raise ModelFileError(f"{path}: truncated: {size} bytes, shorter than the 24-byte GGUF header")
+    version = int.from_bytes(head[4:8], "little")
+    order = "little"
+    if version not in GGUF_VERSIONS and int.from_bytes(head[4:8], "big") in GGUF_VERSIONS:
+        version, order = int.from_bytes(head[4:8], "big"), "big"
+    if version not in GGUF_VERSIONS:
+        raise ModelFileError(f"{path}: GGUF version {version} is not supported (ds4bench reads versions "
+                             f"{' and '.join(map(str, GGUF_VERSIONS))}); the header is damaged or the file is "
+                             f"from another tool")
+    n_tensors, n_kv = int.from_bytes(head[8:16], order), int.from_bytes(head[16:24], order)
+    if 24 + n_tensors * MIN_TENSOR_INFO + n_kv * MIN_KV > size:
+        raise ModelFileError(f"{path}: truncated or damaged header: it claims {n_tensors} tensors and {n_kv} metadata keys, "
+                             f"more than a {size}-byte file can hold")
+
+
+def check_extents(path: str, reader: GGUFReader, size: int) -> None:
+    """Every tensor's data inside the file, at an aligned offset, and no two tensors overlapping."""
+    align = reader.alignment
+    spans = []
+    for t in reader.tensors:
+        start, n = int(t.data_offset), int(t.n_bytes)      # as the file's own type and dims say
+        rel = start - int(reader.data_offset)
+        if rel < 0 or rel % align:
+            raise ModelFileError(f"{path}: tensor {t.name}: data offset {rel} is not a multiple of the file's "
+                                 f"alignment {align} (a damaged tensor table)")
+        if start + n > size:
+            raise ModelFileError(f"{path}: truncated: tensor {t.name} ends at byte {start + n}, file has {size}")
+        spans.append((start, start + n, t.name))
+    spans.sort()
+    for (s0, e0, a), (s1, e1, b) in zip(spans, spans[1:]):
+        if s1 < e0:
+            raise ModelFileError(f"{path}: tensor {b} (bytes {s1}..{e1}) overlaps tensor {a} (bytes {s0}..{e0}): "
+                                 f"a damaged tensor table")
+
+
+def load_gguf(path: str, expect: C.ModelConfig | None = None, variant: str | None = None) -> ModelFile:
     """Memory-map a DS4 GGUF and validate metadata and every tensor; raises ModelFileError.
 
     Tensor data stay views of the mapping (no copy). `expect`, when given, is the config the
-    caller needs (a preset); the file's metadata must agree with it.
+    caller needs (a preset); the file's metadata must agree with it, except for the routed-expert
+    variant, which must agree only with `variant` when one is asked for.
     """
     if not os.path.exists(path):
         raise ModelFileError(f"{path}: no such file")
     size = os.path.getsize(path)
-    with open(path, "rb") as fh:
-        magic = fh.read(4)
-    if magic != b"GGUF":
-        raise ModelFileError(f"{path}: not a GGUF file (magic {magic!r})")
+    check_header(path, size)
     try:
         reader = GGUFReader(path, "r")
     except (OSError, MemoryError) as e:          # the mapping itself failed, not the file's contents
@@ -302,8 +354,8 @@ def load_gguf(path: str, expect: C.ModelConfig | None = None) -> ModelFile:
         if isinstance(e, ValueError) and ("reshape" in str(e) or "buffer" in str(e)):
             raise ModelFileError(f"{path}: truncated: a tensor's data run past the end of the file "
                                  f"({size} bytes)") from None
-        raise ModelFileError(f"{path}: unreadable GGUF header or tensor table ({type(e).__name__}: {e}); "
-                             f"the file is probably truncated ({size} bytes)") from None
+        raise ModelFileError(f"{path}: the GGUF metadata or tensor table cannot be parsed: the header is damaged "
+                             f"or the file is truncated ({size} bytes)") from None
     fields = read_metadata(reader)
     arch = fields.get("general.architecture")
     if arch != C.ARCH:
@@ -314,13 +366,16 @@ def load_gguf(path: str, expect: C.ModelConfig | None = None) -> ModelFile:
         cfg = C.from_gguf_metadata(fields, name=str(name), variant=_variant_from(rt, fields))
     except ValueError as e:
         raise ModelFileError(f"{path}: inconsistent metadata: {e}") from None
+    if variant is not None and cfg.variant != variant:
+        raise ModelFileError(f"{path}: its routed experts are variant {cfg.variant}, not the {variant} asked for")
     if expect is not None:
-        diff = C.config_diff(expect, cfg)
+        diff = C.config_diff(dataclasses.replace(expect, variant=cfg.variant), cfg)
         if diff:
             raise ModelFileError(f"{path}: metadata does not match preset {expect.name}: {'; '.join(diff[:3])}")
 
     tensors: dict[str, Tensor] = {}
     specs = tensor_specs(cfg)
+    check_extents(path, reader, size)
     known = {s.name for s in specs}
     for s in specs:
         t = rt.get(s.name)

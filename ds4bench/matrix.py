@@ -205,7 +205,7 @@ def validate(s: MatrixSpec) -> None:
             raise ValueError(f"{where}: model file {m} does not exist")
         if len(s.presets) == 1:                 # the file must be that preset: check once, here
             from .gguf_io import load_gguf
-            load_gguf(m, C.preset(s.presets[0], s.variant))
+            load_gguf(m, C.preset(s.presets[0]), s.variant)
     if s.variant not in (None, "q2", "q4"):
         raise ValueError(f"{where}: variant must be q2 or q4, found {s.variant!r}")
     unknown = sorted(k for k in s.env if k.startswith("DS4BENCH_") and k not in ENGINE_ENV)
@@ -244,6 +244,18 @@ def validate(s: MatrixSpec) -> None:
         raise ValueError(f"{where}: baseline batch must be an integer in 1..64, found {b['batch']!r}")
     from .prompts import load_prompts
     load_prompts(s.prompts)
+    if s.ctx is not None:                       # a context too small would fail every cell
+        from .guards import check_ctx
+        check_ctx(s.ctx, s.n_gen, s.prompts, _model_meta(s), where)
+
+
+def _model_meta(s: MatrixSpec) -> list:
+    """(label, config, metadata) of each model of a spec: a file's own, or a preset's synthetic."""
+    from .gguf_io import load_gguf
+    from .synth import synth_metadata
+    if s.models:
+        return [(Path(m).name, (mf := load_gguf(m)).cfg, mf.metadata) for m in s.models]
+    return [(p, cfg, synth_metadata(cfg, s.seed)) for p in s.presets for cfg in [C.preset(p, s.variant)]]
 
 
 # ---- backend ---------------------------------------------------------------------------------
@@ -367,6 +379,9 @@ def prepare_models(cells: list[Cell], cache_dir: str | None = None, say=print) -
             continue
         if not path.is_file():
             root.mkdir(parents=True, exist_ok=True)
+            from .guards import remove_orphans
+            for orphan in remove_orphans(root):              # left by a writer that was killed
+                say(f"removed {orphan}, left by an interrupted write")
             say(f"writing synthetic {cfg.name} ({cfg.variant}) once to {path}")
             write_model(cfg, str(path), p["seed"])            # written under a temporary name, renamed
         p["model_file"] = str(path)
@@ -438,7 +453,8 @@ def run_cell_process(cell: Cell, out: Path, fingerprints: Path, log: Path,
         name = signal.Signals(-rc).name
         hint = " (out of memory?)" if -rc == signal.SIGKILL else ""
         return None, f"killed by {name}{hint}" + (f"; last output: {last}" if last else ""), wall
-    return None, last or f"exited with status {rc} without a record", wall
+    from .guards import disk_note                # a full disk also swallows the cell's own last words
+    return None, (last or f"exited with status {rc} without a record") + disk_note(out.parent), wall
 
 
 # What nsys prints after the program it profiled; the cell's own last words come before it.

@@ -2,7 +2,8 @@
 
     history    decode tokens/s of every asv cell across commits; a commit where a cell's
                correctness tracks (first divergence, max |Δlogprob|) change is marked on the line
-    scatter    one matrix run: decode tokens/s against max |Δlogprob|, coloured by verdict
+    scatter    one matrix run: decode tokens/s against the median |Δlogprob| that the verdict limits
+               (its `tol` drawn), coloured by verdict, UNRELIABLE timing ringed
     roofline   one GPU matrix run: % of the bandwidth roofline per cache mode and placement, by batch
     stages     one matrix run recorded with --stages: per-stage seconds stacked per cell (leaf stages)
     trace      one matrix run recorded with --trace: GPU ms per engine range (Nsight Systems)
@@ -58,9 +59,15 @@ def _max_dlp(r: dict) -> float | None:
     return max(v) if v else None
 
 
+def _med_dlp(r: dict) -> float | None:
+    return r.get("median_dlogprob")
+
+
 def scatter(meta: dict, recs: list[dict], path: Path) -> Path:
-    """Decode tokens/s against max |Δlogprob| per cell; broken cells in red, large, labelled in bold."""
-    pts = [r for r in recs if r.get("decode_tps") is not None and _max_dlp(r) is not None]
+    """Decode tokens/s against the cell's median |Δlogprob| (the statistic the verdict's `tol`
+    limits, drawn as a dashed line), a thin line up to the cell's max |Δlogprob|; broken cells in
+    red, large, labelled in bold; cells whose timing is UNRELIABLE ringed and labelled so."""
+    pts = [r for r in recs if r.get("decode_tps") is not None and _med_dlp(r) is not None]
     if not pts:
         raise Skip("no cell has both decode tokens/s and a comparison with the baseline")
     stack = _label_stack(pts)
@@ -68,13 +75,28 @@ def scatter(meta: dict, recs: list[dict], path: Path) -> Path:
     for verdict in dict.fromkeys(r.get("verdict") for r in pts):
         sub = [r for r in pts if r.get("verdict") == verdict]
         bad = verdict in ("broken", "failed")
-        ax.scatter([r["decode_tps"] for r in sub], [_max_dlp(r) for r in sub], s=160 if bad else 60,
+        ax.scatter([r["decode_tps"] for r in sub], [_med_dlp(r) for r in sub], s=160 if bad else 60,
                    c=VERDICT_COLOURS.get(verdict, "#868e96"), marker="X" if bad else "o", edgecolors="black",
                    linewidths=0.6, label=f"{verdict or 'not judged'} ({len(sub)})", zorder=3)
         for r in sub:
-            ax.annotate(_label(r), (r["decode_tps"], _max_dlp(r)), textcoords="offset points",
+            shaky = r.get("timing_reliable") is False
+            ax.annotate(_label(r) + (" · timing UNRELIABLE" if shaky else ""), (r["decode_tps"], _med_dlp(r)),
+                        textcoords="offset points",
                         xytext=(6, 5 + 9 * stack[id(r)]), fontsize=8, fontweight="bold" if bad else "normal",
                         color=VERDICT_COLOURS["broken"] if bad else "black")
+    spans = [r for r in pts if (_max_dlp(r) or 0) > _med_dlp(r)]
+    if spans:
+        ax.vlines([r["decode_tps"] for r in spans], [_med_dlp(r) for r in spans], [_max_dlp(r) for r in spans],
+                  colors="#495057", linewidths=0.8, zorder=2, label="up to the cell's max |Δlogprob|")
+    shaky = [r for r in pts if r.get("timing_reliable") is False]
+    if shaky:
+        ax.plot([r["decode_tps"] for r in shaky], [_med_dlp(r) for r in shaky], linestyle="none", marker="o",
+                markersize=17, markerfacecolor="none", markeredgecolor="#f08c00", markeredgewidth=1.5,
+                zorder=4, label=f"timing UNRELIABLE ({len(shaky)})")
+    tol = (meta.get("thresholds") or {}).get("tol")
+    if tol is not None:
+        ax.axhline(tol, color=VERDICT_COLOURS["broken"], linestyle="--", linewidth=1,
+                   label=f"tol {tol:g}: a median above is broken")
     ax.set_xscale("log")
     from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
     ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
@@ -82,7 +104,7 @@ def scatter(meta: dict, recs: list[dict], path: Path) -> Path:
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.margins(x=0.15, y=0.15)
     ax.set_xlabel("decode throughput (tokens/s, log scale)")
-    ax.set_ylabel("max |Δlogprob| vs baseline (nats)")
+    ax.set_ylabel("median |Δlogprob| vs baseline (nats)")
     ax.grid(True, alpha=0.3)
     ax.legend(title="verdict", loc="best", fontsize=8)
     ax.set_title(run_title(meta, recs, "speed vs correctness per cell"), fontsize=10)

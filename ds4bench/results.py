@@ -14,12 +14,14 @@ Every other file is written to a temporary name and renamed into place.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 from pathlib import Path
 
+from . import guards as G
 from . import record as R
 from . import verdict as V
 
@@ -41,9 +43,8 @@ LEGEND = ("identical: same tokens and logprobs as the baseline · close: same to
 
 
 def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with G.replacing(path) as tmp:              # the temporary is removed when the write fails
+        tmp.write_text(text, encoding="utf-8")
 
 
 class RunDir:
@@ -58,14 +59,20 @@ class RunDir:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
         base = run_id or f"{stamp}-{meta.get('label', 'matrix')}-{meta['backend']}"
         base = re.sub(r"[^A-Za-z0-9._-]+", "_", base)
+        Path(root).mkdir(parents=True, exist_ok=True)
         path, n = Path(root) / base, 1
-        while path.exists():
-            n += 1
-            path = Path(root) / f"{base}-{n}"
-        for sub in ("", "fingerprints", "logs", "tmp"):
-            (path / sub).mkdir(parents=True, exist_ok=sub != "")
+        while True:                                     # mkdir claims the name: two runners never share one
+            try:
+                path.mkdir()
+                break
+            except FileExistsError:
+                n += 1
+                path = Path(root) / f"{base}-{n}"
+        for sub in ("fingerprints", "logs", "tmp"):
+            (path / sub).mkdir(exist_ok=True)
         run = cls(path)
-        run.write_meta(dict(meta, run_id=run.run_id, created=R.utc_now(), status="running"))
+        run.write_meta(dict(meta, run_id=run.run_id, created=R.utc_now(), status="running",
+                            runner=G.runner_identity()))
         return run
 
     @classmethod
@@ -76,8 +83,13 @@ class RunDir:
         raise ValueError(f"run {name!r}: no run.json in {name} or {Path(root) / name}; "
                          f"give a run directory or an id under {root}")
 
-    def meta(self) -> dict:
-        return json.loads((self.path / "run.json").read_text())
+    def meta(self, for_resume: bool = False) -> dict:
+        p = self.path / "run.json"
+        try:
+            meta = json.loads(p.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{p}: not valid JSON ({e}); the file is damaged or truncated") from None
+        return G.check_meta(meta, p, for_resume)
 
     def write_meta(self, meta: dict) -> None:
         write_atomic(self.path / "run.json", json.dumps(meta, indent=1, sort_keys=True) + "\n")
@@ -98,6 +110,8 @@ class RunDir:
                 os.write(fd, b"\n")                     # close a line torn by a killed runner
             os.write(fd, line)
             os.fsync(fd)
+        except OSError as e:                            # a torn line is ignored by records()
+            raise G.write_error(self.path / "cells.jsonl", e) from None
         finally:
             os.close(fd)
 
@@ -122,16 +136,20 @@ class RunDir:
         recs = self.records()
         meta = self.meta()
         meta.update(status=status, updated=R.utc_now(), n_cells=len(meta.get("cells", [])), n_done=len(recs),
-                    verdicts={v: sum(r["verdict"] == v for r in recs) for v in V.VERDICTS})
-        self.write_meta(meta)
-        if recs:
-            import pandas as pd
-            df = pd.DataFrame([R.table_row(r) for r in recs], columns=list(R.FIELDS))
-            tmp = self.path / f".cells.parquet.tmp{os.getpid()}"
-            df.to_parquet(tmp, index=False)
-            os.replace(tmp, self.path / "cells.parquet")
-            write_atomic(self.path / "cells.csv", df.to_csv(index=False))
-        write_atomic(self.path / "summary.md", summary_md(meta, recs))
+                    verdicts={v: sum(r.get("verdict") == v for r in recs) for v in V.VERDICTS})
+        try:                                            # run.json last: `complete` means every file is there
+            if recs:
+                import pandas as pd
+                df = pd.DataFrame([R.table_row(r) for r in recs], columns=list(R.FIELDS))
+                with G.replacing(self.path / "cells.parquet") as tmp:
+                    df.to_parquet(tmp, index=False)
+                write_atomic(self.path / "cells.csv", df.to_csv(index=False))
+            write_atomic(self.path / "summary.md", summary_md(meta, recs))
+            self.write_meta(meta)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                self.write_meta({**meta, "status": "interrupted", "error": str(e)})
+            raise OSError(f"{e}; free space, then finish with `ds4bench matrix --resume {self.run_id}`") from None
         for sub in ("tmp", "logs"):                     # only when empty: no cell in flight, nothing said
             try:
                 (self.path / sub).rmdir()
@@ -148,7 +166,7 @@ def _last_byte(p: Path) -> bytes:
 
 def gate(recs: list[dict]) -> int:
     """Exit status: 1 when any cell is broken or failed (or was not judged), else 0."""
-    return int(any(r["verdict"] in V.BAD or r["verdict"] is None for r in recs))
+    return int(any(r.get("verdict") in V.BAD or r.get("verdict") is None for r in recs))
 
 
 # ---- printers --------------------------------------------------------------------------------
@@ -352,7 +370,10 @@ def compare(a: list[dict], b: list[dict], alpha: float = 0.05, factor: float = 1
                       "change": sig, "unreliable": shaky, "prefill_tps_a": ra.get("prefill_tps"),
                       "prefill_tps_b": rb.get("prefill_tps")})
     envs = [sorted({json.dumps(r.get("env") or {}, sort_keys=True) for r in side}) for side in (a, b)]
-    return {"correctness": changes, "speed": speed, "ranges": ranges, "alpha": alpha, "factor": factor,
+    bad_b = [{"cell": _label(r), "verdict": r.get("verdict") or "not judged", "in_a": k in A,
+              "reason": r.get("error") or r.get("verdict_reason") or ""}
+             for k, r in B.items() if r.get("verdict") in V.BAD or r.get("verdict") is None]
+    return {"correctness": changes, "bad_b": bad_b, "speed": speed, "ranges": ranges, "alpha": alpha, "factor": factor,
             "env_a": envs[0], "env_b": envs[1],
             "only_a": [_label(A[k]) for k in A if k not in B], "only_b": [_label(B[k]) for k in B if k not in A],
             "status": int(any(c["worse"] for c in changes) or gate(b) == 1)}
@@ -380,7 +401,9 @@ def render_compare(res: dict, fmt: str, name_a: str = "A", name_b: str = "B") ->
     if fmt == "csv":
         corr = pd.DataFrame(res["correctness"], columns=["cell", "verdict_a", "verdict_b", "worse", "tokens_changed"])
         spd = pd.DataFrame(res["speed"])
-        return "# correctness\n" + corr.to_csv(index=False) + "# speed\n" + spd.to_csv(index=False)
+        bad = pd.DataFrame(res.get("bad_b") or [], columns=["cell", "verdict", "in_a", "reason"])
+        return ("# correctness\n" + corr.to_csv(index=False) + "# bad in B\n" + bad.to_csv(index=False)
+                + "# speed\n" + spd.to_csv(index=False))
     if fmt != "md":
         raise ValueError(f"unknown format {fmt!r}; choose md, csv or json")
     out = [f"A = {name_a}, B = {name_b}", ""]
@@ -393,6 +416,10 @@ def render_compare(res: dict, fmt: str, name_a: str = "A", name_b: str = "B") ->
                 f" | {', '.join(c['tokens_changed']) or '–'} | {c['reason_b'] or '–'} |" for c in res["correctness"]]
     else:
         out.append("none: every joined cell has the same verdict and the same tokens")
+    if res.get("bad_b"):
+        out += ["", f"{len(res['bad_b'])} cell(s) of B are broken, failed or not judged (B's exit status 1):", ""]
+        out += [f"- **{c['cell']}** {c['verdict'].upper()}{'' if c['in_a'] else ' (only in B)'}: {c['reason'] or '–'}"
+                for c in res["bad_b"]]
     out += ["", f"## Speed (decode; Mann-Whitney U on raw step times: a change needs p < {res['alpha']} "
                 f"and a ratio beyond {res['factor']})", "",
             "| cell | A tok/s | B tok/s | B/A | p | change | prefill A | prefill B | timing |",

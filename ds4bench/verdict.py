@@ -59,7 +59,6 @@ margin_at_divergence and nmse from /tmp/cal/*/cells.jsonl (or `ds4bench show ID 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -110,10 +109,9 @@ def save_fingerprints(path: str, fingerprints, first_logits: dict) -> None:
         arrays[f"{fp.prompt_id}.topk_lp"] = np.asarray(fp.topk_logprobs, dtype=np.float64)      # [n, k]
         if fp.prompt_id in first_logits:
             arrays[f"{fp.prompt_id}.first_logits"] = np.asarray(first_logits[fp.prompt_id], np.float32)  # [V]
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as fh:
+    from .guards import replacing
+    with replacing(path) as tmp, open(tmp, "wb") as fh:      # no temporary survives a failed write
         np.savez(fh, **arrays)
-    os.replace(tmp, path)
 
 
 def load_fingerprints(path: str) -> dict[str, dict[str, np.ndarray]]:

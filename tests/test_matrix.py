@@ -166,6 +166,8 @@ def test_kill_mid_matrix_then_resume_loses_nothing(tmp_path, prompts):
     before = jsonl.read_bytes()
     done_before = [json.loads(l)["cell_id"] for l in before.decode().splitlines()]
     assert 2 <= len(done_before) < 4
+    shown = ds4bench("show", "killed", "--out", str(out))             # not "running" forever
+    assert f"the runner (pid {proc.pid} on " in shown.stdout and "--resume killed" in shown.stdout
     r = ds4bench("matrix", "--resume", "killed", "--out", str(out), "--format", "csv", timeout=300)
     assert r.returncode == 0, r.stderr
     after = jsonl.read_bytes()

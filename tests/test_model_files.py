@@ -146,7 +146,7 @@ def _fill(s):
 
 @pytest.mark.parametrize("case,pattern", [
     ("text", "not a GGUF file"),
-    ("header", "probably truncated"),
+    ("header", "truncated or damaged header: it claims 181 tensors"),
     ("data", "truncated: a tensor's data run past the end of the file"),
     ("last_byte", "truncated: a tensor's data run past the end of the file"),
     ("missing", "tensor blk.2.attn_kv.weight is missing"),

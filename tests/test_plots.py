@@ -36,7 +36,8 @@ def test_gpu_run_draws_roofline(tmp_path):
 def test_broken_cell_stands_out_and_stages_stack(tmp_path, monkeypatch):
     meta, recs = _run(CPU_RUN)
     recs = [dict(r) for r in recs]
-    recs[1] = dict(recs[1], verdict="broken", prompts=[dict(p, max_dlogprob=4.0) for p in recs[1]["prompts"]])
+    recs[1] = dict(recs[1], verdict="broken", median_dlogprob=4.0,
+                   prompts=[dict(p, max_dlogprob=5.0) for p in recs[1]["prompts"]])
     for r in recs:
         r["stage_s"] = {"attn": 0.5, "moe": 0.25 * r["batch"], "head": 0.1}
     seen = []
@@ -57,6 +58,24 @@ def test_scatter_skips_a_run_without_comparisons(tmp_path):
     meta, recs = _run(CPU_RUN)
     with pytest.raises(plots.Skip, match="no cell"):
         plots.scatter(meta, [dict(r, decode_tps=None) for r in recs], tmp_path / "x.png")
+
+
+def test_scatter_draws_the_limit_on_the_median_and_rings_unreliable_timing(tmp_path, monkeypatch):
+    meta, recs = _run(CPU_RUN)
+    recs = [dict(r, timing_reliable=i != 2) for i, r in enumerate(recs)]
+    lines, rings = [], []
+    monkeypatch.setattr(plots.plt.Axes, "axhline", lambda ax, y, **kw: lines.append((y, kw["label"])))
+    real_plot = plots.plt.Axes.plot
+    monkeypatch.setattr(plots.plt.Axes, "plot", lambda ax, *a, **kw: rings.append(kw.get("label")) or
+                        real_plot(ax, *a, **kw))
+    fig_axes = []
+    real_save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: fig_axes.append(fig.axes[0].get_ylabel()) or
+                        real_save(fig, path))
+    plots.scatter(meta, recs, tmp_path / "s.png")
+    assert lines == [(meta["thresholds"]["tol"], f"tol {meta['thresholds']['tol']:g}: a median above is broken")]
+    assert rings == ["timing UNRELIABLE (1)"]
+    assert fig_axes == ["median |Δlogprob| vs baseline (nats)"]
 
 
 def _asv_result(root: Path, commit: str, date: int, tps: list, div: list):
