@@ -21,7 +21,8 @@ import sys
 import time
 
 AXIS_OPTS = ("preset", "model", "cache", "placement", "batch", "nvtx")
-SCALAR_OPTS = (("prompts", "prompts"), ("n", "n_gen"), ("reps", "reps"), ("warmup", "warmup"),
+SCALAR_OPTS = (("prompts", "prompts"), ("n", "n_gen"), ("reps", "reps"), ("warmup", "warmup"), ("rounds", "rounds"),
+               ("order", "order"),
                ("timeout", "timeout_s"), ("variant", "variant"), ("seed", "seed"), ("ctx", "ctx"),
                ("chunk", "chunk"))
 
@@ -49,12 +50,13 @@ def register(sub) -> None:
     p.add_argument("--format", choices=("md", "csv", "json"), default="md")
     p.set_defaults(func=cmd_show)
 
-    p = sub.add_parser("compare", help="join two runs' cells: correctness changes, then speedups with p-values")
-    p.add_argument("run_a")
+    p = sub.add_parser("compare", help="join two runs' cells: correctness changes, then speed over rounds")
+    p.add_argument("run_a", help="run id or directory; RUN@LABEL takes that tree's cells of a --tree run")
     p.add_argument("run_b")
     p.add_argument("--out", default="results/runs")
     p.add_argument("--alpha", type=float, default=0.05, help="significance level (default 0.05)")
-    p.add_argument("--factor", type=float, default=1.1, help="smallest speed ratio reported as a change (default 1.1)")
+    p.add_argument("--factor", type=float, default=1.02,
+                   help="noise floor: a change needs the ratio's interval beyond it or its inverse (default 1.02)")
     p.add_argument("--format", choices=("md", "csv", "json"), default="md")
     p.set_defaults(func=cmd_compare)
 
@@ -80,7 +82,15 @@ def _run_args(p) -> None:
     p.add_argument("--prompts", help="prompt set name or TOML path (spec default: smoke)")
     p.add_argument("-n", type=int, help="tokens generated per prompt")
     p.add_argument("--reps", type=int, help="timed repetitions per cell")
-    p.add_argument("--warmup", type=int, help="untimed full passes before the timed ones")
+    p.add_argument("--warmup", type=int, help="least untimed full passes before the timed ones (more run until "
+                                              "the step time settles: docs/speed.md)")
+    p.add_argument("--rounds", type=int, help="processes per cell, interleaved round by round (default 1)")
+    p.add_argument("--order", choices=("random", "abba"), help="order of the cells in each round (default random)")
+    p.add_argument("--tree", action="append", default=[], metavar="LABEL=SRC",
+                   help="tree axis: run cells with the ds4bench of SRC (a directory or a commit), e.g. "
+                        "--tree A=80a58af --tree B=. (repeatable)")
+    p.add_argument("--tree-env", action="append", default=[], metavar="LABEL:K=V",
+                   help="extra environment for one tree's cells, e.g. B:DS4BENCH_SLOWDOWN=moe:0.05 (repeatable)")
     p.add_argument("--exclude", action="append", default=[], metavar="K=V[,K=V]",
                    help="skip cells matching all pairs, e.g. cache=q8,batch=16 (repeatable)")
     p.add_argument("--baseline", metavar="K=V[,K=V]",
@@ -111,7 +121,8 @@ def build_spec(a):
     if not a.spec:
         spec = M.load_spec("gpu" if backend == "cupy" else "default")
     doc = spec.to_dict()
-    given = [_flag(o) for o in AXIS_OPTS + tuple(o for o, _ in SCALAR_OPTS) + ("exclude", "baseline", "stages", "trace")
+    given = [_flag(o) for o in AXIS_OPTS + tuple(o for o, _ in SCALAR_OPTS) + ("exclude", "baseline", "stages", "trace",
+                                                                            "tree")
              if getattr(a, o) not in (None, [], False)]
     if given:
         doc["source"] = f"{spec.source} with {' '.join(given)}"
@@ -148,6 +159,15 @@ def build_spec(a):
                 doc["baseline"]["batch"] = int(doc["baseline"]["batch"])
             except ValueError:
                 raise UserError(f"--baseline {a.baseline!r}: batch must be an integer") from None
+    if a.tree:
+        from .trees import parse_trees
+        doc["trees"] = parse_trees(a.tree)
+    for te in a.tree_env:
+        label, colon, kv = te.partition(":")
+        k, eq, v = kv.partition("=")
+        if not colon or not eq or not k:
+            raise UserError(f"--tree-env {te!r}: expected LABEL:KEY=VALUE, e.g. B:DS4BENCH_SLOWDOWN=moe:0.05")
+        doc["tree_env"] = {**doc["tree_env"], label: {**doc["tree_env"].get(label, {}), k: v}}
     doc["stages"] = doc["stages"] or a.stages
     doc["trace"] = doc["trace"] or a.trace
     doc["backend"] = backend
@@ -179,7 +199,7 @@ def cmd_matrix(a) -> int:
     nsys = None
     if a.resume:
         given = [_flag(o) for o in AXIS_OPTS + tuple(o for o, _ in SCALAR_OPTS)
-                 + ("spec", "baseline", "backend", "tol", "tie", "id", "exclude", "stages")
+                 + ("spec", "baseline", "backend", "tol", "tie", "id", "exclude", "stages", "tree", "tree_env")
                  if getattr(a, o, None) not in (None, [], False)]
         if given:
             raise UserError(f"--resume reruns the run's own spec; drop {', '.join(given)}")
@@ -195,6 +215,9 @@ def cmd_matrix(a) -> int:
     else:
         spec, backend, why = build_spec(a)
         cells, notes = M.expand(spec, backend, why)
+        if spec.trees:
+            from .trees import with_trees
+            cells = with_trees(cells, spec.trees, spec.tree_env, say=lambda s: print(s, file=sys.stderr))
         if a.trace_one:
             _check_one_cell(cells)
         th = V.Thresholds(**{**V.DEFAULT.to_dict(), **{k: v for k, v in (("tol", a.tol), ("tie", a.tie)) if v is not None}})
@@ -213,6 +236,8 @@ def cmd_matrix(a) -> int:
                 "thresholds": th.to_dict(), "label": label, "nsys": nsys}
         M.prepare_models(cells, say=lambda s: print(s, file=sys.stderr))
         meta["cells"] = [vars(c) for c in cells]
+        from .rounds import schedule
+        meta["schedule"] = schedule(cells, spec.rounds, spec.order, spec.seed)
         run = RunDir.create(a.out, meta, a.id)
         print(f"matrix {spec.source}: {len(cells)} cells, backend {backend} ({why}); run {run.path}", file=sys.stderr)
         for n in notes:
@@ -220,7 +245,8 @@ def cmd_matrix(a) -> int:
         if a.id and run.run_id != a.id:
             print(f"note: run id {a.id} is taken (finish that one with --resume {a.id}); this run is {run.run_id}",
                   file=sys.stderr)
-    progress = Progress(len(cells), len(run.records()))
+    n_rounds = len(run.meta().get("schedule") or [None])
+    progress = Progress(len(cells) * n_rounds, len(run.round_records()))
     old = signal.signal(signal.SIGTERM, _raise_interrupt)
     status = "interrupted"
     try:
@@ -236,8 +262,21 @@ def cmd_matrix(a) -> int:
     sys.stdout.write(render(recs, a.format))
     if a.format == "md":
         _print_traces(recs)
+        _compare_trees(run, recs)
     print(f"run {run.path} (summary.md, cells.jsonl, cells.parquet)", file=sys.stderr)
     return gate(recs)
+
+
+def _compare_trees(run, recs) -> None:
+    """A --tree run: each later tree's cells against the first tree's (the same call's A/B), printed
+    and kept as compare-<A>-<B>.md in the run directory."""
+    from .results import compare, render_compare, write_atomic
+    trees = list(dict.fromkeys(r["tree"] for r in recs if r.get("tree")))
+    for b in trees[1:]:
+        res = compare([r for r in recs if r.get("tree") == trees[0]], [r for r in recs if r.get("tree") == b])
+        text = render_compare(res, "md", f"{run.run_id}@{trees[0]}", f"{run.run_id}@{b}")
+        write_atomic(run.path / f"compare-{trees[0]}-{b}.md", text)
+        sys.stdout.write("\n" + text)
 
 
 def _check_one_cell(cells) -> None:
@@ -273,7 +312,8 @@ class Progress:
         self.ran += 1
         from .results import row_view
         v = row_view(rec)
-        line = (f"{cell.key}: {v['verdict']}" + (f", decode {v['decode_tps']:.1f} tok/s" if v["decode_tps"] else "")
+        said = f"round {rec['round'] + 1} measured" if "round" in rec else v["verdict"]     # a round before the last
+        line = (f"{cell.key}: {said}" + (f", decode {v['decode_tps']:.1f} tok/s" if v["decode_tps"] else "")
                 + (f" — {rec.get('error')}" if rec.get("status") == "failed" else ""))
         if self.bar is not None:
             self.bar.update(1)
@@ -319,10 +359,25 @@ def _print_traces(recs) -> None:
 
 def cmd_compare(a) -> int:
     from .results import RunDir, compare, render_compare
-    ra, rb = RunDir.open(a.run_a, a.out), RunDir.open(a.run_b, a.out)
-    res = compare(ra.records(), rb.records(), a.alpha, a.factor)
-    sys.stdout.write(render_compare(res, a.format, ra.run_id, rb.run_id))
+    (ra, recs_a), (rb, recs_b) = tree_records(a.run_a, a.out), tree_records(a.run_b, a.out)
+    res = compare(recs_a, recs_b, a.alpha, a.factor)
+    sys.stdout.write(render_compare(res, a.format, ra, rb))
     return res["status"]
+
+
+def tree_records(name: str, out: str) -> tuple[str, list]:
+    """(name, records) of a run, or of one tree's cells with RUN@LABEL."""
+    from .results import RunDir
+    run, at, label = name.rpartition("@") if "@" in name else (name, "", "")
+    r = RunDir.open(run, out)
+    recs = r.records()
+    if not at:
+        return r.run_id, recs
+    trees = sorted({x.get("tree") for x in recs if x.get("tree")})
+    picked = [x for x in recs if x.get("tree") == label]
+    if not picked:
+        raise ValueError(f"{name}: run {r.run_id} has no cells of tree {label!r} (trees: {', '.join(trees) or 'none'})")
+    return f"{r.run_id}@{label}", picked
 
 
 def cmd_cell(a) -> int:
