@@ -122,6 +122,11 @@ def merge(rounds: list[dict]) -> dict:
     if rec["step_ms"]:
         p50, p90, p99 = np.percentile(rec["step_ms"], [50, 90, 99])
         rec.update(latency_p50_ms=float(p50), latency_p90_ms=float(p90), latency_p99_ms=float(p99))
+    waits = [r.get("slowdown_step_s") for r in rounds if r.get("slowdown_step_s") is not None]
+    if waits:                                   # each round calibrates its own wait
+        rec["slowdown_step_s"] = float(np.median(waits))
+        rec["slowdown_base_step_s"] = float(np.median([r["slowdown_base_step_s"] for r in rounds
+                                                       if r.get("slowdown_base_step_s") is not None]))
     rec["gpu_throttle"] = sorted({t for r in rounds for t in r.get("gpu_throttle") or []})
     rec["deterministic"] = all(r.get("deterministic") for r in rounds) and all(same_tokens(first, r) for r in rounds)
     if len(rounds) > 1:

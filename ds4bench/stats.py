@@ -81,7 +81,7 @@ def compare_rounds(a, b, alpha: float = 0.05, factor: float = 1.02, seed: int = 
     if not na or not nb:
         out["why"] = "no round samples"
         return out
-    out["ratio"] = float(math.exp(np.median(lb)) / math.exp(np.median(la)))
+    out["ratio"] = float(np.median(np.exp(lb)) / np.median(np.exp(la)))
     if na < MIN_ROUNDS or nb < MIN_ROUNDS:
         out["change"] = "too few rounds"
         out["why"] = f"{na} and {nb} rounds; a p-value and an interval need at least {MIN_ROUNDS} per side"
