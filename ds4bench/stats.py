@@ -28,9 +28,9 @@ POWER = 0.8
 N_BOOT = 4000
 
 
-def _log(x) -> np.ndarray:
+def _positive(x) -> np.ndarray:
     x = np.asarray([v for v in x if v is not None], dtype=np.float64)
-    return np.log(x[x > 0])
+    return x[x > 0]
 
 
 def pooled_sd(la: np.ndarray, lb: np.ndarray) -> float:
@@ -74,19 +74,20 @@ def ratio_ci(a, b, alpha: float = 0.05, seed: int = 0, n_boot: int = N_BOOT) -> 
 def compare_rounds(a, b, alpha: float = 0.05, factor: float = 1.02, seed: int = 0) -> dict:
     """Round samples of A and B (tok/s, higher is better) -> ratio, ci, p_value, noise, mde,
     change, n_a, n_b and `why` (what kept a change from being called, or what was called)."""
-    la, lb = _log(a), _log(b)
+    a, b = _positive(a), _positive(b)
+    la, lb = np.log(a), np.log(b)
     na, nb = len(la), len(lb)
     out = {"n_a": na, "n_b": nb, "ratio": None, "ci": None, "p_value": None, "noise": None, "mde": None,
            "change": "n/a", "why": ""}
     if not na or not nb:
         out["why"] = "no round samples"
         return out
-    out["ratio"] = float(np.median(np.exp(lb)) / np.median(np.exp(la)))
+    out["ratio"] = float(np.median(b) / np.median(a))
     if na < MIN_ROUNDS or nb < MIN_ROUNDS:
         out["change"] = "too few rounds"
         out["why"] = f"{na} and {nb} rounds; a p-value and an interval need at least {MIN_ROUNDS} per side"
         return out
-    out["ci"] = ratio_ci(np.exp(la), np.exp(lb), alpha, seed)
+    out["ci"] = ratio_ci(a, b, alpha, seed)
     out["p_value"] = welch_p(la, lb)
     out["noise"] = pooled_sd(la, lb)
     out["mde"] = min_detectable_effect(out["noise"], na, nb, alpha)
