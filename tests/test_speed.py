@@ -162,3 +162,33 @@ def test_aa_calls_nothing_and_a_20pct_slowdown_is_caught_with_the_true_ratio_ins
     assert sens["change"] == "slower", sens
     assert sens["ci"][0] <= true <= sens["ci"][1], (true, sens)
     assert recs["S"]["slowdown_true_ratio"] == pytest.approx(1 / 1.2)
+
+
+# ---- GPU: the spin kernel waits the calibrated time, eagerly and replayed from a graph ----------
+@pytest.mark.gpu
+def test_gpu_delay_waits_its_time_and_replays_in_a_graph():
+    cp = pytest.importorskip("cupy")
+    try:
+        if cp.cuda.runtime.getDeviceCount() == 0:
+            pytest.skip("no CUDA device visible")
+    except cp.cuda.runtime.CUDARuntimeError:
+        pytest.skip("no CUDA device visible")
+    from ds4bench.graph_gpu import capture
+    d = SD.Delay(SD.Slowdown("moe", 1.0), type("Ops", (), {"xp": cp})(), n_layer=2)
+
+    def timed(fn, stream):
+        a, b = cp.cuda.Event(), cp.cuda.Event()
+        a.record(stream)
+        fn()
+        b.record(stream)
+        b.synchronize()
+        return cp.cuda.get_elapsed_time(a, b) / 1e3
+
+    s = cp.cuda.Stream(non_blocking=True)
+    with s:
+        d()                                                  # compiles; waits 0
+        assert timed(d, s) < 5e-4
+        graph, _ = capture(s, cp.cuda.MemoryPool(), d)       # captured before the calibration ...
+        d.calibrate(0.004)                                   # ... replays the wait set after it
+        assert 0.002 <= timed(d, s) < 0.0025                 # fraction 1 of 4 ms over 2 layers
+        assert 0.002 <= timed(lambda: graph.launch(s), s) < 0.0025
