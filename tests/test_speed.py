@@ -192,3 +192,53 @@ def test_gpu_delay_waits_its_time_and_replays_in_a_graph():
         d.calibrate(0.004)                                   # ... replays the wait set after it
         assert 0.002 <= timed(d, s) < 0.0025                 # fraction 1 of 4 ms over 2 layers
         assert 0.002 <= timed(lambda: graph.launch(s), s) < 0.0025
+
+
+def test_an_interrupted_multi_round_matrix_resumes_keeping_its_finished_rounds(tmp_path, monkeypatch, capsys):
+    """In process, with the cell launcher replaced: the 4th round process is interrupted; three
+    rounds stay in rounds.jsonl, the resume runs only the other three in the stored order, and
+    each cell's record carries its three rounds; a failing round fails its cell and names it."""
+    from ds4bench import matrix as M
+    from ds4bench.cli import main
+    calls = []
+
+    def fake(cell, out, fp, log, trace=None):
+        calls.append(cell.cell_id)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        tps = 100.0 + len(calls)
+        return ({"cell_id": cell.cell_id, "status": "ok", "decode_tps": tps, "prefill_tps": tps, "step_ms": [10.0],
+                 "deterministic": True, "prompts": [{"tokens": [1, 2]}], "unavailable": {}, "verdict": "identical"}, "", 0.5)
+
+    monkeypatch.setattr(M, "run_cell_process", fake)
+    monkeypatch.setattr(M, "judge", lambda rec, *a, **k: rec)
+    out = str(tmp_path / "runs")
+    argv = ["matrix", "--backend", "numpy", "--cache", "q8,f32", "--batch", "1", "--rounds", "3", "--order", "abba",
+            "--out", out, "--id", "r"]
+    assert main(argv) == 130
+    run = RunDir(Path(out) / "r")
+    sched = run.meta()["schedule"]
+    assert sched == [["tiny-f32-b1", "tiny-q8-b1"], ["tiny-q8-b1", "tiny-f32-b1"], ["tiny-f32-b1", "tiny-q8-b1"]]
+    assert len(run.round_records()) == 3 and not run.records()
+    first = list(calls)
+    calls.clear()
+    main(["matrix", "--resume", "r", "--out", out])
+    assert first[:3] + calls == [c for rnd in sched for c in rnd]
+    recs = {r["cell_id"]: r for r in run.records()}
+    assert all(len(r["round_decode_tps"]) == 3 and r["rounds"] == 3 for r in recs.values())
+    assert recs["tiny-q8-b1"]["round_slot"] == [1, 0, 1]
+
+    def crash_second(cell, out, fp, log, trace=None):
+        calls.append(cell.cell_id)
+        if cell.cell_id == "tiny-q8-b1" and calls.count("tiny-q8-b1") == 2:
+            return None, "simulated crash", 0.1
+        return ({"cell_id": cell.cell_id, "status": "ok", "decode_tps": 1.0, "prefill_tps": 1.0, "step_ms": [1.0],
+                 "deterministic": True, "prompts": [], "unavailable": {}, "verdict": "identical"}, "", 0.1)
+
+    monkeypatch.setattr(M, "run_cell_process", crash_second)
+    calls.clear()
+    main(["matrix", "--backend", "numpy", "--cache", "q8,f32", "--batch", "1", "--rounds", "3", "--order", "abba",
+          "--out", out, "--id", "c"])
+    recs = {r["cell_id"]: r for r in RunDir(Path(out) / "c").records()}
+    assert recs["tiny-q8-b1"]["status"] == "failed" and recs["tiny-q8-b1"]["error"].startswith("round 2 of 3:")
+    assert calls.count("tiny-q8-b1") == 2 and calls.count("tiny-f32-b1") == 3 and recs["tiny-f32-b1"]["rounds"] == 3
