@@ -22,7 +22,6 @@ from pathlib import Path
 
 from . import record as R
 from . import verdict as V
-from .stats import MIN_ROUNDS
 
 DEFAULT_ROOT = "results/runs"
 METRICS = (("verdict", "verdict"), ("decode_tps", "decode tok/s"), ("prefill_tps", "prefill tok/s"),
@@ -425,6 +424,7 @@ def render_compare(res: dict, fmt: str, name_a: str = "A", name_b: str = "B") ->
                    f"{'unreliable in ' + ' and '.join(s['unreliable']) if s['unreliable'] else 'ok'} |")
     few = [s["cell"] for s in res["speed"] if s["change"] == "too few rounds"]
     if few:
+        from .stats import MIN_ROUNDS
         out += ["", f"too few rounds for a p-value or an interval in {len(few)} cell(s) (need "
                     f"{MIN_ROUNDS} processes per side: `ds4bench matrix --rounds 5`)"]
     if res.get("ranges"):
