@@ -19,11 +19,10 @@ import sys
 
 import numpy as np
 
-from ds4bench.cli_matrix import tree_records
-from ds4bench.results import compare
-
 
 def aa(runs: list[str], out: str) -> tuple[list[str], int]:
+    from ds4bench.cli_matrix import tree_records      # imported here: asv imports every module in benchmarks/
+    from ds4bench.results import compare
     lines = ["## A/A: identical runs compared pairwise", "",
              "| A | B | cell | B/A | interval | p | MDE | change |", "|---|---|---|---|---|---|---|---|"]
     called = 0
@@ -46,6 +45,8 @@ def _row(na, nb, s) -> str:
 
 
 def sensitivity(run: str, out: str) -> tuple[list[str], int]:
+    from ds4bench.cli_matrix import tree_records
+    from ds4bench.results import compare
     (na, ra), (ns, rs) = tree_records(f"{run}@A", out), tree_records(f"{run}@S", out)
     base = {r["cell_id"].split("-", 1)[1]: r for r in ra}
     lines = ["## Sensitivity: tree S (DS4BENCH_SLOWDOWN) against tree A, interleaved", "",
@@ -70,6 +71,7 @@ def sensitivity(run: str, out: str) -> tuple[list[str], int]:
 
 
 def variance(runs: list[str], out: str) -> list[str]:
+    from ds4bench.cli_matrix import tree_records
     rows = []
     for name in runs:
         for r in tree_records(name, out)[1]:

@@ -162,6 +162,12 @@ def test_aa_calls_nothing_and_a_20pct_slowdown_is_caught_with_the_true_ratio_ins
     assert sens["change"] == "slower", sens
     assert sens["ci"][0] <= true <= sens["ci"][1], (true, sens)
     assert recs["S"]["slowdown_true_ratio"] == pytest.approx(1 / 1.2)
+    rep = subprocess.run([sys.executable, "benchmarks/speed_report.py", "--aa", f"{run.path}@A", f"{run.path}@A2",
+                          "--sens", str(run.path)], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                         capture_output=True, text=True, timeout=120)
+    assert rep.returncode == 0, rep.stdout + rep.stderr
+    assert "**0 of 1 comparisons called a change**" in rep.stdout and "**1 of 1 slowed cells" in rep.stdout
+    assert "first process of a pass" in rep.stdout
 
 
 # ---- GPU: the spin kernel waits the calibrated time, eagerly and replayed from a graph ----------
@@ -242,3 +248,14 @@ def test_an_interrupted_multi_round_matrix_resumes_keeping_its_finished_rounds(t
     recs = {r["cell_id"]: r for r in RunDir(Path(out) / "c").records()}
     assert recs["tiny-q8-b1"]["status"] == "failed" and recs["tiny-q8-b1"]["error"].startswith("round 2 of 3:")
     assert calls.count("tiny-q8-b1") == 2 and calls.count("tiny-f32-b1") == 3 and recs["tiny-f32-b1"]["rounds"] == 3
+
+
+def test_tree_sources_are_checked(tmp_path):
+    from ds4bench.trees import parse_trees, resolve
+    assert parse_trees(["A=80a58af", "B=."]) == {"A": "80a58af", "B": "."}
+    for bad, match in ((["A"], "LABEL=<path or commit>"), (["A=x", "A=y"], "given twice")):
+        with pytest.raises(ValueError, match=match):
+            parse_trees(bad)
+    with pytest.raises(ValueError, match="not a ds4bench checkout"):
+        resolve(str(tmp_path))
+    assert resolve(str(REPO)) == (str(REPO.resolve()), None)
