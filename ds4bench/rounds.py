@@ -34,7 +34,7 @@ import numpy as np
 
 ORDERS = ("random", "abba")
 SETTLE = 0.05          # warm-up stops when the last pass medians agree within 5% ...
-WARMUP_CAP_S = 3.0     # ... or after this long (the GPU specs speed-aa, speed-sens: 2%, 10 s)
+WARMUP_CAP_S = 3.0     # ... or after this long (the GPU specs speed-aa, speed-sens: 2%, 5 s)
 WARMUP_MAX_PASSES = 50
 
 

@@ -259,3 +259,12 @@ def test_tree_sources_are_checked(tmp_path):
     with pytest.raises(ValueError, match="not a ds4bench checkout"):
         resolve(str(tmp_path))
     assert resolve(str(REPO)) == (str(REPO.resolve()), None)
+
+
+def test_generate_prints_tok_s_without_the_prime_pass_and_says_what_it_left_out(monkeypatch, capsys):
+    from ds4bench import cli
+    monkeypatch.setenv("DS4BENCH_SLOWDOWN", "moe:0.2")
+    assert cli.main(["generate", "--preset", "tiny", "-n", "4", "--backend", "numpy"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "decode" in out[-2] and "tok/s" in out[-2]
+    assert out[-1].startswith("--- not in tok/s: prime pass ") and "slowdown moe:0.2: +" in out[-1]
