@@ -3,7 +3,7 @@
 #  1. A/A: benchmarks/matrices/speed-aa.toml (flash-4l x q8,f16,f32 x batch 1,16, device) run
 #     RUNS times (default 3) as results/runs/<date>-<card>-speed-aa-<i>, compared pairwise
 #     (3 runs: 18 cell comparisons; at most one may call a change).
-#  2. Sensitivity: benchmarks/matrices/speed-sens.toml (q8 x batch 1,16; tree S slowed by
+#  2. Sensitivity: benchmarks/matrices/speed-sens.toml (q8 x batch 1,16, decode graph; tree S slowed by
 #     SLOWDOWN, default moe:0.05, interleaved with tree A) as <date>-<card>-speed-sens.
 #  3. benchmarks/speed_report.py over all of them: the pairwise table, the sensitivity table with
 #     the true ratios, and where the variance comes from (clock, temperature, power, first process).

@@ -656,6 +656,10 @@ def run_cell(params: dict, out: str, fingerprints: str) -> dict:
     if slow is not None:                        # the known slowdown: a fraction of the settled step
         eng.net.delay.calibrate(wu["step_s"])
         rec.slowdown, rec.slowdown_true_ratio = str(slow), slow.true_ratio
+        if gpu and eng.graph is None:           # the wait fills the idle gaps of a launch-bound step
+            rec.slowdown_true_ratio = None
+            na["slowdown_true_ratio"] = ("eager GPU decode: the wait can hide in the GPU's idle time between "
+                                         "launches, so the ratio is not known (DS4BENCH_DECODE_GRAPH=on)")
         rec.slowdown_step_s, rec.slowdown_base_step_s = eng.net.delay.step_s, eng.net.delay.base_step_s
     else:
         for k in ("slowdown_step_s", "slowdown_base_step_s", "slowdown_true_ratio"):

@@ -8,7 +8,10 @@ against the same cell without the toggle is 1 / (1 + fraction) (0.952 at 5%, 0.8
 
 On the CPU the wait is a busy loop on the host clock; on a GPU it is the one-thread kernel
 `spin_ns` (kernels/spin.cu) on the step's stream, reading the wait from device memory, so it
-runs inside a captured decode graph too. Prefill is slowed by the same absolute time per
+runs inside a captured decode graph too. The ratio is known where the wait adds to the step in
+full: on the CPU (NumPy is synchronous) and on the GPU's graph path (a replayed step is one
+launch). An eager GPU step is bound by the host's launches, and the GPU's wait can hide in the
+idle gaps between them; a cell records no true ratio there. Prefill is slowed by the same absolute time per
 forward call (its ratio is not a known one). The GPU kernel's launch costs a few microseconds
 per layer that the cell without the toggle does not pay; it is inside T0, so the true ratio is
 1 / (1 + fraction) to within that cost over the step time (under 0.5% on flash-4l).
