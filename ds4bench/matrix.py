@@ -15,6 +15,9 @@ TOML file (benchmarks/matrices/*.toml) or from command-line comma lists:
     timeout = 600                     # seconds per cell
     baseline = { cache = "f32", placement = "device", batch = 1 }
     exclude = [{ cache = "q8", batch = 16 }]
+    rounds = 5                        # processes per cell, interleaved round by round (rounds.py)
+    order = "random"                  # or "abba"; settle = 0.05, warmup_cap = 3: the warm-up rule
+    tree = { A = "80a58af", B = "." } # the tree axis (trees.py); tree_env = { B = { K = "v" } }
     [env]                             # extra environment for every cell: engine toggles (ENGINE_ENV)
     DS4BENCH_UNFUSED = "rope"         # and anything else (OMP_NUM_THREADS, ...)
 
@@ -22,6 +25,8 @@ Cells are grouped by model (so a model is generated or paged in once per group) 
 group's baseline first, then in axis order. Each cell runs `python -m ds4bench cell` in its own
 process and session with its own environment (DS4BENCH_CACHE, DS4BENCH_PLACEMENT, ...): a crash,
 an out-of-memory kill or a timeout becomes that cell's `failed` record and the matrix goes on.
+With `rounds` > 1 every cell runs that many times, one process each, in the interleaved order of
+rounds.schedule, and its record merges the rounds (rounds.merge; docs/speed.md).
 The matrix process itself never imports CuPy.
 """
 from __future__ import annotations
