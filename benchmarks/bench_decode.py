@@ -144,6 +144,17 @@ class _Loaded:
         pid, ids = self.prompts[0]
         generate(self.engine, [(pid, ids[:8])], 2)
 
+    def settle(self) -> None:
+        """Warm up as the matrix does (ds4bench.rounds.warm_up: passes of the first prompt until
+        the decode step settles, with a time cap); a commit before that rule gets asv's warm-up."""
+        try:
+            from ds4bench.rounds import warm_up
+        except ImportError:
+            return
+        from ds4bench.generate import generate
+        n = max(1, min(16, self.ctx - len(self.prompts[0][1])))         # Prefill's engine has no room to decode
+        warm_up(lambda: generate(self.engine, self.prompts[:1], n).timing)
+
     def generate(self):
         from ds4bench.generate import generate
         return generate(self.engine, self.prompts, N_GEN)
@@ -275,11 +286,18 @@ def _cell(cached: dict, key: tuple) -> dict:
 
 class _TimedCells(_Cells):
     """The grid narrowed to DS4BENCH_ASV_TIME_PRESETS x _TIME_PLACEMENTS: asv starts a process
-    per parameter combination, so cells that would only say n/a are not listed at all."""
+    per parameter combination, so cells that would only say n/a are not listed at all.
+
+    Most of a step time's variance is between processes (docs/speed.md), so each cell is timed
+    in `processes` fresh processes (asv's rounds; `asv run --interleave-rounds` interleaves
+    them across benchmarks) and asv's statistics see that spread: `asv compare` of two
+    identical commits then reports no change. Each process is primed and warmed up until the
+    step time settles (`_Loaded.settle`) before asv times it."""
     params = [[p for p in PRESETS if p in TIME_PRESETS] or PRESETS, CACHES,
               [pl for pl in PLACEMENTS if pl in TIME_PLACEMENTS] or PLACEMENTS, BATCHES]
     number = 1                       # one call per sample: each changes the engine's state
-    warmup_time = 0.0                # setup primes the engine (kernels compiled, caches built)
+    warmup_time = 0.0                # setup primes the engine and warms it up until the steps settle
+    processes = 5
 
 
 class Prefill(_TimedCells):
@@ -288,6 +306,7 @@ class Prefill(_TimedCells):
 
     def setup(self, cached, preset, cache, placement, batch):
         self.cell = _timed_cell(cached, preset, cache, placement, batch, 1)
+        self.cell.settle()
         self.ids = self.cell.prompts[0][1]
 
     def time_prefill(self, cached, preset, cache, placement, batch):
@@ -306,6 +325,7 @@ class DecodeStep(_TimedCells):
         import numpy as np
         from ds4bench.generate import greedy
         self.cell = _timed_cell(cached, preset, cache, placement, batch, 256)
+        self.cell.settle()
         eng = self.cell.engine
         eng.state.reset()
         ids = self.cell.prompts[0][1]

@@ -1,22 +1,19 @@
 #!/usr/bin/env bash
-# Before/after of two commits in one call on the GPU machine, baseline rerun beside the
-# candidate: the same `ds4bench matrix` (arguments: this script's) at $BEFORE (checked out from
-# the carried git bundle, .gitcarry/ds4bench.bundle: `git bundle create .gitcarry/ds4bench.bundle
-# --all` before the call) and on this tree, as results/runs/<date>-<card>-$NAME-{before,after},
-# then `ds4bench compare` of the two into compare.md in the -after run. Extra environment
-# (DS4BENCH_DECODE_GRAPH=on, ...) applies to both. With OUT set, a tarball of both runs
-# (without fingerprints) is written there.
+# Before/after of two commits in one call on the GPU machine, as one matrix: its tree axis holds
+# $BEFORE (tree A: checked out of this repository's git, or of the carried bundle
+# .gitcarry/ds4bench.bundle where the copy has no .git: `git bundle create .gitcarry/ds4bench.bundle
+# --all` before the call) and this tree (B); their cells run interleaved round by round, ROUNDS
+# processes each (default 5), and the run ends with the comparison of B against A
+# (compare-A-B.md in results/runs/<date>-<card>-$NAME). Arguments: `ds4bench matrix` options;
+# extra environment (DS4BENCH_DECODE_GRAPH=on, ...) applies to both trees. With OUT set, a
+# tarball of the run (without fingerprints) is written there.
 #   BEFORE=872985c NAME=flash-4l-kernels bash benchmarks/gpu_ab_commits.sh --spec gpu --preset flash-4l
 set -uo pipefail
 source "$(dirname "$0")/gpu_common.sh"
 : "${BEFORE:?set BEFORE=<commit>}"
 name=${NAME:-ab}
-before="$stamp-$card-$name-before" after="$stamp-$card-$name-after"
-old=$(mktemp -d)
-git clone -q .gitcarry/ds4bench.bundle "$old" && git -C "$old" checkout -q "$BEFORE" || exit 2
-(cd "$old" && DS4BENCH_COMMIT=$BEFORE PYTHONPATH="$old:$PYTHONPATH" python3 -m ds4bench matrix "$@" \
-   --out "$OLDPWD/results/runs" --id "$before")
-python3 -m ds4bench matrix "$@" --id "$after"
-python3 -m ds4bench compare "$before" "$after" | tee "results/runs/$after/compare.md" || exit 1
-[ -n "${OUT:-}" ] && tar czf "$OUT/$name.tgz" --exclude=fingerprints "results/runs/$before" "results/runs/$after"
-exit 0
+id="$stamp-$card-$name"
+python3 -m ds4bench matrix --rounds "${ROUNDS:-5}" "$@" --tree "A=$BEFORE" --tree B=. --id "$id"
+rc=$?
+[ -n "${OUT:-}" ] && tar czf "$OUT/$name.tgz" --exclude=fingerprints "results/runs/$id"
+exit $rc

@@ -8,9 +8,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 from . import config as C
 from .backend import check_placement
+from .slowdown import from_env as slowdown_from_env
 
 
 class UserError(Exception):
@@ -119,8 +121,19 @@ def cmd_generate(a) -> int:
     if backend == "numpy" and a.placement:
         raise UserError(f"placement {a.placement} needs the GPU backend (no GPU is in use)")
     prof = make_profiler(a.profile, backend)
+    slow = slowdown_from_env(os.environ)
     eng = Engine(mf, cache=a.cache, backend=backend, batch=a.batch, ctx=ctx, prefill_chunk=a.chunk,
-                 profiler=prof, **opts)
+                 slowdown=slow, **opts)
+    # an untimed prime pass: kernel compilation, lazily built weights and the decode graph's
+    # capture stay out of the tok/s below and are printed on their own
+    t0 = time.perf_counter()
+    generate(eng, [("prime", ids[:8])], 2)
+    prime_s = time.perf_counter() - t0
+    capture_s = eng.graph.capture_s if eng.graph is not None else 0.0
+    if slow is not None:                # the known slowdown is a fraction of the settled step
+        from .rounds import warm_up
+        eng.net.delay.calibrate(warm_up(lambda: generate(eng, [("prompt", ids)], a.n).timing)["step_s"])
+    eng.net.prof = prof
     res = generate(eng, [("prompt", ids)], a.n, tok.decode)
     fp, t = res.fingerprints[0], res.timing
     print(fp.text)
@@ -134,6 +147,9 @@ def cmd_generate(a) -> int:
           f"prefill {t.prefill_tps:.1f} tok/s, decode {t.decode_tps:.1f} tok/s, {a.n} tokens, sha256 {fp.sha256[:16]}"
           + (" NON-FINITE LOGITS" if fp.nonfinite else "")
           + (f" REPLICA MISMATCH x{fp.replica_mismatch}" if fp.replica_mismatch else ""))
+    print(f"--- not in tok/s: prime pass {prime_s - capture_s:.2f} s (kernel compilation, lazy weights)"
+          + (f", graph capture {capture_s:.2f} s" if eng.graph is not None else "")
+          + (f"; slowdown {slow}: +{eng.net.delay.step_s * 1e3:.2f} ms per step" if slow is not None else ""))
     return 1 if fp.nonfinite or fp.replica_mismatch else 0
 
 

@@ -23,7 +23,8 @@ import time
 from . import guards as G
 
 AXIS_OPTS = ("preset", "model", "cache", "placement", "batch", "nvtx")
-SCALAR_OPTS = (("prompts", "prompts"), ("n", "n_gen"), ("reps", "reps"), ("warmup", "warmup"),
+SCALAR_OPTS = (("prompts", "prompts"), ("n", "n_gen"), ("reps", "reps"), ("warmup", "warmup"), ("rounds", "rounds"),
+               ("order", "order"),
                ("timeout", "timeout_s"), ("variant", "variant"), ("seed", "seed"), ("ctx", "ctx"),
                ("chunk", "chunk"))
 
@@ -58,12 +59,14 @@ def register(sub) -> None:
     p.add_argument("--format", choices=("md", "csv", "json"), default="md", help="output format (default md)")
     p.set_defaults(func=cmd_show)
 
-    p = sub.add_parser("compare", help="join two runs' cells: correctness changes, then speedups with p-values")
-    p.add_argument("run_a", help="the reference run: an id under --out or a run directory")
-    p.add_argument("run_b", help="the run judged against it")
+    p = sub.add_parser("compare", help="join two runs' cells: correctness changes, then speed over rounds")
+    p.add_argument("run_a", help="the reference run: an id under --out or a run directory; RUN@LABEL takes that "
+                                 "tree's cells of a --tree run")
+    p.add_argument("run_b", help="the run judged against it (RUN@LABEL as for run_a)")
     p.add_argument("--out", default="results/runs", help="root of run directories (default results/runs)")
     p.add_argument("--alpha", type=float, default=0.05, help="significance level (default 0.05)")
-    p.add_argument("--factor", type=float, default=1.1, help="smallest speed ratio reported as a change (default 1.1)")
+    p.add_argument("--factor", type=float, default=1.02,
+                   help="noise floor: a change needs the ratio's interval beyond it or its inverse (default 1.02)")
     p.add_argument("--format", choices=("md", "csv", "json"), default="md", help="output format (default md)")
     p.set_defaults(func=cmd_compare)
 
@@ -105,8 +108,16 @@ def _run_args(p, one_cell: bool = False) -> None:
     p.add_argument("--prompts", help="prompt set name or TOML path" + dflt("prompts"))
     p.add_argument("-n", type=int, help="tokens generated per prompt" + dflt("n"))
     p.add_argument("--reps", type=int, help="timed repetitions per cell" + dflt("reps"))
-    p.add_argument("--warmup", type=int, help="untimed full passes before the timed ones" + dflt("warmup"))
+    p.add_argument("--warmup", type=int, help="least untimed full passes before the timed ones (more run until "
+                                              "the step time settles: docs/speed.md)" + dflt("warmup"))
+    p.add_argument("--rounds", type=int, help="processes per cell, interleaved round by round" + dflt("rounds"))
+    p.add_argument("--order", choices=("random", "abba"), help="order of the cells in each round (default random)")
     if not one_cell:
+        p.add_argument("--tree", action="append", default=[], metavar="LABEL=SRC",
+                       help="tree axis: run cells with the ds4bench of SRC (a directory or a commit), e.g. "
+                            "--tree A=80a58af --tree B=. (repeatable)")
+        p.add_argument("--tree-env", action="append", default=[], metavar="LABEL:K=V",
+                       help="extra environment for one tree's cells, e.g. B:DS4BENCH_SLOWDOWN=moe:0.05 (repeatable)")
         p.add_argument("--exclude", action="append", default=[], metavar="K=V[,K=V]",
                        help="skip cells matching all pairs, e.g. cache=q8,batch=16 (repeatable)")
         p.add_argument("--baseline", metavar="K=V[,K=V]",
@@ -145,8 +156,9 @@ def build_spec(a):
     if not a.spec:
         spec = M.load_spec("gpu" if backend == "cupy" else "default")
     doc = spec.to_dict()
-    given = [_flag(o) for o in AXIS_OPTS + tuple(o for o, _ in SCALAR_OPTS) + ("exclude", "baseline", "stages", "trace")
-             if _given(getattr(a, o))]
+    given = [_flag(o) for o in AXIS_OPTS + tuple(o for o, _ in SCALAR_OPTS) + ("exclude", "baseline", "stages", "trace",
+                                                                            "tree")
+             if _given(getattr(a, o, None))]
     if given:
         doc["source"] = f"{spec.source} with {' '.join(given)}"
     for opt in AXIS_OPTS:
@@ -182,6 +194,15 @@ def build_spec(a):
                 doc["baseline"]["batch"] = int(doc["baseline"]["batch"])
             except ValueError:
                 raise UserError(f"--baseline {a.baseline!r}: batch must be an integer") from None
+    if getattr(a, "tree", None):
+        from .trees import parse_trees
+        doc["trees"] = parse_trees(a.tree)
+    for te in getattr(a, "tree_env", []):
+        label, colon, kv = te.partition(":")
+        k, eq, v = kv.partition("=")
+        if not colon or not eq or not k:
+            raise UserError(f"--tree-env {te!r}: expected LABEL:KEY=VALUE, e.g. B:DS4BENCH_SLOWDOWN=moe:0.05")
+        doc["tree_env"] = {**doc["tree_env"], label: {**doc["tree_env"].get(label, {}), k: v}}
     doc["stages"] = doc["stages"] or a.stages
     doc["trace"] = doc["trace"] or a.trace
     doc["backend"] = backend
@@ -213,7 +234,7 @@ def cmd_matrix(a) -> int:
     nsys = None
     if a.resume:
         given = [_flag(o) for o in AXIS_OPTS + tuple(o for o, _ in SCALAR_OPTS)
-                 + ("spec", "baseline", "backend", "tol", "tie", "id", "exclude", "stages")
+                 + ("spec", "baseline", "backend", "tol", "tie", "id", "exclude", "stages", "tree", "tree_env")
                  if _given(getattr(a, o, None))]
         if given:
             raise UserError(f"--resume reruns the run's own spec; drop {', '.join(given)}")
@@ -238,6 +259,9 @@ def cmd_matrix(a) -> int:
     else:
         spec, backend, why = build_spec(a)
         cells, notes = M.expand(spec, backend, why)
+        if spec.trees:
+            from .trees import with_trees
+            cells = with_trees(cells, spec.trees, spec.tree_env, say=lambda s: print(s, file=sys.stderr))
         if a.trace_one:
             _check_one_cell(cells)
         th = V.Thresholds(**{**V.DEFAULT.to_dict(), **{k: v for k, v in (("tol", a.tol), ("tie", a.tie)) if v is not None}})
@@ -257,6 +281,8 @@ def cmd_matrix(a) -> int:
         G.check_host_memory(cells)              # before any model file is written
         M.prepare_models(cells, say=lambda s: print(s, file=sys.stderr))
         meta["cells"] = [vars(c) for c in cells]
+        from .rounds import schedule
+        meta["schedule"] = schedule(cells, spec.rounds, spec.order, spec.seed)
         run = RunDir.create(a.out, meta, a.id)
         print(f"matrix {spec.source}: {len(cells)} cells, backend {backend} ({why}); run {run.path}", file=sys.stderr)
         for n in notes:
@@ -264,8 +290,6 @@ def cmd_matrix(a) -> int:
         if a.id and run.run_id != a.id:
             print(f"note: run id {a.id} is taken (finish that one with --resume {a.id}); this run is {run.run_id}",
                   file=sys.stderr)
-    progress = Progress(len(cells), len(run.records()))
-    old = signal.signal(signal.SIGTERM, G.raise_terminated)
     status = "interrupted"
     try:
         recs = M.run_matrix(cells, run, th, progress, nsys)
@@ -280,8 +304,21 @@ def cmd_matrix(a) -> int:
     sys.stdout.write(render(recs, a.format))
     if a.format == "md":
         _print_traces(recs)
+        _compare_trees(run, recs)
     print(f"run {run.path} (summary.md, cells.jsonl, cells.parquet)", file=sys.stderr)
     return gate(recs)
+
+
+def _compare_trees(run, recs) -> None:
+    """A --tree run: each later tree's cells against the first tree's (the same call's A/B), printed
+    and kept as compare-<A>-<B>.md in the run directory."""
+    from .results import compare, render_compare, write_atomic
+    trees = list(dict.fromkeys(r["tree"] for r in recs if r.get("tree")))
+    for b in trees[1:]:
+        res = compare([r for r in recs if r.get("tree") == trees[0]], [r for r in recs if r.get("tree") == b])
+        text = render_compare(res, "md", f"{run.run_id}@{trees[0]}", f"{run.run_id}@{b}")
+        write_atomic(run.path / f"compare-{trees[0]}-{b}.md", text)
+        sys.stdout.write("\n" + text)
 
 
 def _check_one_cell(cells) -> None:
@@ -318,7 +355,8 @@ class Progress:
         self.ran += 1
         from .results import row_view
         v = row_view(rec)
-        line = (f"{cell.key}: {v['verdict']}" + (f", decode {v['decode_tps']:.1f} tok/s" if v["decode_tps"] else "")
+        said = f"round {rec['round'] + 1} measured" if "round" in rec else v["verdict"]     # a round before the last
+        line = (f"{cell.key}: {said}" + (f", decode {v['decode_tps']:.1f} tok/s" if v["decode_tps"] else "")
                 + (f" — {rec.get('error')}" if rec.get("status") == "failed" else ""))
         if self.bar is not None:
             self.bar.update(1)
@@ -369,21 +407,22 @@ def _print_traces(recs) -> None:
 
 def cmd_compare(a) -> int:
     from .results import RunDir, compare, render_compare
-    from .cli import UserError
-    ra, rb = RunDir.open(a.run_a, a.out), RunDir.open(a.run_b, a.out)
-    metas = {run: run.meta() for run in (ra, rb)}
-    recs = {run: run.records() for run in (ra, rb)}
-    for run in (ra, rb):
-        if not recs[run]:
-            raise UserError(f"run {run.run_id} ({run.path}) has no recorded cell (status "
-                            f"{metas[run].get('status')}); nothing to compare")
-    for run in (ra, rb):
-        said = G.runner_state(metas[run])[1]
-        if said:
-            print(f"note: run {run.run_id}: {said}", file=sys.stderr)
-    res = compare(recs[ra], recs[rb], a.alpha, a.factor)
-    sys.stdout.write(render_compare(res, a.format, ra.run_id, rb.run_id))
     return res["status"]
+
+
+def tree_records(name: str, out: str) -> tuple[str, list]:
+    """(name, records) of a run, or of one tree's cells with RUN@LABEL."""
+    from .results import RunDir
+    run, at, label = name.rpartition("@") if "@" in name else (name, "", "")
+    r = RunDir.open(run, out)
+    recs = r.records()
+    if not at:
+        return r.run_id, recs
+    trees = sorted({x.get("tree") for x in recs if x.get("tree")})
+    picked = [x for x in recs if x.get("tree") == label]
+    if not picked:
+        raise ValueError(f"{name}: run {r.run_id} has no cells of tree {label!r} (trees: {', '.join(trees) or 'none'})")
+    return f"{r.run_id}@{label}", picked
 
 
 def cmd_cell(a) -> int:

@@ -110,7 +110,7 @@ def make_ops(model: ModelFile, backend: str, cache: str, **opts):
 class Engine:
     def __init__(self, model: ModelFile, cache: str = "f32", backend: str = "numpy", batch: int = 1,
                  ctx: int = 4096, prefill_chunk: int = 512, profiler: Profiler | None = None, ops=None,
-                 decode_graph: str | None = None, **opts):
+                 decode_graph: str | None = None, slowdown=None, **opts):
         if not 1 <= batch <= 64:
             raise ValueError(f"batch must be in 1..64, got {batch}")
         if prefill_chunk < 1:
@@ -122,6 +122,9 @@ class Engine:
         self.xp = self.ops.xp
         self.net = DS4Model(self.cfg, self.ops, profiler)
         self.state = RunState.allocate(self.cfg, batch, ctx, self.xp, getattr(self.ops, "alloc", None))
+        if slowdown is not None:                # a known slowdown (slowdown.Slowdown), for speed tests
+            from .slowdown import Delay
+            self.net.delay = Delay(slowdown, self.ops, self.cfg.n_layer)
         # how a decode step of every slot runs: "eager" (kernels launched from Python), "graph"
         # (DS4BENCH_DECODE_GRAPH=on, or decode_graph="on": replayed from a CUDA graph), or eager
         # with the reason the graph does not apply

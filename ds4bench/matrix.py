@@ -15,6 +15,9 @@ TOML file (benchmarks/matrices/*.toml) or from command-line comma lists:
     timeout = 600                     # seconds per cell
     baseline = { cache = "f32", placement = "device", batch = 1 }
     exclude = [{ cache = "q8", batch = 16 }]
+    rounds = 5                        # processes per cell, interleaved round by round (rounds.py)
+    order = "random"                  # or "abba"; settle = 0.05, warmup_cap = 3: the warm-up rule
+    tree = { A = "80a58af", B = "." } # the tree axis (trees.py); tree_env = { B = { K = "v" } }
     [env]                             # extra environment for every cell: engine toggles (ENGINE_ENV)
     DS4BENCH_UNFUSED = "rope"         # and anything else (OMP_NUM_THREADS, ...)
 
@@ -22,6 +25,8 @@ Cells are grouped by model (so a model is generated or paged in once per group) 
 group's baseline first, then in axis order. Each cell runs `python -m ds4bench cell` in its own
 process and session with its own environment (DS4BENCH_CACHE, DS4BENCH_PLACEMENT, ...): a crash,
 an out-of-memory kill or a timeout becomes that cell's `failed` record and the matrix goes on.
+With `rounds` > 1 every cell runs that many times, one process each, in the interleaved order of
+rounds.schedule, and its record merges the rounds (rounds.merge; docs/speed.md).
 The matrix process itself never imports CuPy.
 """
 from __future__ import annotations
@@ -43,6 +48,8 @@ from .backend import PLACEMENTS
 from .kernels import KERNEL_CHOICES
 from . import record as R
 from . import verdict as V
+from .rounds import SETTLE, WARMUP_CAP_S, warm_up
+from .slowdown import from_env as slowdown_from_env
 
 try:
     import tomllib
@@ -53,10 +60,10 @@ MATRICES_DIR = R.REPO / "benchmarks" / "matrices"
 AXES = ("model", "cache", "placement", "batch", "nvtx")
 SPEC_KEYS = {"description", "preset", "model", "variant", "seed", "cache", "placement", "batch", "nvtx", "prompts",
              "n", "reps", "warmup", "timeout", "baseline", "exclude", "backend", "ctx", "chunk", "stages", "trace",
-             "env"}
+             "env", "rounds", "order", "settle", "warmup_cap", "tree", "tree_env"}
 # Variables that change what the engine does; a cell records those set in its environment,
 # wherever they came from (the spec's [env] or the shell), so no toggle goes unrecorded.
-ENGINE_ENV = ("DS4BENCH_UNFUSED", *KERNEL_CHOICES, "DS4BENCH_CACHE_MB", "DS4BENCH_PLUGINS")
+ENGINE_ENV = ("DS4BENCH_UNFUSED", *KERNEL_CHOICES, "DS4BENCH_CACHE_MB", "DS4BENCH_PLUGINS", "DS4BENCH_SLOWDOWN")
 TRACE_FIELDS = ("trace_file", "trace_gpu_ms", "trace_calls", "trace_kernels", "trace_kernel_ms")   # CellRecord
 SYNTH_IN_MEMORY_MAX = 256 * 2**20      # larger presets are written to a GGUF once and memory-mapped per cell
 
@@ -84,6 +91,12 @@ class MatrixSpec:
     stages: bool = False
     trace: bool = False
     env: dict = field(default_factory=dict)
+    rounds: int = 1                                     # processes per cell, interleaved (rounds.py)
+    order: str = "random"                               # rounds.ORDERS
+    settle: float = SETTLE                              # warm-up stopping rule (rounds.warm_up)
+    warmup_cap_s: float = WARMUP_CAP_S
+    trees: dict = field(default_factory=dict)           # the tree axis: label -> path or commit (trees.py)
+    tree_env: dict = field(default_factory=dict)        # label -> extra environment of that tree's cells
     description: str = ""
     source: str = "command line"
 
@@ -168,6 +181,12 @@ def spec_from_mapping(doc: dict, source: str) -> MatrixSpec:
     s.baseline = dict(one("baseline", dict, {}))
     s.excludes = [dict(e) for e in one("exclude", list, [])]
     s.env = {str(k): str(v) for k, v in one("env", dict, {}).items()}
+    s.rounds = one("rounds", int, s.rounds)
+    s.order = one("order", str, s.order)
+    s.settle = float(one("settle", (int, float), s.settle))
+    s.warmup_cap_s = float(one("warmup_cap", (int, float), s.warmup_cap_s))
+    s.trees = {str(k): str(v) for k, v in one("tree", dict, {}).items()}
+    s.tree_env = {str(k): {str(a): str(b) for a, b in dict(v).items()} for k, v in one("tree_env", dict, {}).items()}
     validate(s)
     return s
 
@@ -221,6 +240,25 @@ def validate(s: MatrixSpec) -> None:
                         ("seed", s.seed, 0)):
         if v < lo:
             raise ValueError(f"{where}: {name} must be at least {lo}, found {v}")
+    from .rounds import ORDERS
+    if s.rounds < 1:
+        raise ValueError(f"{where}: rounds must be at least 1, found {s.rounds}")
+    if s.order not in ORDERS:
+        raise ValueError(f"{where}: order must be one of {', '.join(ORDERS)}, found {s.order!r}")
+    if not 0 < s.settle < 1 or s.warmup_cap_s <= 0:
+        raise ValueError(f"{where}: settle must be in (0, 1) and warmup_cap positive, found {s.settle:g}, "
+                         f"{s.warmup_cap_s:g}")
+    if s.trees or s.tree_env:
+        from .trees import check_labels
+        check_labels(s.trees, where)
+        for label, env in s.tree_env.items():
+            if label not in s.trees:
+                raise ValueError(f"{where}: tree_env {label}: no tree {label} (trees: {', '.join(s.trees) or 'none'})")
+            bad = sorted(k for k in env if k.startswith("DS4BENCH_") and k not in ENGINE_ENV)
+            if bad:
+                raise ValueError(f"{where}: tree_env {label}: {bad[0]} is not an engine toggle ({', '.join(ENGINE_ENV)})")
+            from .model import check_engine_env
+            check_engine_env(env)
     if s.timeout_s <= 0:
         raise ValueError(f"{where}: timeout must be positive, found {s.timeout_s:g}")
     if s.backend not in ("auto", "numpy", "cupy"):
@@ -327,7 +365,8 @@ def expand(spec: MatrixSpec, backend: str, backend_why: str = "") -> tuple[list[
                       "variant": spec.variant, "seed": spec.seed, "backend": backend, **combo,
                       "n_gen": spec.n_gen, "prompt_set": spec.prompts, "reps": spec.reps, "warmup": spec.warmup,
                       "ctx": spec.ctx or 0, "chunk": spec.chunk, "stages": spec.stages, "trace": trace,
-                      "timeout_s": spec.timeout_s, "env": dict(spec.env)}
+                      "timeout_s": spec.timeout_s, "env": dict(spec.env), "rounds": spec.rounds,
+                      "settle": spec.settle, "warmup_cap_s": spec.warmup_cap_s}
             cid = "-".join([label, combo["cache"]] + ([combo["placement"]] if combo["placement"] else [])
                            + [f"b{combo['batch']}"] + (["nvtx"] if combo["nvtx"] else []))
             group.append(Cell(cid, "", label, params, is_baseline=combo == base))
@@ -397,10 +436,16 @@ def cell_env(cell: Cell) -> dict:
     return env
 
 
-def _child_env(extra: dict) -> dict:
+def _child_env(extra: dict, tree: dict | None = None) -> dict:
     env = dict(os.environ)
     env.update(extra)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(R.REPO), env.get("PYTHONPATH", "")]))
+    first = str(R.REPO)
+    if tree and tree.get("tree_path") and Path(tree["tree_path"]) != R.REPO.resolve():   # the tree axis
+        first = tree["tree_path"]
+        env.pop("DS4BENCH_COMMIT", None)        # given for this tree, not that one
+        if tree.get("tree_commit"):
+            env["DS4BENCH_COMMIT"] = tree["tree_commit"]
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [first, env.get("PYTHONPATH", "")]))
     env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")       # NVML and CUDA agree on device numbering
     return env
 
@@ -427,7 +472,7 @@ def run_cell_process(cell: Cell, out: Path, fingerprints: Path, log: Path,
     t0 = time.perf_counter()
     with open(log, "wb") as fh:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
-                                env=_child_env(cell_env(cell)), start_new_session=True,
+                                env=_child_env(cell_env(cell), cell.params), start_new_session=True,
                                 preexec_fn=_die_with_parent)
         try:
             rc = proc.wait(timeout=cell.params["timeout_s"])
@@ -489,37 +534,74 @@ def judge(rec: dict, cell_fp: str, base_rec: dict | None, base_fp: str | None,
 
 def run_matrix(cells: list[Cell], run, th: V.Thresholds = V.DEFAULT, progress=None,
                nsys: str | None = None) -> list[dict]:
-    """Run the cells `run` (a results.RunDir) has no record of; return every record of the run.
+    """Run the rounds `run` (a results.RunDir) has no record of, in its schedule (run.json
+    `schedule`: cell ids per round, rounds.schedule; one round in cell order without it);
+    return every record of the run.
 
-    `progress(event, cell, record)` is told 'start' and 'done' for each cell. Cells whose
-    params ask for a trace run under `nsys` (its path) and get their per-range GPU time."""
+    Each round is one cell process; its record goes to rounds.jsonl. A cell whose rounds are
+    all done becomes one record (rounds.merge) judged against its baseline and appended to
+    cells.jsonl; a failed round fails the cell (the error names the round) and skips its other
+    rounds. `progress(event, cell, record)` is told 'start' and 'done' for each round. Cells
+    whose params ask for a trace run under `nsys` (its path) and get their per-range GPU time."""
+    from .rounds import merge, same_tokens
     done = {r["cell_id"]: r for r in run.records()}
-    todo = [c for c in cells if c.cell_id not in done]
-    for cell in todo:
-        if progress:
-            progress("start", cell, None)
-        out, fp, log = run.cell_paths(cell.cell_id)
-        trace = None
-        if cell.params.get("trace") and nsys:
-            (run.path / "traces").mkdir(exist_ok=True)
-            trace = (nsys, run.path / "traces" / cell.cell_id)
-        rec, err, wall = run_cell_process(cell, out, fp, log, trace)
-        base = {"run_id": run.run_id, "cell_id": cell.cell_id, "key": cell.key, "is_baseline": cell.is_baseline,
-                "baseline_cell": cell.baseline_cell, **cell.params}
-        if rec is None:
-            rec = R.failed_record(base, err, wall)
-        else:
-            rec.update({k: base[k] for k in ("run_id", "cell_id", "key", "is_baseline", "baseline_cell")})
-            rec["wall_s"] = wall
-            if cell.params.get("trace"):
-                add_trace(rec, run.path, trace)
+    got: dict[str, list[dict]] = {}
+    for r in run.round_records():
+        got.setdefault(r["cell_id"], []).append(r)
+    by_id = {c.cell_id: c for c in cells}
+    plan = run.meta().get("schedule") or [[c.cell_id for c in cells]]
+    n_rounds = len(plan)
+
+    def finish(cell: Cell, rec: dict) -> None:
+        out_fp = str(run.cell_paths(cell.cell_id)[1])
+        if rec["status"] == "ok":
             b = rec if cell.is_baseline else done.get(cell.baseline_cell)
-            rec = judge(rec, str(fp), b, str(run.cell_paths(cell.baseline_cell)[1]) if b else None, th)
-        out.unlink(missing_ok=True)
+            rec = judge(rec, out_fp, b, str(run.cell_paths(cell.baseline_cell)[1]) if b else None, th)
         run.append(rec)
         done[cell.cell_id] = rec
-        if progress:
-            progress("done", cell, rec)
+
+    for k, order in enumerate(plan):
+        for slot, cid in enumerate(order):
+            cell = by_id[cid]
+            if cid in done or len(got.get(cid, [])) > k:
+                continue
+            if progress:
+                progress("start", cell, None)
+            out, fp, log = run.cell_paths(cid)
+            if k:                                   # later rounds: their own log, fingerprints only compared
+                fp, log = run.path / "tmp" / f"{cid}.r{k}.npz", log.with_name(f"{cid}.r{k}.log")
+            trace = None
+            if cell.params.get("trace") and nsys:
+                (run.path / "traces").mkdir(exist_ok=True)
+                trace = (nsys, run.path / "traces" / (cid if not k else f"{cid}.r{k}"))
+            rec, err, wall = run_cell_process(cell, out, fp, log, trace)
+            base = {"run_id": run.run_id, "cell_id": cid, "key": cell.key, "is_baseline": cell.is_baseline,
+                    "baseline_cell": cell.baseline_cell, **cell.params}
+            if rec is None:
+                rec = R.failed_record(base, f"round {k + 1} of {n_rounds}: {err}" if n_rounds > 1 else err, wall)
+                finish(cell, rec)
+            else:
+                rec.update({f: base[f] for f in ("run_id", "cell_id", "key", "is_baseline", "baseline_cell")})
+                rec.update(wall_s=wall, round=k, round_slot=slot)
+                for f in ("tree", "tree_source"):
+                    rec[f] = cell.params.get(f)
+                if cell.params.get("trace"):
+                    add_trace(rec, run.path, trace)
+                if k:
+                    fp.unlink(missing_ok=True)
+                    if not same_tokens(got[cid][0], rec):
+                        rec["deterministic"] = False
+                run.append_round(rec)
+                got.setdefault(cid, []).append(rec)
+                if len(got[cid]) == n_rounds and (cell.is_baseline or cell.baseline_cell in done):
+                    finish(cell, merge(sorted(got[cid], key=lambda r: r["round"])))
+            out.unlink(missing_ok=True)
+            if progress:
+                progress("done", cell, done.get(cid, rec))
+        for cell in cells:                          # in cell order: a group's baseline is judged first
+            rs = got.get(cell.cell_id, [])
+            if cell.cell_id not in done and len(rs) == n_rounds:
+                finish(cell, merge(sorted(rs, key=lambda r: r["round"])))
     return [done[c.cell_id] for c in cells if c.cell_id in done]
 
 
@@ -576,15 +658,33 @@ def run_cell(params: dict, out: str, fingerprints: str) -> dict:
     rec.ctx = p["ctx"] or longest + p["n_gen"] + 1
     gpu = p["backend"] == "cupy"
     opts = {"placement": p["placement"]} if gpu and p["placement"] else {}
+    slow = slowdown_from_env(os.environ)
     eng = Engine(mf, cache=p["cache"], backend=p["backend"], batch=p["batch"], ctx=rec.ctx,
-                 prefill_chunk=p["chunk"], **opts)
+                 prefill_chunk=p["chunk"], slowdown=slow, **opts)
     rec.decode_path = eng.decode_path
     if p.get("nvtx") or p.get("trace"):
         from .profiling import NvtxRanges
         eng.net.prof = NvtxRanges()
+    t0 = time.perf_counter()
     generate(eng, [(prompts[0][0], prompts[0][1][:8])], 2)
-    for _ in range(p["warmup"]):
-        generate(eng, prompts, p["n_gen"])
+    rec.capture_s = eng.graph.capture_s if eng.graph is not None else None
+    rec.compile_s = time.perf_counter() - t0 - (rec.capture_s or 0.0)
+    if rec.capture_s is None:
+        na["capture_s"] = f"decode path {eng.decode_path}: no graph captured"
+    wu = warm_up(lambda: generate(eng, prompts, p["n_gen"]).timing, p["warmup"], p.get("settle", SETTLE),
+                 p.get("warmup_cap_s", WARMUP_CAP_S))
+    rec.warmup_passes, rec.warmup_settled, rec.warmup_s = wu["passes"], wu["settled"], wu["warmup_s"]
+    if slow is not None:                        # the known slowdown: a fraction of the settled step
+        eng.net.delay.calibrate(wu["step_s"])
+        rec.slowdown, rec.slowdown_true_ratio = str(slow), slow.true_ratio
+        if gpu and eng.graph is None:           # the wait fills the idle gaps of a launch-bound step
+            rec.slowdown_true_ratio = None
+            na["slowdown_true_ratio"] = ("eager GPU decode: the wait can hide in the GPU's idle time between "
+                                         "launches, so the ratio is not known (DS4BENCH_DECODE_GRAPH=on)")
+        rec.slowdown_step_s, rec.slowdown_base_step_s = eng.net.delay.step_s, eng.net.delay.base_step_s
+    else:
+        for k in ("slowdown_step_s", "slowdown_base_step_s", "slowdown_true_ratio"):
+            na[k] = "no DS4BENCH_SLOWDOWN"
     if gpu:
         import cupy
         v = cupy.cuda.runtime.runtimeGetVersion()

@@ -176,6 +176,8 @@ def check_engine_env(environ) -> None:
     unfused_from_env(environ.get("DS4BENCH_UNFUSED"))
     for var in KERNEL_CHOICES:
         kernel_choice(var, environ.get(var))
+    from .slowdown import from_env
+    from_env(environ)
     mb = environ.get("DS4BENCH_CACHE_MB")
     if mb is not None and not mb.strip().isdigit():
         raise ValueError(f"DS4BENCH_CACHE_MB: {mb!r} is not a whole number of MiB")
@@ -195,6 +197,7 @@ class DS4Model:
     # fixed by the run state's capacity.
     _static = False
     _im = np
+    delay = None                               # slowdown.Delay: a known wait in each MoE stage (tests)
 
     def __init__(self, cfg: ModelConfig, ops, profiler: Profiler | None = None):
         self.cfg, self.ops, self.xp = cfg, ops, ops.xp
@@ -449,6 +452,8 @@ class DS4Model:
             sel, wts = self.route(il, xn2, tokens)                                      # [N, A], [N, A]
         with prof.range("moe.experts"):
             moe = ops.experts(il, xn2, sel, wts)                                        # [N, D]
+            if self.delay is not None:
+                self.delay()
         with prof.range("moe.shared"):
             c = cfg.swiglu_clamp
             g = ops.linear(pre + "ffn_gate_shexp.weight", xn2)                          # [N, F]

@@ -90,6 +90,11 @@ class CellRecord:
     trace: bool = False                 # the cell ran under Nsight Systems (implies nvtx)
     timeout_s: float = 0.0
     env: dict = field(default_factory=dict)     # DS4BENCH_* and spec variables the cell ran with
+    rounds: int = 1                     # processes the cell was measured in (ds4bench/rounds.py)
+    settle: float = 0.05                # warm-up stops when pass medians agree within this, relative
+    warmup_cap_s: float = 3.0           # ... or after this long
+    tree: str | None = None             # the tree axis: which source tree's `cell` ran (label)
+    tree_source: str | None = None      # that tree's path or commit as given
     decode_path: str = "eager"          # eager | graph (DS4BENCH_DECODE_GRAPH=on) | eager (why the graph did not apply)
     # provenance
     git_commit: str | None = None
@@ -119,6 +124,24 @@ class CellRecord:
     gpu_throttle: list = field(default_factory=list)   # NVML slowdown reasons seen during the timed reps
     # timing
     wall_s: float | None = None
+    compile_s: float | None = None                      # the untimed prime pass: kernel compilation, lazy weights
+    capture_s: float | None = None                      # the decode graph's capture (graph path only)
+    warmup_passes: int | None = None                    # warm-up passes run before the timed ones
+    warmup_settled: bool | None = None                  # whether the step time settled before the cap
+    warmup_s: float | None = None
+    # rounds: one entry per round (process), in round order
+    round_decode_tps: list = field(default_factory=list)
+    round_prefill_tps: list = field(default_factory=list)
+    round_gpu: list = field(default_factory=list)       # per round at its start: SM clock, temperature, power; throttle seen
+    round_slot: list = field(default_factory=list)      # the round's position in its pass (0: the first process)
+    round_wall_s: list = field(default_factory=list)
+    round_compile_s: list = field(default_factory=list)
+    round_warmup_passes: list = field(default_factory=list)
+    # DS4BENCH_SLOWDOWN (ds4bench/slowdown.py): the known slowdown a sensitivity test injects
+    slowdown: str | None = None                         # stage:fraction
+    slowdown_step_s: float | None = None                # wait added per forward call
+    slowdown_base_step_s: float | None = None           # the un-slowed decode step it is a fraction of
+    slowdown_true_ratio: float | None = None            # decode tok/s with / without the toggle: 1 / (1 + fraction)
     load_s: float | None = None
     prefill_tps: float | None = None
     decode_tps: float | None = None
@@ -166,7 +189,7 @@ class CellRecord:
 
 FIELDS = tuple(f.name for f in dataclasses.fields(CellRecord))
 # Fields that are not measurements: None there means "not applicable", never "not measured".
-NOT_MEASURED = ("error", "baseline_cell", "verdict_reason", "timing_note")
+NOT_MEASURED = ("error", "baseline_cell", "verdict_reason", "timing_note", "tree", "tree_source", "slowdown")
 
 def utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

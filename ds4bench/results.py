@@ -30,8 +30,8 @@ METRICS = (("verdict", "verdict"), ("decode_tps", "decode tok/s"), ("prefill_tps
            ("ttft_ms", "TTFT ms"), ("latency_p50_ms", "p50 ms"), ("latency_p99_ms", "p99 ms"),
            ("roofline_pct", "roofline %"), ("first_div", "1st div"), ("med_dlp", "median Δlp"),
            ("max_dlp", "max Δlp"), ("timing", "timing"))
-SHOWN_PARAMS = ("preset", "model_file", "backend", "cache", "placement", "batch", "nvtx", "trace", "n_gen",
-                "prompt_set", "reps")
+SHOWN_PARAMS = ("tree", "preset", "model_file", "backend", "cache", "placement", "batch", "nvtx", "trace", "n_gen",
+                "prompt_set", "reps", "rounds")
 
 
 LEGEND = ("identical: same tokens and logprobs as the baseline · close: same tokens, logprobs within the "
@@ -102,11 +102,11 @@ class RunDir:
                 self.path / "logs" / f"{cell_id}.log")
 
     # -- records -------------------------------------------------------------------------------
-    def append(self, rec: dict) -> None:
+    def append(self, rec: dict, name: str = "cells.jsonl") -> None:
         line = (json.dumps(rec, sort_keys=True) + "\n").encode()
-        fd = os.open(self.path / "cells.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(self.path / name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            if os.fstat(fd).st_size and _last_byte(self.path / "cells.jsonl") != b"\n":
+            if os.fstat(fd).st_size and _last_byte(self.path / name) != b"\n":
                 os.write(fd, b"\n")                     # close a line torn by a killed runner
             os.write(fd, line)
             os.fsync(fd)
@@ -130,6 +130,23 @@ class RunDir:
                 by_id[rec["cell_id"]] = rec
         order = [c["cell_id"] for c in self.meta().get("cells", [])]
         return sorted(by_id.values(), key=lambda r: order.index(r["cell_id"]) if r["cell_id"] in order else len(order))
+
+    def append_round(self, rec: dict) -> None:
+        """One round's record (rounds.py) to rounds.jsonl, as `append` writes cells.jsonl."""
+        self.append(rec, "rounds.jsonl")
+
+    def round_records(self) -> list[dict]:
+        """The rounds recorded so far (a torn line ignored; a round recorded twice counts once)."""
+        p = self.path / "rounds.jsonl"
+        by: dict[tuple, dict] = {}
+        for line in (p.read_text(encoding="utf-8", errors="replace").splitlines() if p.is_file() else []):
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and "cell_id" in rec and "round" in rec:
+                by[(rec["cell_id"], rec["round"])] = rec
+        return list(by.values())
 
     def finalize(self, status: str) -> list[dict]:
         """Rebuild the table and summary from cells.jsonl and record the run's status."""
@@ -327,11 +344,13 @@ def join_key(r: dict) -> tuple:
     return tuple(json.dumps(vals[k] if k in vals else r.get(k), sort_keys=True) for k in JOIN)
 
 
-def compare(a: list[dict], b: list[dict], alpha: float = 0.05, factor: float = 1.1) -> dict:
-    """Cells of two runs joined on their parameters: correctness changes, then speed with a
-    Mann-Whitney U test on the raw decode step samples. As in asv, a cell is `faster` or
-    `slower` only when the difference is significant (p < alpha) and beyond `factor`."""
-    from scipy.stats import mannwhitneyu
+def compare(a: list[dict], b: list[dict], alpha: float = 0.05, factor: float = 1.02) -> dict:
+    """Cells of two runs joined on their parameters: correctness changes, then speed from the
+    rounds' tok/s (stats.compare_rounds: the ratio of medians with a bootstrap interval, Welch's
+    p on log tok/s, the minimum detectable effect). A cell is `faster` or `slower` only when the
+    interval lies beyond `factor` (the noise floor) and p < alpha; cells with fewer than
+    stats.MIN_ROUNDS rounds on a side say `too few rounds`."""
+    from .stats import compare_rounds
     A, B = {join_key(r): r for r in a}, {join_key(r): r for r in b}
     if A and B and not A.keys() & B.keys():
         ka, kb = next(iter(A)), next(iter(B))
@@ -351,24 +370,15 @@ def compare(a: list[dict], b: list[dict], alpha: float = 0.05, factor: float = 1
             worse = V.RANK.get(rb.get("verdict") or "failed", 4) > V.RANK.get(ra.get("verdict") or "failed", 4)
             changes.append({"cell": label, "verdict_a": ra.get("verdict"), "verdict_b": rb.get("verdict"),
                             "worse": worse, "tokens_changed": moved, "reason_b": rb.get("verdict_reason", "")})
-        sa, sb = ra.get("step_ms") or [], rb.get("step_ms") or []
-        p = None
-        if len(sa) >= 2 and len(sb) >= 2:
-            p = float(mannwhitneyu(sa, sb, alternative="two-sided").pvalue)
-        ta, tb = ra.get("decode_tps"), rb.get("decode_tps")
-        ratio = tb / ta if ta and tb else None
-        if p is None or ratio is None:
-            sig = "n/a"
-        elif p < alpha and ratio > factor:
-            sig = "faster"
-        elif p < alpha and ratio < 1 / factor:
-            sig = "slower"
-        else:
-            sig = "same"
+        dec = compare_rounds(_rounds(ra, "decode_tps"), _rounds(rb, "decode_tps"), alpha, factor)
+        pre = compare_rounds(_rounds(ra, "prefill_tps"), _rounds(rb, "prefill_tps"), alpha, factor)
         shaky = [side for side, r in (("A", ra), ("B", rb)) if r.get("timing_reliable") is False]
-        speed.append({"cell": label, "decode_tps_a": ta, "decode_tps_b": tb, "speedup": ratio, "p_value": p,
-                      "change": sig, "unreliable": shaky, "prefill_tps_a": ra.get("prefill_tps"),
-                      "prefill_tps_b": rb.get("prefill_tps")})
+        speed.append({"cell": label, "decode_tps_a": ra.get("decode_tps"), "decode_tps_b": rb.get("decode_tps"),
+                      "speedup": dec["ratio"], "ci": dec["ci"], "p_value": dec["p_value"], "mde": dec["mde"],
+                      "noise": dec["noise"], "rounds": (dec["n_a"], dec["n_b"]), "change": dec["change"],
+                      "why": dec["why"], "unreliable": shaky, "prefill_tps_a": ra.get("prefill_tps"),
+                      "prefill_tps_b": rb.get("prefill_tps"), "prefill_ratio": pre["ratio"], "prefill_ci": pre["ci"],
+                      "prefill_change": pre["change"]})
     envs = [sorted({json.dumps(r.get("env") or {}, sort_keys=True) for r in side}) for side in (a, b)]
     bad_b = [{"cell": _label(r), "verdict": r.get("verdict") or "not judged", "in_a": k in A,
               "reason": r.get("error") or r.get("verdict_reason") or ""}
@@ -380,6 +390,11 @@ def compare(a: list[dict], b: list[dict], alpha: float = 0.05, factor: float = 1
 
 
 RANGE_ROWS = 10
+
+
+def _rounds(r: dict, what: str) -> list:
+    """A record's per-round tok/s (one round for records of one process)."""
+    return r.get(f"round_{what}") or ([r[what]] if r.get(what) is not None else [])
 
 
 def stage_deltas(rows: list[dict]) -> list[dict]:
@@ -420,16 +435,25 @@ def render_compare(res: dict, fmt: str, name_a: str = "A", name_b: str = "B") ->
         out += ["", f"{len(res['bad_b'])} cell(s) of B are broken, failed or not judged (B's exit status 1):", ""]
         out += [f"- **{c['cell']}** {c['verdict'].upper()}{'' if c['in_a'] else ' (only in B)'}: {c['reason'] or '–'}"
                 for c in res["bad_b"]]
-    out += ["", f"## Speed (decode; Mann-Whitney U on raw step times: a change needs p < {res['alpha']} "
-                f"and a ratio beyond {res['factor']})", "",
-            "| cell | A tok/s | B tok/s | B/A | p | change | prefill A | prefill B | timing |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    out += ["", f"## Speed (rounds across processes, docs/speed.md: B/A of median tok/s, {1 - res['alpha']:.0%} "
+                f"bootstrap interval, Welch's p on log tok/s; a change needs the interval beyond {res['factor']:g} "
+                f"or 1/{res['factor']:g} and p < {res['alpha']:g})", "",
+            "| cell | rounds | A tok/s | B tok/s | B/A | interval | p | MDE | change | prefill B/A | prefill interval |"
+            " timing |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in res["speed"]:
         pv = "–" if s["p_value"] is None else f"{s['p_value']:.2g}"
-        out.append(f"| {s['cell']} | {_fmt(s['decode_tps_a'])} | {_fmt(s['decode_tps_b'])} | "
-                   f"{_fmt(s['speedup'], 3)} | {pv} | "
-                   f"{s['change']} | {_fmt(s['prefill_tps_a'])} | {_fmt(s['prefill_tps_b'])} | "
+        ci = "–" if s["ci"] is None else f"{s['ci'][0]:.3f}–{s['ci'][1]:.3f}"
+        pci = "–" if s["prefill_ci"] is None else f"{s['prefill_ci'][0]:.3f}–{s['prefill_ci'][1]:.3f}"
+        mde = "–" if s["mde"] is None else f"{100 * s['mde']:.1f}%"
+        out.append(f"| {s['cell']} | {s['rounds'][0]}/{s['rounds'][1]} | {_fmt(s['decode_tps_a'])} | "
+                   f"{_fmt(s['decode_tps_b'])} | {_fmt(s['speedup'], 3)} | {ci} | {pv} | {mde} | {s['change']} | "
+                   f"{_fmt(s['prefill_ratio'], 3)} | {pci} | "
                    f"{'unreliable in ' + ' and '.join(s['unreliable']) if s['unreliable'] else 'ok'} |")
+    few = [s["cell"] for s in res["speed"] if s["change"] == "too few rounds"]
+    if few:
+        from .stats import MIN_ROUNDS
+        out += ["", f"too few rounds for a p-value or an interval in {len(few)} cell(s) (need "
+                    f"{MIN_ROUNDS} processes per side: `ds4bench matrix --rounds 5`)"]
     if res.get("ranges"):
         out += ["", "## GPU time per range (Nsight Systems; biggest changes first, layer.N summed into layer)"]
         for c in res["ranges"]:

@@ -65,8 +65,8 @@ def test_markdown_shows_only_varying_parameters():
 
 
 def test_compare_lists_correctness_changes_first_and_tests_speed():
-    a = [rec("a", steps=[10.0 + i % 3 for i in range(30)], tps=100.0), rec("b", cache="q8", sha="bb")]
-    b = [rec("a", steps=[5.0 + i % 3 for i in range(30)], tps=200.0),
+    a = [rec("a", tps=100.0, round_decode_tps=[100.0, 101.0, 99.0, 100.5, 99.5]), rec("b", cache="q8", sha="bb")]
+    b = [rec("a", tps=200.0, round_decode_tps=[200.0, 202.0, 198.0, 201.0, 199.0]),
          rec("b", cache="q8", sha="cc", verdict="broken"), rec("c", cache="f16")]
     res = S.compare(a, b)
     assert res["status"] == 1 and res["only_b"] == ["cache=f16 batch=1"]
@@ -74,7 +74,11 @@ def test_compare_lists_correctness_changes_first_and_tests_speed():
     assert ch["verdict_b"] == "broken" and ch["worse"] and ch["tokens_changed"] == ["p"]
     fast = next(s for s in res["speed"] if s["cell"] == "cache=f32 batch=1")
     assert fast["speedup"] == 2.0 and fast["change"] == "faster" and fast["p_value"] < 1e-6
+    assert fast["ci"][0] > 1.9 and fast["rounds"] == (5, 5)
+    one = next(s for s in res["speed"] if s["cell"] == "cache=q8 batch=1")      # one process per side
+    assert one["change"] == "too few rounds" and one["p_value"] is None
     md = S.render_compare(res, "md")
+    assert "too few rounds for a p-value" in md
     assert md.index("Correctness changes") < md.index("Speed") and "**broken**" in md
     same = S.compare(a, a)
     assert same["status"] == 0 and not same["correctness"]

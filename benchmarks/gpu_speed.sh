@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The speed protocol's A/A and sensitivity tests in one call on the GPU machine (docs/speed.md).
+#  1. A/A: benchmarks/matrices/speed-aa.toml (flash-4l x q8,f16,f32 x batch 1,16, device) run
+#     RUNS times (default 3) as results/runs/<date>-<card>-speed-aa-<i>, compared pairwise
+#     (3 runs: 18 cell comparisons; at most one may call a change).
+#  2. Sensitivity: benchmarks/matrices/speed-sens.toml (q8 x batch 1,16, decode graph; tree S slowed by
+#     SLOWDOWN, default moe:0.05, interleaved with tree A) as <date>-<card>-speed-sens.
+#  3. benchmarks/speed_report.py over all of them: the pairwise table, the sensitivity table with
+#     the true ratios, and where the variance comes from (clock, temperature, power, first process).
+# Knobs: STAGES ("aa sens"; one of them to split the work over two calls), RUNS (3), AA_ROUNDS (3),
+# SENS_ROUNDS (4), NTOK (16), CACHES (q8,f16,f32), BATCHES (1,16), SLOWDOWN (moe:0.05), BUDGET_S
+# (400: an A/A run or the sensitivity stage that would start later is skipped, and said).
+# Expected on an H200 (not yet measured): writing flash-4l ~40 s, then ~5 s per cell process:
+# 3 x 6 x 3 = 54 A/A processes and 2 x 2 x 4 = 16 sensitivity ones, about 6-7 minutes; with
+# STAGES=sens alone about 2 minutes. Results: speed-report.md in
+# the sensitivity run and in results/gpu/speed-<card>.md; with OUT set, $OUT/speed.tgz (the runs
+# without fingerprints) and $OUT/speed-report.md.
+set -uo pipefail
+source "$(dirname "$0")/gpu_common.sh"
+t0=$SECONDS
+budget=${BUDGET_S:-400}
+common=(-n "${NTOK:-16}" --cache "${CACHES:-q8,f16,f32}" --batch "${BATCHES:-1,16}")
+stages=${STAGES:-aa sens}
+aa=()
+[[ " $stages " == *" aa "* ]] && for i in $(seq 1 "${RUNS:-3}"); do
+  if (( SECONDS - t0 > budget )); then echo "note: A/A run $i skipped: past BUDGET_S=$budget s" >&2; break; fi
+  id="$stamp-$card-speed-aa-$i"
+  python3 -m ds4bench matrix --spec speed-aa --rounds "${AA_ROUNDS:-3}" "${common[@]}" --id "$id" > /dev/null
+  aa+=("$id")
+done
+sens="$stamp-$card-speed-sens"
+if [[ " $stages " != *" sens "* ]]; then
+  sens=""
+elif (( SECONDS - t0 > budget )); then
+  echo "note: sensitivity skipped: past BUDGET_S=$budget s" >&2; sens=""
+else
+  python3 -m ds4bench matrix --spec speed-sens --rounds "${SENS_ROUNDS:-4}" -n "${NTOK:-16}" \
+    --batch "${BATCHES:-1,16}" --tree A=. --tree S=. --tree-env "S:DS4BENCH_SLOWDOWN=${SLOWDOWN:-moe:0.05}" \
+    --id "$sens" > /dev/null
+fi
+report="results/gpu/speed-$card.md"
+{ echo "# Speed A/A and sensitivity on $card ($(date -u +%FT%TZ), commit ${DS4BENCH_COMMIT:-unknown}, $((SECONDS - t0)) s)"
+  echo; python3 benchmarks/speed_report.py --aa "${aa[@]}" ${sens:+--sens "$sens"}; } > "$report"
+rc=$?
+cat "$report"
+[ -n "$sens" ] && cp "$report" "results/runs/$sens/speed-report.md"
+if [ -n "${OUT:-}" ]; then
+  cp "$report" "$OUT/speed-report.md"
+  tar czf "$OUT/speed.tgz" --exclude=fingerprints $(for r in "${aa[@]}" $sens; do echo "results/runs/$r"; done) "$report"
+fi
+exit $rc

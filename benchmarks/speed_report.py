@@ -1,0 +1,132 @@
+"""The A/A, sensitivity and variance report of benchmarks/gpu_speed.sh (docs/speed.md).
+
+    python3 benchmarks/speed_report.py --aa RUN1 RUN2 RUN3 --sens RUN_WITH_TREES_A_AND_S [--out results/runs]
+
+A/A: every pair of the identical runs compared cell by cell (ds4bench compare's statistics);
+a change called there is a false positive. Sensitivity: tree S (DS4BENCH_SLOWDOWN) against
+tree A of one interleaved run; the true ratio of a cell is A's decode step over A's step plus
+the wait S added per step (measured, slowdown_step_s), next to the nominal 1 / (1 + fraction).
+Variance: each round's decode tok/s over its cell's median, against the round's position in
+its pass (0: the first process), SM clock, temperature and power at its start and throttling.
+Prints markdown; exit 1 when the A/A calls more than one change or a slowed cell is missed or
+its interval misses the true ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+
+import numpy as np
+
+
+def aa(runs: list[str], out: str) -> tuple[list[str], int]:
+    from ds4bench.cli_matrix import tree_records      # imported here: asv imports every module in benchmarks/
+    from ds4bench.results import compare
+    lines = ["## A/A: identical runs compared pairwise", "",
+             "| A | B | cell | B/A | interval | p | MDE | change |", "|---|---|---|---|---|---|---|---|"]
+    called = 0
+    for x, y in itertools.combinations(runs, 2):
+        (na, ra), (nb, rb) = tree_records(x, out), tree_records(y, out)
+        for s in compare(ra, rb)["speed"]:
+            called += s["change"] in ("faster", "slower")
+            lines.append(_row(na, nb, s))
+    n = len(lines) - 4
+    lines += ["", f"**{called} of {n} comparisons called a change** (allowed: at most one)", ""]
+    return lines, called
+
+
+def _row(na, nb, s) -> str:
+    ci = "–" if s["ci"] is None else f"{s['ci'][0]:.3f}–{s['ci'][1]:.3f}"
+    p = "–" if s["p_value"] is None else f"{s['p_value']:.2g}"
+    mde = "–" if s["mde"] is None else f"{100 * s['mde']:.1f}%"
+    ratio = "–" if s["speedup"] is None else f"{s['speedup']:.3f}"
+    return f"| {na} | {nb} | {s['cell']} | {ratio} | {ci} | {p} | {mde} | {s['change']} |"
+
+
+def sensitivity(run: str, out: str) -> tuple[list[str], int]:
+    from ds4bench.cli_matrix import tree_records
+    from ds4bench.results import compare
+    (na, ra), (ns, rs) = tree_records(f"{run}@A", out), tree_records(f"{run}@S", out)
+    base = {r["cell_id"].split("-", 1)[1]: r for r in ra}
+    lines = ["## Sensitivity: tree S (DS4BENCH_SLOWDOWN) against tree A, interleaved", "",
+             "| cell | slowdown | B/A | interval | true (measured) | nominal | called | inside |",
+             "|---|---|---|---|---|---|---|---|"]
+    bad = 0
+    res = {s["cell"]: s for s in compare(ra, rs)["speed"]}
+    for r in rs:
+        a = base[r["cell_id"].split("-", 1)[1]]
+        s = res[r["key"]]
+        step = np.median([a["batch"] / t for t in a["round_decode_tps"]])       # seconds per step
+        true = step / (step + r["slowdown_step_s"]) if r.get("slowdown_step_s") else None
+        inside = s["ci"] is not None and true is not None and s["ci"][0] <= true <= s["ci"][1]
+        bad += not (s["change"] == "slower" and inside)
+        ci = "–" if s["ci"] is None else f"{s['ci'][0]:.3f}–{s['ci'][1]:.3f}"
+        lines.append(f"| {r['key']} | {r.get('slowdown')} | {s['speedup']:.3f} | {ci} | "
+                     f"{'–' if true is None else f'{true:.3f}'} | {r.get('slowdown_true_ratio') or 0:.3f} | "
+                     f"{s['change']} | {'yes' if inside else 'NO'} |")
+    lines += ["", f"**{len(rs) - bad} of {len(rs)} slowed cells called slower with the true ratio inside "
+                  f"the interval**", ""]
+    return lines, bad
+
+
+def variance(runs: list[str], out: str) -> list[str]:
+    from ds4bench.cli_matrix import tree_records
+    rows = []
+    for name in runs:
+        for r in tree_records(name, out)[1]:
+            tps = r.get("round_decode_tps") or []
+            if len(tps) < 2 or None in tps:
+                continue
+            med = float(np.median(tps))
+            for k, t in enumerate(tps):
+                g = (r.get("round_gpu") or [{}] * len(tps))[k] or {}
+                rows.append({"rel": t / med - 1, "first": (r.get("round_slot") or [None] * len(tps))[k] == 0,
+                             "clock": g.get("sm_clock_mhz"), "temp": g.get("temp_c"), "power": g.get("power_w"),
+                             "throttle": bool(g.get("throttle")), "compile": (r.get("round_compile_s") or [None] * len(tps))[k]})
+    lines = ["## Where the variance comes from (rounds of every run, tok/s over the cell's median)", ""]
+    if not rows:
+        return lines + ["no cell with two or more rounds", ""]
+    rel = np.array([x["rel"] for x in rows])
+    lines += [f"- {len(rows)} rounds; relative deviation from the cell median: sd {100 * rel.std(ddof=1):.2f}%, "
+              f"largest {100 * np.abs(rel).max():.1f}%"]
+    first = np.array([x["first"] for x in rows])
+    if first.any() and (~first).any():
+        lines.append(f"- first process of a pass: mean {100 * rel[first].mean():+.2f}% ({first.sum()} rounds) "
+                     f"vs the others {100 * rel[~first].mean():+.2f}%")
+    for key, what in (("clock", "SM clock at the round's start (MHz)"), ("temp", "temperature (C)"),
+                      ("power", "power (W)"), ("compile", "prime pass (s)")):
+        v = np.array([x[key] if x[key] is not None else np.nan for x in rows], dtype=float)
+        ok = np.isfinite(v)
+        if ok.sum() >= 3 and np.ptp(v[ok]) > 0:
+            r = np.corrcoef(v[ok], rel[ok])[0, 1]
+            lines.append(f"- {what}: {np.nanmin(v):.0f}..{np.nanmax(v):.0f}, correlation with the deviation {r:+.2f}")
+        elif ok.any():
+            lines.append(f"- {what}: {np.nanmin(v):.1f} in every round")
+    thr = sum(x["throttle"] for x in rows)
+    lines += [f"- rounds where NVML saw a clock slowdown: {thr}", ""]
+    return lines
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--aa", nargs="*", default=[], help="identical runs (ids or paths)")
+    ap.add_argument("--sens", help="a run with trees A and S (S slowed)")
+    ap.add_argument("--out", default="results/runs")
+    a = ap.parse_args(argv)
+    lines, status = [], 0
+    if len(a.aa) >= 2:
+        got, called = aa(a.aa, a.out)
+        lines += got
+        status |= called > 1
+    if a.sens:
+        got, bad = sensitivity(a.sens, a.out)
+        lines += got
+        status |= bad > 0
+    lines += variance(a.aa + ([a.sens] if a.sens else []), a.out)
+    print("\n".join(lines))
+    return int(status)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
