@@ -27,7 +27,7 @@ def aa(runs: list[str], out: str) -> tuple[list[str], int]:
              "| A | B | cell | B/A | interval | p | MDE | change |", "|---|---|---|---|---|---|---|---|"]
     called = 0
     for x, y in itertools.combinations(runs, 2):
-        (na, ra), (nb, rb) = tree_records(x, out), tree_records(y, out)
+        (_, _, na, ra), (_, _, nb, rb) = tree_records(x, out), tree_records(y, out)
         for s in compare(ra, rb)["speed"]:
             called += s["change"] in ("faster", "slower")
             lines.append(_row(na, nb, s))
@@ -47,7 +47,7 @@ def _row(na, nb, s) -> str:
 def sensitivity(run: str, out: str) -> tuple[list[str], int]:
     from ds4bench.cli_matrix import tree_records
     from ds4bench.results import compare
-    (na, ra), (ns, rs) = tree_records(f"{run}@A", out), tree_records(f"{run}@S", out)
+    (_, _, na, ra), (_, _, ns, rs) = tree_records(f"{run}@A", out), tree_records(f"{run}@S", out)
     base = {r["cell_id"].split("-", 1)[1]: r for r in ra}
     lines = ["## Sensitivity: tree S (DS4BENCH_SLOWDOWN) against tree A, interleaved", "",
              "| cell | slowdown | B/A | interval | true (measured) | nominal | called | inside |",
@@ -74,7 +74,7 @@ def variance(runs: list[str], out: str) -> list[str]:
     from ds4bench.cli_matrix import tree_records
     rows = []
     for name in runs:
-        for r in tree_records(name, out)[1]:
+        for r in tree_records(name, out)[3]:
             tps = r.get("round_decode_tps") or []
             if len(tps) < 2 or None in tps:
                 continue

@@ -290,6 +290,9 @@ def cmd_matrix(a) -> int:
         if a.id and run.run_id != a.id:
             print(f"note: run id {a.id} is taken (finish that one with --resume {a.id}); this run is {run.run_id}",
                   file=sys.stderr)
+    n_rounds = len(run.meta().get("schedule") or [None])
+    progress = Progress(len(cells) * n_rounds, len(run.round_records()))
+    old = signal.signal(signal.SIGTERM, G.raise_terminated)
     status = "interrupted"
     try:
         recs = M.run_matrix(cells, run, th, progress, nsys)
@@ -406,23 +409,36 @@ def _print_traces(recs) -> None:
 
 
 def cmd_compare(a) -> int:
-    from .results import RunDir, compare, render_compare
+    from .results import compare, render_compare
+    from .cli import UserError
+    sides = [tree_records(name, a.out) for name in (a.run_a, a.run_b)]
+    for run, meta, _, recs in sides:
+        if not recs:
+            raise UserError(f"run {run.run_id} ({run.path}) has no recorded cell (status {meta.get('status')}); "
+                            f"nothing to compare")
+    for run, meta, _, _ in sides:
+        said = G.runner_state(meta)[1]
+        if said:
+            print(f"note: run {run.run_id}: {said}", file=sys.stderr)
+    (_, _, name_a, recs_a), (_, _, name_b, recs_b) = sides
+    res = compare(recs_a, recs_b, a.alpha, a.factor)
+    sys.stdout.write(render_compare(res, a.format, name_a, name_b))
     return res["status"]
 
 
-def tree_records(name: str, out: str) -> tuple[str, list]:
-    """(name, records) of a run, or of one tree's cells with RUN@LABEL."""
+def tree_records(name: str, out: str) -> tuple:
+    """(RunDir, run.json, name, records) of a run, or of one tree's cells with RUN@LABEL."""
     from .results import RunDir
     run, at, label = name.rpartition("@") if "@" in name else (name, "", "")
     r = RunDir.open(run, out)
-    recs = r.records()
-    if not at:
-        return r.run_id, recs
+    meta, recs = r.meta(), r.records()
+    if not at or not recs:
+        return r, meta, r.run_id, recs
     trees = sorted({x.get("tree") for x in recs if x.get("tree")})
     picked = [x for x in recs if x.get("tree") == label]
     if not picked:
         raise ValueError(f"{name}: run {r.run_id} has no cells of tree {label!r} (trees: {', '.join(trees) or 'none'})")
-    return f"{r.run_id}@{label}", picked
+    return r, meta, f"{r.run_id}@{label}", picked
 
 
 def cmd_cell(a) -> int:
