@@ -121,12 +121,15 @@ def cmd_generate(a) -> int:
     if backend == "numpy" and a.placement:
         raise UserError(f"placement {a.placement} needs the GPU backend (no GPU is in use)")
     prof = make_profiler(a.profile, backend)
+    from .faults import from_env
     eng = Engine(mf, cache=a.cache, backend=backend, batch=a.batch, ctx=ctx, prefill_chunk=a.chunk,
-                 profiler=prof, **opts)
+                 profiler=prof, faults=from_env(os.environ), **opts)
     res = generate(eng, [("prompt", ids)], a.n, tok.decode)
     fp, t = res.fingerprints[0], res.timing
     print(fp.text)
     where = backend + (f", placement {getattr(eng.ops, 'placement', '')}" if backend == "cupy" else "")
+    if eng.faults:
+        where += f", injected faults {','.join(sorted(eng.faults))}"
     if eng.decode_path != "eager":
         where += f", decode {eng.decode_path}" + (f" ({eng.graph.info()})" if eng.graph else "")
     if prof.enabled and a.profile == "stages":

@@ -56,7 +56,7 @@ SPEC_KEYS = {"description", "preset", "model", "variant", "seed", "cache", "plac
              "env"}
 # Variables that change what the engine does; a cell records those set in its environment,
 # wherever they came from (the spec's [env] or the shell), so no toggle goes unrecorded.
-ENGINE_ENV = ("DS4BENCH_UNFUSED", *KERNEL_CHOICES, "DS4BENCH_CACHE_MB", "DS4BENCH_PLUGINS")
+ENGINE_ENV = ("DS4BENCH_UNFUSED", *KERNEL_CHOICES, "DS4BENCH_CACHE_MB", "DS4BENCH_PLUGINS", "DS4BENCH_FAULT")
 TRACE_FIELDS = ("trace_file", "trace_gpu_ms", "trace_calls", "trace_kernels", "trace_kernel_ms")   # CellRecord
 SYNTH_IN_MEMORY_MAX = 256 * 2**20      # larger presets are written to a GGUF once and memory-mapped per cell
 
@@ -560,8 +560,10 @@ def run_cell(params: dict, out: str, fingerprints: str) -> dict:
     rec.ctx = p["ctx"] or longest + p["n_gen"] + 1
     gpu = p["backend"] == "cupy"
     opts = {"placement": p["placement"]} if gpu and p["placement"] else {}
+    from .faults import from_env
+    faults = from_env(os.environ)              # injected faults (DS4BENCH_FAULT), read once
     eng = Engine(mf, cache=p["cache"], backend=p["backend"], batch=p["batch"], ctx=rec.ctx,
-                 prefill_chunk=p["chunk"], **opts)
+                 prefill_chunk=p["chunk"], faults=faults, **opts)
     rec.decode_path = eng.decode_path
     if p.get("nvtx") or p.get("trace"):
         from .profiling import NvtxRanges
@@ -601,7 +603,7 @@ def run_cell(params: dict, out: str, fingerprints: str) -> dict:
     if p["stages"]:
         timer = make_profiler("stages", p["backend"])
         generate(Engine(mf, cache=p["cache"], backend=p["backend"], batch=p["batch"], ctx=rec.ctx,
-                        prefill_chunk=p["chunk"], profiler=timer, ops=eng.ops), prompts, p["n_gen"])
+                        prefill_chunk=p["chunk"], profiler=timer, ops=eng.ops, faults=faults), prompts, p["n_gen"])
         for name, s in timer.summary().items():
             rec.stage_s[stage_of(name)] = rec.stage_s.get(stage_of(name), 0.0) + s
     else:
