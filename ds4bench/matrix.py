@@ -18,7 +18,8 @@ TOML file (benchmarks/matrices/*.toml) or from command-line comma lists:
     [env]                             # extra environment for every cell: engine toggles (ENGINE_ENV)
     DS4BENCH_UNFUSED = "rope"         # and anything else (OMP_NUM_THREADS, ...)
     [env_axis]                        # environment variables as axes (--env K=v1,v2 on the command
-    DS4BENCH_FAULT = ["unset", "q8-act-block"]   # line): "unset" = absent; baseline default unset;
+    DS4BENCH_FAULT = ["unset", "q8-act-block"]   # line): "unset" = absent; baseline default unset
+                                      # (where listed, else the first value);
                                       # cell keys, baseline and exclude name them env.<VAR>
 
 Cells are grouped by model (so a model is generated or paged in once per group) with the
@@ -312,7 +313,8 @@ def expand(spec: MatrixSpec, backend: str, backend_why: str = "") -> tuple[list[
     base_want["batch"] = int(base_want["batch"])
     base_want["nvtx"] = _flag(base_want["nvtx"])
     env_keys = [f"env.{v}" for v in spec.env_axis]             # env axes: the baseline has them unset
-    base_want.update({k: str(spec.baseline.get(k, UNSET)) for k in env_keys})
+    base_want.update({k: str(spec.baseline.get(k, UNSET if UNSET in vals else vals[0]))   # (or the first value)
+                      for k, vals in zip(env_keys, spec.env_axis.values())})
     env_combos = [dict(zip(env_keys, vals)) for vals in itertools.product(*spec.env_axis.values())]
     trace = spec.trace and backend == "cupy"
     if spec.trace and not trace:

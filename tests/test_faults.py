@@ -231,3 +231,76 @@ def test_faults_suite_catches_every_fault(tmp_path):
     flagged = [x["cell"] for x in rows["healthy"] if x["broken"]]
     assert not escaped and not flagged, f"escaped: {escaped}; healthy flagged broken: {flagged}\n{table}"
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+# ---- the env axis of the matrix ------------------------------------------------------------------
+def test_env_axis_expands_keys_baseline_and_excludes(monkeypatch):
+    from ds4bench import matrix as M
+    spec = M.spec_from_mapping({"preset": ["tiny"], "cache": ["q8", "f32"], "prompts": "smoke",
+                                "env_axis": {"DS4BENCH_FAULT": ["unset", "q8-act-block"], "OMP_NUM_THREADS": ["1", "2"]},
+                                "exclude": [{"cache": "f32", "env.DS4BENCH_FAULT": "q8-act-block"}]}, "test")
+    cells, _ = M.expand(spec, "numpy")
+    assert len(cells) == 2 * 2 * 2 - 2
+    base = cells[0]
+    assert base.is_baseline and base.params["cache"] == "f32" and base.params["env"] == {"OMP_NUM_THREADS": "1"}
+    assert base.params["env_unset"] == ["DS4BENCH_FAULT"]
+    faulted = [c for c in cells if c.params["env"].get("DS4BENCH_FAULT") == "q8-act-block"]
+    assert {c.params["cache"] for c in faulted} == {"q8"} and len(faulted) == 2
+    assert "env.DS4BENCH_FAULT=q8-act-block" in faulted[0].key and "env.OMP_NUM_THREADS=" in faulted[0].key
+    assert len({c.cell_id for c in cells}) == len(cells)
+    # unset removes a variable the shell has; a value replaces it
+    monkeypatch.setenv("DS4BENCH_FAULT", "hc-sinkhorn")
+    assert "DS4BENCH_FAULT" not in M._child_env(M.cell_env(base))
+    assert M._child_env(M.cell_env(faulted[0]))["DS4BENCH_FAULT"] == "q8-act-block"
+    # a baseline may name the axis
+    spec.baseline = {"cache": "q8", "env.DS4BENCH_FAULT": "q8-act-block"}
+    M.validate(spec)
+    cells, _ = M.expand(spec, "numpy")
+    assert cells[0].params["env"]["DS4BENCH_FAULT"] == "q8-act-block" and cells[0].params["cache"] == "q8"
+
+
+@pytest.mark.parametrize("doc, msg", [
+    ({"env_axis": {"DS4BENCH_FAULT": ["unset", "nope"]}}, "unknown fault nope"),
+    ({"env_axis": {"DS4BENCH_FAULTS": ["x"]}}, "DS4BENCH_FAULTS is not an engine toggle"),
+    ({"env_axis": {"DS4BENCH_FAULT": []}}, "non-empty list"),
+    ({"env_axis": {"X": ["1"]}, "env": {"X": "2"}}, "both fixed"),
+    ({"exclude": [{"env.X": "1"}]}, "are not axes"),
+])
+def test_env_axis_errors_name_the_problem(doc, msg):
+    from ds4bench import matrix as M
+    with pytest.raises(ValueError, match=msg):
+        M.spec_from_mapping({"preset": ["tiny"], "prompts": "smoke", **doc}, "test")
+
+
+def test_cli_env_option_and_faults_list():
+    env = {**os.environ, "PYTHONPATH": REPO}
+    r = subprocess.run([sys.executable, "-m", "ds4bench", "matrix", "--backend", "numpy", "--env", "DS4BENCH_FAULT",
+                        "--out", "/nonexistent"], capture_output=True, text=True, env=env, cwd=REPO)
+    assert r.returncode == 2 and "--env 'DS4BENCH_FAULT': expected VAR=value" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "ds4bench", "faults", "--list"], capture_output=True, text=True,
+                       env=env, cwd=REPO)
+    assert r.returncode == 0 and all(f"`{n}`" in r.stdout for n in FL.FAULTS)
+
+
+def test_fault_specs_cover_the_catalogue():
+    from ds4bench import matrix as M
+    for name in ("faults-tiny", "faults-gpu"):
+        spec = M.load_spec(name)
+        assert spec.env_axis["DS4BENCH_FAULT"] == ["unset", *FL.FAULTS], name
+        cells, _ = M.expand(spec, "numpy")
+        faulted = [c for c in cells if "DS4BENCH_FAULT" in c.params["env"]]
+        assert {c.params["cache"] for c in faulted} == {"q8"} and cells[0].params["env_unset"] == ["DS4BENCH_FAULT"]
+
+
+def test_confusion_table_marks_escapes_and_false_alarms():
+    from ds4bench.cli_faults import confusion, confusion_md
+    recs = [{"key": "f32", "env": {}, "verdict": "identical"},
+            {"key": "q8", "env": {}, "verdict": "broken"},
+            {"key": "a", "env": {"DS4BENCH_FAULT": "attn-window"}, "verdict": "broken", "verdict_stage": "attention",
+             "verdict_layer": 0},
+            {"key": "b", "env": {"DS4BENCH_FAULT": "hc-sinkhorn"}, "verdict": "drift"}]
+    t = confusion(recs)
+    assert t["escaped"] == ["hc-sinkhorn"] and t["false_broken"] == ["q8"]
+    assert t["faults"][0]["stage_match"] is True and t["faults"][1]["stage_match"] is None
+    md = confusion_md(t, "r")
+    assert "1 of 2 faults caught; escaped: hc-sinkhorn; 1 of 2 healthy cells falsely broken (q8)" in md
