@@ -121,9 +121,10 @@ def cmd_generate(a) -> int:
     if backend == "numpy" and a.placement:
         raise UserError(f"placement {a.placement} needs the GPU backend (no GPU is in use)")
     prof = make_profiler(a.profile, backend)
+    from .faults import from_env
     slow = slowdown_from_env(os.environ)
     eng = Engine(mf, cache=a.cache, backend=backend, batch=a.batch, ctx=ctx, prefill_chunk=a.chunk,
-                 slowdown=slow, **opts)
+                 slowdown=slow, faults=from_env(os.environ), **opts)
     # an untimed prime pass: kernel compilation, lazily built weights and the decode graph's
     # capture stay out of the tok/s below and are printed on their own
     t0 = time.perf_counter()
@@ -138,6 +139,8 @@ def cmd_generate(a) -> int:
     fp, t = res.fingerprints[0], res.timing
     print(fp.text)
     where = backend + (f", placement {getattr(eng.ops, 'placement', '')}" if backend == "cupy" else "")
+    if eng.faults:
+        where += f", injected faults {','.join(sorted(eng.faults))}"
     if eng.decode_path != "eager":
         where += f", decode {eng.decode_path}" + (f" ({eng.graph.info()})" if eng.graph else "")
     if prof.enabled and a.profile == "stages":
@@ -194,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the result as JSON here")
     p.set_defaults(func=cmd_bench_kernels)
 
-    for mod in ("cli_matrix", "cli_plot"):
+    for mod in ("cli_matrix", "cli_plot", "cli_faults"):
         try:
             m = __import__(f"ds4bench.{mod}", fromlist=["register"])
         except ImportError as e:

@@ -105,6 +105,9 @@ def _run_args(p, one_cell: bool = False) -> None:
     g.add_argument("--placement", help="GPU weight placement: device,managed,managed-hinted,host")
     g.add_argument("--batch", "-b", help="sequences per decode step, e.g. 1,4,16")
     g.add_argument("--nvtx", help="NVTX ranges in the timed repetitions: off, on or off,on (their cost)")
+    g.add_argument("--env", action="append", default=[], metavar="VAR=V1[,V2]",
+                   help="an environment variable as an axis, e.g. DS4BENCH_FAULT=unset,q8-act-block "
+                        "(unset: absent; repeatable; the baseline has it unset)")
     p.add_argument("--prompts", help="prompt set name or TOML path" + dflt("prompts"))
     p.add_argument("-n", type=int, help="tokens generated per prompt" + dflt("n"))
     p.add_argument("--reps", type=int, help="timed repetitions per cell" + dflt("reps"))
@@ -157,7 +160,7 @@ def build_spec(a):
         spec = M.load_spec("gpu" if backend == "cupy" else "default")
     doc = spec.to_dict()
     given = [_flag(o) for o in AXIS_OPTS + tuple(o for o, _ in SCALAR_OPTS) + ("exclude", "baseline", "stages", "trace",
-                                                                            "tree")
+                                                                            "tree", "env")
              if _given(getattr(a, o, None))]
     if given:
         doc["source"] = f"{spec.source} with {' '.join(given)}"
@@ -185,6 +188,12 @@ def build_spec(a):
     for opt, fld in SCALAR_OPTS:
         if getattr(a, opt) is not None:
             doc[fld] = getattr(a, opt)
+    for e in a.env:
+        var, eq, vals = e.partition("=")
+        items = [v.strip() for v in vals.split(",") if v.strip()]
+        if not eq or not var.strip() or not items:
+            raise UserError(f"--env {e!r}: expected VAR=value[,value], e.g. DS4BENCH_FAULT=unset,q8-act-block")
+        doc["env_axis"] = {**doc["env_axis"], var.strip(): list(dict.fromkeys(items))}
     if a.exclude:
         doc["excludes"] = doc["excludes"] + [M.parse_pairs(e, "--exclude") for e in a.exclude]
     if a.baseline:
@@ -234,7 +243,7 @@ def cmd_matrix(a) -> int:
     nsys = None
     if a.resume:
         given = [_flag(o) for o in AXIS_OPTS + tuple(o for o, _ in SCALAR_OPTS)
-                 + ("spec", "baseline", "backend", "tol", "tie", "id", "exclude", "stages", "tree", "tree_env")
+                 + ("spec", "baseline", "backend", "tol", "tie", "id", "exclude", "stages", "tree", "tree_env", "env")
                  if _given(getattr(a, o, None))]
         if given:
             raise UserError(f"--resume reruns the run's own spec; drop {', '.join(given)}")
@@ -309,6 +318,7 @@ def cmd_matrix(a) -> int:
         _print_traces(recs)
         _compare_trees(run, recs)
     print(f"run {run.path} (summary.md, cells.jsonl, cells.parquet)", file=sys.stderr)
+    a.run_path = run.path                   # for callers that read the run afterwards (`faults`)
     return gate(recs)
 
 

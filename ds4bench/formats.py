@@ -437,27 +437,28 @@ def random_blocks(qtype, shape, rng: np.random.Generator, std: float) -> np.ndar
 
 # --------------------------------------------------------------------------- simulated precisions
 
-def _round_to_grid(v, mbits: int, emin: int) -> np.ndarray:
+def _round_to_grid(v, mbits: int, emin: int, trunc: bool = False) -> np.ndarray:
     """Round float32 v to nearest, ties to even, on a minifloat grid with `mbits` mantissa bits and
-    minimum normal exponent `emin` (subnormal step 2^(emin−mbits)); no overflow handling."""
+    minimum normal exponent `emin` (subnormal step 2^(emin−mbits)); no overflow handling.
+    `trunc` truncates the magnitude instead (the injected fault fp8-kv-truncate, faults.py)."""
     a = np.abs(v)
     e = np.maximum(np.frexp(a)[1] - 1, emin)                                     # floor(log2 a)
     step = np.ldexp(F32(1), e - mbits)
-    r = np.rint(a / step) * step
+    r = (np.trunc if trunc else np.rint)(a / step) * step
     return np.where(v < 0, -r, r).astype(F32)
 
 
-def _block_scaled_roundtrip(x, block, qmax, amax_floor, mbits, emin, what) -> np.ndarray:
+def _block_scaled_roundtrip(x, block, qmax, amax_floor, mbits, emin, what, trunc=False) -> np.ndarray:
     xb = _split(x, block, what)                                                  # [..., nb, block]
     amax = np.maximum(np.abs(xb).max(axis=-1, keepdims=True), F32(amax_floor))
     scale = np.ldexp(F32(1), np.ceil(np.log2(amax / F32(qmax))).astype(np.int32))
     v = np.clip(xb / scale, -qmax, qmax)
-    return (_round_to_grid(v, mbits, emin) * scale).reshape(np.shape(x))
+    return (_round_to_grid(v, mbits, emin, trunc) * scale).reshape(np.shape(x))
 
 
-def fp8_e4m3_roundtrip(x, block: int = 64) -> np.ndarray:
+def fp8_e4m3_roundtrip(x, block: int = 64, trunc: bool = False) -> np.ndarray:
     """FP8 e4m3fn round trip per `block` on the last axis (ds4 KV nope dims)."""
-    return _block_scaled_roundtrip(x, block, 448.0, 1e-4, 3, -6, "FP8 e4m3 round trip")
+    return _block_scaled_roundtrip(x, block, 448.0, 1e-4, 3, -6, "FP8 e4m3 round trip", trunc)
 
 
 def fp4_e2m1_roundtrip(x, block: int = 32) -> np.ndarray:

@@ -93,24 +93,26 @@ def load_plugins(spec: str | None = None) -> list[str]:
     return [n for n in names if n]
 
 
-def make_ops(model: ModelFile, backend: str, cache: str, **opts):
+def make_ops(model: ModelFile, backend: str, cache: str, faults: frozenset = frozenset(), **opts):
     if cache in EXTRA_MODES:
+        if faults:
+            raise ValueError(f"faults {', '.join(sorted(faults))} apply to the built-in modes, not {cache!r}")
         return EXTRA_MODES[cache](model, backend, **opts)
     if backend == "numpy":
         from .ops_ref import RefOps
         if opts:
             raise ValueError(f"options {sorted(opts)} apply to the GPU backend only")
-        return RefOps(model, cache)
+        return RefOps(model, cache, faults=faults)
     if backend == "cupy":
         from .ops_gpu import GpuOps      # imported only when asked: the CPU path never needs CuPy
-        return GpuOps(model, cache, **opts)
+        return GpuOps(model, cache, faults=faults, **opts)
     raise ValueError(f"unknown backend {backend!r}; choose numpy or cupy")
 
 
 class Engine:
     def __init__(self, model: ModelFile, cache: str = "f32", backend: str = "numpy", batch: int = 1,
                  ctx: int = 4096, prefill_chunk: int = 512, profiler: Profiler | None = None, ops=None,
-                 decode_graph: str | None = None, slowdown=None, **opts):
+                 decode_graph: str | None = None, slowdown=None, faults: frozenset = frozenset(), **opts):
         if not 1 <= batch <= 64:
             raise ValueError(f"batch must be in 1..64, got {batch}")
         if prefill_chunk < 1:
@@ -118,9 +120,14 @@ class Engine:
         self.model, self.cfg = model, model.cfg
         self.cache, self.backend, self.batch, self.ctx = cache, backend, batch, ctx
         self.prefill_chunk = prefill_chunk
-        self.ops = ops if ops is not None else make_ops(model, backend, cache, **opts)
+        # injected faults (faults.py), passed explicitly: never read from the environment here,
+        # so a reference engine built in the same process without them stays healthy
+        self.faults = frozenset(faults)
+        if ops is not None and frozenset(getattr(ops, "faults", frozenset())) != self.faults:
+            raise ValueError(f"ops carry faults {sorted(getattr(ops, 'faults', ()))}, the engine {sorted(self.faults)}")
+        self.ops = ops if ops is not None else make_ops(model, backend, cache, self.faults, **opts)
         self.xp = self.ops.xp
-        self.net = DS4Model(self.cfg, self.ops, profiler)
+        self.net = DS4Model(self.cfg, self.ops, profiler, self.faults)
         self.state = RunState.allocate(self.cfg, batch, ctx, self.xp, getattr(self.ops, "alloc", None))
         if slowdown is not None:                # a known slowdown (slowdown.Slowdown), for speed tests
             from .slowdown import Delay

@@ -1,5 +1,7 @@
 """Thin loader for the CUDA sources in `kernels/`: compiled lazily with NVRTC through
-`cupy.RawModule`, memoized per (file, device). Launch geometry lives next to each call."""
+`cupy.RawModule`, memoized per (file, defines, device). Launch geometry lives next to each call.
+`defines` are the -D options of an injected fault (faults.defines): a faulted variant is a module
+of its own, and the healthy kernels compile exactly as without faults."""
 from __future__ import annotations
 
 import functools
@@ -76,22 +78,23 @@ def kernel_files() -> list[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def _module(filename: str, device: int):
+def _module(filename: str, device: int, defines: tuple = ()):
     import cupy as cp
     path = os.path.join(KERNEL_DIR, filename)
     if not os.path.exists(path):
         raise FileNotFoundError(f"kernel source {path} is missing")
     with open(path) as fh:
         src = fh.read()
-    return cp.RawModule(code=src, options=NVRTC_OPTIONS)
+    return cp.RawModule(code=src, options=NVRTC_OPTIONS + tuple(defines))
 
 
-def function(filename: str, name: str):
-    """The kernel `name` of kernels/`filename`, compiled for the current device on first use."""
+def function(filename: str, name: str, defines: tuple = ()):
+    """The kernel `name` of kernels/`filename`, compiled for the current device on first use
+    (with the -D options `defines`: a fault's variant, see faults.defines)."""
     import cupy as cp
-    return _function(filename, name, cp.cuda.Device().id)
+    return _function(filename, name, cp.cuda.Device().id, tuple(defines))
 
 
 @functools.lru_cache(maxsize=None)
-def _function(filename: str, name: str, device: int):
-    return _module(filename, device).get_function(name)
+def _function(filename: str, name: str, device: int, defines: tuple = ()):
+    return _module(filename, device, defines).get_function(name)

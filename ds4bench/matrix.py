@@ -20,6 +20,10 @@ TOML file (benchmarks/matrices/*.toml) or from command-line comma lists:
     tree = { A = "80a58af", B = "." } # the tree axis (trees.py); tree_env = { B = { K = "v" } }
     [env]                             # extra environment for every cell: engine toggles (ENGINE_ENV)
     DS4BENCH_UNFUSED = "rope"         # and anything else (OMP_NUM_THREADS, ...)
+    [env_axis]                        # environment variables as axes (--env K=v1,v2 on the command
+    DS4BENCH_FAULT = ["unset", "q8-act-block"]   # line): "unset" = absent; baseline default unset
+                                      # (where listed, else the first value);
+                                      # cell keys, baseline and exclude name them env.<VAR>
 
 Cells are grouped by model (so a model is generated or paged in once per group) with the
 group's baseline first, then in axis order. Each cell runs `python -m ds4bench cell` in its own
@@ -36,6 +40,7 @@ import dataclasses
 import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -60,10 +65,13 @@ MATRICES_DIR = R.REPO / "benchmarks" / "matrices"
 AXES = ("model", "cache", "placement", "batch", "nvtx")
 SPEC_KEYS = {"description", "preset", "model", "variant", "seed", "cache", "placement", "batch", "nvtx", "prompts",
              "n", "reps", "warmup", "timeout", "baseline", "exclude", "backend", "ctx", "chunk", "stages", "trace",
-             "env", "rounds", "order", "settle", "warmup_cap", "tree", "tree_env"}
+             "env", "rounds", "order", "settle", "warmup_cap", "tree", "tree_env",
+             "env_axis"}
+UNSET = "unset"                        # an env-axis value: the variable is absent from the cell's environment
 # Variables that change what the engine does; a cell records those set in its environment,
 # wherever they came from (the spec's [env] or the shell), so no toggle goes unrecorded.
-ENGINE_ENV = ("DS4BENCH_UNFUSED", *KERNEL_CHOICES, "DS4BENCH_CACHE_MB", "DS4BENCH_PLUGINS", "DS4BENCH_SLOWDOWN")
+ENGINE_ENV = ("DS4BENCH_UNFUSED", *KERNEL_CHOICES, "DS4BENCH_CACHE_MB", "DS4BENCH_PLUGINS", "DS4BENCH_SLOWDOWN",
+              "DS4BENCH_FAULT")
 TRACE_FIELDS = ("trace_file", "trace_gpu_ms", "trace_calls", "trace_kernels", "trace_kernel_ms")   # CellRecord
 SYNTH_IN_MEMORY_MAX = 256 * 2**20      # larger presets are written to a GGUF once and memory-mapped per cell
 
@@ -97,6 +105,7 @@ class MatrixSpec:
     warmup_cap_s: float = WARMUP_CAP_S
     trees: dict = field(default_factory=dict)           # the tree axis: label -> path or commit (trees.py)
     tree_env: dict = field(default_factory=dict)        # label -> extra environment of that tree's cells
+    env_axis: dict = field(default_factory=dict)        # variable -> values ("unset": absent)
     description: str = ""
     source: str = "command line"
 
@@ -187,6 +196,11 @@ def spec_from_mapping(doc: dict, source: str) -> MatrixSpec:
     s.warmup_cap_s = float(one("warmup_cap", (int, float), s.warmup_cap_s))
     s.trees = {str(k): str(v) for k, v in one("tree", dict, {}).items()}
     s.tree_env = {str(k): {str(a): str(b) for a, b in dict(v).items()} for k, v in one("tree_env", dict, {}).items()}
+    for k, v in one("env_axis", dict, {}).items():
+        v = v if isinstance(v, list) else [v]
+        if not v or not all(isinstance(x, str) for x in v):
+            raise ValueError(f"{source}: env_axis {k} must be a non-empty list of strings, found {v!r}")
+        s.env_axis[str(k)] = list(dict.fromkeys(v))
     validate(s)
     return s
 
@@ -236,6 +250,20 @@ def validate(s: MatrixSpec) -> None:
         check_engine_env(s.env)                 # the spec's [env] toggles, as the CLI checks the shell's
     except ValueError as e:
         raise ValueError(f"{where}: [env] {e}") from None
+    for var, vals in s.env_axis.items():
+        if not var or "=" in var or var.startswith("env."):
+            raise ValueError(f"{where}: env axis variable {var!r} is not a variable name")
+        if var in s.env:
+            raise ValueError(f"{where}: {var} is both fixed ([env]) and an axis (env_axis); keep one")
+        if var.startswith("DS4BENCH_") and var not in ENGINE_ENV:
+            raise ValueError(f"{where}: env axis {var} is not an engine toggle ({', '.join(ENGINE_ENV)})")
+        try:
+            from .model import check_engine_env
+            for v in vals:
+                if v != UNSET:
+                    check_engine_env({var: v})
+        except ValueError as e:
+            raise ValueError(f"{where}: env axis {e}") from None
     for name, v, lo in (("n", s.n_gen, 1), ("reps", s.reps, 1), ("warmup", s.warmup, 0), ("chunk", s.chunk, 1),
                         ("seed", s.seed, 0)):
         if v < lo:
@@ -264,10 +292,10 @@ def validate(s: MatrixSpec) -> None:
     if s.backend not in ("auto", "numpy", "cupy"):
         raise ValueError(f"{where}: backend must be auto, numpy or cupy, found {s.backend!r}")
     for d, what in [(s.baseline, "baseline")] + [(e, "exclude") for e in s.excludes]:
-        bad = set(d) - {"cache", "placement", "batch", "nvtx", "model", "preset"}
+        bad = set(d) - {"cache", "placement", "batch", "nvtx", "model", "preset"} - {f"env.{v}" for v in s.env_axis}
         if bad:
             raise ValueError(f"{where}: {what} keys {sorted(bad)} are not axes; use cache, placement, batch, nvtx, "
-                             f"model")
+                             f"model" + "".join(f", env.{v}" for v in s.env_axis))
         if "nvtx" in d:
             try:
                 _flag(d["nvtx"])
@@ -336,6 +364,10 @@ def expand(spec: MatrixSpec, backend: str, backend_why: str = "") -> tuple[list[
         base_want["placement"] = str(base_want["placement"])
     base_want["batch"] = int(base_want["batch"])
     base_want["nvtx"] = _flag(base_want["nvtx"])
+    env_keys = [f"env.{v}" for v in spec.env_axis]             # env axes: the baseline has them unset
+    base_want.update({k: str(spec.baseline.get(k, UNSET if UNSET in vals else vals[0]))   # (or the first value)
+                      for k, vals in zip(env_keys, spec.env_axis.values())})
+    env_combos = [dict(zip(env_keys, vals)) for vals in itertools.product(*spec.env_axis.values())]
     trace = spec.trace and backend == "cupy"
     if spec.trace and not trace:
         notes.append("trace skipped: the numpy backend does no GPU work for Nsight Systems to see")
@@ -344,16 +376,17 @@ def expand(spec: MatrixSpec, backend: str, backend_why: str = "") -> tuple[list[
         base_want["nvtx"] = True
     varying = {a for a, vals in (("model", models), ("cache", spec.caches), ("placement", placements),
                                  ("batch", spec.batches), ("nvtx", nvtx)) if len(vals) > 1}
+    varying |= {k for k, vals in zip(env_keys, spec.env_axis.values()) if len(vals) > 1}
     cells: list[Cell] = []
     for kind, model in models:
         label = model if kind == "preset" else Path(model).stem
-        combos = [dict(cache=c, placement=p, batch=b, nvtx=v)
-                  for c, p, b, v in itertools.product(spec.caches, placements, spec.batches, nvtx)]
+        combos = [dict(cache=c, placement=p, batch=b, nvtx=v, **e)
+                  for c, p, b, v, e in itertools.product(spec.caches, placements, spec.batches, nvtx, env_combos)]
         combos = [c for c in combos if not _excluded(c, label, spec.excludes)]
         base = dict(base_want)
         if base not in combos:
             notes.append(f"{label}: baseline {_kv(base)} added: it is not in the matrix")
-            varying |= {a for a in ("cache", "placement", "batch", "nvtx")
+            varying |= {a for a in ("cache", "placement", "batch", "nvtx", *env_keys)
                         if len({c[a] for c in combos} | {base[a]}) > 1}
             combos.insert(0, base)
         else:
@@ -361,22 +394,28 @@ def expand(spec: MatrixSpec, backend: str, backend_why: str = "") -> tuple[list[
         group: list[Cell] = []
         for combo in combos:
             preset = model if kind == "preset" else (spec.presets[0] if len(spec.presets) == 1 else None)
+            axis = {k[4:]: combo[k] for k in env_keys}
             params = {"preset": preset, "model_file": model if kind == "file" else None,
-                      "variant": spec.variant, "seed": spec.seed, "backend": backend, **combo,
+                      "variant": spec.variant, "seed": spec.seed, "backend": backend,
+                      **{k: v for k, v in combo.items() if k not in env_keys},
                       "n_gen": spec.n_gen, "prompt_set": spec.prompts, "reps": spec.reps, "warmup": spec.warmup,
                       "ctx": spec.ctx or 0, "chunk": spec.chunk, "stages": spec.stages, "trace": trace,
-                      "timeout_s": spec.timeout_s, "env": dict(spec.env), "rounds": spec.rounds,
+                      "timeout_s": spec.timeout_s,
+                      "env": {**spec.env, **{k: v for k, v in axis.items() if v != UNSET}},
+                      "env_unset": [k for k, v in axis.items() if v == UNSET], "rounds": spec.rounds,
                       "settle": spec.settle, "warmup_cap_s": spec.warmup_cap_s}
             cid = "-".join([label, combo["cache"]] + ([combo["placement"]] if combo["placement"] else [])
-                           + [f"b{combo['batch']}"] + (["nvtx"] if combo["nvtx"] else []))
+                           + [f"b{combo['batch']}"] + (["nvtx"] if combo["nvtx"] else [])
+                           + [re.sub(r"[^A-Za-z0-9_.,=-]", "_", f"{k}={v}") for k, v in axis.items() if v != UNSET])
             group.append(Cell(cid, "", label, params, is_baseline=combo == base))
         for c in group:
             c.baseline_cell = group[0].cell_id
         cells += group
     for c in cells:
         parts = {"model": c.group, **{a: c.params[a] for a in ("cache", "placement", "batch")},
-                 "nvtx": "on" if c.params["nvtx"] else "off"}
-        c.key = " ".join(f"{a}={parts[a]}" for a in AXES if a in varying) or c.cell_id
+                 "nvtx": "on" if c.params["nvtx"] else "off",
+                 **{k: c.params["env"].get(k[4:], UNSET) for k in env_keys}}
+        c.key = " ".join(f"{a}={parts[a]}" for a in (*AXES, *env_keys) if a in varying) or c.cell_id
     return cells, notes
 
 
@@ -433,12 +472,15 @@ def cell_env(cell: Cell) -> dict:
     if p["placement"]:
         env["DS4BENCH_PLACEMENT"] = p["placement"]
     env.update(p["env"])
+    env.update({k: None for k in p.get("env_unset", ())})     # None: removed from the child's environment
     return env
 
 
 def _child_env(extra: dict, tree: dict | None = None) -> dict:
     env = dict(os.environ)
     env.update(extra)
+    for k in [k for k, v in extra.items() if v is None]:
+        del env[k]
     first = str(R.REPO)
     if tree and tree.get("tree_path") and Path(tree["tree_path"]) != R.REPO.resolve():   # the tree axis
         first = tree["tree_path"]
@@ -659,8 +701,10 @@ def run_cell(params: dict, out: str, fingerprints: str) -> dict:
     gpu = p["backend"] == "cupy"
     opts = {"placement": p["placement"]} if gpu and p["placement"] else {}
     slow = slowdown_from_env(os.environ)
+    from .faults import from_env
+    faults = from_env(os.environ)              # injected faults (DS4BENCH_FAULT), read once
     eng = Engine(mf, cache=p["cache"], backend=p["backend"], batch=p["batch"], ctx=rec.ctx,
-                 prefill_chunk=p["chunk"], slowdown=slow, **opts)
+                 prefill_chunk=p["chunk"], slowdown=slow, faults=faults, **opts)
     rec.decode_path = eng.decode_path
     if p.get("nvtx") or p.get("trace"):
         from .profiling import NvtxRanges
@@ -717,7 +761,7 @@ def run_cell(params: dict, out: str, fingerprints: str) -> dict:
     if p["stages"]:
         timer = make_profiler("stages", p["backend"])
         generate(Engine(mf, cache=p["cache"], backend=p["backend"], batch=p["batch"], ctx=rec.ctx,
-                        prefill_chunk=p["chunk"], profiler=timer, ops=eng.ops), prompts, p["n_gen"])
+                        prefill_chunk=p["chunk"], profiler=timer, ops=eng.ops, faults=faults), prompts, p["n_gen"])
         for name, s in timer.summary().items():
             rec.stage_s[stage_of(name)] = rec.stage_s.get(stage_of(name), 0.0) + s
     else:

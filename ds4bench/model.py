@@ -14,6 +14,7 @@ J indexer heads, E experts, A active experts, V vocabulary, w compressor width.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -172,8 +173,10 @@ def check_engine_env(environ) -> None:
     backend of this run: DS4BENCH_UNFUSED, the kernel variants (kernels.KERNEL_CHOICES), the
     cache budget DS4BENCH_CACHE_MB and DS4BENCH_PLACEMENT."""
     from .backend import check_placement
+    from .faults import from_env
     from .kernels import KERNEL_CHOICES, kernel_choice
     unfused_from_env(environ.get("DS4BENCH_UNFUSED"))
+    from_env(environ)                               # DS4BENCH_FAULT names known faults
     for var in KERNEL_CHOICES:
         kernel_choice(var, environ.get(var))
     from .slowdown import from_env
@@ -199,10 +202,13 @@ class DS4Model:
     _im = np
     delay = None                               # slowdown.Delay: a known wait in each MoE stage (tests)
 
-    def __init__(self, cfg: ModelConfig, ops, profiler: Profiler | None = None):
+    def __init__(self, cfg: ModelConfig, ops, profiler: Profiler | None = None, faults: frozenset = frozenset()):
         self.cfg, self.ops, self.xp = cfg, ops, ops.xp
         self.prof = profiler or Profiler()
-        self.inv_freq = {False: rope_inv_freq(cfg, False), True: rope_inv_freq(cfg, True)}
+        self.faults = frozenset(faults)        # injected faults (faults.py) made in this file's code
+        # fault rope-compressed-base: compressed layers get the plain table (host code, both engines)
+        self.inv_freq = {False: rope_inv_freq(cfg, False),
+                         True: rope_inv_freq(cfg, "rope-compressed-base" not in self.faults)}
         self.p = ops.param                     # small F32 tensors (norms, scales, sinks) as xp arrays
         # host index arrays -> the array module's (CuPy indexes with its own arrays)
         self.ix = (lambda a: a) if self.xp is np else self.xp.asarray
@@ -212,12 +218,16 @@ class DS4Model:
         xp, acc = self.xp, ops.acc
         off = getattr(ops, "unfused", frozenset())
         fused = {m: getattr(ops, m, None) for g, ms in FUSABLE.items() if g not in off for m in ms}
-        self._hc_weights = fused.get("hc_weights") or (lambda mix, s, b: hc_weights(xp, cfg, mix, s, b))
+        # the array code's twins of the kernels' injected faults (the fused kernels carry their own)
+        hc_cfg = dataclasses.replace(cfg, hc_sinkhorn_iters=1) if "hc-sinkhorn" in self.faults else cfg
+        no_sink = "attn-sink-dropped" in self.faults
+        self._hc_weights = fused.get("hc_weights") or (lambda mix, s, b: hc_weights(xp, hc_cfg, mix, s, b))
         self._hc_collapse = fused.get("hc_collapse") or (lambda X, pre: hc_collapse(xp, acc, X, pre))
         self._hc_expand = fused.get("hc_expand") or (lambda X, y, post, comb: hc_expand(xp, acc, X, y, post, comb))
         self._rms = fused.get("rms_norm") or (lambda x, w, eps: rms_norm(xp, x, w, eps))
         self._rope = fused.get("rope") or (lambda x, pos, f, inverse=False: rope(xp, x, pos, f, inverse))
-        self._attend = fused.get("attend") or (lambda q, k, m, sk: attend(xp, acc, q, k, m, sk))
+        self._attend = fused.get("attend") or (
+            lambda q, k, m, sk: attend(xp, acc, q, k, m, xp.full_like(sk, -xp.inf) if no_sink else sk))
         self._attend_ring = fused.get("attend_ring")      # the state read in place; None: gather and concatenate
         self._route = fused.get("route") or (
             lambda logits, sel, bias: route_weights(xp, cfg, logits, sel, bias, ops.topk_ids))
@@ -295,6 +305,8 @@ class DS4Model:
         if ratio == 4:
             k_prev, s_prev = tl_k[e2, c2 - 4], tl_s[e2, c2 - 4]
             first = self.idx(("first", ratio), lambda: (P[eb, et] + 1 - ratio) == 0)[:, None, None]   # no previous window
+            if "compressor-overlap" in self.faults:                                    # injected fault
+                first = True
             s_prev = xp.where(first, -xp.inf, s_prev[..., :width])
             kk = xp.concatenate([k_prev[..., :width], k_cur[..., width:]], axis=1)   # [nE, 8, width]
             ss = xp.concatenate([s_prev, s_cur[..., width:]], axis=1)                # [nE, 8, width]
@@ -381,8 +393,9 @@ class DS4Model:
         hist = self.idx(("hist", W), lambda: (P[:, :1] - W + im.arange(W)) % W)   # [B, W] ring rows
         keys = xp.concatenate([ls.raw[bi, hist], kv], axis=1)                      # [B, W+T, K]
         kpos = P[:, :1] - W + im.arange(W + T)                                     # [B, W+T]
+        lo = P[:, :, None] - W - ("attn-window" in self.faults)                   # fault: W+1 keys
         mask = self.idx(("raw_mask", W), lambda: (kpos[:, None, :] >= 0) & (kpos[:, None, :] <= P[:, :, None])
-                        & (kpos[:, None, :] > P[:, :, None] - W))                   # [B, T, W+T]
+                        & (kpos[:, None, :] > lo))                                  # [B, T, W+T]
         if visible is not None:
             keys = xp.concatenate([keys, ls.comp[:, :visible.shape[-1]]], axis=1)  # [B, R+C, K]
             mask = xp.concatenate([mask, visible], axis=-1)                          # [B, T, R+C]

@@ -82,8 +82,9 @@ class GpuExperts:
     the arrays are used in place (never copied). Set `poison` to fill scratch and outputs with NaN
     bytes before the kernels run (tests)."""
 
-    def __init__(self, cfg: ModelConfig, tensors: dict):
+    def __init__(self, cfg: ModelConfig, tensors: dict, defines: tuple = ()):
         self.cfg = cfg
+        self.defines = tuple(defines)        # -D options of injected faults (faults.defines)
         self.E, self.F, self.D = cfg.n_expert, cfg.expert_ff, cfg.n_embd
         self.clamp = np.float32(cfg.swiglu_clamp)
         self.poison = False
@@ -149,7 +150,7 @@ class GpuExperts:
         mid = empty((P, F), cp.float32, self.poison)
         if P:
             stem = "moe_gate_up4_" if self.variant == "split" else "moe_gate_up_"
-            fn = kernels.function(SRC, stem + KERNEL_SUFFIX[L.gate_type])
+            fn = kernels.function(SRC, stem + KERNEL_SUFFIX[L.gate_type], self.defines)
             fn((P, (F + WARPS - 1) // WARPS), (32 * WARPS,),
                (L.gate, L.up, self.tables, xq, xd, xb, sel, w, mid, _i32(P), _i32(A), _i32(self.E),
                 _i32(F), _i32(self.D), self.clamp))
@@ -164,9 +165,9 @@ class GpuExperts:
         args = (L.down, self.tables, mq, md, mb, sel, y, _i32(N), _i32(A), _i32(self.E), _i32(self.F), _i32(D))
         if N and self.variant == "split" and 0 < A <= 32:   # a CTA holds a warp per selected expert
             R = max(1, WARPS // A)                          # rows per CTA, A warps each
-            kernels.function(SRC, f"moe_down_split_{KERNEL_SUFFIX[L.down_type]}")(
+            kernels.function(SRC, f"moe_down_split_{KERNEL_SUFFIX[L.down_type]}", self.defines)(
                 (N, (D + R - 1) // R), (32 * A * R,), args + (_i32(R),), shared_mem=4 * A * R)
         elif N:
-            kernels.function(SRC, f"moe_down_{KERNEL_SUFFIX[L.down_type]}")(
+            kernels.function(SRC, f"moe_down_{KERNEL_SUFFIX[L.down_type]}", self.defines)(
                 (N, (D + WARPS - 1) // WARPS), (32 * WARPS,), args)
         return y

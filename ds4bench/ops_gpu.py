@@ -19,6 +19,7 @@ rounding in f32.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -28,6 +29,7 @@ from gguf import GGMLQuantizationType as QT
 
 from . import kernels
 from .backend import Placer
+from .faults import defines as fault_defines
 from .gguf_io import ModelFile
 from .ops_ref import cache_eligible, check_cache_mode
 
@@ -75,9 +77,12 @@ class GpuOps:
     acc = cp.float64                  # as the reference: small reductions in double, rounded once
 
     def __init__(self, model: ModelFile, cache: str = "f32", placement: str | None = None,
-                 cache_budget_mb: int | None = None):
+                 cache_budget_mb: int | None = None, faults: frozenset = frozenset()):
         self.model, self.cfg = model, model.cfg
         self.cache = check_cache_mode(cache)
+        self.faults = frozenset(faults)     # injected faults (faults.py): their kernels' variants
+        if self.faults:
+            self.topk_mask = functools.partial(GpuOps.topk_mask, faults=self.faults)
         self.placement = placement or os.environ.get("DS4BENCH_PLACEMENT", "device")
         from .model import unfused_from_env
         off = set(unfused_from_env(os.environ.get("DS4BENCH_UNFUSED")))      # kernels left as array code
@@ -97,7 +102,7 @@ class GpuOps:
             if t.spec.kind == "experts":
                 expert_tensors[name] = (t.qtype, arr)
         from .moe_gpu import GpuExperts
-        self.moe = GpuExperts(self.cfg, expert_tensors)
+        self.moe = GpuExperts(self.cfg, expert_tensors, fault_defines(self.faults, "moe.cu"))
         self._param: dict[str, cp.ndarray] = {}
         self._cached: dict[str, cp.ndarray] = {}
         self._freq: dict[bytes, cp.ndarray] = {}          # RoPE frequency tables on the device
@@ -146,6 +151,11 @@ class GpuOps:
             return self.cache
         return "q8"
 
+    def _fn(self, filename: str, name: str, tensor: str | None = None):
+        """A kernel of kernels/`filename`, compiled with the injected faults that live there (the
+        healthy module when none is active)."""
+        return kernels.function(filename, name, fault_defines(self.faults, filename, tensor))
+
     # -- projections -----------------------------------------------------------------------------------
     def _q8(self, name: str, x: cp.ndarray, O: int, K: int, rows_per_group: int) -> cp.ndarray:
         """x [N, G*K] -> [N, O] with Q8_0 weights; groups of rows read their K-slice of x.
@@ -157,7 +167,7 @@ class GpuOps:
         fuse = smem <= SMEM_DEFAULT_MAX and K * -(-O // ROWS_PER_BLOCK) <= FUSED_Q8_MAX_WORK
         if fuse and rows_per_group % ROWS_PER_BLOCK == 0 and "q8quant" not in self.unfused:
             y = cp.empty((N, O), dtype=cp.float32)
-            kernels.function("q8_0.cu", "matmul_q8_0_fused")(_grid(O, N), (256,), (
+            self._fn("q8_0.cu", "matmul_q8_0_fused", name)(_grid(O, N), (256,), (
                 self.w[name], x, y, np.int32(O), np.int32(K), np.int32(N), np.int32(rows_per_group),
                 np.int32(stride)), shared_mem=smem)
             return y
@@ -168,10 +178,10 @@ class GpuOps:
         W = self.w[name]
         args = (W, xq, xd, y, np.int32(O), np.int32(K), np.int32(N), np.int32(rows_per_group), np.int32(stride))
         if self.q8_kernel == "staged" and kernels.q8_staged_fits(K, W):
-            kernels.function("q8_0.cu", "matmul_q8_0_staged")(_grid(O, N), (256,), args,
+            self._fn("q8_0.cu", "matmul_q8_0_staged", name)(_grid(O, N), (256,), args,
                                                               shared_mem=kernels.q8_stage_smem())
         else:
-            kernels.function("q8_0.cu", "matmul_q8_0")(_grid(O, N), (256,), args)
+            self._fn("q8_0.cu", "matmul_q8_0", name)(_grid(O, N), (256,), args)
         return y
 
     def _f16w(self, W: cp.ndarray, x: cp.ndarray, O: int, K: int, rows_per_group: int) -> cp.ndarray:
@@ -223,7 +233,7 @@ class GpuOps:
         S, N = self.cfg.hc_streams, mix.shape[0]
         pre, post = cp.empty((N, S), cp.float32), cp.empty((N, S), cp.float32)
         comb = cp.empty((N, S, S), cp.float32)
-        kernels.function("hc.cu", "hc_weights")(((N + 127) // 128,), (128,), (
+        self._fn("hc.cu", "hc_weights")(((N + 127) // 128,), (128,), (
             cp.ascontiguousarray(mix, dtype=cp.float32), s, b, pre, post, comb, np.int32(N), np.int32(S),
             np.int32(self.cfg.hc_sinkhorn_iters), np.float32(self.cfg.hc_eps)))
         return pre, post, comb
@@ -319,10 +329,12 @@ class GpuOps:
         smem = attend_smem(J)
         if smem > SMEM_DEFAULT_MAX:
             from .model import attend
+            if "attn-sink-dropped" in self.faults:             # the kernel's injected fault, as array code
+                sinks = cp.full_like(sinks, -cp.inf)
             return attend(cp, self.acc, q, keys, mask, sinks)
         o = cp.empty((B, T, H, K), cp.float32)
         m = cp.ascontiguousarray(mask, dtype=cp.bool_).view(cp.uint8)
-        kernels.function("attention.cu", "attend_sink")((H, T, B), (256,), (
+        self._fn("attention.cu", "attend_sink")((H, T, B), (256,), (
             cp.ascontiguousarray(q, dtype=cp.float32), cp.ascontiguousarray(keys, dtype=cp.float32), m,
             cp.ascontiguousarray(sinks, dtype=cp.float32), o, np.int32(T), np.int32(H), np.int32(J), np.int32(K),
             np.float64(1.0 / math.sqrt(K))), shared_mem=smem)
@@ -349,7 +361,7 @@ class GpuOps:
         o = cp.empty((B, T, H, K), cp.float32)
         cmask = raw if C == 0 else cp.ascontiguousarray(visible, dtype=cp.bool_).view(cp.uint8)
         comp = raw if C == 0 else comp                     # neither is read without compressed rows
-        kernels.function("attention.cu", "attend_sink_ring")((H, T, B), (256,), (
+        self._fn("attention.cu", "attend_sink_ring")((H, T, B), (256,), (
             cp.ascontiguousarray(q, dtype=cp.float32), raw, cp.ascontiguousarray(kv, dtype=cp.float32), comp,
             cmask, self._positions_per_row(P, (B, T)),
             cp.ascontiguousarray(sinks, dtype=cp.float32), o, np.int32(T), np.int32(H), np.int32(W),
@@ -380,7 +392,7 @@ class GpuOps:
         B, L, w = ring_k.shape
         T = ck.shape[1]
         out = cp.empty((len(eb), width), cp.float32)
-        kernels.function("compress.cu", "compress_pool")(((width + 127) // 128, len(eb)), (128,), (
+        self._fn("compress.cu", "compress_pool")(((width + 127) // 128, len(eb)), (128,), (
             cp.ascontiguousarray(ring_k, dtype=cp.float32), cp.ascontiguousarray(ring_s, dtype=cp.float32),
             cp.ascontiguousarray(ck, dtype=cp.float32), cp.ascontiguousarray(cs, dtype=cp.float32),
             _index(eb), _index(et), _index(P[:, 0]), out,
@@ -425,7 +437,7 @@ class GpuOps:
         out = cp.array(x, dtype=cp.float32, copy=True, order="C")
         rows = out.size // K
         if rows:
-            kernels.function("simfmt.cu", "kv_round")((nope // 64 + 1, rows), (64,), (out, np.int32(K), np.int32(nope)))
+            self._fn("simfmt.cu", "kv_round")((nope // 64 + 1, rows), (64,), (out, np.int32(K), np.int32(nope)))
         return out
 
     def indexer_round(self, x: cp.ndarray) -> cp.ndarray:
@@ -447,7 +459,7 @@ class GpuOps:
         return cp.argsort(-score, axis=-1)[..., :k]
 
     @staticmethod
-    def topk_mask(score: cp.ndarray, visible: cp.ndarray, k: int) -> cp.ndarray:
+    def topk_mask(score: cp.ndarray, visible: cp.ndarray, k: int, faults=frozenset()) -> cp.ndarray:
         """As RefOps.topk_mask (a stable sort per row, the k best visible entries marked): ranked
         by counting in one launch (kernels/indexer.cu topk_keep) where a row's scores fit shared
         memory, else with a sort."""
@@ -457,6 +469,8 @@ class GpuOps:
         # sorts instead (the same result); a step being captured cannot sort
         many = R * C * C > TOPK_COUNT_MAX and not cp.cuda.get_current_stream().is_capturing()
         if 8 * C > SMEM_DEFAULT_MAX or many:
+            if "indexer-topk" in faults:                       # topk_keep's injected fault, as array code
+                k -= 1
             s = cp.where(visible, score, -cp.inf).reshape(-1, C)
             idx = cp.argsort(-s, axis=-1)[:, :k]
             keep = cp.zeros(s.shape, dtype=cp.bool_)
@@ -464,7 +478,7 @@ class GpuOps:
             return keep.reshape(visible.shape) & visible
         keep = cp.empty(visible.shape, dtype=cp.bool_)
         if R:
-            kernels.function("indexer.cu", "topk_keep")((R,), (256,), (
+            kernels.function("indexer.cu", "topk_keep", fault_defines(faults, "indexer.cu"))((R,), (256,), (
                 cp.ascontiguousarray(score, dtype=cp.float64), cp.ascontiguousarray(visible, dtype=cp.bool_).view(cp.uint8),
                 keep.view(cp.uint8), np.int32(C), np.int32(k)), shared_mem=8 * C)
         return keep

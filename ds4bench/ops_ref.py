@@ -13,10 +13,12 @@ is expanded once per process.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
+from . import faults as FL
 from . import formats as F
 from .gguf_io import ModelFile
 
@@ -52,9 +54,12 @@ class RefOps:
     # decode and a batched sequence equals the same sequence alone, bit for bit.
     acc = np.float64
 
-    def __init__(self, model: ModelFile, cache: str = "f32"):
+    def __init__(self, model: ModelFile, cache: str = "f32", faults: frozenset = frozenset()):
         self.model, self.cfg = model, model.cfg
         self.cache = check_cache_mode(cache)
+        self.faults = frozenset(faults)              # injected faults (faults.py); none by default
+        if self.faults:
+            self.topk_mask = functools.partial(RefOps.topk_mask, faults=self.faults)
         self._dense: dict[str, np.ndarray] = {}      # [O, n] expansions, held in float64
         self._int: dict[str, F.IntWeights] = {}      # integer decompositions
         self._param: dict[str, np.ndarray] = {}
@@ -108,7 +113,8 @@ class RefOps:
         W = self._int.get(name)
         if W is None:
             t = self.model[name]
-            W = self._int[name] = F.decompose(t.data, t.qtype, t.spec.shape)
+            W = F.decompose(t.data, t.qtype, t.spec.shape)
+            W = self._int[name] = _faulted(W, name, self.faults) if self.faults else W
         return W
 
     # -- projections -------------------------------------------------------------------------------
@@ -116,7 +122,7 @@ class RefOps:
         """x [N, in] -> [N, out] with the tensor `name` ([out, in])."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         if self.path(name) == "q8":
-            xq, xd = F.quantize_act_q8_0(x)
+            xq, xd = self._act_q8_0(x)
             return F.int_matmul(self.intw(name), xq, xd)
         return (x.astype(np.float64) @ self.dense(name).T).astype(np.float32)
 
@@ -126,12 +132,25 @@ class RefOps:
         O = self.model[name].spec.shape[0] // G
         if self.path(name) == "q8":
             W = self.intw(name)
-            xq, xd = F.quantize_act_q8_0(np.ascontiguousarray(x, dtype=np.float32))
+            xq, xd = self._act_q8_0(np.ascontiguousarray(x, dtype=np.float32))
             out = [F.int_matmul(_sub(W, slice(g * O, (g + 1) * O)), xq[:, g], xd[:, g]) for g in range(G)]
             return np.stack(out, axis=1)                                              # [N, G, O]
         W = self.dense(name).reshape(G, O, -1)                                        # [G, O, in_g]
         y = np.matmul(x.astype(np.float64).transpose(1, 0, 2), W.transpose(0, 2, 1))  # [G, N, O]
         return y.transpose(1, 0, 2).astype(np.float32)
+
+    def _act_q8_0(self, x: np.ndarray):
+        """Q8_0 activations of x [..., n]; with the fault q8-act-block, block b % 8 == 7 of each
+        row is replaced by block b-1 (the matmul then reads the wrong activation block)."""
+        xq, xd = F.quantize_act_q8_0(x)
+        if "q8-act-block" in self.faults:
+            e = FL.ACT_BLOCK_EVERY
+            qb = xq.reshape(*xq.shape[:-1], -1, 32).copy()                        # [..., nb, 32]
+            qb[..., e - 1::e, :] = qb[..., e - 2::e, :][..., :qb[..., e - 1::e, :].shape[-2], :]
+            xd = xd.copy()
+            xd[..., e - 1::e] = xd[..., e - 2::e][..., :xd[..., e - 1::e].shape[-1]]
+            xq = qb.reshape(xq.shape)
+        return xq, xd
 
     def embed(self, tokens: np.ndarray) -> np.ndarray:
         return np.asarray(self.model["token_embd.weight"].data[tokens], dtype=np.float32)   # [N, D]
@@ -141,7 +160,7 @@ class RefOps:
         """FP8 e4m3 round trip on the nope dims, then the whole row to F16 (stored KV rows)."""
         nope = self.cfg.n_nope
         out = np.array(x, dtype=np.float32, copy=True)
-        out[..., :nope] = F.fp8_e4m3_roundtrip(out[..., :nope])
+        out[..., :nope] = F.fp8_e4m3_roundtrip(out[..., :nope], trunc="fp8-kv-truncate" in self.faults)
         return F.round_f16(out)
 
     def indexer_round(self, x: np.ndarray) -> np.ndarray:
@@ -158,8 +177,10 @@ class RefOps:
         return np.argsort(-score, axis=-1, kind="stable")[..., :k]
 
     @staticmethod
-    def topk_mask(score: np.ndarray, visible: np.ndarray, k: int) -> np.ndarray:
-        """Mask of the k best visible entries per row (ties to the lower index, i.e. older rows)."""
+    def topk_mask(score: np.ndarray, visible: np.ndarray, k: int, faults=frozenset()) -> np.ndarray:
+        """Mask of the k best visible entries per row (ties to the lower index, i.e. older rows);
+        k-1 of them with the injected fault indexer-topk."""
+        k = k - 1 if "indexer-topk" in faults else k
         s = np.where(visible, score, -np.inf)
         idx = np.argsort(-s, axis=-1, kind="stable")[..., :k]
         keep = np.zeros(visible.shape, dtype=bool)
@@ -178,6 +199,8 @@ class RefOps:
                                                      "ffn_down_exps.weight"))
         c = self.cfg.swiglu_clamp
         N, A = sel.shape
+        if "moe-wrong-weight" in self.faults:
+            w = np.roll(w, -1, axis=1)                     # slot a scaled by slot (a + 1) % A's weight
         xq, xd, xb = F.quantize_act_q8_k(np.ascontiguousarray(x, dtype=np.float32))
         y = np.zeros((N, A, x.shape[1]), dtype=np.float32)                             # [N, A, D]
         for e in np.unique(sel):
@@ -194,3 +217,24 @@ class RefOps:
             out += y[:, a]
         return out
 
+
+
+def _faulted(W: F.IntWeights, name: str, faults) -> F.IntWeights:
+    """The decomposition the faulted kernels read (faults.py): wrong Q8_0 block scales, the
+    IQ2_XXS parity sign dropped, Q2_K dmin read from d's bytes."""
+    from gguf import GGMLQuantizationType as QT
+    d, q, dmin = W.d, W.q, W.dmin
+    if W.qtype == QT.Q8_0:
+        if "q8-scale-drift" in faults:
+            d = d * np.float32(FL.SCALE_DRIFT)                                    # exact in float32
+        for f, e in (("q8-scale-subset", FL.SUBSET_EVERY), ("head-scale-subset", FL.HEAD_SUBSET_EVERY)):
+            if FL.on(faults, f, name):
+                d = d.copy()
+                d[..., e - 1::e] = d[..., e - 2::e][..., :d[..., e - 1::e].shape[-1]]   # block b-1's scale
+    elif W.qtype == QT.IQ2_XXS and "iq2-sign" in faults:
+        q = q.copy()
+        g = q.reshape(-1, 8)
+        g[:, 7] = np.abs(g[:, 7])
+    elif W.qtype == QT.Q2_K and "q2k-dmin" in faults:
+        dmin = d.copy()
+    return dataclasses.replace(W, d=d, q=q, dmin=dmin, _memo={})

@@ -335,12 +335,14 @@ def trace_md(recs: list[dict]) -> str:
 # Cells join on their parameters; the environment (DS4BENCH_UNFUSED, ...) is left out so that
 # two runs that differ only in a toggle compare cell by cell: the A/B this suite exists for.
 # compare() reports the environments when they differ.
-JOIN = ("model", "backend", "cache", "placement", "batch", "nvtx", "n_gen", "prompt_set", "seed", "variant")
+JOIN = ("model", "backend", "cache", "placement", "batch", "nvtx", "n_gen", "prompt_set", "seed", "variant",
+        "env_axis")          # the matrix's env-axis values (env.VAR=value in the cell key), when it has one
 
 
 def join_key(r: dict) -> tuple:
     model = r.get("preset") or Path(r.get("model_file") or "").stem
-    vals = {"model": model, "nvtx": bool(r.get("nvtx") or r.get("trace"))}
+    vals = {"model": model, "nvtx": bool(r.get("nvtx") or r.get("trace")),
+            "env_axis": " ".join(t for t in (r.get("key") or "").split() if t.startswith("env."))}
     return tuple(json.dumps(vals[k] if k in vals else r.get(k), sort_keys=True) for k in JOIN)
 
 

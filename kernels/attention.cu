@@ -25,6 +25,9 @@ __device__ void attend_rows(const float* __restrict__ qv, const Rows& rows, int 
     double* s = sh;                                   // [J] scores, then exponentials
     double* red = sh + J;                             // [AT_THREADS / 32]
     const double ninf = __longlong_as_double(0xfff0000000000000ULL);
+#ifdef DS4_FAULT_ATTN_SINK_DROPPED
+    sink = ninf;                                      // injected fault (faults.py): no sink term
+#endif
     const int lane = threadIdx.x % DS4_WARP, warp = threadIdx.x / DS4_WARP, nw = blockDim.x / DS4_WARP;
     for (int j = warp; j < J; j += nw) {              // one warp per key row
         const bool seen = rows.visible(j);
@@ -88,7 +91,11 @@ struct RingRows {                                     // the run state read in p
     __device__ bool visible(int j) const {
         if (j < W + T) {                              // within the window and not in the future
             const long long kpos = p0 - W + j;
+#ifdef DS4_FAULT_ATTN_WINDOW
+            return kpos >= 0 && kpos <= p && kpos >= p - W;       // injected fault (faults.py): W+1 keys
+#else
             return kpos >= 0 && kpos <= p && kpos > p - W;
+#endif
         }
         return cmask[j - W - T] != 0;
     }

@@ -10,7 +10,11 @@
 __device__ __forceinline__ void cp_candidate(int r, int ratio, int width, int d, long long pe, bool first,
                                              long long* p, int* col, bool* masked) {
     if (ratio == 4) {
+#ifdef DS4_FAULT_COMPRESSOR_OVERLAP
+        if (r < 4) { *p = pe - 7 + r; *col = d; *masked = true; }   // injected fault (faults.py)
+#else
         if (r < 4) { *p = pe - 7 + r; *col = d; *masked = first; }
+#endif
         else { *p = pe - 3 + (r - 4); *col = width + d; *masked = false; }
     } else {
         *p = pe - ratio + 1 + r; *col = d; *masked = false;

@@ -21,6 +21,9 @@ __device__ __forceinline__ void hc_weights_row(const float* __restrict__ m, cons
                                                float* __restrict__ post, float* __restrict__ comb,
                                                int S_rt, int iters, float eps) {
     const int S = SC > 0 ? SC : S_rt;
+#ifdef DS4_FAULT_HC_SINKHORN
+    iters = 1;                                        // injected fault (faults.py): one iteration only
+#endif
     for (int s = 0; s < S; ++s) {
         pre[s] = __fadd_rn(hc_sigmoid(__fadd_rn(__fmul_rn(m[s], scale[0]), base[s])), eps);
         post[s] = __fmul_rn(2.0f, hc_sigmoid(__fadd_rn(__fmul_rn(m[S + s], scale[1]), base[S + s])));

@@ -67,6 +67,9 @@ extern "C" __global__ void topk_keep(const double* __restrict__ score, const uns
                                      unsigned char* __restrict__ keep, int C, int k) {
     extern __shared__ double sc[];
     const long long r = blockIdx.x;
+#ifdef DS4_FAULT_INDEXER_TOPK
+    k = k - 1;                                        // injected fault (faults.py): k-1 rows kept
+#endif
     const double ninf = __longlong_as_double(0xfff0000000000000ULL);
     for (int c = threadIdx.x; c < C; c += blockDim.x) sc[c] = visible[r * C + c] ? score[r * C + c] : ninf;
     __syncthreads();

@@ -61,6 +61,19 @@ struct Part {
 
 // ---------------------------------------------------------------------------------- formats
 
+// Injected faults (ds4bench/faults.py; the NumPy twins in ops_ref.RefOps): iq2-sign drops the
+// eighth (parity) sign of each group of 8; q2k-dmin reads a Q2_K block's dmin from d's bytes.
+#ifdef DS4_FAULT_IQ2_SIGN
+#define IQ2_SIGNS(s) ((s) & 127)
+#else
+#define IQ2_SIGNS(s) (s)
+#endif
+#ifdef DS4_FAULT_Q2K_DMIN
+#define Q2K_DMIN_AT 80
+#else
+#define Q2K_DMIN_AT 82
+#endif
+
 // IQ2_XXS, 66 bytes: f16 d; per sub-block ib of 32, u32 a0 (4 grid indices), u32 a1 (4 × 7-bit
 // ksigns indices, ls in bits 28..31). Element 32ib+8k+j = d/8·(2ls+1)·grid[a0 byte k][j]·σ.
 // Lane l: ib = l/4, k = l%4.
@@ -76,7 +89,7 @@ struct FmtIQ2_XXS {
         const unsigned short* a1h = (const unsigned short*)(qs + 8 * ib + 4);   // 2-byte aligned
         const u32 a1 = (u32)a1h[0] | ((u32)a1h[1] << 16);
         const uint2 g = *(const uint2*)(tab + 8 * qs[8 * ib + k]);
-        const int signs = tab[IQ2_GRID_BYTES + ((a1 >> (7 * k)) & 127)];
+        const int signs = IQ2_SIGNS(tab[IQ2_GRID_BYTES + ((a1 >> (7 * k)) & 127)]);
         const int2 xv = *(const int2*)x8;
         int sum = 0;
 #pragma unroll
@@ -98,7 +111,7 @@ struct FmtIQ2_XXS {
         const int ib = lane >> 2, k = lane & 3;
         const u32 a1 = u32_at(qs + 8 * ib + 4);
         const u8* g = tab + 8 * qs[8 * ib + k];
-        const int signs = tab[IQ2_GRID_BYTES + ((a1 >> (7 * k)) & 127)];
+        const int signs = IQ2_SIGNS(tab[IQ2_GRID_BYTES + ((a1 >> (7 * k)) & 127)]);
         int sum = 0;
         for (int j = 0; j < 8; ++j) {
             const int v = g[j];
@@ -139,7 +152,7 @@ struct FmtQ2_K {
     }
     static __device__ __forceinline__ void scales(const u8* b, float& d, float& dmin) {
         d = f16_at(b + 80);
-        dmin = f16_at(b + 82);
+        dmin = f16_at(b + Q2K_DMIN_AT);
     }
     static __device__ __forceinline__ Part part(const u8* b, const i8* x, const int* bs, int lane,
                                                 const u8*) {
@@ -153,7 +166,7 @@ struct FmtQ2_K {
         p.s = (scales[lane >> 1] & 15) * sum;
         p.m = lane < 16 ? (scales[lane] >> 4) * bs[lane] : 0;
         p.d = f16_at(b + 80);
-        p.dmin = f16_at(b + 82);
+        p.dmin = f16_at(b + Q2K_DMIN_AT);
         return p;
     }
 };
@@ -395,7 +408,12 @@ __device__ __forceinline__ void gate_up(const u8* Wg, const u8* Wu, const u8* ta
         const float g = fminf((float)ag, clamp);
         const float u = fminf(fmaxf((float)au, -clamp), clamp);
         const float silu = __fdiv_rn(g, __fadd_rn(1.0f, expf(-g)));
-        *out = __fmul_rn(__fmul_rn(silu, u), wts[p]);
+#ifdef DS4_FAULT_MOE_WRONG_WEIGHT
+        const float wp = wts[p - p % A + (p % A + 1) % A];    // the next slot's weight (injected fault)
+#else
+        const float wp = wts[p];
+#endif
+        *out = __fmul_rn(__fmul_rn(silu, u), wp);
     }
 }
 

@@ -52,15 +52,30 @@ __device__ __forceinline__ void q8_row_tile(const unsigned char* __restrict__ ro
                                             XQ xq, XD xd, double* acc) {
     for (int b = lane; b < nb; b += DS4_WARP) {
         int wq[8];
-        const double dw = (double)q8_block_words(row + b * Q8_BLOCK_BYTES, wq);
+        double dw = (double)q8_block_words(row + b * Q8_BLOCK_BYTES, wq);
+        int bx = b;                                  // the activation block read (faults.py: q8-act-block)
+        // Injected faults (ds4bench/faults.py; the NumPy twins in ops_ref.RefOps). b is the block
+        // index within the row's K (a staged chunk holds a multiple of 8 blocks).
+#ifdef DS4_FAULT_Q8_SCALE_SUBSET
+        if (b % 4 == 3) { int unused[8]; dw = (double)q8_block_words(row + (b - 1) * Q8_BLOCK_BYTES, unused); }
+#endif
+#ifdef DS4_FAULT_Q8_SCALE_SUBSET_HEAD
+        if (b % 8 == 7) { int unused[8]; dw = (double)q8_block_words(row + (b - 1) * Q8_BLOCK_BYTES, unused); }
+#endif
+#ifdef DS4_FAULT_Q8_SCALE_DRIFT
+        dw = (double)((float)dw * 1.015625f);       // exact: an f16 scale times 65/64
+#endif
+#ifdef DS4_FAULT_Q8_ACT_BLOCK
+        if (b % 8 == 7) bx = b - 1;
+#endif
 #pragma unroll
         for (int i = 0; i < TOKEN_TILE; i++) {
             if (i < nt) {
-                const int* xv = (const int*)xq(i, b);
+                const int* xv = (const int*)xq(i, bx);
                 int s = 0;
 #pragma unroll
                 for (int j = 0; j < 8; j++) s = __dp4a(wq[j], xv[j], s);
-                acc[i] = __dadd_rn(acc[i], __dmul_rn(__dmul_rn(dw, (double)s), (double)xd(i, b)));
+                acc[i] = __dadd_rn(acc[i], __dmul_rn(__dmul_rn(dw, (double)s), (double)xd(i, bx)));
             }
         }
     }

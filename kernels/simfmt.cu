@@ -3,6 +3,21 @@
 // indexer's Hadamard rotation followed by an FP4 e2m1 round trip. Bit-compatible with formats.py.
 #include "common.cuh"
 
+// The FP8 grid of kv_round: round to nearest even, or (injected fault fp8-kv-truncate, faults.py)
+// the magnitude truncated toward zero, as formats._round_to_grid(..., trunc=True).
+#ifdef DS4_FAULT_FP8_KV_TRUNCATE
+__device__ __forceinline__ float fp8_grid(float v) {
+    const float a = fabsf(v);
+    int e = a > 0.0f ? ilogbf(a) : -1;
+    if (e < -6) e = -6;
+    const float step = ldexpf(1.0f, e - 3);
+    const float r = truncf(a / step) * step;
+    return v < 0.0f ? -r : r;
+}
+#else
+__device__ __forceinline__ float fp8_grid(float v) { return round_to_grid(v, 3, -6); }
+#endif
+
 // x [rows, K] in place: dims < nope in blocks of 64 get the FP8 round trip; then every dim is
 // rounded to F16. grid (nope/64 + 1, rows), block 64: the last block of a row does the RoPE dims.
 extern "C" __global__ void kv_round(float* __restrict__ x, int K, int nope) {
@@ -21,7 +36,7 @@ extern "C" __global__ void kv_round(float* __restrict__ x, int K, int nope) {
     const float amax = fmaxf(fmaxf(red[0], red[1]), 1e-4f);
     const float scale = ldexpf(1.0f, (int)ceilf(log2f(amax / 448.0f)));
     const float s = fminf(fmaxf(v / scale, -448.0f), 448.0f);
-    const float r = round_to_grid(s, 3, -6) * scale;
+    const float r = fp8_grid(s) * scale;
     row[i] = __half2float(__float2half_rn(r));
 }
 

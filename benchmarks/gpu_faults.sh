@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The GPU fault-injection confusion table (docs/faults.md): first the CUDA twins of the injected
+# faults against their healthy kernels and their NumPy twins (pytest -m gpu tests/test_faults.py),
+# then `ds4bench faults --spec faults-gpu` (flash-4l, device placement, healthy q8/f16/f32 plus
+# every fault in q8) once per seed, as results/runs/<date>-<card>-faults-s<seed>, each with its
+# confusion.md. With OUT set: faults-<card>.tgz (the runs, without fingerprints) and
+# faults-<card>.txt (the twin tests' summary and every confusion table) are written there.
+#   SEEDS="0 1 2"   synthetic weight seeds (default 0)
+#   BATCHES="1 16"  batch sizes (default 1)
+# Expected time on an H200: ~1 min for the twin tests (NVRTC compiles each fault's module), then
+# 17 cells per seed and batch at ~15-25 s each (flash-4l load, a 2.1k-token prefill per slot,
+# 8 tokens): ~5-7 min for the default; SEEDS="0 1 2" BATCHES="1 16" is ~6x that, so split it
+# over calls (one seed per call).
+set -uo pipefail
+source "$(dirname "$0")/gpu_common.sh"
+batches=$(echo ${BATCHES:-1} | tr ' ' ',')
+summary=$(mktemp)
+{
+  echo "# ds4bench faults on $card, commit ${DS4BENCH_COMMIT:-unknown}, $(date -u +%FT%TZ)"
+  echo "# SEEDS='${SEEDS:-0}' BATCHES='${BATCHES:-1}': benchmarks/gpu_faults.sh"
+  echo "## CUDA twins: python3 -m pytest -q -m gpu tests/test_faults.py"
+  python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_faults.py 2>&1 | tail -15
+} >> "$summary"
+runs=()
+for seed in ${SEEDS:-0}; do
+  id="$stamp-$card-faults-s$seed"
+  python3 -m ds4bench faults --spec faults-gpu --batch "$batches" --seed "$seed" --id "$id"
+  echo "exit status $? (0: every fault caught, no healthy cell broken)" >> "results/runs/$id/confusion.md"
+  { echo; echo "## seed $seed: ds4bench faults --spec faults-gpu --batch $batches --seed $seed"; cat "results/runs/$id/confusion.md"; } >> "$summary"
+  runs+=("results/runs/$id")
+done
+cat "$summary"
+if [ -n "${OUT:-}" ]; then
+  cp "$summary" "$OUT/faults-$card.txt"
+  tar czf "$OUT/faults-$card.tgz" --exclude=fingerprints "${runs[@]}"
+fi
+rm -f "$summary"
