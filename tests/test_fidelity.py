@@ -161,3 +161,18 @@ def test_rms_norm_large_magnitudes_do_not_overflow_to_zero():
 def test_rms_norm_small_rows_keep_eps():
     tiny = np.full(512, 1e-30, np.float32)
     np.testing.assert_array_equal(M.rms_norm(np, tiny[None], None, 1e-6)[0], ds4_rms_norm(tiny, None, 1e-6))
+
+
+def test_effects_script_prints_every_row(capsys, monkeypatch):
+    """benchmarks/fidelity_effects.py (docs/fidelity.md's table) runs and measures what the doc
+    says: ds4's own CPU and CUDA RoPE angles disagree at 1M; sequential and pairwise double sums
+    of squares give the same scales."""
+    from benchmarks import fidelity_effects as fe
+    monkeypatch.setattr("sys.argv", ["fidelity_effects", "--rows", "40"])
+    fe.main()
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 + 14 and all(line.count(" | ") == 2 for line in lines[2:])
+    rows = {r[0]: r[2] for r in fe.rms_rows(np.random.default_rng(0), 100)}
+    assert rows["RMS norm: pairwise double sum (here, and block order on the GPU) vs ds4's sequential"] == "0"
+    cuda = M.rope_inv_freq(FLASH, True).angles(np.array([1_000_000])) - fe.cuda_angles(FLASH, True, [1_000_000])
+    assert np.abs(cuda).max() > 1e-3
