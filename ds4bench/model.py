@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -25,9 +26,23 @@ from .state import RunState
 
 
 # ---- small math, array-module generic ---------------------------------------------------------
-def rms_norm(xp, x, weight, eps):
-    """x / sqrt(mean(x^2) + eps) * weight over the last axis (weight None: no gain)."""
-    y = x * (1.0 / xp.sqrt(xp.mean(x * x, axis=-1, keepdims=True) + eps)).astype(xp.float32)
+def rms_norm(xp, x, weight, eps, overflow="rescale"):
+    """x / sqrt(mean(x^2) + eps) * weight over the last axis (weight None: no gain), as ds4's
+    rms_norm_weight: squares summed in double, the mean rounded once to float32, the scale
+    1/sqrt(mean + eps) in float32, then (x * scale) * weight. Where the mean overflows float32
+    (rms above ~1.8e19) ds4's scale is 1/inf = 0 and the row becomes zeros; "rescale" takes the
+    scale in double there instead (the one deliberate difference, docs/fidelity.md), "zero"
+    keeps ds4's zeros."""
+    n = x.shape[-1]
+    ss = xp.sum(xp.square(x.astype(xp.float64)), axis=-1, keepdims=True)        # [..., 1] exact terms
+    with np.errstate(over="ignore"):
+        mean = (ss / n).astype(xp.float32)
+    scale = xp.float32(1.0) / xp.sqrt(mean + xp.float32(eps))                  # [..., 1] float32
+    if overflow == "rescale":
+        scale = xp.where(xp.isinf(mean), (1.0 / xp.sqrt(ss / n + xp.float32(eps))).astype(xp.float32), scale)
+    elif overflow != "zero":
+        raise ValueError(f"rms_norm overflow={overflow!r}; choose rescale or zero")
+    y = x * scale
     return y if weight is None else y * weight
 
 
@@ -44,34 +59,81 @@ def softmax(xp, x, axis=-1):
     return e / xp.sum(e, axis=axis, keepdims=True)
 
 
-def rope_inv_freq(cfg: ModelConfig, compressed: bool) -> np.ndarray:
-    """Per-pair angular frequency (float64): plain on uncompressed layers, YaRN-blended on compressed."""
+def _logf(v) -> np.float32:
+    """C's logf on a float32: the correctly rounded value (what glibc's logf returns)."""
+    return np.float32(math.log(float(np.float32(v))))
+
+
+@dataclass(frozen=True)
+class RopeFreq:
+    """One layer kind's RoPE, as the float32 parameters of ds4's rope_tail_ext_inplace (ds4.c):
+    angle of pair k = pos * theta_scale^k by k float32 multiplications, YaRN-blended with
+    freq_scale times itself by ramp(k) on compressed layers; cos/sin scaled by mscale."""
+    npair: int
+    theta_scale: np.float32      # powf(base, -2/n_rot)
+    freq_scale: np.float32       # 1, or 1/rope_scale_factor on compressed layers
+    yarn: bool                   # ext_factor 1 (compressed, scale factor > 1) or 0
+    corr_lo: np.float32          # YaRN correction range in pairs (rope_yarn_corr_dims)
+    corr_hi: np.float32
+    mscale: np.float32           # attn_factor * (1 + 0.1 logf(1/freq_scale)): 1 for DS4's values
+
+    def ramp_mix(self) -> np.ndarray:
+        """[npair] float32 rope_yarn_ramp * ext_factor: 1 extrapolates (pos * freq), 0
+        interpolates (pos * freq * freq_scale); all 0 without YaRN."""
+        f = np.float32
+        k = np.arange(self.npair, dtype=np.float32)
+        y = (k - self.corr_lo) / np.maximum(f(0.001), self.corr_hi - self.corr_lo)
+        ramp = f(1.0) - np.minimum(f(1.0), np.maximum(f(0.0), y))
+        return ramp if self.yarn else np.zeros_like(ramp)
+
+    def angles(self, pos) -> np.ndarray:
+        """theta [..., npair] float32 for integer positions `pos` (host), as ds4's loop: the
+        position as float, the frequency applied by repeated float32 multiplication."""
+        f = np.float32
+        te = np.empty(np.shape(pos) + (self.npair,), np.float32)               # [..., n/2] theta_extrap
+        t = np.asarray(pos).astype(np.float32)
+        for k in range(self.npair):
+            te[..., k] = t
+            t = t * self.theta_scale
+        ti = self.freq_scale * te                                              # theta_interp
+        if not self.yarn:
+            return ti
+        mix = self.ramp_mix()
+        return ti * (f(1.0) - mix) + te * mix
+
+
+def rope_inv_freq(cfg: ModelConfig, compressed: bool) -> RopeFreq:
+    """The RoPE parameters of uncompressed (plain, rope_base) or compressed layers (YaRN with
+    compress_rope_base), in float32 as ds4 computes them (rope_tail_layer_inplace)."""
+    f = np.float32
     n = cfg.n_rot
-    base = cfg.compress_rope_base if compressed else cfg.rope_base
-    inv = base ** (-np.arange(0, n, 2, dtype=np.float64) / n)              # [n/2]
-    if not compressed:
-        return inv
+    base = f(cfg.compress_rope_base if compressed else cfg.rope_base)
+    theta_scale = f(float(base) ** float(f(-2.0) / f(n)))                     # powf, correctly rounded
+    yarn = compressed and cfg.rope_scale_factor > 1.0
+    freq_scale = f(1.0) / f(cfg.rope_scale_factor) if compressed and cfg.rope_scale_factor > 0 else f(1.0)
+    lo = hi = f(0.0)
+    mscale = f(1.0)
+    if yarn:
+        def corr_dim(beta):                                                    # rope_yarn_corr_dim
+            return f(n) * _logf(f(cfg.rope_orig_ctx) / (f(beta) * f(2.0) * f(math.pi))) / (f(2.0) * _logf(base))
+        lo = np.maximum(f(0.0), np.floor(corr_dim(cfg.yarn_beta_fast)))
+        hi = np.minimum(f(n - 1), np.ceil(corr_dim(cfg.yarn_beta_slow)))
+        gain = f(1.0) + f(0.1) * _logf(f(1.0) / freq_scale)
+        mscale = (f(1.0) / gain) * gain                                        # attn_factor cancels the gain
+    return RopeFreq(n // 2, theta_scale, freq_scale, bool(yarn), f(lo), f(hi), f(mscale))
 
-    def corr_dim(beta):
-        return n * math.log(cfg.rope_orig_ctx / (beta * 2 * math.pi)) / (2 * math.log(base))
-    lo = max(math.floor(corr_dim(cfg.yarn_beta_fast)), 0)
-    hi = min(math.ceil(corr_dim(cfg.yarn_beta_slow)), n - 1)
-    i = np.arange(n // 2, dtype=np.float64)
-    ramp = 1.0 - np.clip((i - lo) / max(0.001, hi - lo), 0.0, 1.0)          # 1: extrapolate, 0: interpolate
-    return inv * ramp + inv / cfg.rope_scale_factor * (1.0 - ramp)
 
-
-def rope(xp, x, pos, inv_freq, inverse=False):
-    """Rotate the last len(inv_freq)*2 dims of x in adjacent pairs (GPT-J) by pos*freq.
+def rope(xp, x, pos, freq: RopeFreq, inverse=False):
+    """Rotate the last 2*freq.npair dims of x in adjacent pairs (GPT-J) by freq's angles at pos;
+    cos/sin of the float32 angle correctly rounded (cosf/sinf), times mscale.
 
     x [..., K] with pos broadcastable to x.shape[:-1] (host int array). Returns a new array.
     """
-    n = 2 * len(inv_freq)
-    ang = np.asarray(pos, dtype=np.float64)[..., None] * inv_freq             # [..., n/2]
-    cos = xp.asarray(np.cos(ang).astype(np.float32))
-    sin = xp.asarray(np.sin(ang).astype(np.float32))
-    if inverse:
-        sin = -sin
+    n = 2 * freq.npair
+    ang = freq.angles(pos).astype(np.float64)                                 # [..., n/2] float32 values
+    cos = np.cos(ang).astype(np.float32) * freq.mscale
+    sin = (np.float32(-1.0 if inverse else 1.0) * np.sin(ang).astype(np.float32)) * freq.mscale
+    cos, sin = xp.asarray(cos), xp.asarray(sin)
     out = x.copy()
     x0, x1 = x[..., -n::2], x[..., -n + 1::2]                                  # [..., n/2] each
     out[..., -n::2] = x0 * cos - x1 * sin

@@ -105,7 +105,6 @@ class GpuOps:
         self.moe = GpuExperts(self.cfg, expert_tensors, fault_defines(self.faults, "moe.cu"))
         self._param: dict[str, cp.ndarray] = {}
         self._cached: dict[str, cp.ndarray] = {}
-        self._freq: dict[bytes, cp.ndarray] = {}          # RoPE frequency tables on the device
         self._pos: dict[bytes, cp.ndarray] = {}           # recent RoPE position arrays on the device
         self.fallbacks: list[str] = []
         self.cache_bytes = 0
@@ -258,7 +257,7 @@ class GpuOps:
 
     # -- norms, RoPE, attention (kernels/norm_rope.cu, kernels/attention.cu) -------------------------
     def rms_norm(self, x: cp.ndarray, weight, eps: float) -> cp.ndarray:
-        """model.rms_norm over the last axis in one launch (mean of squares in double)."""
+        """model.rms_norm over the last axis in one launch (squares summed in double, as ds4)."""
         x = cp.ascontiguousarray(x, dtype=cp.float32)
         n = x.shape[-1]
         y = cp.empty_like(x)
@@ -269,23 +268,21 @@ class GpuOps:
                 x, w, y, np.int32(n), np.float32(eps), np.int32(weight is not None)))
         return y
 
-    def rope(self, x: cp.ndarray, pos, inv_freq: np.ndarray, inverse: bool = False) -> cp.ndarray:
-        """model.rope in one launch: angles and cos/sin computed on the device in double from the
-        positions (host positions: one small copy in; device positions, as in a captured decode
-        step: read where they are) instead of host tables."""
+    def rope(self, x: cp.ndarray, pos, freq, inverse: bool = False) -> cp.ndarray:
+        """model.rope in one launch: ds4's float32 angles (model.RopeFreq) and their cos/sin
+        computed on the device from the positions (host positions: one small copy in; device
+        positions, as in a captured decode step: read where they are) instead of host tables."""
         x = cp.ascontiguousarray(x, dtype=cp.float32)
         K = x.shape[-1]
         rows = x.size // K
         y = cp.empty_like(x)
         if rows:
             p, pdiv = self._rope_positions(pos, x.shape[:-1])
-            key = inv_freq.tobytes()
-            f = self._freq.get(key)
-            if f is None:
-                f = self._freq[key] = cp.asarray(np.asarray(inv_freq, dtype=np.float64))
+            f = np.float32
             kernels.function("norm_rope.cu", "rope")((rows,), (64,), (
-                x, y, p, f, np.int32(K), np.int32(len(inv_freq)), np.float32(-1.0 if inverse else 1.0),
-                np.int32(pdiv)))
+                x, y, p, np.int32(K), np.int32(freq.npair), f(freq.theta_scale), f(freq.freq_scale),
+                np.int32(freq.yarn), f(freq.corr_lo), f(freq.corr_hi), f(freq.mscale),
+                f(-1.0 if inverse else 1.0), np.int32(pdiv)))
         return y
 
     def _rope_positions(self, pos, lead: tuple):

@@ -139,11 +139,16 @@ def test_long_prompt_exercises_compression_and_indexer(monkeypatch):
 # ---- the spec's small pieces -------------------------------------------------------------------------
 def test_yarn_correction_range_matches_spec():
     flash = config.preset("flash")
-    inv = rope_inv_freq(flash, True)
-    plain = flash.compress_rope_base ** (-np.arange(0, 64, 2) / 64)
-    assert np.allclose(inv[:16], plain[:16])                               # i <= lo = 15: extrapolated
-    assert np.allclose(inv[25:], plain[25:] / 16)                          # i >= hi = 25: interpolated
-    assert not np.allclose(inv[16:25], plain[16:25]) and not np.allclose(inv[16:25], plain[16:25] / 16)
+    freq = rope_inv_freq(flash, True)
+    assert (freq.corr_lo, freq.corr_hi, freq.freq_scale) == (15, 25, np.float32(1 / 16))
+    mix = freq.ramp_mix()
+    assert (mix[:16] == 1).all() and (mix[25:] == 0).all()                 # extrapolated / interpolated
+    assert ((mix[16:25] > 0) & (mix[16:25] < 1)).all()
+    ang = freq.angles(np.array(1000))
+    plain = flash.compress_rope_base ** (-np.arange(0, 64, 2) / 64) * 1000
+    np.testing.assert_allclose(ang[:16], plain[:16], rtol=1e-5)
+    np.testing.assert_allclose(ang[25:], plain[25:] / 16, rtol=1e-5)
+    assert (rope_inv_freq(flash, False).ramp_mix() == 0).all()
 
 
 def test_rope_touches_only_the_tail_and_inverts():
@@ -155,7 +160,7 @@ def test_rope_touches_only_the_tail_and_inverts():
     np.testing.assert_array_equal(y[0], x[0])                              # position 0: identity
     np.testing.assert_allclose(rope(np, y, pos, freq, inverse=True), x, atol=1e-5)
     # adjacent pairs rotate as (2i, 2i+1)
-    a = freq[0] * 5
+    a = float(freq.angles(np.array(5))[0])
     np.testing.assert_allclose(y[1, 0, 64], x[1, 0, 64] * math.cos(a) - x[1, 0, 65] * math.sin(a), atol=1e-5)
 
 

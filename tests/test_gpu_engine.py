@@ -7,9 +7,9 @@ Thresholds (normalized MSE = sum((gpu - ref)^2) / sum(ref^2)):
   reference: NMSE < 1e-12 (in practice nearly every element is bit-identical);
   HC mixing (hc.cu): gates and Sinkhorn within 1e-5 relative (expf against NumPy's exp), the
   stream collapse and expansion NMSE < 1e-14 (sums in double, rounded once);
-  RMS norm (norm_rope.cu): within 2e-6 relative (the mean of squares summed in double, the
-  reference sums float32); RoPE: within 1e-5 (cos/sin in double on the device and on the host,
-  rounded to float; an element differs only at a rounding boundary); attention with sinks
+  RMS norm (norm_rope.cu): within 5e-7 relative (squares summed in double on both sides, as
+  ds4); RoPE: within 1e-5 (ds4's float32 angles on both sides, cos/sin in double rounded to
+  float; an element differs only at a rounding boundary); attention with sinks
   (attention.cu): NMSE < 1e-12 (double throughout, like the reference); router (router.cu):
   the same experts in the same order, weights within 2e-6 relative (log1pf/expf); compressor
   pooling (compress.cu): within 1e-5 relative (float32 like the reference, expf); indexer
@@ -190,35 +190,49 @@ def test_hc_kernels_match_reference(N):
 def _gpu_ops(cfg):
     from ds4bench.ops_gpu import GpuOps
     g = GpuOps.__new__(GpuOps)
-    g.cfg, g._freq, g._pos = cfg, {}, {}
+    g.cfg, g._pos = cfg, {}
     return g
 
 
 @pytest.mark.parametrize("shape,weighted", [((1, 4096), True), ((7, 64, 512), False), ((33, 1024), True),
                                             ((5, 16384), False)])
 def test_rms_norm_kernel_matches_reference(shape, weighted):
-    """Sum of squares in double, rounded once (the reference sums float32): within float32 rounding."""
+    """Squares summed in double on both sides (exact terms, only the order differs), the mean
+    rounded once: bit-identical except where a mean sits on a float32 rounding boundary."""
     from ds4bench import model as M
     x = (RNG.standard_normal(shape) * RNG.uniform(0.01, 30, shape[:-1] + (1,))).astype(np.float32)
     w = RNG.uniform(0.5, 1.5, shape[-1]).astype(np.float32) if weighted else None
     got = _gpu_ops(config.preset("flash")).rms_norm(cp.asarray(x), None if w is None else cp.asarray(w), 1e-6).get()
     want = M.rms_norm(np, x, w, 1e-6)
-    np.testing.assert_allclose(got, want, rtol=2e-6, atol=0)
-    assert nmse(got, want) < 1e-12
+    np.testing.assert_allclose(got, want, rtol=5e-7, atol=0)
+    assert (got != want).mean() < 1e-3
+
+
+def test_rms_norm_kernel_at_large_magnitudes():
+    """Rows at 3e17 (a float32 sum of squares overflows, a double one does not) and 1e30 (the
+    mean itself overflows float32: model.rms_norm's "rescale") normalize as the reference does."""
+    from ds4bench import model as M
+    base = RNG.choice([-1.0, 1.0], (2, 4096)) * RNG.uniform(0.5, 1.5, (2, 4096))
+    x = (base * np.array([[3e17], [1e30]])).astype(np.float32)
+    got = _gpu_ops(config.preset("flash")).rms_norm(cp.asarray(x), None, 1e-6).get()
+    want = M.rms_norm(np, x, None, 1e-6)
+    assert np.isfinite(got).all() and (np.abs(got).max(-1) > 0.5).all()
+    np.testing.assert_allclose(got, want, rtol=5e-7, atol=0)
 
 
 @pytest.mark.parametrize("compressed,inverse", [(False, False), (True, False), (True, True)])
 def test_rope_kernel_matches_reference(compressed, inverse):
-    """Angles and cos/sin in double on the device against the host's: the same float32 factors
-    except where cos/sin sit on a rounding boundary; products rounded one by one."""
+    """ds4's float32 angles (the same roundings, one by one, on the device) and cos/sin of them
+    in double rounded to float, products rounded one by one: bit-identical except where a cos/sin
+    sits on a float32 rounding boundary; positions up to 1M and the issue's checkpoints."""
     from ds4bench import model as M
     cfg = config.preset("flash")
     freq = M.rope_inv_freq(cfg, compressed)
-    x = RNG.standard_normal((9, cfg.n_head, cfg.head_dim)).astype(np.float32)
-    pos = RNG.integers(0, 1 << 20, (9, 1))
+    x = RNG.standard_normal((15, cfg.n_head, cfg.head_dim)).astype(np.float32)
+    pos = np.concatenate([RNG.integers(0, 1 << 20, 9), [0, 1, 127, 4095, 65535, 1_000_000]]).reshape(15, 1)
     got = _gpu_ops(cfg).rope(cp.asarray(x), pos, freq, inverse).get()
     want = M.rope(np, x, pos, freq, inverse)
-    np.testing.assert_array_equal(got[..., :-2 * len(freq)], x[..., :-2 * len(freq)])   # the unrotated dims
+    np.testing.assert_array_equal(got[..., :-2 * freq.npair], x[..., :-2 * freq.npair])   # the unrotated dims
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert (got != want).mean() < 1e-3
 
