@@ -63,6 +63,8 @@ def register(sub) -> None:
     p.add_argument("--params", required=True, help="the cell's parameters as JSON")
     p.add_argument("--out", required=True, help="where to write the record (JSON)")
     p.add_argument("--fingerprints", required=True, help="where to write the fingerprints (.npz)")
+    p.add_argument("--baseline-fingerprints", help="the group baseline's fingerprints, for the teacher-forced "
+                   "KL (absent or the cell's own: this cell is the baseline)")
     p.set_defaults(func=cmd_cell)
 
 
@@ -331,5 +333,5 @@ def cmd_cell(a) -> int:
         params = json.loads(a.params)
     except json.JSONDecodeError as e:
         raise ValueError(f"--params is not JSON: {e}") from None
-    run_cell(params, a.out, a.fingerprints)
+    run_cell(params, a.out, a.fingerprints, a.baseline_fingerprints)
     return 0

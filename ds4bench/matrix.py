@@ -56,7 +56,7 @@ SPEC_KEYS = {"description", "preset", "model", "variant", "seed", "cache", "plac
              "env"}
 # Variables that change what the engine does; a cell records those set in its environment,
 # wherever they came from (the spec's [env] or the shell), so no toggle goes unrecorded.
-ENGINE_ENV = ("DS4BENCH_UNFUSED", *KERNEL_CHOICES, "DS4BENCH_CACHE_MB", "DS4BENCH_PLUGINS")
+ENGINE_ENV = ("DS4BENCH_UNFUSED", *KERNEL_CHOICES, "DS4BENCH_CACHE_MB", "DS4BENCH_PLUGINS", "DS4BENCH_PROBE_TOKENS")
 TRACE_FIELDS = ("trace_file", "trace_gpu_ms", "trace_calls", "trace_kernels", "trace_kernel_ms")   # CellRecord
 SYNTH_IN_MEMORY_MAX = 256 * 2**20      # larger presets are written to a GGUF once and memory-mapped per cell
 
@@ -400,11 +400,15 @@ def _die_with_parent() -> None:
 
 
 def run_cell_process(cell: Cell, out: Path, fingerprints: Path, log: Path,
-                     trace: tuple[str, Path] | None = None) -> tuple[dict | None, str, float]:
+                     trace: tuple[str, Path] | None = None,
+                     baseline_fp: Path | None = None) -> tuple[dict | None, str, float]:
     """Run one cell as `python -m ds4bench cell` (under `nsys profile` when `trace` gives the
-    nsys path and the report's base name); (record or None, error, wall seconds)."""
+    nsys path and the report's base name); (record or None, error, wall seconds).
+    `baseline_fp`: the group baseline's fingerprints, which the cell's teacher-forced KL reads."""
     cmd = [sys.executable, "-m", "ds4bench", "cell", "--params", json.dumps(cell.params),
            "--out", str(out), "--fingerprints", str(fingerprints)]
+    if baseline_fp is not None:
+        cmd += ["--baseline-fingerprints", str(baseline_fp)]
     if trace:
         from .nsys import profile_command
         cmd = profile_command(trace[0], trace[1], cmd)
@@ -466,8 +470,11 @@ def judge(rec: dict, cell_fp: str, base_rec: dict | None, base_fp: str | None,
         rec["unavailable"]["verdict"] = rec["unavailable"]["median_dlogprob"] = rec["verdict_reason"]
         return rec
     cfp, bfp = V.load_fingerprints(cell_fp), V.load_fingerprints(base_fp)
+    kl = {k: rec.get(k) for k in ("kl_mean", "kl_median", "kl_p99", "kl_max", "top1_agree", "kl_steps")}
+    probe = {"stage": rec.get("verdict_stage"), "layer": rec.get("verdict_layer"), "reason": rec.get("probe_reason")}
     rec["verdict"], rec["verdict_reason"], rec["median_dlogprob"] = V.judge_cell(
-        rec["prompts"], cfp, bfp, th, bool(rec["deterministic"]))
+        rec["prompts"], cfp, bfp, th, bool(rec["deterministic"]),
+        kl if rec.get("kl_median") is not None else None, probe)
     return rec
 
 
@@ -487,7 +494,7 @@ def run_matrix(cells: list[Cell], run, th: V.Thresholds = V.DEFAULT, progress=No
         if cell.params.get("trace") and nsys:
             (run.path / "traces").mkdir(exist_ok=True)
             trace = (nsys, run.path / "traces" / cell.cell_id)
-        rec, err, wall = run_cell_process(cell, out, fp, log, trace)
+        rec, err, wall = run_cell_process(cell, out, fp, log, trace, run.cell_paths(cell.baseline_cell)[1])
         base = {"run_id": run.run_id, "cell_id": cell.cell_id, "key": cell.key, "is_baseline": cell.is_baseline,
                 "baseline_cell": cell.baseline_cell, **cell.params}
         if rec is None:
@@ -525,7 +532,7 @@ def add_trace(rec: dict, run_path: Path, trace: tuple[str, Path] | None) -> None
 
 
 # ---- one cell, in process (`ds4bench cell`) --------------------------------------------------
-def run_cell(params: dict, out: str, fingerprints: str) -> dict:
+def run_cell(params: dict, out: str, fingerprints: str, baseline_fp: str | None = None) -> dict:
     """Measure one cell in this process: load, prime, warm up, time the repetitions, fingerprint.
 
     The prime pass (8 tokens of the first prompt, 2 generated) is never timed: it builds the
@@ -607,6 +614,9 @@ def run_cell(params: dict, out: str, fingerprints: str) -> dict:
     else:
         na["stage_s"] = "stage times not asked for (--stages)"
 
+    kl_lp = _cell_kl(rec, na, eng, prompts, p["n_gen"], fingerprints, baseline_fp, results[0])
+    _cell_probe(rec, na, mf, eng, p, prompts, Path(fingerprints).parent.parent / "probe-cache")
+
     rec.deterministic = all([f.tokens for f in r.fingerprints] == [f.tokens for f in results[0].fingerprints]
                             for r in results)
     for i, fp in enumerate(results[0].fingerprints):
@@ -614,7 +624,7 @@ def run_cell(params: dict, out: str, fingerprints: str) -> dict:
                             "text": fp.text, "tokens": fp.tokens,
                             "nonfinite": any(r.fingerprints[i].nonfinite for r in results),
                             "replica_mismatch": max(r.fingerprints[i].replica_mismatch for r in results)})
-    V.save_fingerprints(fingerprints, results[0].fingerprints, results[0].first_logits)
+    V.save_fingerprints(fingerprints, results[0].fingerprints, results[0].first_logits, kl_lp)
 
     rec.host_rss_peak_bytes = R.host_rss_peak_bytes()
     rec.state_bytes, rec.weights_bytes = int(eng.state.nbytes()), int(mf.nbytes)
@@ -635,6 +645,49 @@ def run_cell(params: dict, out: str, fingerprints: str) -> dict:
     d = rec.to_dict()
     write_atomic(Path(out), json.dumps(d))
     return d
+
+
+def _cell_kl(rec, na: dict, eng, prompts, n_gen: int, fingerprints: str, baseline_fp: str | None, result):
+    """The teacher-forced KL pass (kl.py): a baseline scores its own tokens and returns its
+    log-softmax to keep in its fingerprints; another cell scores the baseline's tokens and
+    fills the KL fields. Returns the log-softmax to store (baseline) or None."""
+    import numpy as np
+    from . import kl as KL
+    t0 = time.perf_counter()
+    if baseline_fp is None or Path(baseline_fp).resolve() == Path(fingerprints).resolve():
+        own = {fp.prompt_id: {"tokens": np.asarray(fp.tokens)} for fp in result.fingerprints}
+        lp = KL.teacher_forced(eng, prompts, n_gen, own)
+        base = {pid: {"tokens": own[pid]["tokens"], "logprobs": lp[pid]} for pid in lp}
+        keep = lp
+    elif not Path(baseline_fp).is_file():
+        for k in KL.FIELDS:
+            na[k] = f"the baseline's fingerprints {baseline_fp} are missing (did the baseline fail?)"
+        return None
+    else:
+        base, keep = V.load_fingerprints(baseline_fp), None
+        if not all("logprobs" in base.get(pid, {}) for pid, _ in prompts):
+            for k in KL.FIELDS:
+                na[k] = "the baseline's fingerprints have no teacher-forcing log-softmax (an older run)"
+            return None
+        lp = KL.teacher_forced(eng, prompts, n_gen, base)
+    for k, v in KL.cell_kl(lp, base).items():
+        setattr(rec, k, v)
+    rec.kl_s = time.perf_counter() - t0
+    return keep
+
+
+def _cell_probe(rec, na: dict, mf, eng, p: dict, prompts, cache_dir: Path) -> None:
+    """The stage probe (probe.py) of the cell's ops (and the faults its engine carries, if any):
+    per-stage statistics and the first stage over its limit."""
+    from . import probe as PR
+    opts = {"faults": eng.faults} if getattr(eng, "faults", None) else {}
+    res = PR.probe_cell(mf, eng.ops, p, prompts, cache_dir, **opts)
+    if not res:
+        for k in ("probe_stages", "probe_s", "probe_mode"):
+            na[k] = "probe off (DS4BENCH_PROBE_TOKENS=0)"
+        return
+    for k, v in res.items():
+        setattr(rec, k, v)
 
 
 @contextlib.contextmanager
