@@ -494,7 +494,7 @@ def run_matrix(cells: list[Cell], run, th: V.Thresholds = V.DEFAULT, progress=No
         if cell.params.get("trace") and nsys:
             (run.path / "traces").mkdir(exist_ok=True)
             trace = (nsys, run.path / "traces" / cell.cell_id)
-        rec, err, wall = run_cell_process(cell, out, fp, log, trace, run.cell_paths(cell.baseline_cell)[1])
+        rec, err, wall = run_cell_process(cell, out, fp, log, trace, baseline_fp=run.cell_paths(cell.baseline_cell)[1])
         base = {"run_id": run.run_id, "cell_id": cell.cell_id, "key": cell.key, "is_baseline": cell.is_baseline,
                 "baseline_cell": cell.baseline_cell, **cell.params}
         if rec is None:
