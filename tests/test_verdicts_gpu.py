@@ -30,8 +30,8 @@ def test_healthy_gpu_cell_within_limits(mode_ref, batch):
     cache, ids, ref = mode_ref
     ops = make_ops(tiny_model(0), "cupy", cache)
     stats = [s.to_dict() for s in PR.run_probe(ops, tiny_model(0), batch, ref, ids)]
-    assert PR.judge_stages(stats, "cupy", cache) is None
-    assert max(s["nmse"] / PR.limit("cupy", cache, s["stage"]) for s in stats) < 0.5
+    assert PR.judge_stages(stats, "cupy", cache) is None, max(
+        (s["nmse"] / PR.limit("cupy", cache, s["stage"]), s["stage"], s["layer"]) for s in stats)
 
 
 def test_broken_gpu_kernel_named(mode_ref):
