@@ -683,7 +683,7 @@ def _cell_probe(rec, na: dict, mf, eng, p: dict, prompts, cache_dir: Path) -> No
     opts = {"faults": eng.faults} if getattr(eng, "faults", None) else {}
     res = PR.probe_cell(mf, eng.ops, p, prompts, cache_dir, **opts)
     if not res:
-        for k in ("probe_stages", "probe_s", "probe_mode"):
+        for k in ("probe_stages", "probe_s", "probe_mode", "probe_positions", "probe_cached"):
             na[k] = "probe off (DS4BENCH_PROBE_TOKENS=0)"
         return
     for k, v in res.items():
