@@ -400,15 +400,14 @@ def _die_with_parent() -> None:
 
 
 def run_cell_process(cell: Cell, out: Path, fingerprints: Path, log: Path,
-                     trace: tuple[str, Path] | None = None,
-                     baseline_fp: Path | None = None) -> tuple[dict | None, str, float]:
+                     trace: tuple[str, Path] | None = None) -> tuple[dict | None, str, float]:
     """Run one cell as `python -m ds4bench cell` (under `nsys profile` when `trace` gives the
-    nsys path and the report's base name); (record or None, error, wall seconds).
-    `baseline_fp`: the group baseline's fingerprints, which the cell's teacher-forced KL reads."""
+    nsys path and the report's base name); (record or None, error, wall seconds). The cell is
+    given its group baseline's fingerprints (beside its own), which its teacher-forced KL reads."""
     cmd = [sys.executable, "-m", "ds4bench", "cell", "--params", json.dumps(cell.params),
            "--out", str(out), "--fingerprints", str(fingerprints)]
-    if baseline_fp is not None:
-        cmd += ["--baseline-fingerprints", str(baseline_fp)]
+    if cell.baseline_cell:
+        cmd += ["--baseline-fingerprints", str(Path(fingerprints).with_name(f"{cell.baseline_cell}.npz"))]
     if trace:
         from .nsys import profile_command
         cmd = profile_command(trace[0], trace[1], cmd)
@@ -494,7 +493,7 @@ def run_matrix(cells: list[Cell], run, th: V.Thresholds = V.DEFAULT, progress=No
         if cell.params.get("trace") and nsys:
             (run.path / "traces").mkdir(exist_ok=True)
             trace = (nsys, run.path / "traces" / cell.cell_id)
-        rec, err, wall = run_cell_process(cell, out, fp, log, trace, baseline_fp=run.cell_paths(cell.baseline_cell)[1])
+        rec, err, wall = run_cell_process(cell, out, fp, log, trace)
         base = {"run_id": run.run_id, "cell_id": cell.cell_id, "key": cell.key, "is_baseline": cell.is_baseline,
                 "baseline_cell": cell.baseline_cell, **cell.params}
         if rec is None:

@@ -188,7 +188,7 @@ def test_ctrl_c_saves_finished_cells_and_resume_finishes(tmp_path, monkeypatch, 
     records, an `interrupted` run and a resume hint; --resume runs only the rest."""
     calls = []
 
-    def fake(cell, out, fp, log, trace=None, baseline_fp=None):
+    def fake(cell, out, fp, log, trace=None):
         calls.append(cell.cell_id)
         if len(calls) == 3:
             raise KeyboardInterrupt
