@@ -70,6 +70,7 @@ class GenerationResult:
     fingerprints: list[Fingerprint]
     timing: Timing
     first_logits: dict[str, np.ndarray]     # prompt id -> float32 [V] logits of the first generated step
+    logprobs: dict[str, np.ndarray] = field(default_factory=dict)   # teacher forcing: id -> float16 [n, V] log-softmax
 
 
 # Extra numeric modes registered at run time, e.g. by a plugin module named in DS4BENCH_PLUGINS.
@@ -210,14 +211,23 @@ def greedy(logits: np.ndarray) -> int:
 
 
 def generate(engine: Engine, prompts: list[tuple[str, list[int]]], n_gen: int, decode_text=None,
-             top_k: int = TOP_K) -> GenerationResult:
-    """Greedy-generate n_gen tokens for every prompt with engine.batch sequences per step."""
+             top_k: int = TOP_K, forced: dict | None = None) -> GenerationResult:
+    """Greedy-generate n_gen tokens for every prompt with engine.batch sequences per step.
+
+    `forced` (prompt id -> at least n_gen tokens) is teacher forcing: each step is fed the given
+    token instead of the greedy one, and every step's full log-softmax of the prompt's first
+    slot is kept (`logprobs`, float16 [n_gen, V]); the fingerprints still record the greedy
+    choice of each step."""
     if n_gen < 1:
         raise ValueError("n_gen must be at least 1")
+    short = [pid for pid, _ in prompts if forced is not None and len(forced.get(pid, ())) < n_gen]
+    if short:
+        raise ValueError(f"teacher forcing: no {n_gen} tokens to feed for prompt {short[0]!r}")
     B = engine.batch
     timing = Timing()
     fps: dict[str, Fingerprint] = {}
     first_logits: dict[str, np.ndarray] = {}
+    logprobs: dict[str, list] = {}
     # slot assignment: fill every slot, cycling through prompts; more prompts -> more groups
     order = list(range(len(prompts)))
     groups = [order[i:i + B] for i in range(0, len(order), B)]
@@ -228,6 +238,7 @@ def generate(engine: Engine, prompts: list[tuple[str, list[int]]], n_gen: int, d
         outs: list[list[int]] = [[] for _ in range(B)]
         steps: list[list[tuple]] = [[] for _ in range(B)]
         bad = [False] * B
+        pre_logits = []
         last = np.zeros(B, dtype=np.int64)
         for b, pi in enumerate(members):
             t0 = time.perf_counter()
@@ -241,7 +252,14 @@ def generate(engine: Engine, prompts: list[tuple[str, list[int]]], n_gen: int, d
             bad[b] |= not np.isfinite(logits).all()
             first_logits.setdefault(prompts[pi][0], logits.astype(np.float32))
             last[b] = tok
-        for _ in range(n_gen - 1):
+            pre_logits.append(logits)
+        keep = {b: logprobs.setdefault(prompts[pi][0], []) for b, pi in enumerate(members)
+                if forced is not None and members.index(pi) == b}      # each prompt's first slot
+        if forced is not None:
+            for b, lp in keep.items():
+                lp.append(log_softmax16(pre_logits[b]))
+            last = np.array([forced[prompts[pi][0]][0] for pi in members], dtype=np.int64)
+        for i in range(n_gen - 1):
             t0 = time.perf_counter()
             logits = engine.decode(last, slots)                                  # [B, V]
             last = np.array([greedy(row) for row in logits], dtype=np.int64)
@@ -250,6 +268,10 @@ def generate(engine: Engine, prompts: list[tuple[str, list[int]]], n_gen: int, d
             for b in range(B):
                 _record(outs[b], steps[b], logits[b], int(last[b]), top_k)
                 bad[b] |= not np.isfinite(logits[b]).all()
+            if forced is not None:
+                for b, lp in keep.items():
+                    lp.append(log_softmax16(logits[b]))
+                last = np.array([forced[prompts[pi][0]][i + 1] for pi in members], dtype=np.int64)
         for b, pi in enumerate(members):
             pid, ids = prompts[pi]
             if pid in fps:
@@ -259,7 +281,15 @@ def generate(engine: Engine, prompts: list[tuple[str, list[int]]], n_gen: int, d
                 prompt_id=pid, prompt_tokens=len(ids), tokens=outs[b], sha256=token_hash(outs[b]),
                 text=decode_text(outs[b]) if decode_text else "",
                 topk_ids=[s[0] for s in steps[b]], topk_logprobs=[s[1] for s in steps[b]], nonfinite=bad[b])
-    return GenerationResult([fps[p[0]] for p in prompts], timing, first_logits)
+    return GenerationResult([fps[p[0]] for p in prompts], timing, first_logits,
+                            {pid: np.stack(v) for pid, v in logprobs.items()})
+
+
+def log_softmax16(logits: np.ndarray) -> np.ndarray:
+    """A step's full log-softmax (computed in float64) stored as float16 [V]."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max()
+    return (z - np.log(np.sum(np.exp(z)))).astype(np.float16)
 
 
 def _record(out: list, steps: list, logits: np.ndarray, tok: int, k: int) -> None:

@@ -71,7 +71,7 @@ UNSET = "unset"                        # an env-axis value: the variable is abse
 # Variables that change what the engine does; a cell records those set in its environment,
 # wherever they came from (the spec's [env] or the shell), so no toggle goes unrecorded.
 ENGINE_ENV = ("DS4BENCH_UNFUSED", *KERNEL_CHOICES, "DS4BENCH_CACHE_MB", "DS4BENCH_PLUGINS", "DS4BENCH_SLOWDOWN",
-              "DS4BENCH_FAULT")
+              "DS4BENCH_FAULT", "DS4BENCH_PROBE_TOKENS")
 TRACE_FIELDS = ("trace_file", "trace_gpu_ms", "trace_calls", "trace_kernels", "trace_kernel_ms")   # CellRecord
 SYNTH_IN_MEMORY_MAX = 256 * 2**20      # larger presets are written to a GGUF once and memory-mapped per cell
 
@@ -502,10 +502,15 @@ def _die_with_parent() -> None:
 
 
 def run_cell_process(cell: Cell, out: Path, fingerprints: Path, log: Path,
-                     trace: tuple[str, Path] | None = None) -> tuple[dict | None, str, float]:
+                     trace: tuple[str, Path] | None = None, extra: dict | None = None) -> tuple[dict | None, str, float]:
     """Run one cell as `python -m ds4bench cell` (under `nsys profile` when `trace` gives the
-    nsys path and the report's base name); (record or None, error, wall seconds)."""
-    cmd = [sys.executable, "-m", "ds4bench", "cell", "--params", json.dumps(cell.params),
+    nsys path and the report's base name); (record or None, error, wall seconds). `extra` adds
+    to the cell's params what this run of it needs: `baseline_fingerprints` (the group
+    baseline's, which the teacher-forced KL reads), `correctness` (False: timing only, no probe
+    and no KL), `probe_cache` (the run's cache of reference stage outputs). They travel in the
+    params, which any tree's `cell` accepts (unknown keys are ignored)."""
+    params = {**cell.params, **(extra or {})}
+    cmd = [sys.executable, "-m", "ds4bench", "cell", "--params", json.dumps(params),
            "--out", str(out), "--fingerprints", str(fingerprints)]
     if trace:
         from .nsys import profile_command
@@ -569,8 +574,11 @@ def judge(rec: dict, cell_fp: str, base_rec: dict | None, base_fp: str | None,
         rec["unavailable"]["verdict"] = rec["unavailable"]["median_dlogprob"] = rec["verdict_reason"]
         return rec
     cfp, bfp = V.load_fingerprints(cell_fp), V.load_fingerprints(base_fp)
+    kl = {k: rec.get(k) for k in ("kl_mean", "kl_median", "kl_p99", "kl_max", "top1_agree", "kl_steps")}
+    probe = {"stage": rec.get("verdict_stage"), "layer": rec.get("verdict_layer"), "reason": rec.get("probe_reason")}
     rec["verdict"], rec["verdict_reason"], rec["median_dlogprob"] = V.judge_cell(
-        rec["prompts"], cfp, bfp, th, bool(rec["deterministic"]))
+        rec["prompts"], cfp, bfp, th, bool(rec["deterministic"]),
+        kl if rec.get("kl_median") is not None else None, probe)
     return rec
 
 
@@ -616,7 +624,9 @@ def run_matrix(cells: list[Cell], run, th: V.Thresholds = V.DEFAULT, progress=No
             if cell.params.get("trace") and nsys:
                 (run.path / "traces").mkdir(exist_ok=True)
                 trace = (nsys, run.path / "traces" / (cid if not k else f"{cid}.r{k}"))
-            rec, err, wall = run_cell_process(cell, out, fp, log, trace)
+            extra = {"correctness": not k, "probe_cache": str(run.path / "probe-cache"),
+                     "baseline_fingerprints": str(run.cell_paths(cell.baseline_cell)[1]) if cell.baseline_cell else None}
+            rec, err, wall = run_cell_process(cell, out, fp, log, trace, extra)
             base = {"run_id": run.run_id, "cell_id": cid, "key": cell.key, "is_baseline": cell.is_baseline,
                     "baseline_cell": cell.baseline_cell, **cell.params}
             if rec is None:
@@ -666,7 +676,9 @@ def add_trace(rec: dict, run_path: Path, trace: tuple[str, Path] | None) -> None
 
 # ---- one cell, in process (`ds4bench cell`) --------------------------------------------------
 def run_cell(params: dict, out: str, fingerprints: str) -> dict:
-    """Measure one cell in this process: load, prime, warm up, time the repetitions, fingerprint.
+    """Measure one cell in this process: load, prime, warm up, time the repetitions, fingerprint;
+    then (unless params `correctness` is False: a later round, timing only) the teacher-forced
+    KL against `baseline_fingerprints` and the stage probe (reference cached in `probe_cache`).
 
     The prime pass (8 tokens of the first prompt, 2 generated) is never timed: it builds the
     mode's lazily expanded weights (and compiles kernels on a GPU). `warmup` full passes follow,
@@ -767,6 +779,16 @@ def run_cell(params: dict, out: str, fingerprints: str) -> dict:
     else:
         na["stage_s"] = "stage times not asked for (--stages)"
 
+    kl_lp = None
+    if p.get("correctness", True):
+        kl_lp = _cell_kl(rec, na, eng, prompts, p["n_gen"], fingerprints, p.get("baseline_fingerprints"), results[0])
+        _cell_probe(rec, na, mf, eng, p, prompts,
+                    Path(p.get("probe_cache") or Path(fingerprints).parent.parent / "probe-cache"))
+    else:
+        from . import kl as KL
+        for k in (*KL.FIELDS, "probe_stages", "probe_s", "probe_mode", "probe_positions", "probe_cached"):
+            na[k] = "a later round: timing only (correctness comes from round 1)"
+
     rec.deterministic = all([f.tokens for f in r.fingerprints] == [f.tokens for f in results[0].fingerprints]
                             for r in results)
     for i, fp in enumerate(results[0].fingerprints):
@@ -774,7 +796,7 @@ def run_cell(params: dict, out: str, fingerprints: str) -> dict:
                             "text": fp.text, "tokens": fp.tokens,
                             "nonfinite": any(r.fingerprints[i].nonfinite for r in results),
                             "replica_mismatch": max(r.fingerprints[i].replica_mismatch for r in results)})
-    V.save_fingerprints(fingerprints, results[0].fingerprints, results[0].first_logits)
+    V.save_fingerprints(fingerprints, results[0].fingerprints, results[0].first_logits, kl_lp)
 
     rec.host_rss_peak_bytes = R.host_rss_peak_bytes()
     rec.state_bytes, rec.weights_bytes = int(eng.state.nbytes()), int(mf.nbytes)
@@ -795,6 +817,49 @@ def run_cell(params: dict, out: str, fingerprints: str) -> dict:
     d = rec.to_dict()
     write_atomic(Path(out), json.dumps(d))
     return d
+
+
+def _cell_kl(rec, na: dict, eng, prompts, n_gen: int, fingerprints: str, baseline_fp: str | None, result):
+    """The teacher-forced KL pass (kl.py): a baseline scores its own tokens and returns its
+    log-softmax to keep in its fingerprints; another cell scores the baseline's tokens and
+    fills the KL fields. Returns the log-softmax to store (baseline) or None."""
+    import numpy as np
+    from . import kl as KL
+    t0 = time.perf_counter()
+    if baseline_fp is None or Path(baseline_fp).resolve() == Path(fingerprints).resolve():
+        own = {fp.prompt_id: {"tokens": np.asarray(fp.tokens)} for fp in result.fingerprints}
+        lp = KL.teacher_forced(eng, prompts, n_gen, own)
+        base = {pid: {"tokens": own[pid]["tokens"], "logprobs": lp[pid]} for pid in lp}
+        keep = lp
+    elif not Path(baseline_fp).is_file():
+        for k in KL.FIELDS:
+            na[k] = f"the baseline's fingerprints {baseline_fp} are missing (did the baseline fail?)"
+        return None
+    else:
+        base, keep = V.load_fingerprints(baseline_fp), None
+        if not all("logprobs" in base.get(pid, {}) for pid, _ in prompts):
+            for k in KL.FIELDS:
+                na[k] = "the baseline's fingerprints have no teacher-forcing log-softmax (an older run)"
+            return None
+        lp = KL.teacher_forced(eng, prompts, n_gen, base)
+    for k, v in KL.cell_kl(lp, base).items():
+        setattr(rec, k, v)
+    rec.kl_s = time.perf_counter() - t0
+    return keep
+
+
+def _cell_probe(rec, na: dict, mf, eng, p: dict, prompts, cache_dir: Path) -> None:
+    """The stage probe (probe.py) of the cell's ops (and the faults its engine carries, if any):
+    per-stage statistics and the first stage over its limit."""
+    from . import probe as PR
+    opts = {"faults": eng.faults} if getattr(eng, "faults", None) else {}
+    res = PR.probe_cell(mf, eng.ops, p, prompts, cache_dir, **opts)
+    if not res:
+        for k in ("probe_stages", "probe_s", "probe_mode", "probe_positions", "probe_cached"):
+            na[k] = "probe off (DS4BENCH_PROBE_TOKENS=0)"
+        return
+    for k, v in res.items():
+        setattr(rec, k, v)
 
 
 @contextlib.contextmanager

@@ -253,6 +253,11 @@ def check_engine_env(environ) -> None:
             raise ValueError(f"DS4BENCH_PLACEMENT: {e}") from None
 
 
+def no_tap(stage: str, il: int, *arrays):
+    """The stage tap with no probe attached: the arrays unchanged (one, or a tuple of several)."""
+    return arrays[0] if len(arrays) == 1 else arrays
+
+
 # ---- the model -----------------------------------------------------------------------------------
 class DS4Model:
     """Forward pass over a `RunState`. `ops` supplies projections and numeric modes."""
@@ -296,6 +301,7 @@ class DS4Model:
         self._pool = fused.get("pool_windows") or self.pool_windows
         self._iscore = fused.get("indexer_scores") or (lambda iq, ik, wt, **_: indexer_scores(xp, acc, iq, ik, wt))
         self._swiglu = fused.get("swiglu_clamped") or (lambda g, u, c: swiglu_clamped(xp, g, u, c))
+        self.tap = no_tap                      # the stage probe attaches its own (probe.Recorder, probe.Replayer)
 
     def idx(self, key: tuple, make):
         """An index or mask array derived from the positions, on the array module's device,
@@ -389,16 +395,19 @@ class DS4Model:
         with prof.range("hc_pre"):
             x, post, comb = self.hc_pre(X, pre + "hc_attn")                       # [N, D], [N, S], [N, S, S]
             xn = self._rms(x, self.p(pre + "attn_norm.weight"), cfg.rms_eps)   # [N, D]
+            xn, post, comb = self.tap("hc_pre", il, xn, post, comb)
         with prof.range("attn.q"):
             qr = ops.linear(pre + "attn_q_a.weight", xn)                          # [N, Q]
             qrn = self._rms(qr, self.p(pre + "attn_q_a_norm.weight"), cfg.rms_eps)
             q = ops.linear(pre + "attn_q_b.weight", qrn).reshape(N, H, K)          # [N, H, K]
             q = self._rms(q, None, cfg.rms_eps)                                 # per head, no gain
             q = self._rope(q, P.reshape(N, 1), freq)                                 # [N, H, K]
+            q, qrn = self.tap("attn.q", il, q, qrn)
         with prof.range("attn.kv"):
             kv = ops.linear(pre + "attn_kv.weight", xn)                            # [N, K]
             kv = self._rms(kv, self.p(pre + "attn_kv_a_norm.weight"), cfg.rms_eps)
             kv = ops.kv_round(self._rope(kv, P.reshape(N), freq)).reshape(B, T, K)   # [B, T, K] FP8 nope, F16
+            kv = self.tap("attn.kv", il, kv)
 
         # most compressed rows after this call; in `step`, the state's capacity (rows beyond a
         # token's count are invisible to it, and the kernels stop at the count)
@@ -410,10 +419,12 @@ class DS4Model:
                 ck = ops.linear(pre + "attn_compressor_kv.weight", xn).reshape(B, T, w)
                 cs = ops.linear(pre + "attn_compressor_gate.weight", xn).reshape(B, T, w) + ape[
                     self.idx(("phase", ratio), lambda: P % ratio)]
+                ck, cs = self.tap("compressor", il, ck, cs)
                 eb, et, rows = self.compress(ls.ck, ls.cs, ck, cs, P, ratio, K,
                                              self.p(pre + "attn_compressor_norm.weight"))
                 if rows is not None:
                     rows = ops.kv_round(self._rope(rows, P[eb, et] + 1 - ratio, freq))   # [nE, K]
+                    rows = self.tap("compressor", il, rows)
                     self.emit_rows(ls.comp, eb, et, P, ratio, rows)
         visible = None
         if cfg.has_indexer(il):
@@ -435,14 +446,15 @@ class DS4Model:
             if o is None:
                 keys, mask = self.attention_keys(ls, kv, P, visible)               # [B, J, K], [B, T, J]
                 o = self.attend(q.reshape(B, T, H, K), keys, mask, sinks)          # [B, T, H, K]
+            o = self.tap("attention", il, o)
             n = min(T, W)
             ls.raw[bi, self.idx(("ring", W, n), lambda: P[:, -n:] % W)] = kv[:, -n:]
         with prof.range("attn.out"):
             o = self._rope(o.reshape(N, H, K), P.reshape(N, 1), freq, inverse=True)   # [N, H, K]
             G = cfg.o_groups
             low = ops.linear_grouped(pre + "attn_output_a.weight", o.reshape(N, G, -1))   # [N, G, O]
-            y = ops.linear(pre + "attn_output_b.weight", low.reshape(N, -1))        # [N, D]
-            return self.hc_post(X, y, post, comb)                                    # [N, S, D]
+            y = self.tap("attn.out", il, ops.linear(pre + "attn_output_b.weight", low.reshape(N, -1)))  # [N, D]
+            return self.tap("hc_post", il, self.hc_post(X, y, post, comb))           # [N, S, D]
 
     def attention_keys(self, ls, kv, P, visible):
         """The key rows a call's tokens attend to and which each sees: the window ring in position
@@ -477,10 +489,12 @@ class DS4Model:
         ck = ops.linear(pre + "indexer_compressor_kv.weight", xn).reshape(B, T, 2 * I)
         cs = ops.linear(pre + "indexer_compressor_gate.weight", xn).reshape(B, T, 2 * I) + ape[
             self.idx(("phase", 4), lambda: P % 4)]
+        ck, cs = self.tap("indexer", il, ck, cs)
         eb, et, rows = self.compress(ls.ick, ls.ics, ck, cs, P, 4, I,
                                      self.p(pre + "indexer_compressor_norm.weight"))
         if rows is not None:
             rows = ops.indexer_round(self._rope(rows, P[eb, et] - 3, self.inv_freq[True]))   # [nE, I]
+            rows = self.tap("indexer", il, rows)
             self.emit_rows(ls.ik, eb, et, P, 4, rows)
 
     def emit_rows(self, store, eb, et, P, ratio, rows):
@@ -513,7 +527,8 @@ class DS4Model:
         # (count <= k) scores none (-inf where not scored)
         count = dict(pos=P, ratio=4, min_rows=cfg.indexer_topk) if self._static else {}
         score = self._iscore(iq.reshape(B, T, J, I), ls.ik[:, :C], wt.reshape(B, T, J), **count)  # [B, T, C]
-        keep = ops.topk_mask(score, visible, cfg.indexer_topk)                          # [B, T, C]
+        score, _ = self.tap("indexer", il, score, visible)                            # compared where visible
+        keep = self.tap("indexer", il, ops.topk_mask(score, visible, cfg.indexer_topk))  # [B, T, C] a selection
         return xp.where(self.idx(("topk_on",), lambda: n_vis[..., None] > cfg.indexer_topk), keep, visible)
 
     # -- FFN sublayer ------------------------------------------------------------------------------
@@ -523,10 +538,11 @@ class DS4Model:
         with prof.range("hc_pre"):
             x2, post, comb = self.hc_pre(X, pre + "hc_ffn")                             # [N, D], [N, S], [N, S, S]
             xn2 = self._rms(x2, self.p(pre + "ffn_norm.weight"), cfg.rms_eps)       # [N, D]
+            xn2, post, comb = self.tap("hc_pre", il, xn2, post, comb)
         with prof.range("moe.router"):
-            sel, wts = self.route(il, xn2, tokens)                                      # [N, A], [N, A]
+            sel, wts = self.tap("moe.router", il, *self.route(il, xn2, tokens))        # [N, A], [N, A]
         with prof.range("moe.experts"):
-            moe = ops.experts(il, xn2, sel, wts)                                        # [N, D]
+            moe = self.tap("moe.experts", il, ops.experts(il, xn2, sel, wts))          # [N, D]
             if self.delay is not None:
                 self.delay()
         with prof.range("moe.shared"):
@@ -534,8 +550,8 @@ class DS4Model:
             g = ops.linear(pre + "ffn_gate_shexp.weight", xn2)                          # [N, F]
             u = ops.linear(pre + "ffn_up_shexp.weight", xn2)                            # [N, F]
             mid = self._swiglu(g, u, c)                                                 # [N, F]
-            sh = ops.linear(pre + "ffn_down_shexp.weight", mid)                         # [N, D]
-        return self.hc_post(X, moe + sh, post, comb)                                    # [N, S, D]
+            sh = self.tap("moe.shared", il, ops.linear(pre + "ffn_down_shexp.weight", mid))  # [N, D]
+        return self.tap("hc_post", il, self.hc_post(X, moe + sh, post, comb))          # [N, S, D]
 
     def route(self, il, xn2, tokens):
         """sqrt(softplus) scores; hash table on the first layers, biased top-k elsewhere."""
@@ -592,7 +608,7 @@ class DS4Model:
         if not all_logits:
             X = X.reshape(B, T, *X.shape[1:])[:, -1]
         with self.prof.range("head"):
-            logits = self.head(X)                                                        # [B(*T), V]
+            logits = self.tap("head", self.cfg.n_layer, self.head(X))                   # [B(*T), V]
         return logits.reshape(B, T, -1) if all_logits else logits
 
     def head(self, X):

@@ -70,6 +70,25 @@ class CellRecord:
     verdict_reason: str = ""
     deterministic: bool | None = None   # every repetition generated the same tokens
     median_dlogprob: float | None = None  # median |Δlogprob| over every compared step of every prompt
+    verdict_stage: str | None = None    # broken by the stage probe: the first stage over its limit ("attn.out")
+    verdict_layer: int | None = None    # ... and its layer (n_layer for the head)
+    # teacher-forced KL against the baseline's greedy tokens (kl.py), over every step of every prompt
+    kl_mean: float | None = None
+    kl_median: float | None = None
+    kl_p99: float | None = None
+    kl_max: float | None = None
+    top1_agree: float | None = None     # fraction of steps whose argmax is the baseline's token
+    dp_mean: float | None = None        # mean of p_cell - p_base of the baseline's token
+    dp_rms: float | None = None
+    kl_steps: int | None = None
+    kl_s: float | None = None           # seconds the teacher-forced pass took
+    # stage probe against the NumPy reference (probe.py)
+    probe_mode: str | None = None       # the reference engine's mode
+    probe_positions: int | None = None  # positions probed (prefill tokens + decode steps)
+    probe_stages: list = field(default_factory=list)   # per (stage, layer): nmse, max_abs[, sel_differ]
+    probe_reason: str = ""              # the first stage over its limit, in words
+    probe_cached: bool | None = None    # the reference's stage outputs came from the cache
+    probe_s: float | None = None        # seconds the probe took (reference included when not cached)
     # parameters
     preset: str | None = None
     model_file: str | None = None
@@ -189,7 +208,8 @@ class CellRecord:
 
 FIELDS = tuple(f.name for f in dataclasses.fields(CellRecord))
 # Fields that are not measurements: None there means "not applicable", never "not measured".
-NOT_MEASURED = ("error", "baseline_cell", "verdict_reason", "timing_note", "tree", "tree_source", "slowdown")
+NOT_MEASURED = ("error", "baseline_cell", "verdict_reason", "timing_note", "tree", "tree_source", "slowdown",
+                "verdict_stage", "verdict_layer", "probe_reason")
 
 def utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

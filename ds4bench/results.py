@@ -23,23 +23,25 @@ from pathlib import Path
 
 from . import guards as G
 from . import record as R
+from . import kl as KL
 from . import verdict as V
 
 DEFAULT_ROOT = "results/runs"
 METRICS = (("verdict", "verdict"), ("decode_tps", "decode tok/s"), ("prefill_tps", "prefill tok/s"),
            ("ttft_ms", "TTFT ms"), ("latency_p50_ms", "p50 ms"), ("latency_p99_ms", "p99 ms"),
            ("roofline_pct", "roofline %"), ("first_div", "1st div"), ("med_dlp", "median Δlp"),
-           ("max_dlp", "max Δlp"), ("timing", "timing"))
+           ("max_dlp", "max Δlp"), ("kl_med", "KL median"), ("timing", "timing"))
 SHOWN_PARAMS = ("tree", "preset", "model_file", "backend", "cache", "placement", "batch", "nvtx", "trace", "n_gen",
                 "prompt_set", "reps", "rounds")
 
 
-LEGEND = ("identical: same tokens and logprobs as the baseline · close: same tokens, logprobs within the "
-          "limits · drift: tokens diverge where the baseline's top-2 margin was a near tie (≤ tie) · broken: the "
-          "cell's median |Δlogprob| > tol (a systematic error), one step > spike, a divergence without a near tie, "
+LEGEND = ("identical: same tokens and logprobs as the baseline · close: fed the baseline's tokens, every "
+          "top-1 agrees and KL p99 ≤ kl_close · drift: healthy precision noise (KL within the band) · broken: a "
+          "stage over its limit in the stage probe (the reason names stage and layer), KL median > kl_broken, "
           "NaN/Inf, non-deterministic repetitions or batch replicas · failed: the cell produced no record "
-          "(crash, OOM kill, timeout). `1st div` is the earliest divergence step (prompts diverged/all); "
-          "`median Δlp` the cell's median |Δlogprob|. Thresholds and their evidence: ds4bench/verdict.py.")
+          "(crash, OOM kill, timeout). `KL median` is the teacher-forced KL from the baseline; `1st div` the "
+          "earliest free-running divergence step (prompts diverged/all) and `median Δlp` the cell's median "
+          "|Δlogprob|, as information. Rules and evidence: docs/verdicts.md, ds4bench/verdict.py.")
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -210,7 +212,8 @@ def row_view(r: dict) -> dict:
             "roofline_pct": r.get("roofline_pct"),
             "first_div": f"{min(divs)} ({len(divs)}/{len(ps)})" if divs else ("none" if ps else None),
             "med_dlp": None if r.get("median_dlogprob") is None else f"{r['median_dlogprob']:.3g}",
-            "max_dlp": f"{max(dlps):.3g}" if dlps else None, "timing": timing}
+            "max_dlp": f"{max(dlps):.3g}" if dlps else None, "timing": timing,
+            "kl_med": None if r.get("kl_median") is None else f"{r['kl_median']:.2g}"}
 
 
 def varying(recs: list[dict], names=SHOWN_PARAMS) -> tuple[list[str], dict]:
@@ -368,10 +371,12 @@ def compare(a: list[dict], b: list[dict], alpha: float = 0.05, factor: float = 1
         pa = {p["prompt_id"]: p.get("sha256") for p in ra.get("prompts") or []}
         pb = {p["prompt_id"]: p.get("sha256") for p in rb.get("prompts") or []}
         moved = sorted(pid for pid in pa.keys() | pb.keys() if pa.get(pid) != pb.get(pid))
-        if ra.get("verdict") != rb.get("verdict") or moved:
+        kl_moved = KL.band_exceeded(ra, rb)
+        if ra.get("verdict") != rb.get("verdict") or moved or kl_moved:
             worse = V.RANK.get(rb.get("verdict") or "failed", 4) > V.RANK.get(ra.get("verdict") or "failed", 4)
             changes.append({"cell": label, "verdict_a": ra.get("verdict"), "verdict_b": rb.get("verdict"),
-                            "worse": worse, "tokens_changed": moved, "reason_b": rb.get("verdict_reason", "")})
+                            "worse": worse, "tokens_changed": moved, "reason_b": rb.get("verdict_reason", ""),
+                            "kl_a": ra.get("kl_median"), "kl_b": rb.get("kl_median"), "kl_moved": kl_moved})
         dec = compare_rounds(_rounds(ra, "decode_tps"), _rounds(rb, "decode_tps"), alpha, factor)
         pre = compare_rounds(_rounds(ra, "prefill_tps"), _rounds(rb, "prefill_tps"), alpha, factor)
         shaky = [side for side, r in (("A", ra), ("B", rb)) if r.get("timing_reliable") is False]
@@ -388,7 +393,7 @@ def compare(a: list[dict], b: list[dict], alpha: float = 0.05, factor: float = 1
     return {"correctness": changes, "bad_b": bad_b, "speed": speed, "ranges": ranges, "alpha": alpha, "factor": factor,
             "env_a": envs[0], "env_b": envs[1],
             "only_a": [_label(A[k]) for k in A if k not in B], "only_b": [_label(B[k]) for k in B if k not in A],
-            "status": int(any(c["worse"] for c in changes) or gate(b) == 1)}
+            "status": int(any(c["worse"] or c.get("kl_moved") for c in changes) or gate(b) == 1)}
 
 
 RANGE_ROWS = 10
@@ -428,9 +433,10 @@ def render_compare(res: dict, fmt: str, name_a: str = "A", name_b: str = "B") ->
         out += [f"environments differ: A {' | '.join(res['env_a'])}; B {' | '.join(res['env_b'])}", ""]
     out += ["## Correctness changes", ""]
     if res["correctness"]:
-        out += ["| cell | A | B | prompts with new tokens | B's reason |", "|---|---|---|---|---|"]
+        out += ["| cell | A | B | KL median A → B | prompts with new tokens | B's reason |", "|---|---|---|---|---|---|"]
         out += [f"| {c['cell']} | {c['verdict_a']} | {'**' + str(c['verdict_b']) + '**' if c['worse'] else c['verdict_b']}"
-                f" | {', '.join(c['tokens_changed']) or '–'} | {c['reason_b'] or '–'} |" for c in res["correctness"]]
+                f" | {KL.fmt_move(c)} | {', '.join(c['tokens_changed']) or '–'} | {c['reason_b'] or '–'} |"
+                for c in res["correctness"]]
     else:
         out.append("none: every joined cell has the same verdict and the same tokens")
     if res.get("bad_b"):

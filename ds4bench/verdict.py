@@ -1,4 +1,27 @@
-"""Verdicts: a cell's greedy fingerprints against its baseline's.
+"""Verdicts: a cell against its baseline and the NumPy reference (docs/verdicts.md).
+
+The rules (`judge_kl`), from the stage probe (probe.py: every stage of every layer on the
+reference's input, against limits derived from each mode's arithmetic) and the teacher-forced
+KL divergence from the baseline (kl.py: the baseline's greedy tokens fed to the cell):
+  broken     repetitions disagree; a stage over its limit (reason "attn.q, layer 0, NMSE 0.13 >
+             0.0004"; the record's verdict_stage / verdict_layer name it); NaN/Inf; batch
+             replicas of a prompt disagree; KL median > kl_broken or KL p99 > kl_gross
+  identical  same tokens and logprobs, KL 0
+  close      every step's top-1 agrees with the baseline's token and KL p99 <= kl_close
+  drift      otherwise (a healthy precision change that moves some choices)
+Evidence for the KL thresholds (tiny, smoke prompts, n = 32, batch 1, seeds 0-2, 96 steps):
+  healthy f16   KL median 7.9e-4 - 8.7e-4, p99 <= 0.082, top-1 agreement 95-97%
+  healthy q8    KL median 1.9e-3 - 2.1e-3, p99 <= 0.072, top-1 agreement 92-93%
+  q8-badscale   KL median 0.117 - 0.122,   p99 0.34-0.65, top-1 agreement 66-72%
+  kl_broken = 0.02 is 9.5x the worst healthy median and 5.8x below the best broken one (near
+  their geometric mean); kl_gross = 2.0 guards against gross errors on a few steps (3x the
+  worst broken p99 seen, 24x the healthy); kl_close = 0.02 with every top-1 agreeing.
+The probe limits and their evidence are in probe.py and docs/verdicts.md. The free-running
+comparison below (first divergence, |Δlogprob|, margin, first-step NMSE) stays in each prompt as
+information, and judges records that carry no KL statistics (runs before the KL existed).
+
+Free-running rules (records without KL statistics): a cell's greedy fingerprints against its
+baseline's.
 
 Per prompt: the first divergence d of the greedy tokens (None if they agree), |Δlogprob| of
 every step 0..d over the union of both top-20 lists (its max and median), the baseline's
@@ -74,6 +97,9 @@ class Thresholds:
     spike: float = 2.5          # prompt: max |Δlogprob| over steps 0..d
     tie: float = 1.5            # prompt: baseline top-1 minus top-2 logprob at a divergence
     nmse_max: float = 0.2       # prompt: first-step logits NMSE
+    kl_broken: float = 0.02     # cell: median teacher-forced KL (nats) far outside the healthy band
+    kl_gross: float = 2.0       # cell: p99 teacher-forced KL (nats): a gross error on some steps
+    kl_close: float = 0.02      # cell: p99 KL at most this and every top-1 agreeing: close, else drift
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -100,8 +126,9 @@ def worst(verdicts) -> str:
 
 
 # ---- fingerprint files -----------------------------------------------------------------------
-def save_fingerprints(path: str, fingerprints, first_logits: dict) -> None:
-    """Per prompt: tokens, top-k ids and logprobs per step, first-step logits; written atomically."""
+def save_fingerprints(path: str, fingerprints, first_logits: dict, logprobs: dict | None = None) -> None:
+    """Per prompt: tokens, top-k ids and logprobs per step, first-step logits and (a baseline's)
+    teacher-forcing log-softmax float16 [n, V] (kl.py); written atomically."""
     arrays = {}
     for fp in fingerprints:
         arrays[f"{fp.prompt_id}.tokens"] = np.asarray(fp.tokens, dtype=np.int32)
@@ -109,6 +136,8 @@ def save_fingerprints(path: str, fingerprints, first_logits: dict) -> None:
         arrays[f"{fp.prompt_id}.topk_lp"] = np.asarray(fp.topk_logprobs, dtype=np.float64)      # [n, k]
         if fp.prompt_id in first_logits:
             arrays[f"{fp.prompt_id}.first_logits"] = np.asarray(first_logits[fp.prompt_id], np.float32)  # [V]
+        if logprobs and fp.prompt_id in logprobs:
+            arrays[f"{fp.prompt_id}.logprobs"] = np.asarray(logprobs[fp.prompt_id], np.float16)         # [n, V]
     from .guards import replacing
     with replacing(path) as tmp, open(tmp, "wb") as fh:      # no temporary survives a failed write
         np.savez(fh, **arrays)
@@ -222,11 +251,18 @@ def judge_prompt(cell: dict, base: dict, nonfinite: bool = False, th: Thresholds
 
 
 def judge_cell(prompts: list[dict], cell_fp: dict, base_fp: dict, th: Thresholds = DEFAULT,
-               deterministic: bool = True) -> tuple[str, str, float | None]:
+               deterministic: bool = True, kl: dict | None = None,
+               probe: dict | None = None) -> tuple[str, str, float | None]:
     """Fill each prompt dict (from the record) with its comparison; return the cell's verdict,
-    reason and median |Δlogprob| over all compared steps of all prompts. The verdict is the
-    worst prompt's, or broken when that median exceeds tol (a systematic error, not precision
+    reason and median |Δlogprob| over all compared steps of all prompts.
+
+    With the teacher-forced KL statistics `kl` (kl.FIELDS) the verdict follows `judge_kl`
+    (the stage probe's finding `probe` {stage, layer, reason} first); without them (a record
+    of an older run, or a baseline that kept no log-softmax) the free-running rules: the worst
+    prompt's verdict, or broken when the median exceeds tol (a systematic error, not precision
     noise), when repetitions disagree, or when batch replicas of one prompt differ."""
+    if kl:
+        return judge_kl(prompts, cell_fp, base_fp, th, deterministic, kl, probe)
     steps = []
     for p in prompts:
         pid = p["prompt_id"]
@@ -244,6 +280,8 @@ def judge_cell(prompts: list[dict], cell_fp: dict, base_fp: dict, th: Thresholds
     v = worst(p["verdict"] for p in prompts)
     if not deterministic:
         return "broken", "repetitions generated different tokens (non-deterministic)", typical
+    if probe and probe.get("stage"):
+        return "broken", probe["reason"], typical
     if typical > th.tol and math.isfinite(typical):
         return "broken", (f"median |Δlogprob| {typical:.3g} over {len(pooled)} steps > tol {th.tol:g}: "
                           f"a systematic error, not precision noise"), typical
@@ -253,3 +291,57 @@ def judge_cell(prompts: list[dict], cell_fp: dict, base_fp: dict, th: Thresholds
         return v, f"same tokens, median |Δlogprob| {typical:.2g}, max {max(p['max_dlogprob'] for p in prompts):.2g}", typical
     why = "; ".join(f"{p['prompt_id']}: {p['reason']}" for p in prompts if p["verdict"] == v)
     return v, why + (f" (median |Δlogprob| {typical:.2g})" if v == "drift" else ""), typical
+
+
+def judge_kl(prompts: list[dict], cell_fp: dict, base_fp: dict, th: Thresholds, deterministic: bool,
+             kl: dict, probe: dict | None) -> tuple[str, str, float | None]:
+    """The verdict from the stage probe and the teacher-forced KL (docs/verdicts.md):
+
+      broken     repetitions disagree; a stage over its limit (probe: "attn.out, layer 0, NMSE
+                 1.5e-2 > 4e-4"); NaN/Inf in the logits; batch replicas of a prompt disagree;
+                 median KL > kl_broken or p99 KL > kl_gross
+      identical  same tokens and logprobs as the baseline, KL 0
+      close      every step's top-1 agrees with the baseline's token and p99 KL <= kl_close
+      drift      otherwise: a healthy precision change that moves some choices
+    The free-running comparison (first divergence, |Δlogprob|, margin) stays in each prompt as
+    information; a prompt's own verdict says identical, close (same tokens) or drift."""
+    steps = []
+    for p in prompts:
+        pid = p["prompt_id"]
+        if pid not in base_fp or pid not in cell_fp:
+            p.update(verdict="broken", reason="prompt missing from the baseline's fingerprints")
+            continue
+        c, dl = compare_prompt(cell_fp[pid], base_fp[pid])
+        steps.append(dl)
+        if p.get("nonfinite"):
+            v, why = "broken", "NaN/Inf in logits"
+        elif p.get("replica_mismatch"):
+            v, why = "broken", f"{p['replica_mismatch']} batch replica(s) of the prompt generated different tokens"
+        elif c["first_divergence"] is None:
+            v = "identical" if c["max_dlogprob"] == 0 and not c["nmse"] else "close"
+            why = "" if v == "identical" else f"same tokens, max |Δlogprob| {c['max_dlogprob']:.2g}"
+        else:
+            v, why = "drift", f"free-running tokens part at step {c['first_divergence']}"
+        p.update(c | {"verdict": v, "reason": why})
+    pooled = np.concatenate(steps) if steps else np.zeros(0)
+    typical = float(np.median(pooled)) if len(pooled) else 0.0
+    stats = (f"KL median {kl['kl_median']:.2g}, p99 {kl['kl_p99']:.2g}, max {kl['kl_max']:.2g}; "
+             f"top-1 agrees on {kl['top1_agree']:.0%} of {kl['kl_steps']} steps")
+    if not deterministic:
+        return "broken", "repetitions generated different tokens (non-deterministic)", typical
+    if probe and probe.get("stage"):
+        return "broken", probe["reason"], typical
+    bad = [p for p in prompts if p["verdict"] == "broken"]
+    if bad:
+        return "broken", "; ".join(f"{p['prompt_id']}: {p['reason']}" for p in bad), typical
+    if not math.isfinite(kl["kl_max"]):
+        return "broken", "NaN/Inf in the teacher-forced logits", typical
+    if kl["kl_median"] > th.kl_broken:
+        return "broken", f"KL median {kl['kl_median']:.3g} > {th.kl_broken:g}: a systematic error ({stats})", typical
+    if kl["kl_p99"] > th.kl_gross:
+        return "broken", f"KL p99 {kl['kl_p99']:.3g} > {th.kl_gross:g}: gross errors on some steps ({stats})", typical
+    if all(p["verdict"] == "identical" for p in prompts) and kl["kl_max"] == 0:
+        return "identical", "", typical
+    if kl["top1_agree"] == 1.0 and kl["kl_p99"] <= th.kl_close:
+        return "close", stats, typical
+    return "drift", stats, typical
