@@ -69,7 +69,7 @@ def confusion(recs: list[dict]) -> dict:
         if not names:
             healthy.append({"cell": cell, "verdict": verdict, "broken": verdict == "broken"})
             continue
-        stages = sorted({FAULTS[n].stage for n in names if n in FAULTS})
+        stages = sorted({st for n in names if n in FAULTS for st in FAULTS[n].stages})
         named = r.get("verdict_stage")
         faults.append({"fault": ",".join(names), "stage": ",".join(stages), "cell": cell, "verdict": verdict,
                        "verdict_stage": named, "verdict_layer": r.get("verdict_layer"),

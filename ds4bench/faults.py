@@ -32,13 +32,17 @@ ACT_BLOCK_EVERY = 8                   # q8-act-block: blocks b % 8 == 7 read act
 @dataclass(frozen=True)
 class Fault:
     name: str
-    stage: str                        # where the error is made (an NVTX stage name)
+    stage: str                        # where the error is made: an NVTX stage name, or several joined by ","
     layers: str                       # which layers it touches
     description: str                  # the bug it imitates and why it is realistic
     numpy: str                        # where the NumPy engine makes the mistake ("" = nowhere)
     cuda: str                         # the kernel file with its #ifdef twin ("" = none)
     tensors: tuple = ()               # Q8_0 tensors it is limited to (name suffixes; () = all)
     host: bool = False                # made in host code both engines run (no kernel twin needed)
+
+    @property
+    def stages(self) -> tuple:
+        return tuple(self.stage.split(","))
 
     @property
     def define(self) -> str:
@@ -61,7 +65,7 @@ FAULTS: dict[str, Fault] = {f.name: f for f in (
           "of the block before it: an off-by-one in the scale pointer of an unrolled block loop, on "
           "one projection over part of K (the first broken build of issue 21).",
           "ops_ref.RefOps.intw (Q8_0 scales)", "kernels/q8_0.cu", ("attn_output_b.weight",)),
-    Fault("q8-scale-drift", "attn.q", "all",
+    Fault("q8-scale-drift", "attn.q,attn.kv,attn.out,moe.shared,head", "all",
           "every Q8_0 weight block scale 1/64 (1.6%) too large in the dp4a path: a fixed-point or "
           "half-to-float conversion off by one ulp-shift (the second broken build of issue 21).",
           "ops_ref.RefOps.intw (Q8_0 scales)", "kernels/q8_0.cu"),
