@@ -7,6 +7,7 @@
 # faults-<card>.txt (the twin tests' summary and every confusion table) are written there.
 #   SEEDS="0 1 2"   synthetic weight seeds (default 0)
 #   BATCHES="1 16"  batch sizes (default 1)
+#   PYTEST=0        skip the twin tests (when the whole `pytest -m gpu` ran before in the same call)
 # Expected time on an H200: ~1 min for the twin tests (NVRTC compiles each fault's module), then
 # 17 cells per seed and batch at ~15-25 s each (flash-4l load, a 2.1k-token prefill per slot,
 # 8 tokens): ~5-7 min for the default; SEEDS="0 1 2" BATCHES="1 16" is ~6x that, so split it
@@ -19,7 +20,8 @@ summary=$(mktemp)
   echo "# ds4bench faults on $card, commit ${DS4BENCH_COMMIT:-unknown}, $(date -u +%FT%TZ)"
   echo "# SEEDS='${SEEDS:-0}' BATCHES='${BATCHES:-1}': benchmarks/gpu_faults.sh"
   echo "## CUDA twins: python3 -m pytest -q -m gpu tests/test_faults.py"
-  python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_faults.py 2>&1 | tail -15
+  if [ "${PYTEST:-1}" = 0 ]; then echo "(skipped: PYTEST=0)"
+  else python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_faults.py 2>&1 | tail -15; fi
 } >> "$summary"
 runs=()
 for seed in ${SEEDS:-0}; do

@@ -502,15 +502,10 @@ def _die_with_parent() -> None:
 
 
 def run_cell_process(cell: Cell, out: Path, fingerprints: Path, log: Path,
-                     trace: tuple[str, Path] | None = None, extra: dict | None = None) -> tuple[dict | None, str, float]:
+                     trace: tuple[str, Path] | None = None) -> tuple[dict | None, str, float]:
     """Run one cell as `python -m ds4bench cell` (under `nsys profile` when `trace` gives the
-    nsys path and the report's base name); (record or None, error, wall seconds). `extra` adds
-    to the cell's params what this run of it needs: `baseline_fingerprints` (the group
-    baseline's, which the teacher-forced KL reads), `correctness` (False: timing only, no probe
-    and no KL), `probe_cache` (the run's cache of reference stage outputs). They travel in the
-    params, which any tree's `cell` accepts (unknown keys are ignored)."""
-    params = {**cell.params, **(extra or {})}
-    cmd = [sys.executable, "-m", "ds4bench", "cell", "--params", json.dumps(params),
+    nsys path and the report's base name); (record or None, error, wall seconds)."""
+    cmd = [sys.executable, "-m", "ds4bench", "cell", "--params", json.dumps(cell.params),
            "--out", str(out), "--fingerprints", str(fingerprints)]
     if trace:
         from .nsys import profile_command
@@ -624,9 +619,14 @@ def run_matrix(cells: list[Cell], run, th: V.Thresholds = V.DEFAULT, progress=No
             if cell.params.get("trace") and nsys:
                 (run.path / "traces").mkdir(exist_ok=True)
                 trace = (nsys, run.path / "traces" / (cid if not k else f"{cid}.r{k}"))
-            extra = {"correctness": not k, "probe_cache": str(run.path / "probe-cache"),
-                     "baseline_fingerprints": str(run.cell_paths(cell.baseline_cell)[1]) if cell.baseline_cell else None}
-            rec, err, wall = run_cell_process(cell, out, fp, log, trace, extra)
+            # what this run of the cell needs beside its params, in them (any tree's `cell` ignores
+            # keys it does not know): the group baseline's fingerprints for the teacher-forced KL,
+            # the run's cache of reference stage outputs, and whether it measures correctness
+            # (round 1) or only time (later rounds: no probe, no KL)
+            this = dataclasses.replace(cell, params={
+                **cell.params, "correctness": not k, "probe_cache": str(run.path / "probe-cache"),
+                "baseline_fingerprints": str(run.cell_paths(cell.baseline_cell)[1]) if cell.baseline_cell else None})
+            rec, err, wall = run_cell_process(this, out, fp, log, trace)
             base = {"run_id": run.run_id, "cell_id": cid, "key": cell.key, "is_baseline": cell.is_baseline,
                     "baseline_cell": cell.baseline_cell, **cell.params}
             if rec is None:
