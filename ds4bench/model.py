@@ -268,6 +268,7 @@ class DS4Model:
     _static = False
     _im = np
     delay = None                               # slowdown.Delay: a known wait in each MoE stage (tests)
+    faults = frozenset()                       # none unless __init__ is given some (faults.py)
 
     def __init__(self, cfg: ModelConfig, ops, profiler: Profiler | None = None, faults: frozenset = frozenset()):
         self.cfg, self.ops, self.xp = cfg, ops, ops.xp

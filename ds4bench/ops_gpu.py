@@ -75,6 +75,7 @@ def _grid(O: int, T: int) -> tuple[int, int]:
 class GpuOps:
     xp = cp
     acc = cp.float64                  # as the reference: small reductions in double, rounded once
+    faults = frozenset()              # none unless __init__ is given some (faults.py)
 
     def __init__(self, model: ModelFile, cache: str = "f32", placement: str | None = None,
                  cache_budget_mb: int | None = None, faults: frozenset = frozenset()):

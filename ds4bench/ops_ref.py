@@ -53,6 +53,7 @@ class RefOps:
     # not depend on how many rows are computed together: chunked prefill equals token-by-token
     # decode and a batched sequence equals the same sequence alone, bit for bit.
     acc = np.float64
+    faults = frozenset()                   # none unless __init__ is given some (faults.py)
 
     def __init__(self, model: ModelFile, cache: str = "f32", faults: frozenset = frozenset()):
         self.model, self.cfg = model, model.cfg
