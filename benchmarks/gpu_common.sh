@@ -1,5 +1,5 @@
 # Sourced by the GPU-machine scripts in benchmarks/: the carried wheels and Nsight Systems
-# (.whl/gpu-env.sh, see ../shared/device/README.md), this checkout on PYTHONPATH, the commit the
+# (.whl/gpu-env.sh, see docs/gpu-machine.md), this checkout on PYTHONPATH, the commit the
 # records name (DS4BENCH_COMMIT, given, or HEAD of a clean git tree), the card's short name
 # (`card`, e.g. h100) and a run-id stamp (`stamp`, UTC minute, or $STAMP).
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
