@@ -263,19 +263,12 @@ def judge_cell(prompts: list[dict], cell_fp: dict, base_fp: dict, th: Thresholds
     noise), when repetitions disagree, or when batch replicas of one prompt differ."""
     if kl:
         return judge_kl(prompts, cell_fp, base_fp, th, deterministic, kl, probe)
-    steps = []
-    for p in prompts:
-        pid = p["prompt_id"]
-        if pid not in base_fp or pid not in cell_fp:
-            p.update(verdict="broken", reason="prompt missing from the baseline's fingerprints")
-            continue
-        c, dl = compare_prompt(cell_fp[pid], base_fp[pid])
+    pairs, pooled = _compare_prompts(prompts, cell_fp, base_fp)
+    for p, c in pairs:
         p.update(c | classify_prompt(c, p.get("nonfinite", False), th))
-        steps.append(dl)
         if p.get("replica_mismatch"):
             p.update(verdict="broken", reason=f"{p['replica_mismatch']} batch replica(s) of the prompt "
                                               f"generated different tokens")
-    pooled = np.concatenate(steps) if steps else np.zeros(0)
     typical = float(np.median(pooled)) if len(pooled) else 0.0
     v = worst(p["verdict"] for p in prompts)
     if not deterministic:
@@ -293,6 +286,21 @@ def judge_cell(prompts: list[dict], cell_fp: dict, base_fp: dict, th: Thresholds
     return v, why + (f" (median |Δlogprob| {typical:.2g})" if v == "drift" else ""), typical
 
 
+def _compare_prompts(prompts: list[dict], cell_fp: dict, base_fp: dict) -> tuple[list, np.ndarray]:
+    """Each record prompt that both fingerprints hold, with its compare_prompt summary, and the
+    |Δlogprob| of every compared step pooled; a prompt missing from either side is marked broken."""
+    pairs, steps = [], []
+    for p in prompts:
+        pid = p["prompt_id"]
+        if pid not in base_fp or pid not in cell_fp:
+            p.update(verdict="broken", reason="prompt missing from the baseline's fingerprints")
+            continue
+        c, dl = compare_prompt(cell_fp[pid], base_fp[pid])
+        pairs.append((p, c))
+        steps.append(dl)
+    return pairs, (np.concatenate(steps) if steps else np.zeros(0))
+
+
 def judge_kl(prompts: list[dict], cell_fp: dict, base_fp: dict, th: Thresholds, deterministic: bool,
              kl: dict, probe: dict | None) -> tuple[str, str, float | None]:
     """The verdict from the stage probe and the teacher-forced KL (docs/verdicts.md):
@@ -305,14 +313,8 @@ def judge_kl(prompts: list[dict], cell_fp: dict, base_fp: dict, th: Thresholds, 
       drift      otherwise: a healthy precision change that moves some choices
     The free-running comparison (first divergence, |Δlogprob|, margin) stays in each prompt as
     information; a prompt's own verdict says identical, close (same tokens) or drift."""
-    steps = []
-    for p in prompts:
-        pid = p["prompt_id"]
-        if pid not in base_fp or pid not in cell_fp:
-            p.update(verdict="broken", reason="prompt missing from the baseline's fingerprints")
-            continue
-        c, dl = compare_prompt(cell_fp[pid], base_fp[pid])
-        steps.append(dl)
+    pairs, pooled = _compare_prompts(prompts, cell_fp, base_fp)
+    for p, c in pairs:
         if p.get("nonfinite"):
             v, why = "broken", "NaN/Inf in logits"
         elif p.get("replica_mismatch"):
@@ -323,7 +325,6 @@ def judge_kl(prompts: list[dict], cell_fp: dict, base_fp: dict, th: Thresholds, 
         else:
             v, why = "drift", f"free-running tokens part at step {c['first_divergence']}"
         p.update(c | {"verdict": v, "reason": why})
-    pooled = np.concatenate(steps) if steps else np.zeros(0)
     typical = float(np.median(pooled)) if len(pooled) else 0.0
     stats = (f"KL median {kl['kl_median']:.2g}, p99 {kl['kl_p99']:.2g}, max {kl['kl_max']:.2g}; "
              f"top-1 agrees on {kl['top1_agree']:.0%} of {kl['kl_steps']} steps")
