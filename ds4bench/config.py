@@ -221,7 +221,6 @@ def check_range(fld: str, key: str, value) -> None:
 # Always zero in DS4 (no group-limited routing); written so ds4's loader finds them.
 GGUF_ZERO_KEYS = ("expert_group_count", "expert_group_used_count")
 # ds4bench's own keys: how to rebuild the config name and weight variant from a file.
-DS4BENCH_KEYS = ("ds4bench.preset", "ds4bench.variant", "ds4bench.seed")
 
 
 def to_gguf_metadata(cfg: ModelConfig) -> dict[str, tuple[str, object]]:

@@ -20,7 +20,6 @@ from gguf import GGUFReader, GGUFValueType, GGUFWriter
 from . import config as C
 from .formats import FORMATS, row_bytes, tensor_bytes
 
-QUANTIZED = (QT.Q8_0, QT.Q2_K, QT.Q4_K, QT.IQ2_XXS)
 PLAIN_DTYPES = {QT.F32: np.float32, QT.F16: np.float16, QT.I32: np.int32}
 
 
@@ -408,12 +407,3 @@ def load_gguf(path: str, expect: C.ModelConfig | None = None, variant: str | Non
 
 
 TensorSource = Callable[[TensorSpec], np.ndarray]
-
-
-def save_model(model: ModelFile, path: str, extra_metadata: dict[str, object] | None = None) -> int:
-    """Write a loaded or synthetic model back out (its tokenizer and ds4bench keys included)."""
-    meta = {k: v for k, v in model.metadata.items()
-            if not k.startswith(C.ARCH + ".") and not k.startswith("general.") and v is not None}
-    meta.update(extra_metadata or {})
-    specs = [s for s in tensor_specs(model.cfg) if s.name in model.tensors]
-    return write_gguf(path, model.cfg, lambda s: model.tensors[s.name].data, specs, meta)

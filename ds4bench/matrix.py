@@ -468,7 +468,7 @@ def prepare_models(cells: list[Cell], cache_dir: str | None = None, say=print) -
 # ---- running ---------------------------------------------------------------------------------
 def cell_env(cell: Cell) -> dict:
     p = cell.params
-    env = {"DS4BENCH_BACKEND": p["backend"], "DS4BENCH_CACHE": p["cache"], "DS4BENCH_BATCH": str(p["batch"])}
+    env = {"DS4BENCH_BACKEND": p["backend"], "DS4BENCH_CACHE": p["cache"]}
     if p["placement"]:
         env["DS4BENCH_PLACEMENT"] = p["placement"]
     env.update(p["env"])
