@@ -241,29 +241,14 @@ def validate(s: MatrixSpec) -> None:
             load_gguf(m, C.preset(s.presets[0]), s.variant)
     if s.variant not in (None, "q2", "q4"):
         raise ValueError(f"{where}: variant must be q2 or q4, found {s.variant!r}")
-    unknown = sorted(k for k in s.env if k.startswith("DS4BENCH_") and k not in ENGINE_ENV)
-    if unknown:                                 # a misspelt toggle would be recorded and do nothing
-        raise ValueError(f"{where}: [env] {unknown[0]} is not an engine toggle ({', '.join(ENGINE_ENV)}; "
-                         f"the cells set cache, placement and batch themselves)")
-    try:
-        from .model import check_engine_env
-        check_engine_env(s.env)                 # the spec's [env] toggles, as the CLI checks the shell's
-    except ValueError as e:
-        raise ValueError(f"{where}: [env] {e}") from None
+    _check_toggles(s.env, s.env, f"{where}: [env]", "; the cells set cache, placement and batch themselves")
     for var, vals in s.env_axis.items():
         if not var or "=" in var or var.startswith("env."):
             raise ValueError(f"{where}: env axis variable {var!r} is not a variable name")
         if var in s.env:
             raise ValueError(f"{where}: {var} is both fixed ([env]) and an axis (env_axis); keep one")
-        if var.startswith("DS4BENCH_") and var not in ENGINE_ENV:
-            raise ValueError(f"{where}: env axis {var} is not an engine toggle ({', '.join(ENGINE_ENV)})")
-        try:
-            from .model import check_engine_env
-            for v in vals:
-                if v != UNSET:
-                    check_engine_env({var: v})
-        except ValueError as e:
-            raise ValueError(f"{where}: env axis {e}") from None
+        for v in vals:
+            _check_toggles([var], {var: v} if v != UNSET else {}, f"{where}: env axis")
     for name, v, lo in (("n", s.n_gen, 1), ("reps", s.reps, 1), ("warmup", s.warmup, 0), ("chunk", s.chunk, 1),
                         ("seed", s.seed, 0)):
         if v < lo:
@@ -282,11 +267,7 @@ def validate(s: MatrixSpec) -> None:
         for label, env in s.tree_env.items():
             if label not in s.trees:
                 raise ValueError(f"{where}: tree_env {label}: no tree {label} (trees: {', '.join(s.trees) or 'none'})")
-            bad = sorted(k for k in env if k.startswith("DS4BENCH_") and k not in ENGINE_ENV)
-            if bad:
-                raise ValueError(f"{where}: tree_env {label}: {bad[0]} is not an engine toggle ({', '.join(ENGINE_ENV)})")
-            from .model import check_engine_env
-            check_engine_env(env)
+            _check_toggles(env, env, f"{where}: tree_env {label}:")
     if s.timeout_s <= 0:
         raise ValueError(f"{where}: timeout must be positive, found {s.timeout_s:g}")
     if s.backend not in ("auto", "numpy", "cupy"):
@@ -323,6 +304,20 @@ def _model_meta(s: MatrixSpec) -> list:
         return [(Path(m).name, (mf := load_gguf(m)).cfg, mf.metadata) for m in s.models]
     return [(p, cfg, synth_metadata(cfg, s.seed)) for p in s.presets for cfg in [C.preset(p, s.variant)]]
 
+
+
+def _check_toggles(names, env: dict, what: str, hint: str = "") -> None:
+    """A spec's engine toggles, as the CLI checks the shell's: a DS4BENCH_* name in `names` that
+    is no toggle (a misspelling would be recorded and do nothing), or a value in `env` that no
+    backend knows, is a one-line ValueError starting with `what`."""
+    from .model import check_engine_env
+    unknown = sorted(k for k in names if k.startswith("DS4BENCH_") and k not in ENGINE_ENV)
+    if unknown:
+        raise ValueError(f"{what} {unknown[0]} is not an engine toggle ({', '.join(ENGINE_ENV)}{hint})")
+    try:
+        check_engine_env(env)
+    except ValueError as e:
+        raise ValueError(f"{what} {e}") from None
 
 # ---- backend ---------------------------------------------------------------------------------
 def resolve_backend(requested: str) -> tuple[str, str]:
