@@ -24,7 +24,7 @@ from . import guards as G
 
 AXIS_OPTS = ("preset", "model", "cache", "placement", "batch", "nvtx")
 SCALAR_OPTS = (("prompts", "prompts"), ("n", "n_gen"), ("reps", "reps"), ("warmup", "warmup"), ("rounds", "rounds"),
-               ("order", "order"),
+               ("order", "order"), ("pass_stat", "pass_stat"),
                ("timeout", "timeout_s"), ("variant", "variant"), ("seed", "seed"), ("ctx", "ctx"),
                ("chunk", "chunk"))
 
@@ -115,6 +115,8 @@ def _run_args(p, one_cell: bool = False) -> None:
                                               "the step time settles: docs/speed.md)" + dflt("warmup"))
     p.add_argument("--rounds", type=int, help="processes per cell, interleaved round by round" + dflt("rounds"))
     p.add_argument("--order", choices=("random", "abba"), help="order of the cells in each round (default random)")
+    p.add_argument("--pass-stat", choices=("median", "best"),
+                   help="a round's tok/s from its timed passes: median, or best, the fastest (default median)")
     if not one_cell:
         p.add_argument("--tree", action="append", default=[], metavar="LABEL=SRC",
                        help="tree axis: run cells with the ds4bench of SRC (a directory or a commit), e.g. "

@@ -65,7 +65,7 @@ MATRICES_DIR = R.REPO / "benchmarks" / "matrices"
 AXES = ("model", "cache", "placement", "batch", "nvtx")
 SPEC_KEYS = {"description", "preset", "model", "variant", "seed", "cache", "placement", "batch", "nvtx", "prompts",
              "n", "reps", "warmup", "timeout", "baseline", "exclude", "backend", "ctx", "chunk", "stages", "trace",
-             "env", "rounds", "order", "settle", "warmup_cap", "tree", "tree_env",
+             "env", "rounds", "order", "settle", "warmup_cap", "pass_stat", "tree", "tree_env",
              "env_axis"}
 UNSET = "unset"                        # an env-axis value: the variable is absent from the cell's environment
 # Variables that change what the engine does; a cell records those set in its environment,
@@ -103,6 +103,7 @@ class MatrixSpec:
     order: str = "random"                               # rounds.ORDERS
     settle: float = SETTLE                              # warm-up stopping rule (rounds.warm_up)
     warmup_cap_s: float = WARMUP_CAP_S
+    pass_stat: str = "median"                           # a round's tok/s from its passes (record.PASS_STATS)
     trees: dict = field(default_factory=dict)           # the tree axis: label -> path or commit (trees.py)
     tree_env: dict = field(default_factory=dict)        # label -> extra environment of that tree's cells
     env_axis: dict = field(default_factory=dict)        # variable -> values ("unset": absent)
@@ -194,6 +195,7 @@ def spec_from_mapping(doc: dict, source: str) -> MatrixSpec:
     s.order = one("order", str, s.order)
     s.settle = float(one("settle", (int, float), s.settle))
     s.warmup_cap_s = float(one("warmup_cap", (int, float), s.warmup_cap_s))
+    s.pass_stat = one("pass_stat", str, s.pass_stat)
     s.trees = {str(k): str(v) for k, v in one("tree", dict, {}).items()}
     s.tree_env = {str(k): {str(a): str(b) for a, b in dict(v).items()} for k, v in one("tree_env", dict, {}).items()}
     for k, v in one("env_axis", dict, {}).items():
@@ -261,6 +263,8 @@ def validate(s: MatrixSpec) -> None:
     if not 0 < s.settle < 1 or s.warmup_cap_s <= 0:
         raise ValueError(f"{where}: settle must be in (0, 1) and warmup_cap positive, found {s.settle:g}, "
                          f"{s.warmup_cap_s:g}")
+    if s.pass_stat not in R.PASS_STATS:
+        raise ValueError(f"{where}: pass_stat must be one of {', '.join(R.PASS_STATS)}, found {s.pass_stat!r}")
     if s.trees or s.tree_env:
         from .trees import check_labels
         check_labels(s.trees, where)
@@ -398,7 +402,8 @@ def expand(spec: MatrixSpec, backend: str, backend_why: str = "") -> tuple[list[
                       "timeout_s": spec.timeout_s,
                       "env": {**spec.env, **{k: v for k, v in axis.items() if v != UNSET}},
                       "env_unset": [k for k, v in axis.items() if v == UNSET], "rounds": spec.rounds,
-                      "settle": spec.settle, "warmup_cap_s": spec.warmup_cap_s}
+                      "settle": spec.settle, "warmup_cap_s": spec.warmup_cap_s,
+                      "pass_stat": spec.pass_stat}
             cid = "-".join([label, combo["cache"]] + ([combo["placement"]] if combo["placement"] else [])
                            + [f"b{combo['batch']}"] + (["nvtx"] if combo["nvtx"] else [])
                            + [re.sub(r"[^A-Za-z0-9_.,=-]", "_", f"{k}={v}") for k, v in axis.items() if v != UNSET])
@@ -758,7 +763,8 @@ def run_cell(params: dict, out: str, fingerprints: str) -> dict:
     if probe:
         probe.close()
 
-    for k, v in R.timing_fields([r.timing for r in results], rec.gpu_throttle).items():
+    for k, v in R.timing_fields([r.timing for r in results], rec.gpu_throttle,
+                                     p.get("pass_stat") or "median").items():
         setattr(rec, k, v)
     for k in ("decode_tps", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "timing_spread", "timing_reliable"):
         na[k] = rec.timing_note

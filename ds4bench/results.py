@@ -352,7 +352,8 @@ def join_key(r: dict) -> tuple:
 def compare(a: list[dict], b: list[dict], alpha: float = 0.05, factor: float = 1.02) -> dict:
     """Cells of two runs joined on their parameters: correctness changes, then speed from the
     rounds' tok/s (stats.compare_rounds: the ratio of medians with a bootstrap interval, Welch's
-    p on log tok/s, the minimum detectable effect). A cell is `faster` or `slower` only when the
+    p on log tok/s, the minimum detectable effect; for two cells interleaved in one run, the
+    paired per-round ratios with a t interval and the paired t test). A cell is `faster` or `slower` only when the
     interval lies beyond `factor` (the noise floor) and p < alpha; cells with fewer than
     stats.MIN_ROUNDS rounds on a side say `too few rounds`."""
     from .stats import compare_rounds
@@ -377,12 +378,19 @@ def compare(a: list[dict], b: list[dict], alpha: float = 0.05, factor: float = 1
             changes.append({"cell": label, "verdict_a": ra.get("verdict"), "verdict_b": rb.get("verdict"),
                             "worse": worse, "tokens_changed": moved, "reason_b": rb.get("verdict_reason", ""),
                             "kl_a": ra.get("kl_median"), "kl_b": rb.get("kl_median"), "kl_moved": kl_moved})
-        dec = compare_rounds(_rounds(ra, "decode_tps"), _rounds(rb, "decode_tps"), alpha, factor)
-        pre = compare_rounds(_rounds(ra, "prefill_tps"), _rounds(rb, "prefill_tps"), alpha, factor)
+        paired = interleaved(ra, rb)
+        dec = compare_rounds(_rounds(ra, "decode_tps"), _rounds(rb, "decode_tps"), alpha, factor, paired=paired)
+        pre = compare_rounds(_rounds(ra, "prefill_tps"), _rounds(rb, "prefill_tps"), alpha, factor, paired=paired)
+        stat_a, stat_b = ra.get("pass_stat") or "median", rb.get("pass_stat") or "median"
+        if stat_a != stat_b:                    # a median pass against a best one is no comparison
+            for res in (dec, pre):
+                res.update(change="n/a", p_value=None, ci=None,
+                           why=f"round tok/s taken differently: {stat_a} pass in A, {stat_b} in B (pass_stat)")
         shaky = [side for side, r in (("A", ra), ("B", rb)) if r.get("timing_reliable") is False]
         speed.append({"cell": label, "decode_tps_a": ra.get("decode_tps"), "decode_tps_b": rb.get("decode_tps"),
                       "speedup": dec["ratio"], "ci": dec["ci"], "p_value": dec["p_value"], "mde": dec["mde"],
                       "noise": dec["noise"], "rounds": (dec["n_a"], dec["n_b"]), "change": dec["change"],
+                      "method": dec["method"],
                       "why": dec["why"], "unreliable": shaky, "prefill_tps_a": ra.get("prefill_tps"),
                       "prefill_tps_b": rb.get("prefill_tps"), "prefill_ratio": pre["ratio"], "prefill_ci": pre["ci"],
                       "prefill_change": pre["change"]})
@@ -397,6 +405,14 @@ def compare(a: list[dict], b: list[dict], alpha: float = 0.05, factor: float = 1
 
 
 RANGE_ROWS = 10
+
+
+def interleaved(ra: dict, rb: dict) -> bool:
+    """Two cells of one run measured in the same passes of its schedule: round k of each ran in
+    pass k, so their rounds pair (stats.compare_rounds(paired=True))."""
+    n = ra.get("rounds") or 0
+    return bool(ra.get("run_id")) and ra.get("run_id") == rb.get("run_id") and n > 1 and rb.get("rounds") == n \
+        and len(ra.get("round_decode_tps") or []) == len(rb.get("round_decode_tps") or []) == n
 
 
 def _rounds(r: dict, what: str) -> list:
@@ -443,9 +459,10 @@ def render_compare(res: dict, fmt: str, name_a: str = "A", name_b: str = "B") ->
         out += ["", f"{len(res['bad_b'])} cell(s) of B are broken, failed or not judged (B's exit status 1):", ""]
         out += [f"- **{c['cell']}** {c['verdict'].upper()}{'' if c['in_a'] else ' (only in B)'}: {c['reason'] or '–'}"
                 for c in res["bad_b"]]
-    out += ["", f"## Speed (rounds across processes, docs/speed.md: B/A of median tok/s, {1 - res['alpha']:.0%} "
-                f"bootstrap interval, Welch's p on log tok/s; a change needs the interval beyond {res['factor']:g} "
-                f"or 1/{res['factor']:g} and p < {res['alpha']:g})", "",
+    out += ["", f"## Speed (rounds across processes, docs/speed.md; {1 - res['alpha']:.0%} intervals. Unpaired: B/A "
+                f"of median tok/s, bootstrap interval, Welch's p on log tok/s. Paired (A and B interleaved in one "
+                f"run): geometric mean of the per-round B/A, t interval, paired t. A change needs the interval "
+                f"beyond {res['factor']:g} or 1/{res['factor']:g} and p < {res['alpha']:g})", "",
             "| cell | rounds | A tok/s | B tok/s | B/A | interval | p | MDE | change | prefill B/A | prefill interval |"
             " timing |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in res["speed"]:
@@ -453,7 +470,8 @@ def render_compare(res: dict, fmt: str, name_a: str = "A", name_b: str = "B") ->
         ci = "–" if s["ci"] is None else f"{s['ci'][0]:.3f}–{s['ci'][1]:.3f}"
         pci = "–" if s["prefill_ci"] is None else f"{s['prefill_ci'][0]:.3f}–{s['prefill_ci'][1]:.3f}"
         mde = "–" if s["mde"] is None else f"{100 * s['mde']:.1f}%"
-        out.append(f"| {s['cell']} | {s['rounds'][0]}/{s['rounds'][1]} | {_fmt(s['decode_tps_a'])} | "
+        rounds = f"{s['rounds'][0]} paired" if s.get("method") == "paired" else f"{s['rounds'][0]}/{s['rounds'][1]}"
+        out.append(f"| {s['cell']} | {rounds} | {_fmt(s['decode_tps_a'])} | "
                    f"{_fmt(s['decode_tps_b'])} | {_fmt(s['speedup'], 3)} | {ci} | {pv} | {mde} | {s['change']} | "
                    f"{_fmt(s['prefill_ratio'], 3)} | {pci} | "
                    f"{'unreliable in ' + ' and '.join(s['unreliable']) if s['unreliable'] else 'ok'} |")
@@ -462,6 +480,7 @@ def render_compare(res: dict, fmt: str, name_a: str = "A", name_b: str = "B") ->
         from .stats import MIN_ROUNDS
         out += ["", f"too few rounds for a p-value or an interval in {len(few)} cell(s) (need "
                     f"{MIN_ROUNDS} processes per side: `ds4bench matrix --rounds 5`)"]
+    out += [f"no speed claim for {s['cell']}: {s['why']}" for s in res["speed"] if "pass_stat" in s["why"]]
     if res.get("ranges"):
         out += ["", "## GPU time per range (Nsight Systems; biggest changes first, layer.N summed into layer)"]
         for c in res["ranges"]:

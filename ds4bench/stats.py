@@ -15,6 +15,19 @@ each round contributes one number (its decode or prefill tok/s) and
   change       faster / slower only when the interval lies beyond the noise floor on one side
                (above `factor` or below 1 / `factor`) and p < alpha; else same. Fewer than
                MIN_ROUNDS rounds on a side: `too few rounds`, with no p-value.
+
+When A and B ran interleaved in one run (round k of A and round k of B in the same pass of the
+schedule, minutes apart at most), the rounds are paired (`paired=True`) and the statistics are
+taken on the per-round log ratios d_k = log B_k - log A_k instead:
+
+  ratio        exp(mean d), the geometric mean of the per-round ratios
+  ci           exp(mean d +- t * sd(d) / sqrt(n)), Student's t with n - 1 dof
+  p_value      the paired t test (one-sample t on d)
+  noise        sd(d): the relative noise of one round's ratio
+  mde          (t_{1-alpha/2} + t_power) * sd(d) / sqrt(n), as a relative change
+
+A drift that moves both sides of a pass alike (a host growing busier, clocks settling over a
+run) cancels in d; unpaired, it widens both samples and hides a real change.
 """
 from __future__ import annotations
 
@@ -71,26 +84,53 @@ def ratio_ci(a, b, alpha: float = 0.05, seed: int = 0, n_boot: int = N_BOOT) -> 
     return float(lo), float(hi)
 
 
-def compare_rounds(a, b, alpha: float = 0.05, factor: float = 1.02, seed: int = 0) -> dict:
+def paired_log_ratios(a, b) -> np.ndarray:
+    """log(B_k / A_k) for the rounds k where both sides have a positive sample."""
+    pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None and x > 0 and y > 0]
+    return np.log([y / x for x, y in pairs]) if pairs else np.zeros(0)
+
+
+def paired_stats(d: np.ndarray, alpha: float = 0.05, power: float = POWER) -> dict:
+    """Ratio, t interval, paired-t p-value, noise and MDE from per-round log ratios d (n >= 2)."""
+    n = len(d)
+    mean, sd = float(np.mean(d)), float(np.std(d, ddof=1))
+    t = stats.t.ppf(1 - alpha / 2, n - 1)
+    if sd == 0:
+        p = 1.0 if mean == 0 else 0.0
+    else:
+        p = float(stats.ttest_1samp(d, 0.0).pvalue)
+    half = t * sd / math.sqrt(n)
+    return {"ratio": math.exp(mean), "ci": (math.exp(mean - half), math.exp(mean + half)), "p_value": p,
+            "noise": sd, "mde": math.expm1((t + stats.t.ppf(power, n - 1)) * sd / math.sqrt(n))}
+
+
+def compare_rounds(a, b, alpha: float = 0.05, factor: float = 1.02, seed: int = 0, paired: bool = False) -> dict:
     """Round samples of A and B (tok/s, higher is better) -> ratio, ci, p_value, noise, mde,
-    change, n_a, n_b and `why` (what kept a change from being called, or what was called)."""
+    change, n_a, n_b, method (paired | unpaired) and `why` (what kept a change from being
+    called, or what was called). `paired`: a[k] and b[k] ran in the same pass of one schedule."""
+    d = paired_log_ratios(a, b) if paired else None
     a, b = _positive(a), _positive(b)
     la, lb = np.log(a), np.log(b)
     na, nb = len(la), len(lb)
     out = {"n_a": na, "n_b": nb, "ratio": None, "ci": None, "p_value": None, "noise": None, "mde": None,
-           "change": "n/a", "why": ""}
+           "change": "n/a", "why": "", "method": "paired" if paired else "unpaired"}
     if not na or not nb:
         out["why"] = "no round samples"
         return out
     out["ratio"] = float(np.median(b) / np.median(a))
+    if paired:
+        out["n_a"] = out["n_b"] = na = nb = len(d)
     if na < MIN_ROUNDS or nb < MIN_ROUNDS:
         out["change"] = "too few rounds"
         out["why"] = f"{na} and {nb} rounds; a p-value and an interval need at least {MIN_ROUNDS} per side"
         return out
-    out["ci"] = ratio_ci(a, b, alpha, seed)
-    out["p_value"] = welch_p(la, lb)
-    out["noise"] = pooled_sd(la, lb)
-    out["mde"] = min_detectable_effect(out["noise"], na, nb, alpha)
+    if paired:
+        out.update(paired_stats(d, alpha))
+    else:
+        out["ci"] = ratio_ci(a, b, alpha, seed)
+        out["p_value"] = welch_p(la, lb)
+        out["noise"] = pooled_sd(la, lb)
+        out["mde"] = min_detectable_effect(out["noise"], na, nb, alpha)
     lo, hi = out["ci"]
     if lo > factor and out["p_value"] < alpha:
         out["change"], out["why"] = "faster", f"interval above {factor:g}"

@@ -92,6 +92,7 @@ def test_excludes_and_an_added_baseline():
     ({"env": {"DS4BENCH_MOE_KERNEL": "fast"}}, r"\[env\] DS4BENCH_MOE_KERNEL: unknown 'fast'; choose from warp, split"),
     ({"env": {"DS4BENCH_MOE_KERNELS": "split"}}, r"\[env\] DS4BENCH_MOE_KERNELS is not an engine toggle"),
     ({"seed": -1}, "seed must be at least 0"),
+    ({"pass_stat": "mean"}, "pass_stat must be one of median, best, found 'mean'"),
 ])
 def test_invalid_specs_name_the_problem(doc, match):
     with pytest.raises(ValueError, match=match):

@@ -83,6 +83,9 @@ def test_compare_lists_correctness_changes_first_and_tests_speed():
     same = S.compare(a, a)
     assert same["status"] == 0 and not same["correctness"]
     assert all(s["change"] == "same" for s in same["speed"] if s["p_value"] is not None)
+    best = S.compare(a, [dict(a[0], pass_stat="best")])["speed"][0]    # best pass against median: no claim
+    assert best["change"] == "n/a" and best["p_value"] is None and "pass_stat" in best["why"]
+    assert "best in B (pass_stat)" in S.render_compare(S.compare(a, [dict(a[0], pass_stat="best")]), "md")
 
 
 def test_compare_joins_runs_that_differ_in_a_toggle_and_says_so():
@@ -121,6 +124,9 @@ def test_timing_reliability_flag():
     assert f["timing_reliable"] is False and "spread" in f["timing_note"]
     assert R.timing_fields(t[:1], [])["timing_reliable"] is None
     assert R.timing_fields(t[:1], ["hw thermal"])["timing_reliable"] is False
+    t.append(Timing(1.0, 10, [0.1], [0.125] * 9, [1] * 9))            # passes at 10, 5 and 8 tok/s
+    assert R.timing_fields(t, [])["decode_tps"] == pytest.approx(8.0)
+    assert R.timing_fields(t, [], "best")["decode_tps"] == pytest.approx(10.0)
 
 
 def test_software_provenance_is_filled():
