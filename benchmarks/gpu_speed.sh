@@ -9,7 +9,10 @@
 #     the true ratios, and where the variance comes from (clock, temperature, power, first process).
 # Knobs: STAGES ("aa sens"; one of them to split the work over two calls), RUNS (3), AA_ROUNDS (3),
 # SENS_ROUNDS (4), NTOK (16), CACHES (q8,f16,f32), BATCHES (1,16), SLOWDOWN (moe:0.05), BUDGET_S
-# (400: an A/A run or the sensitivity stage that would start later is skipped, and said).
+# (400: an A/A run or the sensitivity stage that would start later is skipped, and said),
+# DEADLINE_S (none: a matrix still running this many seconds after the start is stopped with
+# SIGTERM, which keeps its finished cells, so that the report and the tarball are still written
+# inside a call's time limit).
 # Expected on an H200 (not yet measured): writing flash-4l ~40 s, then ~5 s per cell process:
 # 3 x 6 x 3 = 54 A/A processes and 2 x 2 x 4 = 16 sensitivity ones, about 6-7 minutes; with
 # STAGES=sens alone about 2 minutes. Results: speed-report.md in
@@ -21,12 +24,22 @@ t0=$SECONDS
 budget=${BUDGET_S:-400}
 common=(-n "${NTOK:-16}" --cache "${CACHES:-q8,f16,f32}" --batch "${BATCHES:-1,16}")
 stages=${STAGES:-aa sens}
+# run a matrix, stopped (SIGTERM: finished cells kept) at DEADLINE_S seconds after the start
+matrix() {
+  if [ -n "${DEADLINE_S:-}" ]; then
+    local left=$(( DEADLINE_S - (SECONDS - t0) ))
+    (( left > 10 )) || { echo "note: $* not started: past DEADLINE_S=$DEADLINE_S s" >&2; return 1; }
+    timeout -s TERM -k 30 "$left" python3 -m ds4bench matrix "$@"
+  else
+    python3 -m ds4bench matrix "$@"
+  fi
+}
 aa=()
 [[ " $stages " == *" aa "* ]] && for i in $(seq 1 "${RUNS:-3}"); do
   if (( SECONDS - t0 > budget )); then echo "note: A/A run $i skipped: past BUDGET_S=$budget s" >&2; break; fi
   id="$stamp-$card-speed-aa-$i"
-  python3 -m ds4bench matrix --spec speed-aa --rounds "${AA_ROUNDS:-3}" "${common[@]}" --id "$id" > /dev/null
-  aa+=("$id")
+  matrix --spec speed-aa --rounds "${AA_ROUNDS:-3}" "${common[@]}" --id "$id" > /dev/null
+  [ -f "results/runs/$id/run.json" ] && aa+=("$id")
 done
 sens="$stamp-$card-speed-sens"
 if [[ " $stages " != *" sens "* ]]; then
@@ -34,9 +47,10 @@ if [[ " $stages " != *" sens "* ]]; then
 elif (( SECONDS - t0 > budget )); then
   echo "note: sensitivity skipped: past BUDGET_S=$budget s" >&2; sens=""
 else
-  python3 -m ds4bench matrix --spec speed-sens --rounds "${SENS_ROUNDS:-4}" -n "${NTOK:-16}" \
+  matrix --spec speed-sens --rounds "${SENS_ROUNDS:-4}" -n "${NTOK:-16}" \
     --batch "${BATCHES:-1,16}" --tree A=. --tree S=. --tree-env "S:DS4BENCH_SLOWDOWN=${SLOWDOWN:-moe:0.05}" \
     --id "$sens" > /dev/null
+  [ -f "results/runs/$sens/run.json" ] || sens=""
 fi
 report="results/gpu/speed-$card.md"
 { echo "# Speed A/A and sensitivity on $card ($(date -u +%FT%TZ), commit ${DS4BENCH_COMMIT:-unknown}, $((SECONDS - t0)) s)"

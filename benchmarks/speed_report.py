@@ -108,6 +108,30 @@ def variance(runs: list[str], out: str) -> list[str]:
     return lines
 
 
+def process_time(runs: list[str], out: str) -> list[str]:
+    """Where a round's process spends its wall time: load, prime pass (compilation), warm-up and
+    the rest (start-up, timed passes, KL and probe in round 1), medians over the rounds."""
+    from ds4bench.cli_matrix import tree_records
+    rows = [r for name in dict.fromkeys(n.partition("@")[0] for n in runs)
+            for r in tree_records(name, out)[0].round_records() if r.get("status", "ok") == "ok"]
+    lines = ["## Where a round's process time goes (medians over rounds, seconds)", ""]
+    if not rows:
+        return lines + ["no round records", ""]
+    lines += ["| rounds | wall | load | prime pass | warm-up | warm-up passes | settled | rest |", "|---|---|---|---|---|---|---|---|"]
+    for first in (True, False):
+        pick = [r for r in rows if (r.get("round") == 0) == first]
+        if not pick:
+            continue
+        med = {k: float(np.median([r.get(k) or 0.0 for r in pick])) for k in ("wall_s", "load_s", "compile_s", "warmup_s",
+                                                                             "warmup_passes")}
+        settled = sum(bool(r.get("warmup_settled")) for r in pick)
+        rest = med["wall_s"] - med["load_s"] - med["compile_s"] - med["warmup_s"]
+        lines.append(f"| {'round 1 (with correctness)' if first else 'later rounds (timing only)'}: {len(pick)} | "
+                     f"{med['wall_s']:.1f} | {med['load_s']:.1f} | {med['compile_s']:.1f} | {med['warmup_s']:.1f} | "
+                     f"{med['warmup_passes']:.0f} | {settled} of {len(pick)} | {rest:.1f} |")
+    return lines + [""]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--aa", nargs="*", default=[], help="identical runs (ids or paths)")
@@ -124,6 +148,7 @@ def main(argv=None) -> int:
         lines += got
         status |= bad > 0
     lines += variance(a.aa + ([a.sens] if a.sens else []), a.out)
+    lines += process_time(a.aa + ([a.sens] if a.sens else []), a.out)
     print("\n".join(lines))
     return int(status)
 
