@@ -20,7 +20,7 @@ import sys
 import numpy as np
 
 
-def aa(runs: list[str], out: str) -> tuple[list[str], int]:
+def aa(runs: list[str], out: str, alpha: float = 0.05) -> tuple[list[str], int]:
     from ds4bench.cli_matrix import tree_records      # imported here: asv imports every module in benchmarks/
     from ds4bench.results import compare
     lines = ["## A/A: identical runs compared pairwise", "",
@@ -28,7 +28,7 @@ def aa(runs: list[str], out: str) -> tuple[list[str], int]:
     called = 0
     for x, y in itertools.combinations(runs, 2):
         (_, _, na, ra), (_, _, nb, rb) = tree_records(x, out), tree_records(y, out)
-        for s in compare(ra, rb)["speed"]:
+        for s in compare(ra, rb, alpha=alpha)["speed"]:
             called += s["change"] in ("faster", "slower")
             lines.append(_row(na, nb, s))
     n = len(lines) - 4
@@ -44,7 +44,7 @@ def _row(na, nb, s) -> str:
     return f"| {na} | {nb} | {s['cell']} | {ratio} | {ci} | {p} | {mde} | {s['change']} |"
 
 
-def sensitivity(run: str, out: str) -> tuple[list[str], int]:
+def sensitivity(run: str, out: str, alpha: float = 0.05) -> tuple[list[str], int]:
     from ds4bench.cli_matrix import tree_records
     from ds4bench.results import compare
     (_, _, na, ra), (_, _, ns, rs) = tree_records(f"{run}@A", out), tree_records(f"{run}@S", out)
@@ -53,7 +53,7 @@ def sensitivity(run: str, out: str) -> tuple[list[str], int]:
              "| cell | slowdown | B/A | interval | true (measured) | nominal | called | inside |",
              "|---|---|---|---|---|---|---|---|"]
     bad = 0
-    res = {s["cell"]: s for s in compare(ra, rs)["speed"]}
+    res = {s["cell"]: s for s in compare(ra, rs, alpha=alpha)["speed"]}
     for r in rs:
         a = base[r["cell_id"].split("-", 1)[1]]
         s = res[r["key"]]
@@ -137,14 +137,16 @@ def main(argv=None) -> int:
     ap.add_argument("--aa", nargs="*", default=[], help="identical runs (ids or paths)")
     ap.add_argument("--sens", help="a run with trees A and S (S slowed)")
     ap.add_argument("--out", default="results/runs")
+    ap.add_argument("--alpha", type=float, default=0.05,
+                    help="significance level and 1 - coverage of the intervals (default 0.05)")
     a = ap.parse_args(argv)
     lines, status = [], 0
     if len(a.aa) >= 2:
-        got, called = aa(a.aa, a.out)
+        got, called = aa(a.aa, a.out, a.alpha)
         lines += got
         status |= called > 1
     if a.sens:
-        got, bad = sensitivity(a.sens, a.out)
+        got, bad = sensitivity(a.sens, a.out, a.alpha)
         lines += got
         status |= bad > 0
     lines += variance(a.aa + ([a.sens] if a.sens else []), a.out)

@@ -185,7 +185,7 @@ def test_aa_calls_nothing_and_a_20pct_slowdown_is_caught_with_the_true_ratio_ins
     assert sens["ci"][0] <= true <= sens["ci"][1], (true, sens)
     assert recs["S"]["slowdown_true_ratio"] == pytest.approx(1 / 1.2)
     rep = subprocess.run([sys.executable, "benchmarks/speed_report.py", "--aa", f"{run.path}@A", f"{run.path}@A2",
-                          "--sens", str(run.path)], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                          "--sens", str(run.path), "--alpha", "0.01"], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
                          capture_output=True, text=True, timeout=120)
     assert rep.returncode == 0, rep.stdout + rep.stderr
     assert "**0 of 1 comparisons called a change**" in rep.stdout and "**1 of 1 slowed cells" in rep.stdout
