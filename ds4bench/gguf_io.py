@@ -7,11 +7,14 @@ keep their file layout: a tensor is its raw bytes (uint8 [..., rows, row_bytes])
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import signal
 import threading
 from dataclasses import dataclass, field
-from typing import Callable
+from pathlib import Path
+from typing import Callable, NamedTuple
 
 import numpy as np
 from gguf import GGMLQuantizationType as QT
@@ -314,7 +317,7 @@ def check_header(path: str, size: int) -> None:
                              f"more than a {size}-byte file can hold")
 
 
-def check_extents(path: str, reader: GGUFReader, size: int) -> None:
+def check_extents(path: str, reader: GGUFIndex, size: int) -> None:
     """Every tensor's data inside the file, at an aligned offset, and no two tensors overlapping."""
     align = reader.alignment
     spans = []
@@ -334,6 +337,84 @@ def check_extents(path: str, reader: GGUFReader, size: int) -> None:
                                  f"a damaged tensor table")
 
 
+# ---- the parsed header, cached ---------------------------------------------------------------
+# gguf-py parses the metadata one element at a time: a DS4 file's 129k-entry vocabulary takes it
+# about 3.5 s, a third of a cell process on the GPU machine. What it parsed (the metadata as
+# Python values, the tensor table, the alignment) is kept as JSON under
+# ~/.cache/ds4bench/gguf-index ($DS4BENCH_GGUF_INDEX; "off" to parse every time), keyed by the
+# file's path, size, inode and modification time, and used only when the SHA-256 of the file's
+# header (every byte before the tensor data: metadata and tensor table) is still the one parsed.
+# File times can be coarser than a fast rewrite; the hash is not.
+class IndexedTensor(NamedTuple):
+    name: str
+    tensor_type: int
+    shape: tuple
+    data_offset: int            # absolute, in the file
+    n_bytes: int
+
+
+@dataclass
+class GGUFIndex:
+    fields: dict                # metadata key -> Python value (read_metadata)
+    tensors: list               # IndexedTensor, in file order
+    alignment: int
+    data_offset: int            # where the tensor data begin
+    data: np.ndarray            # the whole file, memory-mapped read-only (uint8)
+    cached: bool = False        # read from the index cache rather than parsed
+
+
+def _index_path(path: str) -> Path | None:
+    where = os.environ.get("DS4BENCH_GGUF_INDEX", "")
+    if where == "off":
+        return None
+    st = os.stat(path)
+    key = f"{os.path.realpath(path)}|{st.st_size}|{st.st_ino}|{st.st_mtime_ns}"
+    root = Path(where) if where else Path.home() / ".cache" / "ds4bench" / "gguf-index"
+    return root / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+
+
+def _header_sha(data: np.ndarray, end: int) -> str:
+    return hashlib.sha256(memoryview(np.ascontiguousarray(data[:end]))).hexdigest()
+
+
+def read_index(path: str, size: int) -> GGUFIndex:
+    """The parsed header of a GGUF (check_header first): from the index cache when this very
+    file was parsed before, else from gguf-py (then cached). Raises ModelFileError."""
+    cache = _index_path(path)
+    if cache is not None and cache.is_file():
+        try:
+            d = json.loads(cache.read_text())
+            data = np.memmap(path, dtype=np.uint8, mode="r")
+            if _header_sha(data, int(d["data_offset"])) == d["header_sha256"]:
+                tensors = [IndexedTensor(t[0], int(t[1]), tuple(t[2]), int(t[3]), int(t[4])) for t in d["tensors"]]
+                return GGUFIndex(d["fields"], tensors, int(d["alignment"]), int(d["data_offset"]), data, cached=True)
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            pass                # a damaged cache entry: parse the file again and rewrite it
+    try:
+        reader = GGUFReader(path, "r")
+    except (OSError, MemoryError) as e:          # the mapping itself failed, not the file's contents
+        raise ModelFileError(f"{path}: cannot memory-map the file ({type(e).__name__}: {e})") from None
+    except Exception as e:       # the reader raises whatever numpy does on a short file
+        if isinstance(e, ValueError) and ("reshape" in str(e) or "buffer" in str(e)):
+            raise ModelFileError(f"{path}: truncated: a tensor's data run past the end of the file "
+                                 f"({size} bytes)") from None
+        raise ModelFileError(f"{path}: the GGUF metadata or tensor table cannot be parsed: the header is damaged "
+                             f"or the file is truncated ({size} bytes)") from None
+    tensors = [IndexedTensor(t.name, int(t.tensor_type), tuple(int(x) for x in t.shape), int(t.data_offset),
+                             int(t.n_bytes)) for t in reader.tensors]
+    idx = GGUFIndex(read_metadata(reader), tensors, int(reader.alignment), int(reader.data_offset), reader.data)
+    if cache is not None:
+        try:
+            from .results import write_atomic
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(cache, json.dumps({"header_sha256": _header_sha(idx.data, idx.data_offset),
+                                            "fields": idx.fields, "alignment": idx.alignment,
+                                            "data_offset": idx.data_offset, "tensors": [list(t) for t in tensors]}))
+        except (OSError, TypeError, ValueError):
+            pass                # an unwritable cache costs the next process the parse, nothing else
+    return idx
+
+
 def load_gguf(path: str, expect: C.ModelConfig | None = None, variant: str | None = None) -> ModelFile:
     """Memory-map a DS4 GGUF and validate metadata and every tensor; raises ModelFileError.
 
@@ -345,17 +426,8 @@ def load_gguf(path: str, expect: C.ModelConfig | None = None, variant: str | Non
         raise ModelFileError(f"{path}: no such file")
     size = os.path.getsize(path)
     check_header(path, size)
-    try:
-        reader = GGUFReader(path, "r")
-    except (OSError, MemoryError) as e:          # the mapping itself failed, not the file's contents
-        raise ModelFileError(f"{path}: cannot memory-map the file ({type(e).__name__}: {e})") from None
-    except Exception as e:       # the reader raises whatever numpy does on a short file
-        if isinstance(e, ValueError) and ("reshape" in str(e) or "buffer" in str(e)):
-            raise ModelFileError(f"{path}: truncated: a tensor's data run past the end of the file "
-                                 f"({size} bytes)") from None
-        raise ModelFileError(f"{path}: the GGUF metadata or tensor table cannot be parsed: the header is damaged "
-                             f"or the file is truncated ({size} bytes)") from None
-    fields = read_metadata(reader)
+    reader = read_index(path, size)
+    fields = reader.fields
     arch = fields.get("general.architecture")
     if arch != C.ARCH:
         raise ModelFileError(f"{path}: architecture is {arch!r}, expected {C.ARCH!r}")
@@ -386,7 +458,7 @@ def load_gguf(path: str, expect: C.ModelConfig | None = None, variant: str | Non
             qt = QT(int(t.tensor_type))
         except ValueError:
             raise ModelFileError(f"{path}: tensor {s.name} has unknown type id {int(t.tensor_type)}") from None
-        dims = tuple(int(d) for d in t.shape)
+        dims = t.shape
         if qt != s.qtype or dims != s.gguf_dims:
             if qt not in FORMATS:
                 raise ModelFileError(f"{path}: tensor {s.name}: type {qt.name} is not supported "

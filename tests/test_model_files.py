@@ -1,5 +1,6 @@
 """Model config, presets, GGUF writing/reading/validation, synthetic weights, `ds4bench model`."""
 import dataclasses
+import os
 
 import gguf
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 from gguf import GGMLQuantizationType as QT
 
 from ds4bench import cli, config as C, modelinfo
-from ds4bench.gguf_io import ModelFileError, load_gguf, tensor_specs, write_gguf
+from ds4bench.gguf_io import ModelFileError, load_gguf, read_index, tensor_specs, write_gguf
 from ds4bench.synth import make_model, make_tensor, synth_metadata, write_model
 
 TINY = C.preset("tiny")
@@ -113,6 +114,32 @@ def test_gguf_reader_sees_the_same_tensors(tiny_file):
     assert got == want
     assert r.fields["general.architecture"].contents() == "deepseek4"
     assert r.fields["deepseek4.block_count"].contents() == TINY.n_layer
+
+
+def test_the_parsed_header_is_cached_and_a_changed_header_is_parsed_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("DS4BENCH_GGUF_INDEX", str(tmp_path / "idx"))
+    p = tmp_path / "m.gguf"
+    write_model(TINY, str(p), seed=0)
+    size = os.path.getsize(p)
+    a, b = read_index(str(p), size), read_index(str(p), size)
+    assert not a.cached and b.cached and len(list((tmp_path / "idx").glob("*.json"))) == 1
+    assert (b.fields, b.tensors, b.alignment, b.data_offset) == (a.fields, a.tensors, a.alignment, a.data_offset)
+    assert np.array_equal(load_gguf(str(p)).tensors["output.weight"].data, make_model(TINY, 0).tensors["output.weight"].data)
+    # the header rewritten in place with the same size and modification time (file times can be
+    # coarser than a fast rewrite): the cached entry no longer matches the header's hash
+    st, blob = os.stat(p), bytearray(p.read_bytes())
+    at = blob.index(b"deepseek4")
+    p.write_bytes(bytes(blob[:at]) + b"deepseek5" + bytes(blob[at + 9:]))
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(p).st_mtime_ns == st.st_mtime_ns
+    with pytest.raises(ModelFileError, match="architecture is 'deepseek5'"):
+        load_gguf(str(p))
+    p.write_bytes(bytes(blob))
+    for f in (tmp_path / "idx").glob("*.json"):
+        f.write_text("{")                                   # a damaged entry: parsed again, rewritten
+    assert not read_index(str(p), size).cached and read_index(str(p), size).cached
+    monkeypatch.setenv("DS4BENCH_GGUF_INDEX", "off")
+    assert not read_index(str(p), size).cached
 
 
 def test_q2_and_q4_expert_types(tmp_path):
