@@ -109,26 +109,30 @@ def variance(runs: list[str], out: str) -> list[str]:
 
 
 def process_time(runs: list[str], out: str) -> list[str]:
-    """Where a round's process spends its wall time: load, prime pass (compilation), warm-up and
-    the rest (start-up, timed passes, KL and probe in round 1), medians over the rounds."""
+    """Where a round's process spends its wall time, medians over the rounds: load, engine set-up,
+    prime pass (compilation), warm-up, the timed passes, round 1's KL and probe, and the rest
+    (interpreter start, imports, CUDA context, fingerprints, the record)."""
     from ds4bench.cli_matrix import tree_records
     rows = [r for name in dict.fromkeys(n.partition("@")[0] for n in runs)
             for r in tree_records(name, out)[0].round_records() if r.get("status", "ok") == "ok"]
     lines = ["## Where a round's process time goes (medians over rounds, seconds)", ""]
     if not rows:
         return lines + ["no round records", ""]
-    lines += ["| rounds | wall | load | prime pass | warm-up | warm-up passes | settled | rest |", "|---|---|---|---|---|---|---|---|"]
+    lines += ["| rounds | wall | load | engine set-up | prime pass | warm-up | warm-up passes | settled | timed | "
+              "KL and probe | rest |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for first in (True, False):
         pick = [r for r in rows if (r.get("round") == 0) == first]
         if not pick:
             continue
-        med = {k: float(np.median([r.get(k) or 0.0 for r in pick])) for k in ("wall_s", "load_s", "compile_s", "warmup_s",
-                                                                             "warmup_passes")}
+        parts = ("load_s", "setup_s", "compile_s", "warmup_s", "timed_s", "correctness_s")
+        med = {k: float(np.median([r.get(k) or 0.0 for r in pick])) for k in ("wall_s", "warmup_passes") + parts}
         settled = sum(bool(r.get("warmup_settled")) for r in pick)
-        rest = med["wall_s"] - med["load_s"] - med["compile_s"] - med["warmup_s"]
+        rest = float(np.median([(r.get("wall_s") or 0.0) - sum(r.get(k) or 0.0 for k in parts) for r in pick]))
+        s = {k: f"{v:.1f}" for k, v in med.items()}
         lines.append(f"| {'round 1 (with correctness)' if first else 'later rounds (timing only)'}: {len(pick)} | "
-                     f"{med['wall_s']:.1f} | {med['load_s']:.1f} | {med['compile_s']:.1f} | {med['warmup_s']:.1f} | "
-                     f"{med['warmup_passes']:.0f} | {settled} of {len(pick)} | {rest:.1f} |")
+                     f"{s['wall_s']} | {s['load_s']} | {s['setup_s']} | {s['compile_s']} | {s['warmup_s']} | "
+                     f"{med['warmup_passes']:.0f} | {settled} of {len(pick)} | {s['timed_s']} | {s['correctness_s']} | "
+                     f"{rest:.1f} |")
     return lines + [""]
 
 

@@ -712,12 +712,17 @@ def run_cell(params: dict, out: str, fingerprints: str) -> dict:
     rec.ctx = p["ctx"] or longest + p["n_gen"] + 1
     gpu = p["backend"] == "cupy"
     opts = {"placement": p["placement"]} if gpu and p["placement"] else {}
+    t0 = time.perf_counter()
     slow = slowdown_from_env(os.environ)
     from .faults import from_env
     faults = from_env(os.environ)              # injected faults (DS4BENCH_FAULT), read once
     eng = Engine(mf, cache=p["cache"], backend=p["backend"], batch=p["batch"], ctx=rec.ctx,
                  prefill_chunk=p["chunk"], slowdown=slow, faults=faults, **opts)
     rec.decode_path = eng.decode_path
+    if gpu:
+        import cupy
+        cupy.cuda.runtime.deviceSynchronize()
+    rec.setup_s = time.perf_counter() - t0
     if p.get("nvtx") or p.get("trace"):
         from .profiling import NvtxRanges
         eng.net.prof = NvtxRanges()
@@ -751,8 +756,10 @@ def run_cell(params: dict, out: str, fingerprints: str) -> dict:
     start = probe.sample() if probe and probe.handle else None
     if probe:
         probe.start()
+    t0 = time.perf_counter()
     with _capture(gpu and p.get("trace")):
         results = [generate(eng, prompts, p["n_gen"], tok.decode) for _ in range(p["reps"])]
+    rec.timed_s = time.perf_counter() - t0
     if probe:
         probe.stop()
     end = probe.sample() if probe and probe.handle else None
@@ -782,13 +789,16 @@ def run_cell(params: dict, out: str, fingerprints: str) -> dict:
 
     kl_lp = None
     if p.get("correctness", True):
+        t0 = time.perf_counter()
         kl_lp = _cell_kl(rec, na, eng, prompts, p["n_gen"], fingerprints, p.get("baseline_fingerprints"), results[0])
         _cell_probe(rec, na, mf, eng, p, prompts,
                     Path(p.get("probe_cache") or Path(fingerprints).parent.parent / "probe-cache"))
+        rec.correctness_s = time.perf_counter() - t0
     else:
         from . import kl as KL
         for k in (*KL.FIELDS, "probe_stages", "probe_s", "probe_mode", "probe_positions", "probe_cached"):
             na[k] = "a later round: timing only (correctness comes from round 1)"
+        na["correctness_s"] = "a later round: timing only"
 
     rec.deterministic = all([f.tokens for f in r.fingerprints] == [f.tokens for f in results[0].fingerprints]
                             for r in results)

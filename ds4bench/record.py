@@ -162,7 +162,10 @@ class CellRecord:
     slowdown_step_s: float | None = None                # wait added per forward call
     slowdown_base_step_s: float | None = None           # the un-slowed decode step it is a fraction of
     slowdown_true_ratio: float | None = None            # decode tok/s with / without the toggle: 1 / (1 + fraction)
-    load_s: float | None = None
+    load_s: float | None = None                         # reading the model (mapping and validating a GGUF)
+    setup_s: float | None = None                        # building the engine: weights to the device, state
+    timed_s: float | None = None                        # the timed repetitions, wall
+    correctness_s: float | None = None                  # round 1's KL pass and stage probe
     prefill_tps: float | None = None
     decode_tps: float | None = None
     ttft_ms: float | None = None
