@@ -108,6 +108,35 @@ def variance(runs: list[str], out: str) -> list[str]:
     return lines
 
 
+def drift(runs: list[str], out: str) -> list[str]:
+    """The machine's speed over the call: for each pass of each run (in time order), its rounds'
+    decode tok/s against the median of the same cell over every run, and the median time to
+    read the model (host-bound: it moves with the host's speed, not the GPU's). Rounds of runs
+    cut short count too."""
+    from ds4bench.cli_matrix import tree_records
+    rows = [(name, r) for name in dict.fromkeys(n.partition("@")[0] for n in runs)
+            for r in tree_records(name, out)[0].round_records() if r.get("decode_tps")]
+    lines = ["## The machine's speed over the call (each pass against its cells' medians over all runs)", ""]
+    if len(rows) < 2:
+        return lines + ["fewer than two rounds", ""]
+    med: dict = {}
+    for _, r in rows:
+        med.setdefault((r.get("tree"), r["key"]), []).append(r["decode_tps"])
+    med = {k: float(np.median(v)) for k, v in med.items()}
+    passes: dict = {}
+    for name, r in rows:
+        passes.setdefault((name, r["round"]), []).append(r)
+    lines += ["| run | pass | started (UTC) | rounds | decode tok/s vs the cell median (median, range) | load s |",
+              "|---|---|---|---|---|---|"]
+    for (name, k), rs in sorted(passes.items(), key=lambda kv: min(x.get("utc_start") or "" for x in kv[1])):
+        rel = [100 * (r["decode_tps"] / med[(r.get("tree"), r["key"])] - 1) for r in rs]
+        load = [r.get("load_s") for r in rs if r.get("load_s") is not None]
+        lines.append(f"| {name} | {k + 1} | {min(r.get('utc_start') or '' for r in rs)[11:19]} | {len(rs)} | "
+                     f"{np.median(rel):+.1f}% ({min(rel):+.0f}..{max(rel):+.0f}) | "
+                     f"{f'{np.median(load):.1f}' if load else '–'} |")
+    return lines + [""]
+
+
 def process_time(runs: list[str], out: str) -> list[str]:
     """Where a round's process spends its wall time, medians over the rounds: load, engine set-up,
     prime pass (compilation), warm-up, the timed passes, round 1's KL and probe, and the rest
@@ -154,6 +183,7 @@ def main(argv=None) -> int:
         lines += got
         status |= bad > 0
     lines += variance(a.aa + ([a.sens] if a.sens else []), a.out)
+    lines += drift(a.aa + ([a.sens] if a.sens else []), a.out)
     lines += process_time(a.aa + ([a.sens] if a.sens else []), a.out)
     print("\n".join(lines))
     return int(status)
