@@ -71,7 +71,7 @@ UNSET = "unset"                        # an env-axis value: the variable is abse
 # Variables that change what the engine does; a cell records those set in its environment,
 # wherever they came from (the spec's [env] or the shell), so no toggle goes unrecorded.
 ENGINE_ENV = ("DS4BENCH_UNFUSED", *KERNEL_CHOICES, "DS4BENCH_CACHE_MB", "DS4BENCH_PLUGINS", "DS4BENCH_SLOWDOWN",
-              "DS4BENCH_FAULT", "DS4BENCH_PROBE_TOKENS")
+              "DS4BENCH_FAULT", "DS4BENCH_PROBE_TOKENS", "DS4BENCH_PROBE_LEAD")
 TRACE_FIELDS = ("trace_file", "trace_gpu_ms", "trace_calls", "trace_kernels", "trace_kernel_ms")   # CellRecord
 SYNTH_IN_MEMORY_MAX = 256 * 2**20      # larger presets are written to a GGUF once and memory-mapped per cell
 
@@ -796,7 +796,7 @@ def run_cell(params: dict, out: str, fingerprints: str) -> dict:
         rec.correctness_s = time.perf_counter() - t0
     else:
         from . import kl as KL
-        for k in (*KL.FIELDS, "probe_stages", "probe_s", "probe_mode", "probe_positions", "probe_cached"):
+        for k in (*KL.FIELDS, "probe_stages", "probe_s", "probe_mode", "probe_positions", "probe_lead", "probe_cached"):
             na[k] = "a later round: timing only (correctness comes from round 1)"
         na["correctness_s"] = "a later round: timing only"
 
@@ -866,7 +866,7 @@ def _cell_probe(rec, na: dict, mf, eng, p: dict, prompts, cache_dir: Path) -> No
     opts = {"faults": eng.faults} if getattr(eng, "faults", None) else {}
     res = PR.probe_cell(mf, eng.ops, p, prompts, cache_dir, **opts)
     if not res:
-        for k in ("probe_stages", "probe_s", "probe_mode", "probe_positions", "probe_cached"):
+        for k in ("probe_stages", "probe_s", "probe_mode", "probe_positions", "probe_lead", "probe_cached"):
             na[k] = "probe off (DS4BENCH_PROBE_TOKENS=0)"
         return
     for k, v in res.items():

@@ -11,7 +11,11 @@ values, and an error is measured where it is made instead of after every later l
 amplified it.
 
 Positions: the cell's prompts joined (up to `tokens` tokens) as one prefill call, then `steps`
-decode calls on the reference's greedy tokens; on a cell of batch B every slot holds the probe
+decode calls on the reference's greedy tokens. Where the model's late behaviour starts beyond
+those positions (the sliding window dropping keys, the indexer selecting a strict subset of the
+compressed rows: `late_position`), a lead of more prompt tokens runs first in the reference
+alone, and the cell's run starts from the reference's state after it, so the probed positions
+lie past that point (on Flash shapes, about 2,000 lead tokens for 80 probed ones); on a cell of batch B every slot holds the probe
 sequence (slot 0 prefilled, its state copied to the others, then decode steps of B rows), so
 the decode kernels of batch B are the ones probed.
 The probe runs the eager `forward`, never a CUDA graph (the KL pass covers the graph path).
@@ -242,27 +246,56 @@ def _dense(sel: np.ndarray, w: np.ndarray, E: int) -> np.ndarray:
 
 
 # ---- running ------------------------------------------------------------------------------------
-def probe_tokens(prompts: list[tuple[str, list[int]]], tokens: int = DEFAULT_TOKENS) -> list[int]:
-    """The probe's prefill: the prompts' tokens joined, at most `tokens` of them."""
+def probe_tokens(prompts: list[tuple[str, list[int]]], tokens: int = DEFAULT_TOKENS, lead: int = 0) -> list[int]:
+    """The probe's token stream: `lead` tokens then at most `tokens` probed ones, the prompts'
+    tokens joined and, for a lead, repeated as often as it takes."""
     ids = [t for _, p in prompts for t in p]
-    return ids[:tokens]
+    if lead and ids:
+        ids = ids * -(-(lead + tokens) // len(ids))
+    return ids[:lead + tokens]
 
 
-def record_reference(mf, mode: str, ids: list[int], steps: int) -> dict:
+def late_position(cfg) -> int:
+    """The position from which every stage works in full: the sliding window drops keys past
+    `sliding_window`, and an indexer layer (ratio 4, pos // 4 compressed rows) selects a strict
+    subset of its rows past 4 * indexer_topk. Faults there (a window off by one, a top-k that
+    keeps k - 1 rows) show only beyond it."""
+    late = cfg.sliding_window
+    if any(cfg.has_indexer(il) for il in range(cfg.n_layer)):
+        late = max(late, 4 * (cfg.indexer_topk + 1))
+    return late
+
+
+def lead_for(cfg, tokens: int) -> int:
+    """Lead tokens for a probe of `tokens` prefill positions: none when they already run past
+    late_position, else enough that the second half of them does."""
+    late = late_position(cfg)
+    return 0 if tokens > late else late - tokens // 2
+
+
+LEAD_CHUNK = 512                # the lead's prefill calls, in tokens
+
+
+def record_reference(mf, mode: str, ids: list[int], steps: int, lead: int = 0) -> dict:
     """Run the NumPy engine (no faults) on the probe positions; its stage outputs per call and
-    its greedy decode tokens."""
+    its greedy decode tokens. The first `lead` ids run untapped before them, and the state they
+    leave (slot 0) is returned as `lead_state` for the cell's run to start from."""
     from .generate import Engine, greedy
-    eng = Engine(mf, cache=mode, backend="numpy", batch=1, ctx=len(ids) + steps + 1, prefill_chunk=len(ids))
+    probed = ids[lead:]
+    eng = Engine(mf, cache=mode, backend="numpy", batch=1, ctx=len(ids) + steps + 1, prefill_chunk=len(probed))
+    for at in range(0, lead, LEAD_CHUNK):
+        eng.net.forward(eng.state, np.asarray([ids[at:min(lead, at + LEAD_CHUNK)]]), np.array([0]))
+    lead_state = [{k: np.array(v[0]) for k, v in ls.arrays().items()} for ls in eng.state.layers] if lead else []
     rec = Recorder()
     eng.net.tap = rec
     rec.begin()
-    logits = eng.net.forward(eng.state, np.asarray([ids]), np.array([0]))
+    logits = eng.net.forward(eng.state, np.asarray([probed]), np.array([0]))
     fed = []
     for _ in range(steps):
         fed.append(greedy(_host(logits[0])))
         rec.begin()
         logits = eng.net.forward(eng.state, np.asarray([[fed[-1]]]), np.array([0]))
-    return {"calls": rec.calls, "fed": fed}
+    return {"calls": rec.calls, "fed": fed, "lead": lead, "lead_state": lead_state}
 
 
 def model_key(params: dict) -> str:
@@ -276,13 +309,16 @@ def model_key(params: dict) -> str:
     return f"{params.get('preset')}:{params.get('variant')}:{params.get('seed')}"
 
 
-def cache_path(cache_dir: Path, key: str, mode: str, ids: list[int], steps: int) -> Path:
-    h = hashlib.sha256(json.dumps([VERSION, key, mode, ids, steps]).encode()).hexdigest()[:24]
+def cache_path(cache_dir: Path, key: str, mode: str, ids: list[int], steps: int, lead: int = 0) -> Path:
+    h = hashlib.sha256(json.dumps([VERSION, key, mode, ids, steps] + ([lead] if lead else [])).encode()).hexdigest()[:24]
     return Path(cache_dir) / f"probe-ref-{mode}-{h}.npz"
 
 
 def save_reference(path: Path, ref: dict) -> None:
-    arrays = {"fed": np.asarray(ref["fed"], np.int64)}
+    arrays = {"fed": np.asarray(ref["fed"], np.int64), "lead": np.asarray(ref.get("lead", 0), np.int64)}
+    for il, layer in enumerate(ref.get("lead_state") or []):
+        for k, a in layer.items():
+            arrays[f"lead.{il}.{k}"] = a
     index = []
     for c, call in enumerate(ref["calls"]):
         for i, (stage, il, arrs) in enumerate(call):
@@ -303,18 +339,27 @@ def load_reference(path: Path) -> dict:
         calls: list[list] = [[] for _ in range(1 + max((e[0] for e in index), default=-1))]
         for c, i, stage, il, n in index:
             calls[c].append((stage, il, [z[f"c{c}.e{i}.a{j}"] for j in range(n)]))
-        return {"calls": calls, "fed": z["fed"].tolist()}
+        lead = int(z["lead"]) if "lead" in z.files else 0
+        state: list[dict] = []
+        for name in z.files:
+            if name.startswith("lead."):
+                _, il, k = name.split(".")
+                while len(state) <= int(il):
+                    state.append({})
+                state[int(il)][k] = z[name]
+        return {"calls": calls, "fed": z["fed"].tolist(), "lead": lead, "lead_state": state}
 
 
-def reference(mf, params: dict, mode: str, ids: list[int], steps: int, cache_dir: Path | None) -> tuple[dict, bool]:
+def reference(mf, params: dict, mode: str, ids: list[int], steps: int, cache_dir: Path | None,
+              lead: int = 0) -> tuple[dict, bool]:
     """The reference's stage outputs, from the cache when it has them; (ref, from_cache)."""
-    path = cache_path(cache_dir, model_key(params), mode, ids, steps) if cache_dir else None
+    path = cache_path(cache_dir, model_key(params), mode, ids, steps, lead) if cache_dir else None
     if path and path.is_file():
         try:
             return load_reference(path), True
         except (OSError, ValueError, KeyError):
             pass                                    # a damaged cache file is recomputed
-    ref = record_reference(mf, mode, ids, steps)
+    ref = record_reference(mf, mode, ids, steps, lead)
     if path:
         save_reference(path, ref)
     return ref, False
@@ -323,15 +368,24 @@ def reference(mf, params: dict, mode: str, ids: list[int], steps: int, cache_dir
 def run_probe(ops, mf, batch: int, ref: dict, ids: list[int], **engine_opts) -> list[StageStat]:
     """Run the cell's ops (its mode, kernels and faults) on the probe positions of every slot of
     a batch-`batch` state, each stage on the reference's input; the per-(stage, layer) stats.
-    `engine_opts` go to the probe's Engine (the cell engine's faults, where it has them)."""
+    `ids` are the whole stream: with a lead (ref["lead"]), slot 0 starts from the reference's
+    state after it. `engine_opts` go to the probe's Engine (the cell engine's faults, where it
+    has them)."""
     from .generate import Engine
+    lead = ref.get("lead", 0)
+    probed = ids[lead:]
     eng = Engine(mf, cache="f32", batch=batch, ctx=len(ids) + len(ref["fed"]) + 1, ops=ops,
-                 prefill_chunk=len(ids), decode_graph="off", **engine_opts)
+                 prefill_chunk=len(probed), decode_graph="off", **engine_opts)
     rep = Replayer(ref["calls"], eng.xp)
     eng.net.tap = rep
     try:
+        if lead:
+            for ls, saved in zip(eng.state.layers, ref["lead_state"]):
+                for k, v in saved.items():
+                    getattr(ls, k)[0] = eng.xp.asarray(v)
+            eng.state.pos[0] = lead
         rep.begin(0)
-        eng.net.forward(eng.state, np.asarray([ids]), np.array([0]))
+        eng.net.forward(eng.state, np.asarray([probed]), np.array([0]))
         # the prefill left reference values in slot 0's state (every write is tapped): the other
         # slots start from a copy, and the decode steps run all B rows through the batch kernels
         for ls in eng.state.layers:
@@ -380,6 +434,17 @@ def tokens_from_env(environ=os.environ) -> int:
     return int(text)
 
 
+def lead_from_env(environ, cfg, tokens: int) -> int:
+    """DS4BENCH_PROBE_LEAD: lead tokens before the probed ones (default: lead_for the model;
+    0 probes from position 0, faster on Flash shapes but blind past the window and top-k)."""
+    text = environ.get("DS4BENCH_PROBE_LEAD")
+    if text is None or text == "" or text == "auto":
+        return lead_for(cfg, tokens)
+    if not text.strip().isdigit():
+        raise ValueError(f"DS4BENCH_PROBE_LEAD: {text!r} is not a whole number of tokens (or auto)")
+    return int(text)
+
+
 def probe_cell(mf, ops, params: dict, prompts, cache_dir: Path | None, environ=os.environ,
                **engine_opts) -> dict:
     """The probe of one cell: {probe_mode, probe_positions, probe_stages [...], probe_s,
@@ -391,13 +456,16 @@ def probe_cell(mf, ops, params: dict, prompts, cache_dir: Path | None, environ=o
     if n == 0:
         return {}
     t0 = time.perf_counter()
-    ids = probe_tokens(prompts, n)
+    lead = lead_from_env(environ, mf.cfg, n)
+    ids = probe_tokens(prompts, n, lead)
+    lead = min(lead, max(len(ids) - 1, 0))
     mode = reference_mode(params["backend"], params["cache"])
     cache_dir = Path(environ["DS4BENCH_PROBE_CACHE"]) if environ.get("DS4BENCH_PROBE_CACHE") else cache_dir
-    ref, cached = reference(mf, params, mode, ids, DEFAULT_STEPS, cache_dir)
+    ref, cached = reference(mf, params, mode, ids, DEFAULT_STEPS, cache_dir, lead)
     stats = [s.to_dict() for s in run_probe(ops, mf, params["batch"], ref, ids, **engine_opts)]
     bad = judge_stages(stats, params["backend"], params["cache"])
-    return {"probe_mode": mode, "probe_positions": len(ids) + len(ref["fed"]), "probe_stages": stats,
+    return {"probe_mode": mode, "probe_positions": len(ids) - lead + len(ref["fed"]), "probe_lead": lead,
+            "probe_stages": stats,
             "probe_s": time.perf_counter() - t0, "probe_cached": cached,
             "verdict_stage": bad["stage"] if bad else None, "verdict_layer": bad["layer"] if bad else None,
             "probe_reason": bad["reason"] if bad else ""}

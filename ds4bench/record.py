@@ -85,6 +85,7 @@ class CellRecord:
     # stage probe against the NumPy reference (probe.py)
     probe_mode: str | None = None       # the reference engine's mode
     probe_positions: int | None = None  # positions probed (prefill tokens + decode steps)
+    probe_lead: int | None = None       # tokens run in the reference alone before them (probe.lead_for)
     probe_stages: list = field(default_factory=list)   # per (stage, layer): nmse, max_abs[, sel_differ]
     probe_reason: str = ""              # the first stage over its limit, in words
     probe_cached: bool | None = None    # the reference's stage outputs came from the cache

@@ -154,6 +154,46 @@ def test_reference_cache(tmp_path, monkeypatch):
         tmp_path, PR.model_key(params), "f32", ids, 2)
 
 
+def test_a_lead_puts_the_probe_past_the_window_and_the_top_k(tmp_path):
+    """Probed from position 0, 16 tokens (+4 steps) stay inside tiny's 32-row window and below its
+    indexer top-k: the window and top-k faults escape. With the lead (the reference alone runs
+    ahead, the cell starts from its state) both are caught at their stage, healthy q8 and f32
+    pass, and the lead's state survives the reference cache."""
+    from ds4bench.faults import from_env
+    mf = tiny_model(0)
+    cfg = mf.cfg
+    assert PR.late_position(cfg) == max(cfg.sliding_window, 4 * (cfg.indexer_topk + 1)) == 68
+    assert PR.lead_for(cfg, 80) == 0 and PR.lead_for(cfg, 16) == 60
+    assert PR.lead_from_env({"DS4BENCH_PROBE_LEAD": "0"}, cfg, 16) == 0
+    with pytest.raises(ValueError, match="DS4BENCH_PROBE_LEAD"):
+        PR.lead_from_env({"DS4BENCH_PROBE_LEAD": "far"}, cfg, 16)
+    params = {"preset": "tiny", "variant": None, "seed": 0, "model_file": None, "backend": "numpy", "batch": 1}
+    got = {}
+    for lead in ("0", "auto"):
+        for cache, fault in (("q8", None), ("f32", None), ("q8", "attn-window"), ("q8", "indexer-topk")):
+            env = {"DS4BENCH_PROBE_TOKENS": "16", "DS4BENCH_PROBE_LEAD": lead}
+            faults = from_env({"DS4BENCH_FAULT": fault}) if fault else None
+            opts = {"faults": faults} if faults else {}
+            ops = make_ops(mf, "numpy", cache, **opts)
+            res = PR.probe_cell(mf, ops, dict(params, cache=cache), smoke_prompts(), tmp_path, env, **opts)
+            got[lead, cache, fault] = res
+    assert got["auto", "q8", None]["probe_lead"] == 60 and got["0", "q8", None]["probe_lead"] == 0
+    assert got["auto", "q8", None]["probe_positions"] == got["0", "q8", None]["probe_positions"] == 20
+    for lead in ("0", "auto"):
+        assert got[lead, "q8", None]["verdict_stage"] is None and got[lead, "f32", None]["verdict_stage"] is None
+    assert got["0", "q8", "attn-window"]["verdict_stage"] is None           # the escapes
+    assert got["0", "q8", "indexer-topk"]["verdict_stage"] is None
+    assert got["auto", "q8", "attn-window"]["verdict_stage"] == "attention"
+    assert got["auto", "q8", "indexer-topk"]["verdict_stage"] == "indexer"
+    assert got["auto", "f32", None]["probe_cached"]                         # the q8 cells computed it
+    ids = PR.probe_tokens(smoke_prompts(), 16, 60)
+    ref, cached = PR.reference(mf, params, "f32", ids, PR.DEFAULT_STEPS, tmp_path, 60)
+    assert cached and ref["lead"] == 60 and len(ref["lead_state"]) == cfg.n_layer
+    fresh = PR.record_reference(mf, "f32", ids, PR.DEFAULT_STEPS, 60)
+    assert all(np.array_equal(fresh["lead_state"][il][k], v) for il, d in enumerate(ref["lead_state"])
+               for k, v in d.items())
+
+
 def test_probe_tokens_env():
     assert PR.tokens_from_env({}) == PR.DEFAULT_TOKENS
     assert PR.tokens_from_env({"DS4BENCH_PROBE_TOKENS": "0"}) == 0
