@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from ds4bench.cli import load_model
+from ds4bench.models import load_model
 from ds4bench.generate import Engine, greedy
 
 

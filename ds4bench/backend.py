@@ -11,41 +11,13 @@ oversubscribed managed memory can hang the GPU, not only the program.
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 
 import numpy as np
 
-PLACEMENTS = ("device", "managed", "managed-hinted", "host")
+from .config import check_placement  # noqa: F401  (the placement names live with the model's config)
+
 MANAGED_MARGIN = 2 * 2 ** 30          # bytes kept free beyond the weights under managed placement
 SLACK = 16                            # bytes allocated past each placed tensor (Placer.put)
-
-
-def check_placement(p: str) -> str:
-    if p not in PLACEMENTS:
-        raise ValueError(f"unknown placement {p!r}; choose one of {', '.join(PLACEMENTS)}")
-    return p
-
-
-def gpu_unavailable_reason() -> str:
-    """Why the GPU backend cannot run in this process, or '' when it can: CuPy imports, a CUDA
-    device is visible and the GPU engine (`ds4bench.ops_gpu`) imports."""
-    if importlib.util.find_spec("cupy") is None:
-        return "CuPy is not installed"
-    try:
-        import cupy as cp
-        if cp.cuda.runtime.getDeviceCount() < 1:
-            return "no CUDA device is visible"
-    except Exception as e:
-        return f"no CUDA device is visible ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-    try:
-        import ds4bench.ops_gpu  # noqa: F401
-    except ImportError as e:
-        return f"the GPU engine does not import ({e})"
-    return ""
-
-
-def gpu_available() -> bool:
-    return not gpu_unavailable_reason()
 
 
 def device_facts() -> dict:

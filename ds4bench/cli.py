@@ -11,30 +11,13 @@ import sys
 import time
 
 from . import config as C
-from .backend import check_placement
+from .config import check_placement
+from .models import load_model              # noqa: F401  (also the asv suite's entry, at every commit)
 from .slowdown import from_env as slowdown_from_env
 
 
 class UserError(Exception):
     """A problem with the user's input; printed as one line."""
-
-
-def load_model(model: str | None = None, preset: str | None = None, variant: str | None = None, seed: int = 0):
-    """A ModelFile from a GGUF path or a synthetic preset (generated in memory)."""
-    from .gguf_io import load_gguf, tensor_specs
-    from .synth import make_model
-    if model:
-        expect = C.preset(preset, variant) if preset else None
-        return load_gguf(model, expect, variant)
-    cfg = C.preset(preset or "tiny", variant)
-    need = sum(s.nbytes for s in tensor_specs(cfg))
-    from .guards import host_available
-    avail = host_available()
-    if avail and need > 0.6 * avail:
-        raise UserError(f"preset {cfg.name} ({cfg.variant}) needs {need / 2**30:.1f} GiB of host memory, "
-                        f"{avail / 2**30:.1f} GiB is available; use a smaller preset or write it with "
-                        f"`ds4bench model make` on a larger machine")
-    return make_model(cfg, seed)
 
 
 def model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
@@ -89,7 +72,7 @@ def engine_args(p: argparse.ArgumentParser) -> None:
 
 def resolve_backend(name: str) -> str:
     """'auto' is cupy when the GPU backend can run here, else numpy."""
-    from .backend import gpu_unavailable_reason
+    from .generate import gpu_unavailable_reason
     if name not in ("numpy", "cupy", "auto"):
         raise UserError(f"unknown backend {name!r}; choose numpy, cupy or auto")
     if name == "numpy":

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 FAULT_VAR = "DS4BENCH_FAULT"
 

@@ -12,6 +12,16 @@ from dataclasses import dataclass
 
 ARCH = "deepseek4"
 
+# Where a GPU engine keeps the weights (the `--placement` axis, DS4BENCH_PLACEMENT; backend.Placer
+# implements them). Named here, below every engine module, so that checking a name needs no CUDA.
+PLACEMENTS = ("device", "managed", "managed-hinted", "host")
+
+
+def check_placement(p: str) -> str:
+    if p not in PLACEMENTS:
+        raise ValueError(f"unknown placement {p!r}; choose one of {', '.join(PLACEMENTS)}")
+    return p
+
 
 @dataclass(frozen=True)
 class ModelConfig:

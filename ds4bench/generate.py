@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -92,6 +93,28 @@ def load_plugins(spec: str | None = None) -> list[str]:
         except ImportError as e:
             raise ImportError(f"DS4BENCH_PLUGINS: cannot import {n!r} ({e}; is its folder on PYTHONPATH?)") from None
     return [n for n in names if n]
+
+
+def gpu_unavailable_reason() -> str:
+    """Why the GPU backend cannot run in this process, or '' when it can: CuPy imports, a CUDA
+    device is visible and the GPU engine (`ds4bench.ops_gpu`) imports."""
+    if importlib.util.find_spec("cupy") is None:
+        return "CuPy is not installed"
+    try:
+        import cupy as cp
+        if cp.cuda.runtime.getDeviceCount() < 1:
+            return "no CUDA device is visible"
+    except Exception as e:
+        return f"no CUDA device is visible ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    try:
+        from . import ops_gpu  # noqa: F401
+    except ImportError as e:
+        return f"the GPU engine does not import ({e})"
+    return ""
+
+
+def gpu_available() -> bool:
+    return not gpu_unavailable_reason()
 
 
 def make_ops(model: ModelFile, backend: str, cache: str, faults: frozenset = frozenset(), **opts):

@@ -226,7 +226,7 @@ def write_gguf(path: str, cfg: C.ModelConfig, source: "TensorSource",
     The host never holds the whole model. The file is written under a temporary name and renamed,
     so a crash never leaves a half-written model behind. Returns the file size.
     """
-    from .guards import check_free_space, write_error
+    from .fileio import check_free_space, write_error
     specs = tensor_specs(cfg) if specs is None else specs
     check_free_space(path, sum(s.nbytes for s in specs))
     tmp = f"{path}.tmp{os.getpid()}"
@@ -405,11 +405,12 @@ def read_index(path: str, size: int) -> GGUFIndex:
     idx = GGUFIndex(read_metadata(reader), tensors, int(reader.alignment), int(reader.data_offset), reader.data)
     if cache is not None:
         try:
-            from .results import write_atomic
+            from .fileio import replacing
             cache.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(cache, json.dumps({"header_sha256": _header_sha(idx.data, idx.data_offset),
-                                            "fields": idx.fields, "alignment": idx.alignment,
-                                            "data_offset": idx.data_offset, "tensors": [list(t) for t in tensors]}))
+            with replacing(cache) as tmp:       # written under a temporary name, then renamed
+                tmp.write_text(json.dumps({"header_sha256": _header_sha(idx.data, idx.data_offset),
+                                           "fields": idx.fields, "alignment": idx.alignment,
+                                           "data_offset": idx.data_offset, "tensors": [list(t) for t in tensors]}))
         except (OSError, TypeError, ValueError):
             pass                # an unwritable cache costs the next process the parse, nothing else
     return idx

@@ -10,10 +10,7 @@ without clean-up (SIGKILL, a crash of the machine): `show`, `compare` and `--res
 """
 from __future__ import annotations
 
-import contextlib
-import errno
 import os
-import shutil
 import socket
 from pathlib import Path
 
@@ -123,47 +120,6 @@ def remove_temporaries(run_path: Path) -> list[Path]:
     return gone
 
 
-# ---- writes --------------------------------------------------------------------------------
-def write_error(path, e: OSError) -> OSError:
-    """A one-line OSError naming the file, that says so when the disk is full."""
-    if e.errno in (errno.ENOSPC, errno.EDQUOT) or _disk_full(path):
-        why = "no space left on the device"
-    else:
-        why = (e.strerror or str(e)).lower()
-    out = OSError(f"cannot write {path}: {why}")
-    out.errno = e.errno
-    return out
-
-
-def _disk_full(path, slack: int = 1 << 20) -> bool:
-    try:
-        return shutil.disk_usage(Path(path).parent if not Path(path).is_dir() else path).free < slack
-    except OSError:
-        return False
-
-
-def disk_note(path) -> str:
-    """'; the disk holding PATH is full' when it is, else ''."""
-    return f"; the disk holding {path} is full" if _disk_full(path) else ""
-
-
-@contextlib.contextmanager
-def replacing(path):
-    """Yield a temporary name beside `path`; rename it into place on success, delete it on any
-    failure (an OSError becomes write_error's one line)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if isinstance(e, OSError):
-            raise write_error(path, e) from None
-        raise
-
-
 # ---- host memory ---------------------------------------------------------------------------
 def host_available() -> int:
     """MemAvailable in bytes (0 when unknown)."""
@@ -244,17 +200,6 @@ def check_ctx(ctx: int | None, n_gen: int, prompt_set: str, models: list, where:
                              f"it out")
         if ctx > cfg.context_length:
             raise ValueError(f"{where}: ctx {ctx} exceeds {label}'s context length {cfg.context_length}")
-
-
-def check_free_space(path, need: int) -> None:
-    """OSError before a large write that the disk cannot hold."""
-    where = Path(path).resolve().parent
-    try:
-        free = shutil.disk_usage(where).free
-    except OSError:
-        return
-    if need > free:
-        raise OSError(f"cannot write {path}: it needs {need:,} bytes and {where} has {free:,} free")
 
 
 def remove_orphans(directory, pattern: str = "*.tmp[0-9]*") -> list[Path]:

@@ -211,7 +211,7 @@ def bench(variant: str = "q2", model: str | None = None, json_path: str | None =
         ceiling = res["copy_ceiling_gbs"] * 1e9
         print(f"\n{'cache':6s} {'placement':15s} {'step ms (wall)':>15s} {'step ms (gpu)':>14s} {'graph (wall)':>13s}  "
               f"eager per layer ms (floor at {ceiling / 1e12:.2f} TB/s)")
-        from .backend import PLACEMENTS
+        from .config import PLACEMENTS
         from .ops_ref import CACHE_MODES
         for cache in CACHE_MODES:
             for placement in PLACEMENTS:

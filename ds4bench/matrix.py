@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import config as C
-from .backend import PLACEMENTS
+from .config import PLACEMENTS
 from .kernels import KERNEL_CHOICES
 from . import record as R
 from . import verdict as V
@@ -325,11 +325,11 @@ def _check_toggles(names, env: dict, what: str, hint: str = "") -> None:
 
 # ---- backend ---------------------------------------------------------------------------------
 def resolve_backend(requested: str) -> tuple[str, str]:
-    """(backend, why). auto picks cupy when `backend.gpu_unavailable_reason()` finds nothing
+    """(backend, why). auto picks cupy when `generate.gpu_unavailable_reason()` finds nothing
     missing -- asked in a child process, so this process never imports CuPy."""
     if requested == "numpy":
         return "numpy", "backend numpy was requested"
-    probe = "from ds4bench.backend import gpu_unavailable_reason as r; print(r() or 'ok')"
+    probe = "from ds4bench.generate import gpu_unavailable_reason as r; print(r() or 'ok')"
     try:
         r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
                            env=_child_env({}))
@@ -540,7 +540,7 @@ def run_cell_process(cell: Cell, out: Path, fingerprints: Path, log: Path,
         name = signal.Signals(-rc).name
         hint = " (out of memory?)" if -rc == signal.SIGKILL else ""
         return None, f"killed by {name}{hint}" + (f"; last output: {last}" if last else ""), wall
-    from .guards import disk_note                # a full disk also swallows the cell's own last words
+    from .fileio import disk_note                # a full disk also swallows the cell's own last words
     return None, (last or f"exited with status {rc} without a record") + disk_note(out.parent), wall
 
 
@@ -684,7 +684,7 @@ def run_cell(params: dict, out: str, fingerprints: str) -> dict:
     mode's lazily expanded weights (and compiles kernels on a GPU). `warmup` full passes follow,
     then `reps` timed ones; with `stages`, one more pass gives per-stage times (CUDA events on a
     GPU, host time on the CPU: profiling.make_profiler("stages"))."""
-    from .cli import load_model
+    from .models import load_model
     from .generate import Engine, generate
     from .profiling import make_profiler, stage_of
     from .prompts import load_prompts

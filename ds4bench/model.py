@@ -234,7 +234,7 @@ def check_engine_env(environ) -> None:
     """Refuse (ValueError, one line) an engine toggle set to what no backend knows, whatever the
     backend of this run: DS4BENCH_UNFUSED, the kernel variants (kernels.KERNEL_CHOICES), the
     cache budget DS4BENCH_CACHE_MB and DS4BENCH_PLACEMENT."""
-    from .backend import check_placement
+    from .config import check_placement
     from .faults import from_env
     from .kernels import KERNEL_CHOICES, kernel_choice
     unfused_from_env(environ.get("DS4BENCH_UNFUSED"))

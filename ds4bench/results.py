@@ -25,6 +25,7 @@ from . import guards as G
 from . import record as R
 from . import kl as KL
 from . import verdict as V
+from .fileio import replacing, write_error
 
 DEFAULT_ROOT = "results/runs"
 METRICS = (("verdict", "verdict"), ("decode_tps", "decode tok/s"), ("prefill_tps", "prefill tok/s"),
@@ -45,7 +46,7 @@ LEGEND = ("identical: same tokens and logprobs as the baseline · close: fed the
 
 
 def write_atomic(path: Path, text: str) -> None:
-    with G.replacing(path) as tmp:              # the temporary is removed when the write fails
+    with replacing(path) as tmp:                # the temporary is removed when the write fails
         tmp.write_text(text, encoding="utf-8")
 
 
@@ -113,7 +114,7 @@ class RunDir:
             os.write(fd, line)
             os.fsync(fd)
         except OSError as e:                            # a torn line is ignored by records()
-            raise G.write_error(self.path / "cells.jsonl", e) from None
+            raise write_error(self.path / "cells.jsonl", e) from None
         finally:
             os.close(fd)
 
@@ -160,7 +161,7 @@ class RunDir:
             if recs:
                 import pandas as pd
                 df = pd.DataFrame([R.table_row(r) for r in recs], columns=list(R.FIELDS))
-                with G.replacing(self.path / "cells.parquet") as tmp:
+                with replacing(self.path / "cells.parquet") as tmp:
                     df.to_parquet(tmp, index=False)
                 write_atomic(self.path / "cells.csv", df.to_csv(index=False))
             write_atomic(self.path / "summary.md", summary_md(meta, recs))

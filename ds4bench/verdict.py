@@ -138,7 +138,7 @@ def save_fingerprints(path: str, fingerprints, first_logits: dict, logprobs: dic
             arrays[f"{fp.prompt_id}.first_logits"] = np.asarray(first_logits[fp.prompt_id], np.float32)  # [V]
         if logprobs and fp.prompt_id in logprobs:
             arrays[f"{fp.prompt_id}.logprobs"] = np.asarray(logprobs[fp.prompt_id], np.float16)         # [n, V]
-    from .guards import replacing
+    from .fileio import replacing
     with replacing(path) as tmp, open(tmp, "wb") as fh:      # no temporary survives a failed write
         np.savez(fh, **arrays)
 

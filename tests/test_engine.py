@@ -285,7 +285,7 @@ def test_cli_names_a_bad_generate_option(capsys, args, msg):
 
 
 def test_gpu_commands_without_a_gpu_say_so(capsys):
-    from ds4bench.backend import gpu_available
+    from ds4bench.generate import gpu_available
     if gpu_available():
         pytest.skip("a GPU is visible")
     for args in (["bench-kernels"], ["generate", "--preset", "tiny", "-n", "2", "--backend", "cupy"]):

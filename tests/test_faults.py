@@ -202,7 +202,7 @@ def test_gpu_fault_twin(name):
     still matches the healthy NumPy stage, and the faulted GPU stage matches the faulted NumPy
     stage: the kernel twin makes the same mistake."""
     cp = pytest.importorskip("cupy")
-    from ds4bench.backend import gpu_unavailable_reason
+    from ds4bench.generate import gpu_unavailable_reason
     if gpu_unavailable_reason():
         pytest.skip(gpu_unavailable_reason())
     from ds4bench.ops_gpu import GpuOps

@@ -1,7 +1,6 @@
 """Reliability: compare's report of bad cells and empty runs, runs whose runner was killed, disk
 full and temporaries, damaged run.json, atomic run creation, SIGTERM's exit status (no GPU)."""
 import errno
-import json
 import os
 import signal
 import socket
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from ds4bench import fileio
 from ds4bench import guards as G
 from ds4bench import matrix as M
 from ds4bench import results as S
@@ -180,7 +180,7 @@ def test_a_full_disk_while_appending_names_cells_jsonl(tmp_path, monkeypatch):
 
 
 def test_a_cell_that_died_silently_on_a_full_disk_says_so(tmp_path, monkeypatch):
-    monkeypatch.setattr(G, "_disk_full", lambda path, slack=0: True)
+    monkeypatch.setattr(fileio, "_disk_full", lambda path, slack=0: True)
     cell = M.Cell("c", "c", "tiny", {"timeout_s": 60, "backend": "numpy", "cache": "f32", "batch": 1,
                                      "placement": None, "env": {}})
     popen = subprocess.Popen
@@ -400,7 +400,7 @@ def test_model_make_on_a_full_disk_says_so_and_leaves_nothing(tmp_path, capsys, 
     def short_write(self, *a, **k):                   # numpy's tofile on a full disk
         raise OSError("270336 requested and 248736 written")
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", short_write)
-    monkeypatch.setattr(G, "_disk_full", lambda path, slack=0: True)
+    monkeypatch.setattr(fileio, "_disk_full", lambda path, slack=0: True)
     rc, _, err = run_cli(["model", "make", "--preset", "tiny", "-o", str(out)], capsys)
     one_line_error(rc, err, f"cannot write {out}: no space left on the device")
     assert list(tmp_path.iterdir()) == []
