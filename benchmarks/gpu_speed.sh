@@ -10,6 +10,8 @@
 # Knobs: STAGES ("aa sens"; one of them to split the work over two calls), RUNS (3), AA_ROUNDS (3),
 # SENS_ROUNDS (4), NTOK (16), CACHES (q8,f16,f32), BATCHES (1,16), SLOWDOWN (moe:0.05), BUDGET_S
 # (400: an A/A run or the sensitivity stage that would start later is skipped, and said),
+# SENS_AA (off; 1 adds a third tree A2, identical to A, to the sensitivity matrix: A against A2
+# is an A/A test interleaved round by round, compared paired, at no extra model write),
 # DEADLINE_S (none: a matrix still running this many seconds after the start is stopped with
 # SIGTERM, which keeps its finished cells, so that the report and the tarball are still written
 # inside a call's time limit).
@@ -48,9 +50,10 @@ elif (( SECONDS - t0 > budget )); then
   echo "note: sensitivity skipped: past BUDGET_S=$budget s" >&2; sens=""
 else
   matrix --spec speed-sens --rounds "${SENS_ROUNDS:-4}" -n "${NTOK:-16}" \
-    --batch "${BATCHES:-1,16}" --tree A=. --tree S=. --tree-env "S:DS4BENCH_SLOWDOWN=${SLOWDOWN:-moe:0.05}" \
-    --id "$sens" > /dev/null
+    --batch "${BATCHES:-1,16}" --tree A=. ${SENS_AA:+--tree A2=.} --tree S=. \
+    --tree-env "S:DS4BENCH_SLOWDOWN=${SLOWDOWN:-moe:0.05}" --id "$sens" > /dev/null
   [ -f "results/runs/$sens/run.json" ] || sens=""
+  [ -n "$sens" ] && [ -n "${SENS_AA:-}" ] && aa+=("$sens@A" "$sens@A2")
 fi
 report="results/gpu/speed-$card.md"
 { echo "# Speed A/A and sensitivity on $card ($(date -u +%FT%TZ), commit ${DS4BENCH_COMMIT:-unknown}, $((SECONDS - t0)) s)"
@@ -60,6 +63,7 @@ cat "$report"
 [ -n "$sens" ] && cp "$report" "results/runs/$sens/speed-report.md"
 if [ -n "${OUT:-}" ]; then
   cp "$report" "$OUT/speed-report.md"
-  tar czf "$OUT/speed.tgz" --exclude=fingerprints $(for r in "${aa[@]}" $sens; do echo "results/runs/$r"; done) "$report"
+  tar czf "$OUT/speed.tgz" --exclude=fingerprints \
+    $(for r in "${aa[@]}" $sens; do echo "results/runs/${r%@*}"; done | sort -u) "$report"
 fi
 exit $rc

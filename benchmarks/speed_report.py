@@ -73,7 +73,7 @@ def sensitivity(run: str, out: str, alpha: float = 0.05) -> tuple[list[str], int
 def variance(runs: list[str], out: str) -> list[str]:
     from ds4bench.cli_matrix import tree_records
     rows = []
-    for name in runs:
+    for name in dict.fromkeys(n.partition("@")[0] for n in runs):      # each run once
         for r in tree_records(name, out)[3]:
             tps = r.get("round_decode_tps") or []
             if len(tps) < 2 or None in tps:
