@@ -154,13 +154,15 @@ def process_time(runs: list[str], out: str) -> list[str]:
         if not pick:
             continue
         parts = ("load_s", "setup_s", "compile_s", "warmup_s", "timed_s", "correctness_s")
-        med = {k: float(np.median([r.get(k) or 0.0 for r in pick])) for k in ("wall_s", "warmup_passes") + parts}
+        # a part that no round recorded (runs of older commits) is shown as – and stays in the rest
+        med = {k: float(np.median([r.get(k) or 0.0 for r in pick])) if any(k in r for r in pick) else None
+               for k in ("wall_s", "warmup_passes") + parts}
         settled = sum(bool(r.get("warmup_settled")) for r in pick)
         rest = float(np.median([(r.get("wall_s") or 0.0) - sum(r.get(k) or 0.0 for k in parts) for r in pick]))
-        s = {k: f"{v:.1f}" for k, v in med.items()}
+        s = {k: "–" if v is None else f"{v:.1f}" for k, v in med.items()}
         lines.append(f"| {'round 1 (with correctness)' if first else 'later rounds (timing only)'}: {len(pick)} | "
                      f"{s['wall_s']} | {s['load_s']} | {s['setup_s']} | {s['compile_s']} | {s['warmup_s']} | "
-                     f"{med['warmup_passes']:.0f} | {settled} of {len(pick)} | {s['timed_s']} | {s['correctness_s']} | "
+                     f"{s['warmup_passes'].removesuffix('.0')} | {settled} of {len(pick)} | {s['timed_s']} | {s['correctness_s']} | "
                      f"{rest:.1f} |")
     return lines + [""]
 
