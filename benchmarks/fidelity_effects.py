@@ -10,7 +10,6 @@ intrinsics are not), and FMA as one rounding of the exact a*b + c.
 from __future__ import annotations
 
 import argparse
-import math
 
 import numpy as np
 

@@ -47,7 +47,7 @@ def _row(na, nb, s) -> str:
 def sensitivity(run: str, out: str, alpha: float = 0.05) -> tuple[list[str], int]:
     from ds4bench.cli_matrix import tree_records
     from ds4bench.results import compare
-    (_, _, na, ra), (_, _, ns, rs) = tree_records(f"{run}@A", out), tree_records(f"{run}@S", out)
+    (_, _, _, ra), (_, _, _, rs) = tree_records(f"{run}@A", out), tree_records(f"{run}@S", out)
     base = {r["cell_id"].split("-", 1)[1]: r for r in ra}
     lines = ["## Sensitivity: tree S (DS4BENCH_SLOWDOWN) against tree A, interleaved", "",
              "| cell | slowdown | B/A | interval | true (measured) | nominal | called | inside |",

@@ -2,7 +2,6 @@
 the warm-up stopping rule, the known slowdown, and in reduced form on tiny the two end-to-end
 checks: an A/A matrix calls no change and a 20% injected slowdown is called, with the true
 ratio inside the reported interval."""
-import json
 import os
 import subprocess
 import sys

@@ -1,6 +1,5 @@
 """Verdicts: the stage probe (healthy modes within their limits, deliberate faults named at
 their stage), its reference cache, the teacher-forced KL, the verdict rules and compare's gate."""
-import dataclasses
 import math
 
 import numpy as np
