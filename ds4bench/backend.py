@@ -14,7 +14,7 @@ import ctypes
 
 import numpy as np
 
-from .config import check_placement  # noqa: F401  (the placement names live with the model's config)
+from .config import check_placement
 
 MANAGED_MARGIN = 2 * 2 ** 30          # bytes kept free beyond the weights under managed placement
 SLACK = 16                            # bytes allocated past each placed tensor (Placer.put)
