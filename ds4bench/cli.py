@@ -54,8 +54,8 @@ def cmd_model_info(a) -> int:
 
 # ---- generate --------------------------------------------------------------------------------
 def engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cache", default=os.environ.get("DS4BENCH_CACHE", "f32"),
-                   help="numeric mode: q8 | f16 | f32 (env DS4BENCH_CACHE; default f32)")
+    p.add_argument("--mode", "--cache", dest="cache", metavar="MODE", default=os.environ.get("DS4BENCH_CACHE", "f32"),
+                   help="numeric mode: q8 | f16 | f32 (--cache is the old name; env DS4BENCH_CACHE; default f32)")
     p.add_argument("--backend", default=os.environ.get("DS4BENCH_BACKEND", "auto"),
                    help="numpy | cupy | auto: cupy when a GPU is visible (env DS4BENCH_BACKEND; default auto)")
     p.add_argument("--placement", default=os.environ.get("DS4BENCH_PLACEMENT"),

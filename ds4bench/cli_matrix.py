@@ -101,7 +101,7 @@ def _run_args(p, one_cell: bool = False) -> None:
     g = p.add_argument_group("axes (comma lists; they replace the spec's)")
     g.add_argument("--preset", help="synthetic presets, e.g. tiny,small")
     g.add_argument("--model", "-m", help="DS4 GGUF files (then --preset, if one, is what they must match)")
-    g.add_argument("--cache", help="numeric modes, e.g. q8,f16,f32")
+    g.add_argument("--mode", "--cache", dest="cache", metavar="MODES", help="numeric modes, e.g. q8,f16,f32 (--cache is the old name)")
     g.add_argument("--placement", help="GPU weight placement: device,managed,managed-hinted,host")
     g.add_argument("--batch", "-b", help="sequences per decode step, e.g. 1,4,16")
     g.add_argument("--nvtx", help="NVTX ranges in the timed repetitions: off, on or off,on (their cost)")
