@@ -4,7 +4,8 @@ A cell is measured in R rounds; each round is a fresh `ds4bench cell` process (l
 warm up, `reps` timed passes). The runner interleaves the cells of a matrix round by round:
 
   round 1   each group's baseline first (the other cells are judged against its fingerprints),
-            then the rest: shuffled (order "random") or in axis order (order "abba")
+            then the rest: shuffled (order "random") or in axis order (order "abba"; with a tree
+            axis the trees are innermost, so one cell's trees run next to each other)
   round k   "random": a fresh seeded shuffle; "abba": the previous round reversed, so two cells
             run A B, B A, A B, ... and a drift in time hits both alike
 

@@ -108,8 +108,8 @@ def with_trees(cells: list, trees: dict, tree_env: dict | None = None, say=print
     out = []
     resolved = {label: resolve(src, say) for label, src in trees.items()}
     here = str(R.REPO.resolve())
-    for label, (path, sha) in resolved.items():
-        for c in cells:
+    for c in cells:                  # tree innermost: a cell's trees run next to each other
+        for label, (path, sha) in resolved.items():
             n = copy.deepcopy(c)
             n.cell_id = f"{label}-{c.cell_id}"
             n.key = f"tree={label} {c.key}" if c.key != c.cell_id else f"tree={label}"
@@ -120,6 +120,6 @@ def with_trees(cells: list, trees: dict, tree_env: dict | None = None, say=print
             out.append(n)
     first = next(iter(trees))
     base_of = {c.cell_id: f"{first}-{c.baseline_cell}" for c in cells}
-    for n, c in zip(out, cells * len(trees)):
+    for n, c in zip(out, [c for c in cells for _ in trees]):
         n.baseline_cell = base_of[c.cell_id]
     return sorted(out, key=lambda n: not n.is_baseline)        # stable: each baseline before its group

@@ -289,3 +289,21 @@ def test_generate_prints_tok_s_without_the_prime_pass_and_says_what_it_left_out(
     out = capsys.readouterr().out.splitlines()
     assert "decode" in out[-2] and "tok/s" in out[-2]
     assert out[-1].startswith("--- not in tok/s: prime pass ") and "slowdown moe:0.2: +" in out[-1]
+
+
+def test_a_cells_trees_run_next_to_each_other_and_abba_reverses_them():
+    """With a tree axis one cell's trees are adjacent, so an ABBA schedule pairs A and B in
+    neighbouring processes (a drift of the host's speed hits both alike)."""
+    from ds4bench.matrix import MatrixSpec, expand
+    from ds4bench.rounds import schedule
+    from ds4bench.trees import with_trees
+    cells, _ = expand(MatrixSpec(caches=["q8", "f32"], batches=[1, 16]), "numpy")
+    both = with_trees(cells, {"A": ".", "S": "."}, {"S": {"DS4BENCH_SLOWDOWN": "moe:0.05"}}, say=lambda *a: None)
+    ids = [c.cell_id for c in both]
+    assert ids[0] == "A-tiny-f32-b1" and both[0].is_baseline and not any(c.is_baseline for c in both[1:])
+    for i in range(0, len(ids), 2):                     # pairs: the same cell, tree A then tree S
+        assert ids[i][2:] == ids[i + 1][2:] and ids[i][0] == "A" and ids[i + 1][0] == "S"
+    assert all(c.baseline_cell == "A-tiny-f32-b1" for c in both)
+    assert [c.params["env"].get("DS4BENCH_SLOWDOWN") for c in both[:2]] == [None, "moe:0.05"]
+    rounds = schedule(both, 3, "abba")
+    assert rounds[1] == rounds[0][::-1] and rounds[2] == rounds[0]
