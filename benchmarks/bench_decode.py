@@ -25,9 +25,12 @@ default all; benchmarks/asv_range.sh: tiny, device) limit them to the cells they
 starts no process for the others). DS4BENCH_ASV_SKIP leaves cells out altogether (e.g.
 flash-4l:host); DS4BENCH_ASV_LOG names a file that gets each setup_cache cell's outcome and time.
 
-Only the engine API every benchmarked commit shares is used (cli.load_model, generate.Engine,
-generate.generate, synth.write_model, prompts.load_prompts, verdict.compare_prompt); the
-prompts come from this checkout's benchmarks/prompts, since an installed package has none.
+A cell is built and measured by ds4bench.cell (prepare, prime, measure: the code a matrix cell
+runs, so the environment's engine toggles apply here too); at a commit before that module the
+engine API every benchmarked commit shares is used instead (cli.load_model, generate.Engine,
+generate.generate). synth.write_model, prompts.load_prompts and verdict.compare_prompt serve
+both; the prompts come from this checkout's benchmarks/prompts, since an installed package has
+none.
 """
 from __future__ import annotations
 
@@ -120,17 +123,43 @@ def _write_models() -> dict[str, str]:
     return out
 
 
+def _cell_module():
+    """ds4bench.cell (the one way a cell is built and measured), or None at a commit before it."""
+    try:
+        import ds4bench.cell as cell
+    except ImportError:
+        return None
+    return cell
+
+
+def _params(model_file: str, preset: str, cache: str, backend: str, placement: str, batch: int, ctx: int) -> dict:
+    """The cell's parameters as the matrix gives them to ds4bench.cell."""
+    return {"model_file": model_file, "preset": preset, "variant": None, "seed": 0, "prompt_set": str(PROMPTS),
+            "n_gen": N_GEN, "ctx": ctx, "cache": cache, "backend": backend,
+            "placement": placement if backend == "cupy" else None, "batch": batch, "chunk": 512, "reps": 1,
+            "warmup": 0, "env": {}, "correctness": False}
+
+
 class _Loaded:
-    """One cell's model, tokenized prompts and engine."""
+    """One cell's model, tokenized prompts and engine: built by ds4bench.cell.prepare (the
+    environment's engine toggles apply, as in a matrix cell), or at a commit before it by the
+    engine API every commit shares."""
 
     def __init__(self, models: dict, preset: str, cache: str, placement: str, batch: int, extra_ctx: int):
+        backend = _backend(placement)
+        if preset not in models:
+            raise NotImplementedError(f"preset {preset} has no model (setup_cache wrote {sorted(models)})")
+        cell = _cell_module()
+        if cell is not None:
+            # context: the longest prompt + extra_ctx (prepare's default is longest + n_gen + 1)
+            prep = cell.prepare(dict(_params(models[preset], preset, cache, backend, placement, batch, 0),
+                                     n_gen=extra_ctx - 1))
+            self.model, self.prompts, self.engine, self.ctx = prep.model, prep.prompts, prep.engine, prep.options.ctx
+            return
         from ds4bench.cli import load_model
         from ds4bench.generate import Engine
         from ds4bench.prompts import load_prompts
         from ds4bench.tokenizer import Tokenizer
-        backend = _backend(placement)
-        if preset not in models:
-            raise NotImplementedError(f"preset {preset} has no model (setup_cache wrote {sorted(models)})")
         self.model = load_model(models[preset], preset)
         tok = Tokenizer.from_gguf_metadata(self.model.metadata)
         self.prompts = [(p.id, tok.chat(p.text)) for p in load_prompts(str(PROMPTS))]
@@ -140,10 +169,13 @@ class _Loaded:
 
     def prime(self) -> None:
         """Build the mode's lazily expanded weights (and compile kernels) outside the timing."""
+        cell = _cell_module()
+        if cell is not None:
+            cell.prime(self.engine, self.prompts)
+            return
         from ds4bench.generate import generate
         pid, ids = self.prompts[0]
         generate(self.engine, [(pid, ids[:8])], 2)
-
     def settle(self) -> None:
         """Warm up as the matrix does (ds4bench.rounds.warm_up: passes of the first prompt until
         the decode step settles, with a time cap); a commit before that rule gets asv's warm-up."""
@@ -187,17 +219,30 @@ def _release() -> None:
 
 def _measure(models: dict, preset: str, cache: str, placement: str, batch: int) -> dict:
     """One cell, once: a greedy generation of the smoke prompts (its fingerprints and decode
-    tokens/s) and the device pool's high-water mark."""
+    tokens/s) and the device pool's high-water mark; by ds4bench.cell.measure (prime pass,
+    warm-up until the step settles, one timed pass), or at a commit before it as it did then."""
     _release()            # blocks the previous cell freed late (its results outlive its finally)
-    cell = _Loaded(models, preset, cache, placement, batch, N_GEN + 1)
+    cell = _cell_module()
+    if cell is not None:
+        backend = _backend(placement)
+        if preset not in models:
+            raise NotImplementedError(f"preset {preset} has no model (setup_cache wrote {sorted(models)})")
+        m = cell.measure(_params(models[preset], preset, cache, backend, placement, batch, 0))
+        try:
+            return {"backend": backend, "tps": m.record["decode_tps"], "steps": _steps(m.results[0].fingerprints),
+                    "device_bytes": m.record.get("device_peak_bytes")}
+        finally:
+            del m
+            _release()
+    loaded = _Loaded(models, preset, cache, placement, batch, N_GEN + 1)
     try:
-        cell.prime()
-        res = cell.generate()
-        report = getattr(cell.engine.ops, "memory", None)
-        return {"backend": cell.engine.backend, "tps": res.timing.decode_tps, "steps": _steps(res.fingerprints),
+        loaded.prime()
+        res = loaded.generate()
+        report = getattr(loaded.engine.ops, "memory", None)
+        return {"backend": loaded.engine.backend, "tps": res.timing.decode_tps, "steps": _steps(res.fingerprints),
                 "device_bytes": int(report()["pool_total_bytes"]) if report else None}
     finally:
-        del cell
+        del loaded
         _release()
 
 

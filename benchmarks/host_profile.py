@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--top", type=int, default=30)
     a = ap.parse_args()
-    eng = Engine(load_model(a.model, None, None, 0), cache=a.cache, backend="cupy", batch=1, ctx=256)
+    eng = Engine(load_model(a.model, None, None, 0), mode=a.cache, backend="cupy", batch=1, ctx=256)
     eng.prefill(0, list(range(1, 20)))
     tok = steps(eng, np.array([5]), 4)
     eng.sync()

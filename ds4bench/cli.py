@@ -13,7 +13,7 @@ import time
 from . import config as C
 from .config import check_placement
 from .models import load_model              # noqa: F401  (also the asv suite's entry, at every commit)
-from .slowdown import from_env as slowdown_from_env
+from .options import get as env_get
 
 
 class UserError(Exception):
@@ -54,14 +54,14 @@ def cmd_model_info(a) -> int:
 
 # ---- generate --------------------------------------------------------------------------------
 def engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mode", "--cache", dest="cache", metavar="MODE", default=os.environ.get("DS4BENCH_CACHE", "f32"),
+    p.add_argument("--mode", "--cache", dest="cache", metavar="MODE", default=env_get("DS4BENCH_CACHE") or "f32",
                    help="numeric mode: q8 | f16 | f32 (--cache is the old name; env DS4BENCH_CACHE; default f32)")
-    p.add_argument("--backend", default=os.environ.get("DS4BENCH_BACKEND", "auto"),
+    p.add_argument("--backend", default=env_get("DS4BENCH_BACKEND") or "auto",
                    help="numpy | cupy | auto: cupy when a GPU is visible (env DS4BENCH_BACKEND; default auto)")
-    p.add_argument("--placement", default=os.environ.get("DS4BENCH_PLACEMENT"),
+    p.add_argument("--placement", default=env_get("DS4BENCH_PLACEMENT"),
                    help="GPU weight placement: device | managed | managed-hinted | host (env DS4BENCH_PLACEMENT; "
                         "default device)")
-    p.add_argument("--profile", default=os.environ.get("DS4BENCH_PROFILE", "none"),
+    p.add_argument("--profile", default=env_get("DS4BENCH_PROFILE") or "none",
                    help="none | nvtx (ranges for Nsight Systems) | stages (per-stage time) "
                         "(env DS4BENCH_PROFILE; default none)")
     p.add_argument("--batch", "-b", type=int, default=1, help="sequences decoded per step, 1..64 (default 1)")
@@ -98,16 +98,16 @@ def cmd_generate(a) -> int:
                         f"give --ctx {need} or more, or leave it out")
     ctx = max(4096, need) if a.ctx is None else a.ctx
     backend = resolve_backend(a.backend)
-    opts = {"placement": a.placement} if backend == "cupy" and a.placement else {}
     if a.placement:
         check_placement(a.placement)
     if backend == "numpy" and a.placement:
         raise UserError(f"placement {a.placement} needs the GPU backend (no GPU is in use)")
     prof = make_profiler(a.profile, backend)
-    from .faults import from_env
-    slow = slowdown_from_env(os.environ)
-    eng = Engine(mf, cache=a.cache, backend=backend, batch=a.batch, ctx=ctx, prefill_chunk=a.chunk,
-                 slowdown=slow, faults=from_env(os.environ), **opts)
+    from .options import EngineOptions
+    opts = EngineOptions.from_env(mode=a.cache, backend=backend, batch=a.batch, ctx=ctx, chunk=a.chunk,
+                                  placement=a.placement)
+    slow = opts.slowdown
+    eng = Engine(mf, opts)
     # an untimed prime pass: kernel compilation, lazily built weights and the decode graph's
     # capture stay out of the tok/s below and are printed on their own
     t0 = time.perf_counter()
@@ -196,8 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     a = ap.parse_args(argv)
     try:
-        from .model import check_engine_env
-        check_engine_env(os.environ)            # a mistyped toggle fails here, on a CPU run too
+        from .options import check_engine_env
+        check_engine_env()                      # a mistyped toggle fails here, on a CPU run too
         if (getattr(a, "seed", 0) or 0) < 0:
             raise UserError(f"--seed must be a non-negative integer, got {a.seed}")
         load_plugins()

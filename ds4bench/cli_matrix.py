@@ -454,7 +454,7 @@ def tree_records(name: str, out: str) -> tuple:
 
 
 def cmd_cell(a) -> int:
-    from .matrix import run_cell
+    from .cell import run_cell
     try:
         params = json.loads(a.params)
     except json.JSONDecodeError as e:

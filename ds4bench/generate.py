@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -19,8 +18,8 @@ from typing import Callable
 import numpy as np
 
 from .gguf_io import ModelFile
-from .kernels import kernel_choice
 from .model import DS4Model
+from .options import EngineOptions, get as env_get
 from .profiling import Profiler
 from .state import RunState
 
@@ -80,13 +79,14 @@ EXTRA_MODES: dict[str, Callable] = {}
 
 
 def register_mode(name: str, factory: Callable) -> None:
-    """`factory(model, backend, **opts)` returns an ops object for cache mode `name`."""
+    """`factory(model, options)` returns an ops object for numeric mode `name` (options: an
+    options.EngineOptions)."""
     EXTRA_MODES[name] = factory
 
 
 def load_plugins(spec: str | None = None) -> list[str]:
     """Import the comma-separated modules in `spec` (default: $DS4BENCH_PLUGINS)."""
-    names = [n.strip() for n in (spec if spec is not None else os.environ.get("DS4BENCH_PLUGINS", "")).split(",")]
+    names = [n.strip() for n in (spec if spec is not None else env_get("DS4BENCH_PLUGINS") or "").split(",")]
     for n in filter(None, names):
         try:
             importlib.import_module(n)
@@ -117,51 +117,49 @@ def gpu_available() -> bool:
     return not gpu_unavailable_reason()
 
 
-def make_ops(model: ModelFile, backend: str, cache: str, faults: frozenset = frozenset(), **opts):
-    if cache in EXTRA_MODES:
-        if faults:
-            raise ValueError(f"faults {', '.join(sorted(faults))} apply to the built-in modes, not {cache!r}")
-        return EXTRA_MODES[cache](model, backend, **opts)
-    if backend == "numpy":
+def make_ops(model: ModelFile, options: EngineOptions):
+    """The heavy operations of `options.mode` on `options.backend` (a plugin's mode: its factory)."""
+    if options.mode in EXTRA_MODES:
+        if options.faults:
+            raise ValueError(f"faults {', '.join(sorted(options.faults))} apply to the built-in modes, "
+                             f"not {options.mode!r}")
+        return EXTRA_MODES[options.mode](model, options)
+    if options.backend == "numpy":
         from .ops_ref import RefOps
-        if opts:
-            raise ValueError(f"options {sorted(opts)} apply to the GPU backend only")
-        return RefOps(model, cache, faults=faults)
-    if backend == "cupy":
-        from .ops_gpu import GpuOps      # imported only when asked: the CPU path never needs CuPy
-        return GpuOps(model, cache, faults=faults, **opts)
-    raise ValueError(f"unknown backend {backend!r}; choose numpy or cupy")
+        return RefOps(model, options.mode, faults=options.faults)
+    from .ops_gpu import GpuOps          # imported only when asked: the CPU path never needs CuPy
+    return GpuOps(model, options)
 
 
-class Engine:
-    def __init__(self, model: ModelFile, cache: str = "f32", backend: str = "numpy", batch: int = 1,
-                 ctx: int = 4096, prefill_chunk: int = 512, profiler: Profiler | None = None, ops=None,
-                 decode_graph: str | None = None, slowdown=None, faults: frozenset = frozenset(), **opts):
-        if not 1 <= batch <= 64:
-            raise ValueError(f"batch must be in 1..64, got {batch}")
-        if prefill_chunk < 1:
-            raise ValueError(f"prefill chunk must be positive, got {prefill_chunk}")
+class Engine:        # engine_api.InferenceEngine
+    """One model, one EngineOptions (numeric mode, backend, batch, context, toggles) and one run
+    state allocated for them. `Engine(model, options)`, or `Engine(model, mode="q8", batch=2)`:
+    keyword fields build the options (over `options` when both are given)."""
+
+    def __init__(self, model: ModelFile, options: EngineOptions | None = None, *,
+                 profiler: Profiler | None = None, ops=None, **fields):
+        options = options or EngineOptions()
+        self.options = options = options.replace(**fields) if fields else options
         self.model, self.cfg = model, model.cfg
-        self.cache, self.backend, self.batch, self.ctx = cache, backend, batch, ctx
-        self.prefill_chunk = prefill_chunk
-        # injected faults (faults.py), passed explicitly: never read from the environment here,
-        # so a reference engine built in the same process without them stays healthy
-        self.faults = frozenset(faults)
-        if ops is not None and frozenset(getattr(ops, "faults", frozenset())) != self.faults:
-            raise ValueError(f"ops carry faults {sorted(getattr(ops, 'faults', ()))}, the engine {sorted(self.faults)}")
-        self.ops = ops if ops is not None else make_ops(model, backend, cache, self.faults, **opts)
+        self.cache, self.backend, self.batch, self.ctx = options.mode, options.backend, options.batch, options.ctx
+        self.prefill_chunk = options.chunk
+        # injected faults (faults.py) come in the options, never from the environment here, so a
+        # reference engine built in the same process without them stays healthy
+        self.faults = options.faults
+        if ops is not None and frozenset(ops.faults) != self.faults:
+            raise ValueError(f"ops carry faults {sorted(ops.faults)}, the engine {sorted(self.faults)}")
+        self.ops = ops if ops is not None else make_ops(model, options)
         self.xp = self.ops.xp
         self.net = DS4Model(self.cfg, self.ops, profiler, self.faults)
-        self.state = RunState.allocate(self.cfg, batch, ctx, self.xp, getattr(self.ops, "alloc", None))
-        if slowdown is not None:                # a known slowdown (slowdown.Slowdown), for speed tests
+        self.state = RunState.allocate(self.cfg, options.batch, options.ctx, self.xp, self.ops.alloc)
+        if options.slowdown is not None:        # a known slowdown (slowdown.Slowdown), for speed tests
             from .slowdown import Delay
-            self.net.delay = Delay(slowdown, self.ops, self.cfg.n_layer)
+            self.net.delay = Delay(options.slowdown, self.ops, self.cfg.n_layer)
         # how a decode step of every slot runs: "eager" (kernels launched from Python), "graph"
-        # (DS4BENCH_DECODE_GRAPH=on, or decode_graph="on": replayed from a CUDA graph), or eager
-        # with the reason the graph does not apply
+        # (decode_graph "on": replayed from a CUDA graph), or eager with the reason the graph
+        # does not apply
         self.graph, self.decode_path = None, "eager"
-        want = decode_graph or kernel_choice("DS4BENCH_DECODE_GRAPH", os.environ.get("DS4BENCH_DECODE_GRAPH"))
-        if want == "on":
+        if options.decode_graph == "on":
             why = "the NumPy engine has no CUDA graphs" if self.xp is np else None
             if why is None:
                 from .graph_gpu import DecodeGraph, graph_unsupported
@@ -176,7 +174,15 @@ class Engine:
         return self.net.prof
 
     def sync(self) -> None:
-        getattr(self.ops, "sync", lambda: None)()
+        self.ops.sync()
+
+    def facts(self) -> dict:
+        """engine_api.InferenceEngine.facts: the options, how decode runs, whether a graph can
+        be captured, and the GPU ops' memory report (weights, caches, pool) where there is one."""
+        memory = getattr(self.ops, "memory", None)          # GpuOps only
+        return {"engine": "ds4bench", "backend": self.backend, "mode": self.cache, "batch": self.batch,
+                "ctx": self.ctx, "decode_path": self.decode_path, "graph": self.graph is not None,
+                "faults": sorted(self.faults), "memory": memory() if memory else None}
 
     def prefill(self, slot: int, ids) -> np.ndarray:
         """Prompt tokens into one slot, in chunks, layer-major; returns the last token's logits [V]."""

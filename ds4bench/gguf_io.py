@@ -22,6 +22,7 @@ from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
 from . import config as C
 from .formats import FORMATS, row_bytes, tensor_bytes
+from .options import gguf_index_dir
 
 PLAIN_DTYPES = {QT.F32: np.float32, QT.F16: np.float16, QT.I32: np.int32}
 
@@ -364,12 +365,11 @@ class GGUFIndex:
 
 
 def _index_path(path: str) -> Path | None:
-    where = os.environ.get("DS4BENCH_GGUF_INDEX", "")
-    if where == "off":
+    root = gguf_index_dir()
+    if root is None:
         return None
     st = os.stat(path)
     key = f"{os.path.realpath(path)}|{st.st_size}|{st.st_ino}|{st.st_mtime_ns}"
-    root = Path(where) if where else Path.home() / ".cache" / "ds4bench" / "gguf-index"
     return root / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
 
 

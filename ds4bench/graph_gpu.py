@@ -35,9 +35,9 @@ from .profiling import Profiler
 
 def graph_unsupported(ops, state) -> str | None:
     """Why a decode step on these ops and this run state cannot be captured, or None."""
-    if getattr(ops, "cache", None) == "f32":
+    if ops.cache == "f32":
         return "the f32 mode multiplies with cuBLAS, which CuPy refuses during stream capture"
-    off = sorted(set(getattr(ops, "unfused", ())) - {"q8quant"})   # q8quant: two launches, no cuBLAS
+    off = sorted(set(ops.unfused) - {"q8quant"})   # q8quant: two launches, no cuBLAS
     if off:
         return f"model code left unfused ({', '.join(off)}) is array code that may call cuBLAS"
     cfg, W = state.cfg, state.cfg.sliding_window

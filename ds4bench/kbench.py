@@ -15,6 +15,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 
 from . import config as C
+from .options import KERNEL_CHOICES
 from .formats import quantize_q8_0, random_blocks, row_bytes
 
 # (name, out, in, groups) of the Q8_0 projections a Flash decode step runs
@@ -133,7 +134,7 @@ def run(variant: str = "q2", iters: int = 200) -> dict:
     from .moe_gpu import q8k_quantize
     n_gu, n_down = A * 2 * F * row_bytes(gate_t, D), A * D * row_bytes(down_t, F)
     need = n_gu + n_down
-    for kind in kernels.KERNEL_CHOICES["DS4BENCH_MOE_KERNEL"]:
+    for kind in KERNEL_CHOICES["DS4BENCH_MOE_KERNEL"]:
         moe.variant = kind
         tail = "" if kind == "warp" else f", {kind}"
         xq = q8k_quantize(x)
@@ -153,11 +154,13 @@ def decode_layers(model_path: str, cache: str, placement: str, steps: int = 20, 
     """Decode step of a model file, per layer in ms (CUDA events), against its weight-read floor:
     the layer's bytes (its share of routed experts) at `ceiling_bps` (the measured copy rate)."""
     from .gguf_io import decode_read_bytes, load_gguf, tensor_specs
+    from .cell import options_for
     from .generate import Engine
     from .profiling import CudaEventTimer
     mf = load_gguf(model_path)
     prof = CudaEventTimer()
-    eng = Engine(mf, cache=cache, backend="cupy", ctx=256, profiler=prof, placement=placement, decode_graph="off")
+    opts = options_for({"cache": cache, "backend": "cupy", "batch": 1, "placement": placement}, 256)
+    eng = Engine(mf, opts.replace(decode_graph="off"), profiler=prof)
 
     def step_wall(e, timer=None) -> float:
         """Wall seconds per decode step after 3 untimed ones (a graph is captured in those)."""
@@ -176,7 +179,7 @@ def decode_layers(model_path: str, cache: str, placement: str, steps: int = 20, 
 
     wall = step_wall(eng, prof)                             # eager: per-layer events
     stages = prof.summary()
-    graphed = Engine(mf, cache=cache, backend="cupy", ctx=256, ops=eng.ops, decode_graph="on")
+    graphed = Engine(mf, opts.replace(decode_graph="on"), ops=eng.ops)
     graph_wall = step_wall(graphed) if graphed.graph is not None else None
     cfg = mf.cfg
     per_layer_bytes = {}

@@ -44,35 +44,6 @@ def q8_staged_fits(K: int, *weights) -> bool:
     return K % 256 == 0 and all(w.data.ptr % 16 == 0 for w in weights)
 
 
-# Kernel variants and launch paths an environment variable picks (perf toggles: every choice
-# computes the same bits; the first is the default).
-KERNEL_CHOICES = {
-    # the Q8_0 matmul launched where the activation quantization is not fused in: matmul_q8_0, or
-    # matmul_q8_0_staged (16-byte loads through shared memory; rows with K % 256 == 0)
-    "DS4BENCH_Q8_KERNEL": ("warp", "staged"),
-    # the routed experts: a warp per row looping over the selected experts, or gate/up four
-    # blocks at a time and down with one warp per (row, expert) (moe_gate_up4_*, moe_down_split_*)
-    "DS4BENCH_MOE_KERNEL": ("warp", "split"),
-    # attention (prefill chunks and decode): keys gathered and concatenated with a host-built mask, then attend_sink;
-    # or attend_sink_ring reading the window ring, the new rows and the compressed rows in place,
-    # the raw rows' visibility derived on the device from the positions
-    "DS4BENCH_ATTN_KERNEL": ("concat", "ring"),
-    # decode: each step's kernels launched from Python, or the static step (model.DS4Model.step)
-    # captured once in a CUDA graph and replayed (graph_gpu.DecodeGraph; the f32 mode stays eager)
-    "DS4BENCH_DECODE_GRAPH": ("off", "on"),
-}
-
-
-def kernel_choice(var: str, text: str | None) -> str:
-    """The variant `text` (None or empty: the default) names for the toggle `var`; ValueError,
-    one line naming the choices, for anything else."""
-    choices = KERNEL_CHOICES[var]
-    name = (text or choices[0]).strip()
-    if name not in choices:
-        raise ValueError(f"{var}: unknown {name!r}; choose from {', '.join(choices)}")
-    return name
-
-
 def kernel_files() -> list[str]:
     return sorted(f for f in os.listdir(KERNEL_DIR) if f.endswith(".cu"))
 

@@ -35,7 +35,6 @@ The matrix process itself never imports CuPy.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import json
@@ -50,11 +49,11 @@ from pathlib import Path
 
 from . import config as C
 from .config import PLACEMENTS
-from .kernels import KERNEL_CHOICES
 from . import record as R
 from . import verdict as V
-from .rounds import SETTLE, WARMUP_CAP_S, warm_up
-from .slowdown import from_env as slowdown_from_env
+from .cell import TRACE_FIELDS
+from .options import ENGINE_ENV, environment, model_cache_dir
+from .rounds import SETTLE, WARMUP_CAP_S
 
 try:
     import tomllib
@@ -70,9 +69,8 @@ SPEC_KEYS = {"description", "preset", "model", "variant", "seed", "cache", "plac
 UNSET = "unset"                        # an env-axis value: the variable is absent from the cell's environment
 # Variables that change what the engine does; a cell records those set in its environment,
 # wherever they came from (the spec's [env] or the shell), so no toggle goes unrecorded.
-ENGINE_ENV = ("DS4BENCH_UNFUSED", *KERNEL_CHOICES, "DS4BENCH_CACHE_MB", "DS4BENCH_PLUGINS", "DS4BENCH_SLOWDOWN",
-              "DS4BENCH_FAULT", "DS4BENCH_PROBE_TOKENS", "DS4BENCH_PROBE_LEAD")
-TRACE_FIELDS = ("trace_file", "trace_gpu_ms", "trace_calls", "trace_kernels", "trace_kernel_ms")   # CellRecord
+# (options.ENGINE_ENV: the variables that change what the engine does; a cell records those set
+# in its environment, wherever they came from, so no toggle goes unrecorded)
 SYNTH_IN_MEMORY_MAX = 256 * 2**20      # larger presets are written to a GGUF once and memory-mapped per cell
 
 
@@ -314,7 +312,7 @@ def _check_toggles(names, env: dict, what: str, hint: str = "") -> None:
     """A spec's engine toggles, as the CLI checks the shell's: a DS4BENCH_* name in `names` that
     is no toggle (a misspelling would be recorded and do nothing), or a value in `env` that no
     backend knows, is a one-line ValueError starting with `what`."""
-    from .model import check_engine_env
+    from .options import check_engine_env
     unknown = sorted(k for k in names if k.startswith("DS4BENCH_") and k not in ENGINE_ENV)
     if unknown:
         raise ValueError(f"{what} {unknown[0]} is not an engine toggle ({', '.join(ENGINE_ENV)}{hint})")
@@ -445,7 +443,7 @@ def prepare_models(cells: list[Cell], cache_dir: str | None = None, say=print) -
     (again on a resume that finds the file gone, e.g. on a fresh GPU machine)."""
     from .gguf_io import tensor_specs
     from .synth import write_model
-    root = Path(cache_dir or os.environ.get("DS4BENCH_MODEL_CACHE") or Path.home() / ".cache" / "ds4bench" / "models")
+    root = Path(cache_dir) if cache_dir else model_cache_dir()
     for c in cells:
         p = c.params
         if not p["preset"]:
@@ -477,7 +475,7 @@ def cell_env(cell: Cell) -> dict:
 
 
 def _child_env(extra: dict, tree: dict | None = None) -> dict:
-    env = dict(os.environ)
+    env = environment()
     env.update(extra)
     for k in [k for k, v in extra.items() if v is None]:
         del env[k]
@@ -672,240 +670,3 @@ def add_trace(rec: dict, run_path: Path, trace: tuple[str, Path] | None) -> None
             why = str(e)
     for k in TRACE_FIELDS:
         rec.setdefault("unavailable", {})[k] = why
-
-
-# ---- one cell, in process (`ds4bench cell`) --------------------------------------------------
-def run_cell(params: dict, out: str, fingerprints: str) -> dict:
-    """Measure one cell in this process: load, prime, warm up, time the repetitions, fingerprint;
-    then (unless params `correctness` is False: a later round, timing only) the teacher-forced
-    KL against `baseline_fingerprints` and the stage probe (reference cached in `probe_cache`).
-
-    The prime pass (8 tokens of the first prompt, 2 generated) is never timed: it builds the
-    mode's lazily expanded weights (and compiles kernels on a GPU). `warmup` full passes follow,
-    then `reps` timed ones; with `stages`, one more pass gives per-stage times (CUDA events on a
-    GPU, host time on the CPU: profiling.make_profiler("stages"))."""
-    from .models import load_model
-    from .generate import Engine, generate
-    from .profiling import make_profiler, stage_of
-    from .prompts import load_prompts
-    from .results import write_atomic
-    from .tokenizer import Tokenizer
-    p = params
-    rec = R.CellRecord.from_dict({k: v for k, v in p.items() if k in R.FIELDS})
-    sw, na = R.software()
-    for k, v in sw.items():
-        setattr(rec, k, v)
-    na = dict(na)
-    rec.utc_start = R.utc_now()
-    rec.env = {**p["env"], **{k: v for k, v in os.environ.items() if k in ENGINE_ENV}}   # toggles in effect
-    t0 = time.perf_counter()
-    mf = load_model(p["model_file"], p["preset"], p["variant"], p["seed"])
-    rec.load_s = time.perf_counter() - t0
-    rec.variant = mf.cfg.variant
-    if not p["model_file"]:
-        na["model_file"] = f"synthetic preset {p['preset']} generated in memory (seed {p['seed']})"
-    if not p["placement"]:
-        na["placement"] = "numpy backend: no placement axis (weights live in host memory)"
-    tok = Tokenizer.from_gguf_metadata(mf.metadata)
-    prompts = [(q.id, tok.chat(q.text)) for q in load_prompts(p["prompt_set"])]
-    longest = max(len(ids) for _, ids in prompts)
-    rec.ctx = p["ctx"] or longest + p["n_gen"] + 1
-    gpu = p["backend"] == "cupy"
-    opts = {"placement": p["placement"]} if gpu and p["placement"] else {}
-    t0 = time.perf_counter()
-    slow = slowdown_from_env(os.environ)
-    from .faults import from_env
-    faults = from_env(os.environ)              # injected faults (DS4BENCH_FAULT), read once
-    eng = Engine(mf, cache=p["cache"], backend=p["backend"], batch=p["batch"], ctx=rec.ctx,
-                 prefill_chunk=p["chunk"], slowdown=slow, faults=faults, **opts)
-    rec.decode_path = eng.decode_path
-    if gpu:
-        import cupy
-        cupy.cuda.runtime.deviceSynchronize()
-    rec.setup_s = time.perf_counter() - t0
-    if p.get("nvtx") or p.get("trace"):
-        from .profiling import NvtxRanges
-        eng.net.prof = NvtxRanges()
-    t0 = time.perf_counter()
-    generate(eng, [(prompts[0][0], prompts[0][1][:8])], 2)
-    rec.capture_s = eng.graph.capture_s if eng.graph is not None else None
-    rec.compile_s = time.perf_counter() - t0 - (rec.capture_s or 0.0)
-    if rec.capture_s is None:
-        na["capture_s"] = f"decode path {eng.decode_path}: no graph captured"
-    wu = warm_up(lambda: generate(eng, prompts, p["n_gen"]).timing, p["warmup"], p.get("settle", SETTLE),
-                 p.get("warmup_cap_s", WARMUP_CAP_S))
-    rec.warmup_passes, rec.warmup_settled, rec.warmup_s = wu["passes"], wu["settled"], wu["warmup_s"]
-    if slow is not None:                        # the known slowdown: a fraction of the settled step
-        eng.net.delay.calibrate(wu["step_s"])
-        rec.slowdown, rec.slowdown_true_ratio = str(slow), slow.true_ratio
-        if gpu and eng.graph is None:           # the wait fills the idle gaps of a launch-bound step
-            rec.slowdown_true_ratio = None
-            na["slowdown_true_ratio"] = ("eager GPU decode: the wait can hide in the GPU's idle time between "
-                                         "launches, so the ratio is not known (DS4BENCH_DECODE_GRAPH=on)")
-        rec.slowdown_step_s, rec.slowdown_base_step_s = eng.net.delay.step_s, eng.net.delay.base_step_s
-    else:
-        for k in ("slowdown_step_s", "slowdown_base_step_s", "slowdown_true_ratio"):
-            na[k] = "no DS4BENCH_SLOWDOWN"
-    if gpu:
-        import cupy
-        v = cupy.cuda.runtime.runtimeGetVersion()
-        rec.cupy, rec.cuda_runtime = cupy.__version__, f"{v // 1000}.{v % 1000 // 10}"
-    else:
-        na["cupy"] = na["cuda_runtime"] = "numpy backend: CuPy is not used"
-    probe = R.GpuProbe(_pci_bus_id()) if gpu else None
-    start = probe.sample() if probe and probe.handle else None
-    if probe:
-        probe.start()
-    t0 = time.perf_counter()
-    with _capture(gpu and p.get("trace")):
-        results = [generate(eng, prompts, p["n_gen"], tok.decode) for _ in range(p["reps"])]
-    rec.timed_s = time.perf_counter() - t0
-    if probe:
-        probe.stop()
-    end = probe.sample() if probe and probe.handle else None
-    g, gna = R.gpu_fields(probe, start, end, "" if gpu else "numpy backend: the cell does not use a GPU")
-    for k, v in g.items():
-        setattr(rec, k, v)
-    na.update(gna)
-    if probe:
-        probe.close()
-
-    for k, v in R.timing_fields([r.timing for r in results], rec.gpu_throttle,
-                                     p.get("pass_stat") or "median").items():
-        setattr(rec, k, v)
-    for k in ("decode_tps", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "timing_spread", "timing_reliable"):
-        na[k] = rec.timing_note
-    if not p.get("trace"):
-        for k in TRACE_FIELDS:
-            na[k] = "not traced (--trace)"
-    if p["stages"]:
-        timer = make_profiler("stages", p["backend"])
-        generate(Engine(mf, cache=p["cache"], backend=p["backend"], batch=p["batch"], ctx=rec.ctx,
-                        prefill_chunk=p["chunk"], profiler=timer, ops=eng.ops, faults=faults), prompts, p["n_gen"])
-        for name, s in timer.summary().items():
-            rec.stage_s[stage_of(name)] = rec.stage_s.get(stage_of(name), 0.0) + s
-    else:
-        na["stage_s"] = "stage times not asked for (--stages)"
-
-    kl_lp = None
-    if p.get("correctness", True):
-        t0 = time.perf_counter()
-        kl_lp = _cell_kl(rec, na, eng, prompts, p["n_gen"], fingerprints, p.get("baseline_fingerprints"), results[0])
-        _cell_probe(rec, na, mf, eng, p, prompts,
-                    Path(p.get("probe_cache") or Path(fingerprints).parent.parent / "probe-cache"))
-        rec.correctness_s = time.perf_counter() - t0
-    else:
-        from . import kl as KL
-        for k in (*KL.FIELDS, "probe_stages", "probe_s", "probe_mode", "probe_positions", "probe_lead", "probe_cached"):
-            na[k] = "a later round: timing only (correctness comes from round 1)"
-        na["correctness_s"] = "a later round: timing only"
-
-    rec.deterministic = all([f.tokens for f in r.fingerprints] == [f.tokens for f in results[0].fingerprints]
-                            for r in results)
-    for i, fp in enumerate(results[0].fingerprints):
-        rec.prompts.append({"prompt_id": fp.prompt_id, "prompt_tokens": fp.prompt_tokens, "sha256": fp.sha256,
-                            "text": fp.text, "tokens": fp.tokens,
-                            "nonfinite": any(r.fingerprints[i].nonfinite for r in results),
-                            "replica_mismatch": max(r.fingerprints[i].replica_mismatch for r in results)})
-    V.save_fingerprints(fingerprints, results[0].fingerprints, results[0].first_logits, kl_lp)
-
-    rec.host_rss_peak_bytes = R.host_rss_peak_bytes()
-    rec.state_bytes, rec.weights_bytes = int(eng.state.nbytes()), int(mf.nbytes)
-    mem = _device_memory(eng) if gpu else {}
-    rec.device_peak_bytes, rec.managed_bytes = mem.get("device_peak_bytes"), mem.get("managed_bytes")
-    for k in ("device_peak_bytes", "managed_bytes"):
-        if getattr(rec, k) is None:
-            na[k] = mem.get("why", "numpy backend: no device memory")
-    steps = [s for r in results for s in r.timing.step_s]
-    why_peak = na.get("gpu_mem_bw_gbs", "") if gpu else "numpy backend: no GPU bandwidth roofline"
-    roof, rna = R.roofline_fields(mf.cfg, p["batch"], longest + p["n_gen"],
-                                  sorted(steps)[len(steps) // 2] if steps else None, rec.gpu_mem_bw_gbs, why_peak)
-    for k, v in roof.items():
-        setattr(rec, k, v)
-    na.update(rna)
-    rec.unavailable = {k: v for k, v in na.items() if getattr(rec, k, None) in (None, [], {})}
-    rec.utc_end = R.utc_now()
-    d = rec.to_dict()
-    write_atomic(Path(out), json.dumps(d))
-    return d
-
-
-def _cell_kl(rec, na: dict, eng, prompts, n_gen: int, fingerprints: str, baseline_fp: str | None, result):
-    """The teacher-forced KL pass (kl.py): a baseline scores its own tokens and returns its
-    log-softmax to keep in its fingerprints; another cell scores the baseline's tokens and
-    fills the KL fields. Returns the log-softmax to store (baseline) or None."""
-    import numpy as np
-    from . import kl as KL
-    t0 = time.perf_counter()
-    if baseline_fp is None or Path(baseline_fp).resolve() == Path(fingerprints).resolve():
-        own = {fp.prompt_id: {"tokens": np.asarray(fp.tokens)} for fp in result.fingerprints}
-        lp = KL.teacher_forced(eng, prompts, n_gen, own)
-        base = {pid: {"tokens": own[pid]["tokens"], "logprobs": lp[pid]} for pid in lp}
-        keep = lp
-    elif not Path(baseline_fp).is_file():
-        for k in KL.FIELDS:
-            na[k] = f"the baseline's fingerprints {baseline_fp} are missing (did the baseline fail?)"
-        return None
-    else:
-        base, keep = V.load_fingerprints(baseline_fp), None
-        if not all("logprobs" in base.get(pid, {}) for pid, _ in prompts):
-            for k in KL.FIELDS:
-                na[k] = "the baseline's fingerprints have no teacher-forcing log-softmax (an older run)"
-            return None
-        lp = KL.teacher_forced(eng, prompts, n_gen, base)
-    for k, v in KL.cell_kl(lp, base).items():
-        setattr(rec, k, v)
-    rec.kl_s = time.perf_counter() - t0
-    return keep
-
-
-def _cell_probe(rec, na: dict, mf, eng, p: dict, prompts, cache_dir: Path) -> None:
-    """The stage probe (probe.py) of the cell's ops (and the faults its engine carries, if any):
-    per-stage statistics and the first stage over its limit."""
-    from . import probe as PR
-    opts = {"faults": eng.faults} if getattr(eng, "faults", None) else {}
-    res = PR.probe_cell(mf, eng.ops, p, prompts, cache_dir, **opts)
-    if not res:
-        for k in ("probe_stages", "probe_s", "probe_mode", "probe_positions", "probe_lead", "probe_cached"):
-            na[k] = "probe off (DS4BENCH_PROBE_TOKENS=0)"
-        return
-    for k, v in res.items():
-        setattr(rec, k, v)
-
-
-@contextlib.contextmanager
-def _capture(on: bool):
-    """The Nsight Systems capture range (cudaProfilerStart/Stop) around the timed repetitions;
-    the device is synchronized at both ends so the range holds exactly their GPU work."""
-    if not on:
-        yield
-        return
-    import cupy
-    cupy.cuda.runtime.deviceSynchronize()
-    cupy.cuda.profiler.start()
-    try:
-        yield
-    finally:
-        cupy.cuda.runtime.deviceSynchronize()
-        cupy.cuda.profiler.stop()
-
-
-def _pci_bus_id() -> str | None:
-    try:
-        import cupy
-        return cupy.cuda.runtime.deviceGetPCIBusId(cupy.cuda.runtime.getDevice())
-    except Exception:
-        return None
-
-
-def _device_memory(eng) -> dict:
-    """Device bytes from the GPU ops' memory() report: CuPy's pool total (the pool keeps freed
-    blocks, so it is the pool's high-water mark: device-placed weights, caches, run state) and
-    the weights placed in managed memory (outside the pool)."""
-    report = getattr(eng.ops, "memory", None)
-    if report is None:
-        return {"why": "the GPU ops have no memory() report"}
-    m = dict(report())
-    managed = m.get("weights_bytes", 0) if str(m.get("placement", "")).startswith("managed") else 0
-    return {"device_peak_bytes": m.get("pool_total_bytes"), "managed_bytes": managed,
-            "why": "the GPU ops' memory() report lacks it"}

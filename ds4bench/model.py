@@ -219,40 +219,6 @@ FUSABLE = {"hc": ("hc_weights", "hc_collapse", "hc_expand"), "rms_norm": ("rms_n
            "q8quant": ()}                        # inside the ops: Q8_0 activation quantization fused into the matmul
 
 
-def unfused_from_env(text: str | None) -> frozenset:
-    """'rope,attend' or 'all' -> the FUSABLE groups to leave unfused; ValueError names a bad one."""
-    names = {t.strip() for t in (text or "").split(",") if t.strip()}
-    if "all" in names:
-        return frozenset(FUSABLE)
-    bad = sorted(names - set(FUSABLE))
-    if bad:
-        raise ValueError(f"DS4BENCH_UNFUSED: unknown {', '.join(bad)}; choose from all, {', '.join(FUSABLE)}")
-    return frozenset(names)
-
-
-def check_engine_env(environ) -> None:
-    """Refuse (ValueError, one line) an engine toggle set to what no backend knows, whatever the
-    backend of this run: DS4BENCH_UNFUSED, the kernel variants (kernels.KERNEL_CHOICES), the
-    cache budget DS4BENCH_CACHE_MB and DS4BENCH_PLACEMENT."""
-    from .config import check_placement
-    from .faults import from_env
-    from .kernels import KERNEL_CHOICES, kernel_choice
-    unfused_from_env(environ.get("DS4BENCH_UNFUSED"))
-    from_env(environ)                               # DS4BENCH_FAULT names known faults
-    for var in KERNEL_CHOICES:
-        kernel_choice(var, environ.get(var))
-    from .slowdown import from_env
-    from_env(environ)
-    mb = environ.get("DS4BENCH_CACHE_MB")
-    if mb is not None and not mb.strip().isdigit():
-        raise ValueError(f"DS4BENCH_CACHE_MB: {mb!r} is not a whole number of MiB")
-    if environ.get("DS4BENCH_PLACEMENT"):
-        try:
-            check_placement(environ["DS4BENCH_PLACEMENT"])
-        except ValueError as e:
-            raise ValueError(f"DS4BENCH_PLACEMENT: {e}") from None
-
-
 def no_tap(stage: str, il: int, *arrays):
     """The stage tap with no probe attached: the arrays unchanged (one, or a tuple of several)."""
     return arrays[0] if len(arrays) == 1 else arrays
@@ -284,8 +250,8 @@ class DS4Model:
         # HC mixing, norms, RoPE, attention and routing: the ops' fused kernels where they have
         # them and DS4BENCH_UNFUSED (ops.unfused) does not turn them off, else the array code above
         xp, acc = self.xp, ops.acc
-        off = getattr(ops, "unfused", frozenset())
-        fused = {m: getattr(ops, m, None) for g, ms in FUSABLE.items() if g not in off for m in ms}
+        off = ops.unfused
+        fused = {m: getattr(ops, m) for g, ms in FUSABLE.items() if g not in off for m in ms}   # engine_api.Ops
         # the array code's twins of the kernels' injected faults (the fused kernels carry their own)
         hc_cfg = dataclasses.replace(cfg, hc_sinkhorn_iters=1) if "hc-sinkhorn" in self.faults else cfg
         no_sink = "attn-sink-dropped" in self.faults

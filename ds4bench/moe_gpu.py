@@ -11,7 +11,6 @@ size, D model dim.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import cupy as cp
@@ -21,6 +20,7 @@ from gguf import GGMLQuantizationType as QT
 from . import kernels
 from .config import ModelConfig
 from .formats import FORMATS, row_bytes
+from .options import choice
 
 SRC = "moe.cu"
 QK_K = 256
@@ -82,13 +82,13 @@ class GpuExperts:
     the arrays are used in place (never copied). Set `poison` to fill scratch and outputs with NaN
     bytes before the kernels run (tests)."""
 
-    def __init__(self, cfg: ModelConfig, tensors: dict, defines: tuple = ()):
+    def __init__(self, cfg: ModelConfig, tensors: dict, defines: tuple = (), variant: str = "warp"):
         self.cfg = cfg
         self.defines = tuple(defines)        # -D options of injected faults (faults.defines)
         self.E, self.F, self.D = cfg.n_expert, cfg.expert_ff, cfg.n_embd
         self.clamp = np.float32(cfg.swiglu_clamp)
         self.poison = False
-        self.variant = kernels.kernel_choice("DS4BENCH_MOE_KERNEL", os.environ.get("DS4BENCH_MOE_KERNEL"))
+        self.variant = choice("DS4BENCH_MOE_KERNEL", variant)      # options.VARIANTS moe_kernel
         self.layers: dict[int, _Layer] = {}
         for il in range(cfg.n_layer):
             names = [f"blk.{il}.ffn_{k}_exps.weight" for k in ("gate", "up", "down")]

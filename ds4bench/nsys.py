@@ -31,6 +31,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from .options import environment
 from .profiling import stage_of
 
 DOMAIN = "ds4bench"
@@ -48,7 +49,7 @@ class NsysError(RuntimeError):
 
 def find_nsys(env: dict | None = None) -> str:
     """Path of the nsys executable, or NsysError saying where it looked and how to point at it."""
-    env = os.environ if env is None else env
+    env = environment() if env is None else env
     given = env.get("NSYS")
     if given:
         for cand in (given, os.path.join(given, "nsys"), os.path.join(given, "bin", "nsys")):

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import cupy as cp
 import numpy as np
@@ -29,9 +28,11 @@ from gguf import GGMLQuantizationType as QT
 
 from . import kernels
 from .backend import Placer
+from .engine_api import Ops
 from .faults import defines as fault_defines
 from .gguf_io import ModelFile
 from .ops_ref import cache_eligible, check_cache_mode
+from .options import EngineOptions
 
 ROWS_PER_BLOCK, TOKEN_TILE = 8, 8
 CACHE_RESERVE = 4 * 2 ** 30          # device memory left free when the cache budget is automatic
@@ -72,28 +73,26 @@ def _grid(O: int, T: int) -> tuple[int, int]:
     return ((O + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK, (T + TOKEN_TILE - 1) // TOKEN_TILE)
 
 
-class GpuOps:
+class GpuOps(Ops):
     xp = cp
     acc = cp.float64                  # as the reference: small reductions in double, rounded once
     faults = frozenset()              # none unless __init__ is given some (faults.py)
 
-    def __init__(self, model: ModelFile, cache: str = "f32", placement: str | None = None,
-                 cache_budget_mb: int | None = None, faults: frozenset = frozenset()):
-        self.model, self.cfg = model, model.cfg
-        self.cache = check_cache_mode(cache)
-        self.faults = frozenset(faults)     # injected faults (faults.py): their kernels' variants
+    def __init__(self, model: ModelFile, options: EngineOptions | None = None):
+        options = options or EngineOptions(backend="cupy")
+        self.model, self.cfg, self.options = model, model.cfg, options
+        self.cache = check_cache_mode(options.mode)
+        self.faults = options.faults        # injected faults (faults.py): their kernels' variants
         if self.faults:
             self.topk_mask = functools.partial(GpuOps.topk_mask, faults=self.faults)
-        self.placement = placement or os.environ.get("DS4BENCH_PLACEMENT", "device")
-        from .model import unfused_from_env
-        off = set(unfused_from_env(os.environ.get("DS4BENCH_UNFUSED")))      # kernels left as array code
+        self.placement = options.placement or "device"
+        off = set(options.unfused)                                            # kernels left as array code
         if self.cfg.hc_streams > HC_MAX_STREAMS or self.cfg.hc_sinkhorn_iters < 1:
             off.add("hc")                                                     # outside hc.cu's limits
         if self.cfg.n_expert_used > ROUTE_MAX_USED or 8 * self.cfg.n_expert > SMEM_DEFAULT_MAX:
             off.add("route")                                                  # outside router.cu's
         self.unfused = frozenset(off)
-        self.q8_kernel = kernels.kernel_choice("DS4BENCH_Q8_KERNEL", os.environ.get("DS4BENCH_Q8_KERNEL"))
-        self.attn_kernel = kernels.kernel_choice("DS4BENCH_ATTN_KERNEL", os.environ.get("DS4BENCH_ATTN_KERNEL"))
+        self.q8_kernel, self.attn_kernel = options.q8_kernel, options.attn_kernel
         self.placer = Placer(self.placement, model.nbytes)
         self.w: dict[str, cp.ndarray] = {}
         expert_tensors = {}
@@ -103,20 +102,17 @@ class GpuOps:
             if t.spec.kind == "experts":
                 expert_tensors[name] = (t.qtype, arr)
         from .moe_gpu import GpuExperts
-        self.moe = GpuExperts(self.cfg, expert_tensors, fault_defines(self.faults, "moe.cu"))
+        self.moe = GpuExperts(self.cfg, expert_tensors, fault_defines(self.faults, "moe.cu"), options.moe_kernel)
         self._param: dict[str, cp.ndarray] = {}
         self._cached: dict[str, cp.ndarray] = {}
         self._pos: dict[bytes, cp.ndarray] = {}           # recent RoPE position arrays on the device
         self.fallbacks: list[str] = []
         self.cache_bytes = 0
         if self.cache != "q8":
-            self._build_cache(cache_budget_mb)
+            self._build_cache(options.cache_mb)
 
     # -- the dequant cache -------------------------------------------------------------------------
     def _build_cache(self, budget_mb: int | None) -> None:
-        env = os.environ.get("DS4BENCH_CACHE_MB")
-        if budget_mb is None and env:
-            budget_mb = int(env)
         free, _ = cp.cuda.runtime.memGetInfo()
         budget = budget_mb * 2 ** 20 if budget_mb is not None else max(0, free - CACHE_RESERVE)
         itemsize = 2 if self.cache == "f16" else 4

@@ -20,6 +20,7 @@ from gguf import GGMLQuantizationType as QT
 
 from . import faults as FL
 from . import formats as F
+from .engine_api import Ops
 from .gguf_io import ModelFile
 
 CACHE_MODES = ("q8", "f16", "f32")
@@ -47,7 +48,7 @@ def _sub(W: F.IntWeights, idx) -> F.IntWeights:
                                dmin=None if W.dmin is None else W.dmin[idx])
 
 
-class RefOps:
+class RefOps(Ops):
     xp = np
     # Float reductions accumulate in float64 and round once to float32, so a row's result does
     # not depend on how many rows are computed together: chunked prefill equals token-by-token

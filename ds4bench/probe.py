@@ -67,6 +67,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .options import get, parse_count
+
 STAGES = ("hc_pre", "attn.q", "attn.kv", "compressor", "indexer", "attention", "attn.out", "hc_post",
           "moe.router", "moe.experts", "moe.shared", "head")
 DEFAULT_TOKENS, DEFAULT_STEPS = 80, 4
@@ -282,7 +284,7 @@ def record_reference(mf, mode: str, ids: list[int], steps: int, lead: int = 0) -
     leave (slot 0) is returned as `lead_state` for the cell's run to start from."""
     from .generate import Engine, greedy
     probed = ids[lead:]
-    eng = Engine(mf, cache=mode, backend="numpy", batch=1, ctx=len(ids) + steps + 1, prefill_chunk=len(probed))
+    eng = Engine(mf, mode=mode, backend="numpy", batch=1, ctx=len(ids) + steps + 1, chunk=len(probed))
     for at in range(0, lead, LEAD_CHUNK):
         eng.net.forward(eng.state, np.asarray([ids[at:min(lead, at + LEAD_CHUNK)]]), np.array([0]))
     lead_state = [{k: np.array(v[0]) for k, v in ls.arrays().items()} for ls in eng.state.layers] if lead else []
@@ -374,8 +376,8 @@ def run_probe(ops, mf, batch: int, ref: dict, ids: list[int], **engine_opts) -> 
     from .generate import Engine
     lead = ref.get("lead", 0)
     probed = ids[lead:]
-    eng = Engine(mf, cache="f32", batch=batch, ctx=len(ids) + len(ref["fed"]) + 1, ops=ops,
-                 prefill_chunk=len(probed), decode_graph="off", **engine_opts)
+    eng = Engine(mf, mode="f32", batch=batch, ctx=len(ids) + len(ref["fed"]) + 1, ops=ops,
+                 chunk=len(probed), decode_graph="off", **engine_opts)
     rep = Replayer(ref["calls"], eng.xp)
     eng.net.tap = rep
     try:
@@ -424,28 +426,22 @@ def judge_stages(stats: list[dict], backend: str, cache: str) -> dict | None:
     return None
 
 
-def tokens_from_env(environ=os.environ) -> int:
+def tokens_from_env(environ=None) -> int:
     """DS4BENCH_PROBE_TOKENS: the probe's prefill length (default 80; 0 turns the probe off)."""
-    text = environ.get("DS4BENCH_PROBE_TOKENS")
-    if text is None or text == "":
-        return DEFAULT_TOKENS
-    if not text.strip().isdigit():
-        raise ValueError(f"DS4BENCH_PROBE_TOKENS: {text!r} is not a whole number of tokens (0 turns the probe off)")
-    return int(text)
+    return parse_count("DS4BENCH_PROBE_TOKENS", get("DS4BENCH_PROBE_TOKENS", environ), DEFAULT_TOKENS,
+                       " (0 turns the probe off)")
 
 
 def lead_from_env(environ, cfg, tokens: int) -> int:
     """DS4BENCH_PROBE_LEAD: lead tokens before the probed ones (default: lead_for the model;
     0 probes from position 0, faster on Flash shapes but blind past the window and top-k)."""
-    text = environ.get("DS4BENCH_PROBE_LEAD")
+    text = get("DS4BENCH_PROBE_LEAD", environ)
     if text is None or text == "" or text == "auto":
         return lead_for(cfg, tokens)
-    if not text.strip().isdigit():
-        raise ValueError(f"DS4BENCH_PROBE_LEAD: {text!r} is not a whole number of tokens (or auto)")
-    return int(text)
+    return parse_count("DS4BENCH_PROBE_LEAD", text, 0, " (or auto)")
 
 
-def probe_cell(mf, ops, params: dict, prompts, cache_dir: Path | None, environ=os.environ,
+def probe_cell(mf, ops, params: dict, prompts, cache_dir: Path | None, environ=None,
                **engine_opts) -> dict:
     """The probe of one cell: {probe_mode, probe_positions, probe_stages [...], probe_s,
     probe_cached, verdict_stage, verdict_layer, probe_reason}; {} when the probe is off.
@@ -460,7 +456,8 @@ def probe_cell(mf, ops, params: dict, prompts, cache_dir: Path | None, environ=o
     ids = probe_tokens(prompts, n, lead)
     lead = min(lead, max(len(ids) - 1, 0))
     mode = reference_mode(params["backend"], params["cache"])
-    cache_dir = Path(environ["DS4BENCH_PROBE_CACHE"]) if environ.get("DS4BENCH_PROBE_CACHE") else cache_dir
+    shared = get("DS4BENCH_PROBE_CACHE", environ)
+    cache_dir = Path(shared) if shared else cache_dir
     ref, cached = reference(mf, params, mode, ids, DEFAULT_STEPS, cache_dir, lead)
     stats = [s.to_dict() for s in run_probe(ops, mf, params["batch"], ref, ids, **engine_opts)]
     bad = judge_stages(stats, params["backend"], params["cache"])

@@ -49,6 +49,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .options import commit_given
+
 SCHEMA = 1
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("ds4bench", "numpy", "scipy", "pandas", "pyarrow", "gguf", "tokenizers", "tqdm", "nvidia-ml-py")
@@ -235,7 +237,7 @@ def software() -> tuple[dict, dict]:
     out["packages"] = {p: _version(p) for p in PACKAGES}
     cupy = next((d for d in md.distributions() if (d.metadata["Name"] or "").lower().startswith("cupy")), None)
     out["packages"]["cupy"] = f"{cupy.metadata['Name']} {cupy.version}" if cupy else None
-    given = os.environ.get("DS4BENCH_COMMIT")          # a copied checkout (the GPU box): said, not guessed
+    given = commit_given()                             # a copied checkout (the GPU box): said, not guessed
     if given:
         out["git_commit"] = given
         na["git_dirty"] = "commit given by DS4BENCH_COMMIT; the tree's state is not checked"

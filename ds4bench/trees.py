@@ -17,12 +17,12 @@ records leave those fields empty).
 """
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 from pathlib import Path
 
 from . import record as R
+from .options import tree_cache_dir
 
 FIRST_CELL_COMMIT = "a90c046"
 
@@ -70,7 +70,7 @@ def resolve(source: str, say=print) -> tuple[str, str | None]:
         if not bundle.is_file():
             raise ValueError(f"tree {source}: no such directory, and {R.REPO} has neither .git nor "
                              f"{bundle.relative_to(R.REPO)} to check a commit out of") from None
-    root = Path(os.environ.get("DS4BENCH_TREE_CACHE") or Path.home() / ".cache" / "ds4bench" / "trees")
+    root = tree_cache_dir()
     try:
         if git_dir:
             sha = _git("rev-parse", "--verify", f"{source}^{{commit}}")
@@ -94,7 +94,7 @@ def resolve(source: str, say=print) -> tuple[str, str | None]:
                            capture_output=True, timeout=300)
             _git("checkout", "-q", "--detach", sha, cwd=dest)
     m = dest / "ds4bench" / "matrix.py"
-    if not m.is_file() or "def run_cell(" not in m.read_text():
+    if not (dest / "ds4bench" / "cell.py").is_file() and (not m.is_file() or "def run_cell(" not in m.read_text()):
         raise ValueError(f"tree {source} ({sha[:12]}) predates `ds4bench cell` ({FIRST_CELL_COMMIT}): it cannot "
                          f"run matrix cells")
     return str(dest), sha

@@ -39,21 +39,21 @@ class BadScaleOps(RefOps):
         return W
 
 
-def _factory(model, backend, **opts):
-    if backend != "numpy":
-        raise ValueError(f"mode q8-badscale is a NumPy test mode; backend {backend!r} is not supported")
+def _factory(model, options):
+    if options.backend != "numpy":
+        raise ValueError(f"mode q8-badscale is a NumPy test mode; backend {options.backend!r} is not supported")
     return BadScaleOps(model)
 
 
 register_mode("q8-badscale", _factory)
 
 
-def _crash(model, backend, **opts):
+def _crash(model, options):
     print("simulated crash: the cell process is killed while loading its mode", file=sys.stderr, flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _hang(model, backend, **opts):
+def _hang(model, options):
     time.sleep(3600)
 
 

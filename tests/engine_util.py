@@ -33,7 +33,7 @@ def golden_run(cache: str) -> dict:
     """What the golden file stores for one mode: tokens and top-5 ids/logprobs per prompt."""
     prompts = default_prompts()
     ctx = max(len(ids) for _, ids in prompts) + GOLDEN_TOKENS + 1
-    eng = Engine(tiny_model(), cache=cache, ctx=ctx)
+    eng = Engine(tiny_model(), mode=cache, ctx=ctx)
     res = generate(eng, prompts, GOLDEN_TOKENS, top_k=GOLDEN_TOPK)
     return {fp.prompt_id: {"tokens": fp.tokens, "sha256": fp.sha256, "topk_ids": fp.topk_ids,
                            "topk_logprobs": fp.topk_logprobs} for fp in res.fingerprints}

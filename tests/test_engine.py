@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from ds4bench.options import parse_unfused
 from ds4bench import cli, config
 from ds4bench.generate import Engine, generate, greedy, token_hash
 from ds4bench.model import DS4Model, rope, rope_inv_freq
@@ -26,7 +27,7 @@ def prompt(n: int) -> list[int]:
 
 
 def engine(cache="f32", batch=1, chunk=512, ctx=1024):
-    return Engine(tiny_model(), cache=cache, batch=batch, ctx=ctx, prefill_chunk=chunk)
+    return Engine(tiny_model(), mode=cache, batch=batch, ctx=ctx, chunk=chunk)
 
 
 def continue_greedy(eng, slot, first_logits, n):
@@ -306,7 +307,7 @@ def test_index_arrays_are_built_once_per_step_not_per_layer():
         tiny = config.preset("tiny")
         ratios = (tiny.compress_ratios * 2)[:n_layer]         # the same layer kinds, repeated
         cfg = dataclasses.replace(tiny, n_layer=n_layer, compress_ratios=ratios)
-        eng = Engine(make_model(cfg, 0), cache="f32", ctx=64)
+        eng = Engine(make_model(cfg, 0), mode="f32", ctx=64)
         calls = []
         orig = eng.net.ix
         eng.net.ix = lambda a: (calls.append(1), orig(a))[1]
@@ -354,12 +355,12 @@ def test_unfused_toggle_selects_the_array_code():
     Engine(mf, ctx=64, ops=ops).decode(np.array([5]), np.array([0]))
     assert Fused.calls
     Fused.calls.clear()
-    ops.unfused = M.unfused_from_env("rms_norm,rope")
+    ops.unfused = parse_unfused("rms_norm,rope")
     Engine(mf, ctx=64, ops=ops).decode(np.array([5]), np.array([0]))
     assert not Fused.calls
-    assert M.unfused_from_env("all") == frozenset(M.FUSABLE) and M.unfused_from_env("") == frozenset()
+    assert parse_unfused("all") == frozenset(M.FUSABLE) and parse_unfused("") == frozenset()
     with pytest.raises(ValueError, match="unknown fast_norm; choose from all, hc, rms_norm"):
-        M.unfused_from_env("fast_norm")
+        parse_unfused("fast_norm")
 
 
 def _ring_rows(raw, kv, comp, visible, P):
@@ -410,7 +411,7 @@ def test_in_place_attention_rows_are_the_concatenated_ones(monkeypatch):
         return keys, mask
 
     monkeypatch.setattr(DS4Model, "attention_keys", checked)
-    eng = Engine(tiny_model(), cache="f32", batch=2, ctx=96, prefill_chunk=40)
+    eng = Engine(tiny_model(), mode="f32", batch=2, ctx=96, chunk=40)
     eng.prefill(0, list(range(1, 76)))
     eng.prefill(1, list(range(3, 40)))
     for step in range(3):
@@ -427,7 +428,7 @@ def test_static_step_decodes_as_forward():
     logits and stored compressed rows to float32 rounding (the attention softmax sums over the
     capacity instead of the rows in use)."""
     def engine():
-        eng = Engine(tiny_model(), cache="f32", batch=2, ctx=96, prefill_chunk=40)
+        eng = Engine(tiny_model(), mode="f32", batch=2, ctx=96, chunk=40)
         eng.prefill(0, list(range(1, 76)))
         eng.prefill(1, list(range(3, 40)))
         return eng
@@ -452,20 +453,20 @@ def test_static_step_decodes_as_forward():
 def test_decode_graph_toggle_says_it_does_not_apply_on_the_cpu(monkeypatch, capsys):
     """DS4BENCH_DECODE_GRAPH=on on the NumPy engine: eager decoding, and the engine, the
     `generate` line and so a matrix cell's record say why."""
-    monkeypatch.setenv("DS4BENCH_DECODE_GRAPH", "on")
-    eng = Engine(tiny_model(), cache="q8", ctx=64)
+    eng = Engine(tiny_model(), mode="q8", ctx=64, decode_graph="on")
     assert eng.graph is None
     assert eng.decode_path == "eager (DS4BENCH_DECODE_GRAPH=on does not apply: the NumPy engine has no CUDA graphs)"
+    monkeypatch.setenv("DS4BENCH_DECODE_GRAPH", "on")
     assert cli.main(["generate", "--preset", "tiny", "-n", "2", "--backend", "numpy"]) == 0
     assert "decode eager (DS4BENCH_DECODE_GRAPH=on does not apply" in capsys.readouterr().out
     monkeypatch.setenv("DS4BENCH_DECODE_GRAPH", "off")
-    assert Engine(tiny_model(), cache="q8", ctx=64).decode_path == "eager"
+    assert Engine(tiny_model(), mode="q8", ctx=64).decode_path == "eager"
 
 
 def test_decoding_past_the_context_is_refused_in_one_line():
     """A step whose position does not fit the run state's context stops with one line naming
     the position and the context (forward; the graph path calls the same check)."""
-    eng = Engine(tiny_model(), cache="q8", ctx=8)
+    eng = Engine(tiny_model(), mode="q8", ctx=8)
     eng.prefill(0, list(range(1, 9)))                       # positions 0..7: full
     with pytest.raises(ValueError, match=r"^context overflow: position 8 >= ctx 8$"):
         eng.decode(np.array([5]), np.array([0]))

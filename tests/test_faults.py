@@ -15,6 +15,7 @@ import pytest
 from ds4bench import faults as FL
 from ds4bench.generate import Engine
 from ds4bench.model import DS4Model
+from ds4bench.options import EngineOptions
 from ds4bench.ops_ref import RefOps
 from tests.engine_util import tiny_model
 from tests.test_kernels_compile import NVCC
@@ -133,10 +134,10 @@ def test_fault_selection_is_strict():
         FL.from_env({"DS4BENCH_FAULT": "q8-act-block,nope"})
     msg = str(e.value)
     assert "\n" not in msg and "unknown fault nope" in msg and "hc-sinkhorn" in msg
-    from ds4bench.model import check_engine_env
+    from ds4bench.options import check_engine_env
     with pytest.raises(ValueError, match="DS4BENCH_FAULT: unknown fault nope"):
         check_engine_env({"DS4BENCH_FAULT": "nope"})
-    from ds4bench.matrix import ENGINE_ENV
+    from ds4bench.options import ENGINE_ENV
     assert "DS4BENCH_FAULT" in ENGINE_ENV
 
 
@@ -159,16 +160,16 @@ def test_faults_never_leak_into_an_engine_built_without_them(monkeypatch):
     def logits(eng):
         return eng.net.forward(eng.state, ids, np.array([0]))
 
-    clean = logits(Engine(mf, cache="q8", ctx=64))
+    clean = logits(Engine(mf, mode="q8", ctx=64))
     monkeypatch.setenv("DS4BENCH_FAULT", "q8-act-block")
-    bad = Engine(mf, cache="q8", ctx=64, faults=FL.from_env(os.environ))
+    bad = Engine(mf, mode="q8", ctx=64, faults=FL.from_env(os.environ))
     assert bad.faults == {"q8-act-block"} and bad.ops.faults == bad.net.faults == bad.faults
     assert nmse(logits(bad), clean) > 1e-3
-    again = Engine(mf, cache="q8", ctx=64)
+    again = Engine(mf, mode="q8", ctx=64)
     assert again.faults == again.ops.faults == again.net.faults == frozenset()
     np.testing.assert_array_equal(logits(again), clean)
     with pytest.raises(ValueError, match="ops carry faults"):
-        Engine(mf, cache="q8", ctx=64, ops=bad.ops)
+        Engine(mf, mode="q8", ctx=64, ops=bad.ops)
 
 
 def test_kernel_defines_follow_the_table():
@@ -211,7 +212,7 @@ def test_gpu_fault_twin(name):
     fs = frozenset({name})
     out = {}
     for key, xp, faults in (("cpu", np, frozenset()), ("cpu_f", np, fs), ("gpu", cp, frozenset()), ("gpu_f", cp, fs)):
-        ops = RefOps(mf, "q8", faults=faults) if xp is np else GpuOps(mf, "q8", faults=faults)
+        ops = RefOps(mf, "q8", faults=faults) if xp is np else GpuOps(mf, EngineOptions(mode="q8", backend="cupy", faults=faults))
         out[key] = call(ops, DS4Model(mf.cfg, ops, faults=faults), _inputs(mf.cfg, xp))
     assert nmse(out["gpu_f"], out["gpu"]) > 1e-6, name
     assert nmse(out["gpu"], out["cpu"]) < 1e-9, name

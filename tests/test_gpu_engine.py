@@ -37,6 +37,7 @@ except Exception:
 
 from ds4bench import kernels  # noqa: E402
 from ds4bench.generate import Engine, generate  # noqa: E402
+from ds4bench.options import EngineOptions  # noqa: E402
 
 # Evidence (H100, tiny, the three smoke prompts, 8 tokens, three runs): f16 and f32 stay under
 # 0.05 in |Δ top-1 logprob| with the same tokens; q8 reached 0.066, 0.209 and 0.153, and once
@@ -506,7 +507,7 @@ def test_kernel_bench_decode_times_eager_layers_and_the_graph(tmp_path):
 def _run(backend, cache, batch=1, **opts):
     prompts = default_prompts()[:3]
     ctx = max(len(i) for _, i in prompts) + 16
-    eng = Engine(tiny_model(), cache=cache, backend=backend, batch=batch, ctx=ctx, **opts)
+    eng = Engine(tiny_model(), mode=cache, backend=backend, batch=batch, ctx=ctx, **opts)
     return generate(eng, prompts, 8)
 
 
@@ -533,32 +534,29 @@ def test_gpu_mode_matches_numpy_mode(cache):
 
 
 @pytest.mark.parametrize("cache", ["q8", "f32"])
-def test_fused_kernels_match_the_array_code(cache, monkeypatch):
+def test_fused_kernels_match_the_array_code(cache):
     """DS4BENCH_UNFUSED=all (HC, norms, RoPE, attention, router as CuPy array code) against the
     fused kernels: a perf toggle, so the same answer within the mode's tolerance."""
     fused = _run("cupy", cache)
-    monkeypatch.setenv("DS4BENCH_UNFUSED", "all")
-    _agree(cache, _run("cupy", cache), fused)
+    _agree(cache, _run("cupy", cache, unfused={"all"}), fused)
 
 
 def test_staged_q8_kernel_changes_no_bit(monkeypatch):
     """DS4BENCH_Q8_KERNEL=staged (16-byte loads) against the default Q8_0 matmul, both as two
     launches (DS4BENCH_UNFUSED=q8quant): the same kernel arithmetic, so the same bits."""
-    monkeypatch.setenv("DS4BENCH_UNFUSED", "q8quant")
-    base = _run("cupy", "q8")
-    monkeypatch.setenv("DS4BENCH_Q8_KERNEL", "staged")
+    base = _run("cupy", "q8", unfused={"q8quant"})
     launched, real = [], kernels.function
     monkeypatch.setattr(kernels, "function", lambda f, name, *rest: (launched.append(name), real(f, name, *rest))[1])
-    got = _run("cupy", "q8")
+    got = _run("cupy", "q8", unfused={"q8quant"}, q8_kernel="staged")
     assert "matmul_q8_0_staged" in launched                  # tiny's K = 256 projections qualify
     for b, g in zip(base.fingerprints, got.fingerprints):
         assert b.tokens == g.tokens and b.topk_logprobs == g.topk_logprobs
 
 
-def _long_logits():
+def _long_logits(**opts):
     """Every call's logits for two sequences taken past the indexer's top-k (more than 16 visible
     ratio-4 rows) in prefill chunks longer than the window (40 > W = 32), then decoded together."""
-    eng = Engine(tiny_model(), cache="q8", backend="cupy", batch=2, ctx=96, prefill_chunk=40)
+    eng = Engine(tiny_model(), mode="q8", backend="cupy", batch=2, ctx=96, chunk=40, **opts)
     out = [eng.prefill(0, list(range(1, 76))), eng.prefill(1, list(range(3, 40)))]
     out += [eng.decode(np.array([5 + i, 7 + i]), np.array([0, 1])) for i in range(3)]
     return [cp.asnumpy(x) for x in out]
@@ -569,10 +567,9 @@ def test_in_place_attention_changes_no_bit(monkeypatch):
     compressed rows of both ratios) give the same tokens and logprobs as the gathered,
     concatenated default, and a longer run reaching the indexer's top-k the same logits."""
     base, base_long = _run("cupy", "q8"), _long_logits()
-    monkeypatch.setenv("DS4BENCH_ATTN_KERNEL", "ring")
     launched, real = [], kernels.function
     monkeypatch.setattr(kernels, "function", lambda f, name, *rest: (launched.append(name), real(f, name, *rest))[1])
-    got, got_long = _run("cupy", "q8"), _long_logits()
+    got, got_long = _run("cupy", "q8", attn_kernel="ring"), _long_logits(attn_kernel="ring")
     assert "attend_sink_ring" in launched and "attend_sink" not in launched
     for b, g in zip(base.fingerprints, got.fingerprints):
         assert b.tokens == g.tokens and b.topk_logprobs == g.topk_logprobs
@@ -580,13 +577,12 @@ def test_in_place_attention_changes_no_bit(monkeypatch):
         np.testing.assert_array_equal(g, b)
 
 
-def _decode_run(cache, steps=14, graph=False, monkeypatch=None):
+def _decode_run(cache, steps=14, graph=False):
     """Logits of every decode step of two sequences at different positions (75 and 37 prompt
     tokens, prefill chunks of 40) decoded together on tiny, past window ends of ratio 4 and 16
     and the ring's wrap, with the indexer's top-k active for the longer one; and the engine."""
-    if monkeypatch is not None:
-        monkeypatch.setenv("DS4BENCH_DECODE_GRAPH", "on" if graph else "off")
-    eng = Engine(tiny_model(), cache=cache, backend="cupy", batch=2, ctx=96, prefill_chunk=40)
+    eng = Engine(tiny_model(), mode=cache, backend="cupy", batch=2, ctx=96, chunk=40,
+                 decode_graph="on" if graph else "off")
     eng.prefill(0, list(range(1, 76)))
     eng.prefill(1, list(range(3, 40)))
     tok, out = np.array([5, 7]), []
@@ -602,7 +598,7 @@ def test_static_step_gives_the_forward_bits(cache):
     completed windows written under a device condition, the indexer gated per token) against
     forward: every decode step's logits bit for bit."""
     want, _ = _decode_run(cache)
-    eng = Engine(tiny_model(), cache=cache, backend="cupy", batch=2, ctx=96, prefill_chunk=40)
+    eng = Engine(tiny_model(), mode=cache, backend="cupy", batch=2, ctx=96, chunk=40)
     eng.prefill(0, list(range(1, 76)))
     eng.prefill(1, list(range(3, 40)))
     tok = np.array([5, 7])
@@ -614,32 +610,28 @@ def test_static_step_gives_the_forward_bits(cache):
 
 
 @pytest.mark.parametrize("cache", ["q8", "f16"])
-def test_decode_graph_changes_no_bit(cache, monkeypatch):
+def test_decode_graph_changes_no_bit(cache):
     """DS4BENCH_DECODE_GRAPH=on: the first step eager, then every step replayed from the captured
     graph with new tokens and positions: the eager engine's logits bit for bit, and the golden
     prompts' tokens and logprobs (batch 1, three sequences one after another on one graph)."""
-    want, _ = _decode_run(cache, monkeypatch=monkeypatch)
-    got, eng = _decode_run(cache, graph=True, monkeypatch=monkeypatch)
+    want, _ = _decode_run(cache)
+    got, eng = _decode_run(cache, graph=True)
     assert eng.decode_path == "graph" and eng.graph.replays == len(want) - 1
     for g, w in zip(got, want):
         np.testing.assert_array_equal(g, w)
-    monkeypatch.setenv("DS4BENCH_DECODE_GRAPH", "off")
-    base = _run("cupy", cache)
-    monkeypatch.setenv("DS4BENCH_DECODE_GRAPH", "on")
-    again = _run("cupy", cache)
+    base = _run("cupy", cache, decode_graph="off")
+    again = _run("cupy", cache, decode_graph="on")
     for b, g in zip(base.fingerprints, again.fingerprints):
         assert b.tokens == g.tokens and b.topk_logprobs == g.topk_logprobs
 
 
-def test_decode_graph_interleaves_with_eager_steps(monkeypatch):
+def test_decode_graph_interleaves_with_eager_steps():
     """Replays mixed with what stays eager, as an engine sees them: a step of one slot only
     (forward), then replays again, then a new sequence in a slot (reset and prefill) and more
     replays; against an engine that decodes everything eagerly, bit for bit. With
     DS4BENCH_UNFUSED=q8quant (two launches, no cuBLAS) the graph still applies."""
-    monkeypatch.setenv("DS4BENCH_UNFUSED", "q8quant")
-
     def run(graph):
-        eng = Engine(tiny_model(), cache="q8", backend="cupy", batch=2, ctx=96, prefill_chunk=40,
+        eng = Engine(tiny_model(), mode="q8", backend="cupy", batch=2, ctx=96, chunk=40, unfused={"q8quant"},
                      decode_graph="on" if graph else "off")
         assert eng.decode_path == ("graph" if graph else "eager")
         eng.prefill(0, list(range(1, 30)))
@@ -666,11 +658,11 @@ def test_decode_graph_interleaves_with_eager_steps(monkeypatch):
         np.testing.assert_array_equal(g, w)
 
 
-def test_decode_graph_says_where_it_does_not_apply(monkeypatch):
+def test_decode_graph_says_where_it_does_not_apply():
     """f32 multiplies with cuBLAS, which CuPy refuses inside a capture: that engine decodes
     eagerly, says why, and gives the eager bits."""
-    want, _ = _decode_run("f32", steps=3, monkeypatch=monkeypatch)
-    got, eng = _decode_run("f32", steps=3, graph=True, monkeypatch=monkeypatch)
+    want, _ = _decode_run("f32", steps=3)
+    got, eng = _decode_run("f32", steps=3, graph=True)
     assert eng.graph is None and eng.decode_path.startswith("eager (DS4BENCH_DECODE_GRAPH=on does not apply: the f32")
     for g, w in zip(got, want):
         np.testing.assert_array_equal(g, w)
@@ -695,6 +687,6 @@ def test_gpu_batch_decode_matches_single():
 
 def test_f16_cache_budget_falls_back_to_q8():
     from ds4bench.ops_gpu import GpuOps
-    ops = GpuOps(tiny_model(), "f16", placement="device", cache_budget_mb=1)
+    ops = GpuOps(tiny_model(), EngineOptions(mode="f16", backend="cupy", placement="device", cache_mb=1))
     assert ops.fallbacks and all(ops.path(n) == "q8" for n in ops.fallbacks)
     assert ops.cache_bytes <= 2 ** 20

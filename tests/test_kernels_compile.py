@@ -95,13 +95,17 @@ def test_kernel_bench_rotates_weights_past_the_l2_cache():
 
 
 def test_kernel_variant_toggles():
-    assert kernels.kernel_choice("DS4BENCH_Q8_KERNEL", None) == "warp"
-    assert kernels.kernel_choice("DS4BENCH_Q8_KERNEL", " staged ") == "staged"
-    assert kernels.kernel_choice("DS4BENCH_MOE_KERNEL", "") == "warp"
-    assert kernels.kernel_choice("DS4BENCH_MOE_KERNEL", "split") == "split"
-    assert kernels.kernel_choice("DS4BENCH_ATTN_KERNEL", None) == "concat"
-    assert kernels.kernel_choice("DS4BENCH_ATTN_KERNEL", "ring") == "ring"
+    from ds4bench.options import ENGINE_ENV, KERNEL_CHOICES, EngineOptions, choice
+    assert choice("DS4BENCH_Q8_KERNEL", None) == "warp"
+    assert choice("DS4BENCH_Q8_KERNEL", " staged ") == "staged"
+    assert choice("DS4BENCH_MOE_KERNEL", "") == "warp"
+    assert choice("DS4BENCH_MOE_KERNEL", "split") == "split"
+    assert choice("DS4BENCH_ATTN_KERNEL", None) == "concat"
+    assert choice("DS4BENCH_ATTN_KERNEL", "ring") == "ring"
     with pytest.raises(ValueError, match="DS4BENCH_Q8_KERNEL: unknown 'vec'; choose from warp, staged"):
-        kernels.kernel_choice("DS4BENCH_Q8_KERNEL", "vec")
-    from ds4bench.matrix import ENGINE_ENV
-    assert set(kernels.KERNEL_CHOICES) <= set(ENGINE_ENV)          # matrix cells record each toggle
+        choice("DS4BENCH_Q8_KERNEL", "vec")
+    with pytest.raises(ValueError, match="DS4BENCH_MOE_KERNEL: unknown 'fast'"):
+        EngineOptions(moe_kernel="fast")
+    opts = EngineOptions.from_env({"DS4BENCH_MOE_KERNEL": "split", "DS4BENCH_DECODE_GRAPH": "on"}, backend="cupy")
+    assert (opts.moe_kernel, opts.decode_graph, opts.q8_kernel) == ("split", "on", "warp")
+    assert set(KERNEL_CHOICES) <= set(ENGINE_ENV)          # matrix cells record each toggle

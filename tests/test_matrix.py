@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from ds4bench import cell as C
 from ds4bench import matrix as M
 from ds4bench.cli import main
 from ds4bench.record import NOT_MEASURED
@@ -224,12 +225,12 @@ def test_device_memory_comes_from_the_gpu_ops_report():
     class Engine:
         ops = Ops("managed-hinted")
 
-    got = M._device_memory(Engine)
+    got = C._device_memory(Engine)
     assert (got["device_peak_bytes"], got["managed_bytes"]) == (50, 100)
     Engine.ops = Ops("device")
-    assert M._device_memory(Engine)["managed_bytes"] == 0
+    assert C._device_memory(Engine)["managed_bytes"] == 0
     Engine.ops = object()
-    assert "no memory() report" in M._device_memory(Engine)["why"]
+    assert "no memory() report" in C._device_memory(Engine)["why"]
 
 
 def test_large_presets_are_written_once_and_mapped(tmp_path, monkeypatch):

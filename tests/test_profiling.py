@@ -12,7 +12,7 @@ STAGES = {"prefill", "decode", "hc_pre", "attn.q", "attn.kv", "attention", "attn
 
 def _run(prof):
     prompts = default_prompts()[:1]
-    eng = Engine(tiny_model(), cache="q8", ctx=64, profiler=prof)
+    eng = Engine(tiny_model(), mode="q8", ctx=64, profiler=prof)
     return generate(eng, prompts, 4).fingerprints[0]
 
 

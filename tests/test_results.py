@@ -106,12 +106,13 @@ def test_compare_refuses_runs_with_no_cell_in_common():
 
 
 def test_a_cell_records_the_engine_toggles_of_its_environment(monkeypatch, tmp_path):
+    from ds4bench.cell import run_cell
     from ds4bench import matrix as M
     monkeypatch.setenv("DS4BENCH_UNFUSED", "rope")
     monkeypatch.setenv("DS4BENCH_UNRELATED", "x")
     spec = M.spec_from_mapping({"cache": ["f32"], "n": 2, "reps": 1}, "test")
     cells, _ = M.expand(spec, "numpy", "test")
-    rec_ = M.run_cell(cells[0].params, str(tmp_path / "r.json"), str(tmp_path / "f.npz"))
+    rec_ = run_cell(cells[0].params, str(tmp_path / "r.json"), str(tmp_path / "f.npz"))
     assert rec_["env"] == {"DS4BENCH_UNFUSED": "rope"}
 
 

@@ -9,6 +9,7 @@ from ds4bench import kl as KL
 from ds4bench import probe as PR
 from ds4bench import verdict as V
 from ds4bench.generate import Engine, generate, make_ops
+from ds4bench.options import EngineOptions
 from ds4bench.model import no_tap
 from ds4bench.prompts import load_prompts
 from ds4bench.results import compare
@@ -59,7 +60,7 @@ def test_healthy_modes_within_limits(seed):
     ids = PR.probe_tokens(smoke_prompts())
     ref = PR.record_reference(mf, "f32", ids, PR.DEFAULT_STEPS)
     for cache in ("q8", "f16", "f32"):
-        ops = make_ops(mf, "numpy", cache)
+        ops = make_ops(mf, EngineOptions(mode=cache))
         for batch in (1, 4):
             stats = [s.to_dict() for s in PR.run_probe(ops, mf, batch, ref, ids)]
             assert PR.judge_stages(stats, "numpy", cache) is None, (cache, batch)
@@ -128,7 +129,7 @@ def test_injected_faults_named(ref0, fault, stage, layer, cache):
     ref, ids = ref0
     if fault is _fp8_fault and cache == "q8":
         stage, layer = "compressor", 2
-    ops = make_ops(tiny_model(0), "numpy", cache)
+    ops = make_ops(tiny_model(0), EngineOptions(mode=cache))
     fault(ops)
     bad, _ = probe_verdict(ops, ref, ids, cache=cache)
     assert bad is not None and (bad["stage"], bad["layer"]) == (stage, layer), bad
@@ -173,7 +174,7 @@ def test_a_lead_puts_the_probe_past_the_window_and_the_top_k(tmp_path):
             env = {"DS4BENCH_PROBE_TOKENS": "16", "DS4BENCH_PROBE_LEAD": lead}
             faults = from_env({"DS4BENCH_FAULT": fault}) if fault else None
             opts = {"faults": faults} if faults else {}
-            ops = make_ops(mf, "numpy", cache, **opts)
+            ops = make_ops(mf, EngineOptions(mode=cache, **opts))
             res = PR.probe_cell(mf, ops, dict(params, cache=cache), smoke_prompts(), tmp_path, env, **opts)
             got[lead, cache, fault] = res
     assert got["auto", "q8", None]["probe_lead"] == 60 and got["0", "q8", None]["probe_lead"] == 0
@@ -204,7 +205,7 @@ def test_probe_tokens_env():
 def test_kl_against_itself_is_zero_and_forcing_feeds_the_tokens():
     mf = tiny_model(0)
     prompts = smoke_prompts()[:2]
-    eng = Engine(mf, cache="f32", batch=2, ctx=64)
+    eng = Engine(mf, mode="f32", batch=2, ctx=64)
     free = generate(eng, prompts, 4)
     own = {fp.prompt_id: {"tokens": np.asarray(fp.tokens)} for fp in free.fingerprints}
     lp = KL.teacher_forced(eng, prompts, 4, own)
@@ -212,7 +213,7 @@ def test_kl_against_itself_is_zero_and_forcing_feeds_the_tokens():
     stats = KL.cell_kl(lp, base)
     assert stats["kl_max"] == 0 and stats["top1_agree"] == 1 and stats["dp_rms"] == 0 and stats["kl_steps"] == 8
     # a q8 cell fed the f32 tokens: positive KL, and the same steps scored
-    q8 = KL.teacher_forced(Engine(mf, cache="q8", batch=2, ctx=64), prompts, 4, base)
+    q8 = KL.teacher_forced(Engine(mf, mode="q8", batch=2, ctx=64), prompts, 4, base)
     s8 = KL.cell_kl(q8, base)
     assert s8["kl_steps"] == 8 and 0 < s8["kl_median"] < 0.05
     # forcing other tokens changes what the cell scores

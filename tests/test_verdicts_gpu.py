@@ -14,6 +14,7 @@ except Exception:
 
 from ds4bench import probe as PR  # noqa: E402
 from ds4bench.generate import make_ops  # noqa: E402
+from ds4bench.options import EngineOptions  # noqa: E402
 
 from .engine_util import tiny_model  # noqa: E402
 from .test_verdicts import smoke_prompts  # noqa: E402
@@ -28,7 +29,7 @@ def mode_ref(request):
 @pytest.mark.parametrize("batch", [1, 4])
 def test_healthy_gpu_cell_within_limits(mode_ref, batch):
     cache, ids, ref = mode_ref
-    ops = make_ops(tiny_model(0), "cupy", cache)
+    ops = make_ops(tiny_model(0), EngineOptions(mode=cache, backend="cupy"))
     stats = [s.to_dict() for s in PR.run_probe(ops, tiny_model(0), batch, ref, ids)]
     assert PR.judge_stages(stats, "cupy", cache) is None, max(
         (s["nmse"] / PR.limit("cupy", cache, s["stage"]), s["stage"], s["layer"]) for s in stats)
@@ -37,7 +38,7 @@ def test_healthy_gpu_cell_within_limits(mode_ref, batch):
 def test_broken_gpu_kernel_named(mode_ref):
     """attn_output_b's kernel with its output 1.5% high (a scale read wrong): attn.out, layer 0."""
     cache, ids, ref = mode_ref
-    ops = make_ops(tiny_model(0), "cupy", cache)
+    ops = make_ops(tiny_model(0), EngineOptions(mode=cache, backend="cupy"))
     orig = ops.linear
 
     def linear(name, x):
