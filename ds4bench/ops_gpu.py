@@ -34,7 +34,8 @@ from .gguf_io import ModelFile
 from .ops_ref import cache_eligible, check_cache_mode
 from .options import EngineOptions
 
-ROWS_PER_BLOCK, TOKEN_TILE = 8, 8
+ROWS_PER_BLOCK = 8                   # a block of 8 warps, a row each (q8_0.cu)
+TOKEN_TILE = kernels.define("q8_0.cu", "TOKEN_TILE")
 CACHE_RESERVE = 4 * 2 ** 30          # device memory left free when the cache budget is automatic
 SMEM_DEFAULT_MAX = 48 * 1024         # dynamic shared memory a launch gets without opting in
 # matmul_q8_0_fused quantizes the activations again in every block of rows: it beats the two
@@ -44,8 +45,8 @@ SMEM_DEFAULT_MAX = 48 * 1024         # dynamic shared memory a launch gets witho
 # but a captured step without the fused kernel decoded no faster (14ae248 against 9a7c7c5,
 # results/runs/20261126-0456-h200-flash-4l-graph-nofuse-*), so the captured step fuses too.
 FUSED_Q8_MAX_WORK = 1 << 20
-ROUTE_MAX_USED = 16                  # router.cu's RT_MAX_USED
-HC_MAX_STREAMS = 8                   # hc.cu's HC_MAX_STREAMS
+ROUTE_MAX_USED = kernels.define("router.cu", "RT_MAX_USED")
+HC_MAX_STREAMS = kernels.define("hc.cu", "HC_MAX_STREAMS")
 TOPK_COUNT_MAX = 1 << 32             # comparisons above which an eager top-k sorts instead of ranking
 SPLITK_BELOW_BLOCKS = 264            # F16-weight matmuls with fewer row blocks split K (2 per H100 SM)
 

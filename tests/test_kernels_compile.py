@@ -5,6 +5,7 @@ INFINITY compiles here and fails at run time there. The GPU tests compile each f
 import os
 import re
 import shutil
+from pathlib import Path
 import subprocess
 
 import numpy as np
@@ -109,3 +110,13 @@ def test_kernel_variant_toggles():
     opts = EngineOptions.from_env({"DS4BENCH_MOE_KERNEL": "split", "DS4BENCH_DECODE_GRAPH": "on"}, backend="cupy")
     assert (opts.moe_kernel, opts.decode_graph, opts.q8_kernel) == ("split", "on", "warp")
     assert set(KERNEL_CHOICES) <= set(ENGINE_ENV)          # matrix cells record each toggle
+
+
+def test_launch_limits_are_read_from_the_kernel_sources():
+    """The GPU ops take the limits a kernel was written for from its #define (kernels.define),
+    so a kernel edit cannot leave a stale copy in Python."""
+    src = (Path(kernels.KERNEL_DIR) / "router.cu").read_text()
+    assert f"#define RT_MAX_USED {kernels.define('router.cu', 'RT_MAX_USED')}" in src
+    assert kernels.define("hc.cu", "HC_MAX_STREAMS") >= 4 and kernels.define("q8_0.cu", "TOKEN_TILE") == 8
+    with pytest.raises(KeyError, match="kernels/hc.cu has no integer #define NOPE"):
+        kernels.define("hc.cu", "NOPE")
