@@ -575,84 +575,130 @@ def judge(rec: dict, cell_fp: str, base_rec: dict | None, base_fp: str | None,
     return rec
 
 
+def measure_round(run, cell: Cell, k: int, slot: int, n_rounds: int, nsys: str | None = None) -> tuple[dict, bool]:
+    """Round k of a cell, as one `ds4bench cell` process writing into the run directory `run`
+    (a results.RunDir): (its record with the run's identity fields, True), or (a failed cell
+    record naming the round, False). Runs wherever the run directory is reachable: in the
+    runner's process, or in an executor's worker (executor.py)."""
+    cid = cell.cell_id
+    out, fp, log = run.cell_paths(cid)
+    if k:                                   # later rounds: their own log, fingerprints only compared
+        fp, log = run.path / "tmp" / f"{cid}.r{k}.npz", log.with_name(f"{cid}.r{k}.log")
+    trace = None
+    if cell.params.get("trace") and nsys:
+        (run.path / "traces").mkdir(exist_ok=True)
+        trace = (nsys, run.path / "traces" / (cid if not k else f"{cid}.r{k}"))
+    # what this run of the cell needs beside its params, in them (any tree's `cell` ignores
+    # keys it does not know): the group baseline's fingerprints for the teacher-forced KL,
+    # the run's cache of reference stage outputs, and whether it measures correctness
+    # (round 1) or only time (later rounds: no probe, no KL)
+    this = dataclasses.replace(cell, params={
+        **cell.params, "correctness": not k, "probe_cache": str(run.path / "probe-cache"),
+        "baseline_fingerprints": str(run.cell_paths(cell.baseline_cell)[1]) if cell.baseline_cell else None})
+    rec, err, wall = run_cell_process(this, out, fp, log, trace)
+    base = {"run_id": run.run_id, "cell_id": cid, "key": cell.key, "is_baseline": cell.is_baseline,
+            "baseline_cell": cell.baseline_cell, **cell.params}
+    ok = rec is not None
+    if not ok:
+        rec = R.failed_record(base, f"round {k + 1} of {n_rounds}: {err}" if n_rounds > 1 else err, wall)
+    else:
+        rec.update({f: base[f] for f in ("run_id", "cell_id", "key", "is_baseline", "baseline_cell")})
+        rec.update(wall_s=wall, round=k, round_slot=slot)
+        for f in ("tree", "tree_source"):
+            rec[f] = cell.params.get(f)
+        if cell.params.get("trace"):
+            add_trace(rec, run.path, trace)
+        if k:
+            fp.unlink(missing_ok=True)
+    out.unlink(missing_ok=True)
+    return rec, ok
+
+
+class Collector:
+    """The runner's side of a run: rounds come in (from this process or from an executor's
+    workers), cells go out. A cell whose rounds are all in becomes one record (rounds.merge),
+    judged against its group's baseline and appended to cells.jsonl; a failed round fails the
+    cell; a round's tokens that differ from round 1's mark the cell non-deterministic."""
+
+    def __init__(self, cells: list[Cell], run, th: V.Thresholds = V.DEFAULT):
+        self.cells, self.run, self.th = cells, run, th
+        self.done = {r["cell_id"]: r for r in run.records()}
+        self.got: dict[str, list[dict]] = {}
+        for r in run.round_records():
+            self.got.setdefault(r["cell_id"], []).append(r)
+        self.by_id = {c.cell_id: c for c in cells}
+        self.plan = run.meta().get("schedule") or [[c.cell_id for c in cells]]
+        self.n_rounds = len(self.plan)
+
+    def pending(self, cid: str, k: int) -> bool:
+        """Whether round k of cell `cid` is still to run."""
+        return cid not in self.done and len(self.got.get(cid, [])) <= k
+
+    def todo(self) -> list[tuple[int, int, str]]:
+        """(round, slot, cell id) of every round still to run, in schedule order."""
+        return [(k, slot, cid) for k, order in enumerate(self.plan) for slot, cid in enumerate(order)
+                if self.pending(cid, k)]
+
+    def finish(self, cell: Cell, rec: dict) -> None:
+        out_fp = str(self.run.cell_paths(cell.cell_id)[1])
+        if rec["status"] == "ok":
+            b = rec if cell.is_baseline else self.done.get(cell.baseline_cell)
+            rec = judge(rec, out_fp, b, str(self.run.cell_paths(cell.baseline_cell)[1]) if b else None, self.th)
+        self.run.append(rec)
+        self.done[cell.cell_id] = rec
+
+    def accept(self, cell: Cell, rec: dict, ok: bool) -> None:
+        """A round's outcome (measure_round's pair)."""
+        from .rounds import merge, same_tokens
+        cid = cell.cell_id
+        if cid in self.done:                        # an earlier round already failed the cell
+            return
+        if not ok:
+            self.finish(cell, rec)
+            return
+        if rec.get("round") and self.got.get(cid) and not same_tokens(self.got[cid][0], rec):
+            rec["deterministic"] = False
+        self.run.append_round(rec)
+        self.got.setdefault(cid, []).append(rec)
+        if len(self.got[cid]) == self.n_rounds and (cell.is_baseline or cell.baseline_cell in self.done):
+            self.finish(cell, merge(sorted(self.got[cid], key=lambda r: r["round"])))
+
+    def flush(self) -> None:
+        """Finish, in cell order (a group's baseline judged first), every cell whose rounds are all in."""
+        from .rounds import merge
+        for cell in self.cells:
+            rs = self.got.get(cell.cell_id, [])
+            if cell.cell_id not in self.done and len(rs) == self.n_rounds:
+                self.finish(cell, merge(sorted(rs, key=lambda r: r["round"])))
+
+    def records(self) -> list[dict]:
+        return [self.done[c.cell_id] for c in self.cells if c.cell_id in self.done]
+
+
 def run_matrix(cells: list[Cell], run, th: V.Thresholds = V.DEFAULT, progress=None,
                nsys: str | None = None) -> list[dict]:
-    """Run the rounds `run` (a results.RunDir) has no record of, in its schedule (run.json
-    `schedule`: cell ids per round, rounds.schedule; one round in cell order without it);
-    return every record of the run.
+    """Run, one process at a time, the rounds `run` (a results.RunDir) has no record of, in its
+    schedule (run.json `schedule`: cell ids per round, rounds.schedule; one round in cell
+    order without it); return every record of the run.
 
-    Each round is one cell process; its record goes to rounds.jsonl. A cell whose rounds are
-    all done becomes one record (rounds.merge) judged against its baseline and appended to
-    cells.jsonl; a failed round fails the cell (the error names the round) and skips its other
-    rounds. `progress(event, cell, record)` is told 'start' and 'done' for each round. Cells
-    whose params ask for a trace run under `nsys` (its path) and get their per-range GPU time."""
-    from .rounds import merge, same_tokens
-    done = {r["cell_id"]: r for r in run.records()}
-    got: dict[str, list[dict]] = {}
-    for r in run.round_records():
-        got.setdefault(r["cell_id"], []).append(r)
-    by_id = {c.cell_id: c for c in cells}
-    plan = run.meta().get("schedule") or [[c.cell_id for c in cells]]
-    n_rounds = len(plan)
-
-    def finish(cell: Cell, rec: dict) -> None:
-        out_fp = str(run.cell_paths(cell.cell_id)[1])
-        if rec["status"] == "ok":
-            b = rec if cell.is_baseline else done.get(cell.baseline_cell)
-            rec = judge(rec, out_fp, b, str(run.cell_paths(cell.baseline_cell)[1]) if b else None, th)
-        run.append(rec)
-        done[cell.cell_id] = rec
-
-    for k, order in enumerate(plan):
+    Each round is one cell process (measure_round); its record goes to rounds.jsonl, and a cell
+    whose rounds are all done becomes one judged record in cells.jsonl (Collector).
+    `progress(event, cell, record)` is told 'start' and 'done' for each round. Cells whose
+    params ask for a trace run under `nsys` (its path) and get their per-range GPU time."""
+    col = Collector(cells, run, th)
+    for k, order in enumerate(col.plan):
         for slot, cid in enumerate(order):
-            cell = by_id[cid]
-            if cid in done or len(got.get(cid, [])) > k:
+            cell = col.by_id[cid]
+            if not col.pending(cid, k):
                 continue
             if progress:
                 progress("start", cell, None)
-            out, fp, log = run.cell_paths(cid)
-            if k:                                   # later rounds: their own log, fingerprints only compared
-                fp, log = run.path / "tmp" / f"{cid}.r{k}.npz", log.with_name(f"{cid}.r{k}.log")
-            trace = None
-            if cell.params.get("trace") and nsys:
-                (run.path / "traces").mkdir(exist_ok=True)
-                trace = (nsys, run.path / "traces" / (cid if not k else f"{cid}.r{k}"))
-            # what this run of the cell needs beside its params, in them (any tree's `cell` ignores
-            # keys it does not know): the group baseline's fingerprints for the teacher-forced KL,
-            # the run's cache of reference stage outputs, and whether it measures correctness
-            # (round 1) or only time (later rounds: no probe, no KL)
-            this = dataclasses.replace(cell, params={
-                **cell.params, "correctness": not k, "probe_cache": str(run.path / "probe-cache"),
-                "baseline_fingerprints": str(run.cell_paths(cell.baseline_cell)[1]) if cell.baseline_cell else None})
-            rec, err, wall = run_cell_process(this, out, fp, log, trace)
-            base = {"run_id": run.run_id, "cell_id": cid, "key": cell.key, "is_baseline": cell.is_baseline,
-                    "baseline_cell": cell.baseline_cell, **cell.params}
-            if rec is None:
-                rec = R.failed_record(base, f"round {k + 1} of {n_rounds}: {err}" if n_rounds > 1 else err, wall)
-                finish(cell, rec)
-            else:
-                rec.update({f: base[f] for f in ("run_id", "cell_id", "key", "is_baseline", "baseline_cell")})
-                rec.update(wall_s=wall, round=k, round_slot=slot)
-                for f in ("tree", "tree_source"):
-                    rec[f] = cell.params.get(f)
-                if cell.params.get("trace"):
-                    add_trace(rec, run.path, trace)
-                if k:
-                    fp.unlink(missing_ok=True)
-                    if not same_tokens(got[cid][0], rec):
-                        rec["deterministic"] = False
-                run.append_round(rec)
-                got.setdefault(cid, []).append(rec)
-                if len(got[cid]) == n_rounds and (cell.is_baseline or cell.baseline_cell in done):
-                    finish(cell, merge(sorted(got[cid], key=lambda r: r["round"])))
-            out.unlink(missing_ok=True)
+            rec, ok = measure_round(run, cell, k, slot, col.n_rounds, nsys)
+            col.accept(cell, rec, ok)
             if progress:
-                progress("done", cell, done.get(cid, rec))
-        for cell in cells:                          # in cell order: a group's baseline is judged first
-            rs = got.get(cell.cell_id, [])
-            if cell.cell_id not in done and len(rs) == n_rounds:
-                finish(cell, merge(sorted(rs, key=lambda r: r["round"])))
-    return [done[c.cell_id] for c in cells if c.cell_id in done]
+                progress("done", cell, col.done.get(cid, rec))
+        col.flush()
+    return col.records()
 
 
 def add_trace(rec: dict, run_path: Path, trace: tuple[str, Path] | None) -> None:
