@@ -43,6 +43,14 @@ def register(sub) -> None:
     p.add_argument("--trace", action="store_true",
                    help="run every cell under Nsight Systems and record GPU time per NVTX range")
     p.add_argument("--resume", metavar="RUN", help="finish an interrupted run (an id under --out or a path)")
+    p.add_argument("--executor", choices=("local", "pool", "slurm"),
+                   help="where cells run: local (one at a time here, the default), pool (workers on this host, "
+                        "one GPU each) or slurm (jobs with one GPU each); docs/executor.md")
+    p.add_argument("--workers", type=int, default=0,
+                   help="pool/slurm: jobs at once (default: one per GPU; 2 on the NumPy backend)")
+    p.add_argument("--gpus", help="pool: GPU indices to hand out, e.g. 0,1,2,3 (default: every visible GPU)")
+    p.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
+                   help="slurm: a submitit Slurm parameter, e.g. partition=gpu (repeatable)")
     p.set_defaults(func=cmd_matrix, trace_one=False)
 
     p = sub.add_parser("trace", help="one cell under Nsight Systems: GPU time per NVTX range and top kernels",
@@ -51,7 +59,7 @@ def register(sub) -> None:
                                    ".nsys-rep stays in the run directory's traces/.")
     _run_args(p, one_cell=True)
     p.set_defaults(func=cmd_matrix, trace=True, trace_one=True, resume=None, exclude=[], baseline=None, tol=None,
-                   tie=None)
+                   tie=None, executor=None, workers=0, gpus=None, slurm=[])
 
     p = sub.add_parser("show", help="print a stored matrix run")
     p.add_argument("run", help="run id under --out, or a run directory")
@@ -301,12 +309,17 @@ def cmd_matrix(a) -> int:
         if a.id and run.run_id != a.id:
             print(f"note: run id {a.id} is taken (finish that one with --resume {a.id}); this run is {run.run_id}",
                   file=sys.stderr)
+    execu = _executor(a, run)
     n_rounds = len(run.meta().get("schedule") or [None])
     progress = Progress(len(cells) * n_rounds, len(run.round_records()))
     old = signal.signal(signal.SIGTERM, G.raise_terminated)
     status = "interrupted"
     try:
-        recs = M.run_matrix(cells, run, th, progress, nsys)
+        if execu.kind == "local":
+            recs = M.run_matrix(cells, run, th, progress, nsys)
+        else:
+            from .executor import run_matrix_jobs
+            recs = run_matrix_jobs(cells, run, th, execu, progress, nsys, say=lambda s: print(s, file=sys.stderr))
         status = "complete"
     finally:
         signal.signal(signal.SIGTERM, old)
@@ -322,6 +335,20 @@ def cmd_matrix(a) -> int:
     print(f"run {run.path} (summary.md, cells.jsonl, cells.parquet)", file=sys.stderr)
     a.run_path = run.path                   # for callers that read the run afterwards (`faults`)
     return gate(recs)
+
+
+def _executor(a, run):
+    """The run's executor: the one given (kept in run.json), else the one it started with."""
+    from .executor import ExecutorConfig, parse_gpus, parse_slurm
+    meta = run.meta()
+    if a.executor is None and not (a.workers or a.gpus or a.slurm):
+        return ExecutorConfig(**meta.get("executor", {}))
+    cfg = ExecutorConfig(a.executor or meta.get("executor", {}).get("kind", "local"), a.workers,
+                         parse_gpus(a.gpus), parse_slurm(a.slurm))
+    if cfg.kind == "local" and (a.workers or a.gpus):
+        raise ValueError("--workers and --gpus apply to --executor pool or slurm")
+    run.write_meta({**meta, "executor": cfg.to_dict()})
+    return cfg
 
 
 def _compare_trees(run, recs) -> None:
