@@ -251,6 +251,9 @@ def cmd_matrix(a) -> int:
     from .cli import UserError
     from .results import RunDir, gate, render
     nsys = None
+    if a.executor or a.workers or a.gpus or a.slurm:
+        from .executor import ExecutorConfig, parse_gpus, parse_slurm
+        ExecutorConfig(a.executor or "local", a.workers, parse_gpus(a.gpus), parse_slurm(a.slurm)).check_available()
     if a.resume:
         given = [_flag(o) for o in AXIS_OPTS + tuple(o for o, _ in SCALAR_OPTS)
                  + ("spec", "baseline", "backend", "tol", "tie", "id", "exclude", "stages", "tree", "tree_env", "env")

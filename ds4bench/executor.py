@@ -63,6 +63,17 @@ class ExecutorConfig:
         if self.slurm and self.kind != "slurm":
             raise ValueError(f"--slurm parameters apply to --executor slurm, not {self.kind}")
 
+    def check_available(self) -> None:
+        """Refuse (one line) an executor this machine cannot run, before a run is created."""
+        if self.kind == "local":
+            return
+        import importlib.util
+        import shutil
+        if importlib.util.find_spec("submitit") is None:
+            raise ImportError(f"--executor {self.kind} needs submitit (pip install submitit)")
+        if self.kind == "slurm" and not shutil.which("sbatch"):
+            raise ValueError("--executor slurm: sbatch is not on PATH (no Slurm here; --executor pool runs on this host)")
+
     def to_dict(self) -> dict:
         return {"kind": self.kind, "workers": self.workers, "gpus": list(self.gpus), "slurm": dict(self.slurm)}
 
@@ -147,15 +158,10 @@ def _timeout_min(unit: dict, by_id: dict) -> int:
 
 def make_executor(cfg: ExecutorConfig, folder: Path):
     """A submitit executor for `cfg` writing its job files under `folder`."""
-    try:
-        import submitit
-    except ImportError:
-        raise ImportError("--executor pool/slurm needs submitit (pip install submitit)") from None
+    cfg.check_available()
+    import submitit
     if cfg.kind == "pool":
         return submitit.LocalExecutor(folder=str(folder))
-    import shutil
-    if not shutil.which("sbatch"):
-        raise ValueError("--executor slurm: sbatch is not on PATH (no Slurm here; --executor pool runs on this host)")
     ex = submitit.SlurmExecutor(folder=str(folder))
     ex.update_parameters(gpus_per_node=1, ntasks_per_node=1, **cfg.slurm)
     return ex
@@ -224,6 +230,11 @@ def run_matrix_jobs(cells, run, th, cfg: ExecutorConfig, progress=None, nsys: st
     free = list(gpus)
     running: dict = {}                             # job -> (unit, attempt, gpu)
 
+    # pool workers on the NumPy backend share this host's cores: each gets its share of BLAS
+    # threads, so concurrent cells do not oversubscribe them
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    setup = [f"export {v}={threads}" for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")]
+
     def submit(u: dict, attempt: int) -> None:
         params = {"timeout_min": _timeout_min(u, by_id)}
         g = None
@@ -232,7 +243,7 @@ def run_matrix_jobs(cells, run, th, cfg: ExecutorConfig, progress=None, nsys: st
                 g = free.pop(0)
                 params.update(gpus_per_node=1, visible_gpus=[g])
             else:
-                params.update(gpus_per_node=0)
+                params.update(gpus_per_node=0, setup=setup)
         ex.update_parameters(**params)
         job = ex.submit(run_unit, str(run.path), [by_id[c] for c in dict.fromkeys(c for _, _, c in u["rounds"])],
                         u["rounds"], col.n_rounds, nsys)
