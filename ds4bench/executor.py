@@ -132,6 +132,7 @@ def run_unit(run_path: str, cells: list, rounds: list, n_rounds: int, nsys: str 
     """A job: the unit's rounds in order (matrix.measure_round); [(cell id, record, ok)]. A
     failed round skips the cell's later rounds in this unit, as the local runner does."""
     import socket
+    import submitit
     from .matrix import measure_round
     from .results import RunDir
     from .matrix import _die_with_parent
@@ -144,7 +145,12 @@ def run_unit(run_path: str, cells: list, rounds: list, n_rounds: int, nsys: str 
             continue
         rec, ok = measure_round(run, by_id[cid], k, slot, n_rounds, nsys)
         rec["executor_host"] = socket.gethostname()
-        rec["executor_job"] = os.environ.get("SUBMITIT_JOB_ID") or os.environ.get("SLURM_JOB_ID") or str(os.getpid())
+        try:
+            rec["executor_job"] = str(submitit.JobEnvironment().job_id)
+        except RuntimeError:            # called outside a submitit job (tests)
+            rec["executor_job"] = str(os.getpid())
+        for k in ("executor_host", "executor_job"):
+            rec.get("unavailable", {}).pop(k, None)
         if not ok:
             failed.add(cid)
         out.append((cid, rec, ok))

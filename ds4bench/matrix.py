@@ -604,6 +604,8 @@ def measure_round(run, cell: Cell, k: int, slot: int, n_rounds: int, nsys: str |
     else:
         rec.update({f: base[f] for f in ("run_id", "cell_id", "key", "is_baseline", "baseline_cell")})
         rec.update(wall_s=wall, round=k, round_slot=slot)
+        for f in ("executor_host", "executor_job"):            # executor.run_unit fills them
+            rec.setdefault("unavailable", {})[f] = "run by the local runner (--executor local)"
         for f in ("tree", "tree_source"):
             rec[f] = cell.params.get(f)
         if cell.params.get("trace"):

@@ -135,6 +135,10 @@ class CellRecord:
     utc_end: str = ""
     gpu_name: str | None = None
     gpu_driver: str | None = None
+    gpu_uuid: str | None = None             # the card the cell ran on (NVML), to split a run by device
+    gpu_pci_bus_id: str | None = None
+    executor_host: str | None = None        # --executor pool/slurm: the worker's host and job
+    executor_job: str | None = None
     cuda_driver: str | None = None
     gpu_mem_bw_gbs: float | None = None
     gpu_sm_clock_mhz_start: float | None = None
@@ -282,7 +286,7 @@ def host_rss_peak_bytes() -> int:
 # ---- GPU facts through NVML (nvidia-ml-py) ---------------------------------------------------
 SLOWDOWN = {"SwPowerCap": "power cap", "HwSlowdown": "hw slowdown", "SwThermalSlowdown": "sw thermal",
             "HwThermalSlowdown": "hw thermal", "HwPowerBrakeSlowdown": "power brake"}
-GPU_FIELDS = ("gpu_name", "gpu_driver", "cuda_driver", "gpu_mem_bw_gbs", "gpu_sm_clock_mhz_start",
+GPU_FIELDS = ("gpu_name", "gpu_driver", "gpu_uuid", "gpu_pci_bus_id", "cuda_driver", "gpu_mem_bw_gbs", "gpu_sm_clock_mhz_start",
               "gpu_sm_clock_mhz_end", "gpu_sm_clock_mhz_min", "gpu_temp_c_start", "gpu_temp_c_end",
               "gpu_power_w_start", "gpu_power_w_end")
 
@@ -316,7 +320,8 @@ class GpuProbe:
 
     def static(self) -> dict:
         p, h = self.nvml, self.handle
-        out = {"gpu_name": _s(p.nvmlDeviceGetName(h)), "gpu_driver": _s(p.nvmlSystemGetDriverVersion())}
+        out = {"gpu_name": _s(p.nvmlDeviceGetName(h)), "gpu_driver": _s(p.nvmlSystemGetDriverVersion()),
+               "gpu_uuid": _s(p.nvmlDeviceGetUUID(h)), "gpu_pci_bus_id": _s(p.nvmlDeviceGetPciInfo(h).busId)}
         v = int(p.nvmlSystemGetCudaDriverVersion_v2())
         out["cuda_driver"] = f"{v // 1000}.{v % 1000 // 10}"
         try:

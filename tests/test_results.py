@@ -160,7 +160,9 @@ class FakeNVML(types.SimpleNamespace):
                          nvmlDeviceGetMaxClockInfo=lambda h, c: 2619, nvmlDeviceGetMemoryBusWidth=lambda h: 5120,
                          nvmlDeviceGetClockInfo=lambda h, c: 1980, nvmlDeviceGetTemperature=lambda h, s: 41,
                          nvmlDeviceGetPowerUsage=lambda h: 350000,
-                         nvmlDeviceGetCurrentClocksEventReasons=lambda h: 0x4 | 0x1)
+                         nvmlDeviceGetCurrentClocksEventReasons=lambda h: 0x4 | 0x1,
+                         nvmlDeviceGetUUID=lambda h: "GPU-0f1e2d3c", nvmlDeviceGetPciInfo=lambda h: types.SimpleNamespace(
+                             busId=b"00000000:19:00.0"))
 
 
 def test_gpu_fields_from_nvml_and_roofline(monkeypatch):
@@ -171,6 +173,7 @@ def test_gpu_fields_from_nvml_and_roofline(monkeypatch):
     probe.stop()
     fields, na = R.gpu_fields(probe, start, probe.sample(), "")
     assert fields["gpu_name"] == "NVIDIA H100 80GB HBM3" and fields["cuda_driver"] == "13.0"
+    assert (fields["gpu_uuid"], fields["gpu_pci_bus_id"]) == ("GPU-0f1e2d3c", "00000000:19:00.0")
     assert fields["gpu_mem_bw_gbs"] == pytest.approx(3352.3, rel=1e-3)           # 2619 MHz x 5120 bit x 2
     assert fields["gpu_power_w_start"] == 350.0 and fields["gpu_throttle"] == ["power cap"] and not na
     from ds4bench import config as C
