@@ -75,6 +75,8 @@ def register(sub) -> None:
     p.add_argument("--alpha", type=float, default=0.05, help="significance level (default 0.05)")
     p.add_argument("--factor", type=float, default=1.02,
                    help="noise floor: a change needs the ratio's interval beyond it or its inverse (default 1.02)")
+    p.add_argument("--across-gpus", action="store_true",
+                   help="claim speed changes between cells measured on different GPU models")
     p.add_argument("--format", choices=("md", "csv", "json"), default="md", help="output format (default md)")
     p.set_defaults(func=cmd_compare)
 
@@ -463,7 +465,7 @@ def cmd_compare(a) -> int:
         if said:
             print(f"note: run {run.run_id}: {said}", file=sys.stderr)
     (_, _, name_a, recs_a), (_, _, name_b, recs_b) = sides
-    res = compare(recs_a, recs_b, a.alpha, a.factor)
+    res = compare(recs_a, recs_b, a.alpha, a.factor, a.across_gpus)
     sys.stdout.write(render_compare(res, a.format, name_a, name_b))
     return res["status"]
 

@@ -285,6 +285,10 @@ def summary_md(meta: dict, recs: list[dict]) -> str:
              f"- host: {prov.get('host', '–')}, {prov.get('cpu', '–')} ({prov.get('n_cpus', '–')} CPUs); GPU: {gpu}",
              f"- thresholds: {meta.get('thresholds')}"]
     lines += [f"- note: {n}" for n in meta.get("notes", [])]
+    models = sorted({r["gpu_name"] for r in recs if r.get("gpu_name")})
+    if len(models) > 1:
+        lines.append(f"- note: cells ran on {len(models)} GPU models ({', '.join(models)}); their speeds are not "
+                     f"comparable across models (`compare` refuses unless --across-gpus)")
     lines += ["", "## Cells", "", markdown_table(recs)]
     why = reasons_md(recs)
     if why:
@@ -350,13 +354,15 @@ def join_key(r: dict) -> tuple:
     return tuple(json.dumps(vals[k] if k in vals else r.get(k), sort_keys=True) for k in JOIN)
 
 
-def compare(a: list[dict], b: list[dict], alpha: float = 0.05, factor: float = 1.02) -> dict:
+def compare(a: list[dict], b: list[dict], alpha: float = 0.05, factor: float = 1.02,
+            across_gpus: bool = False) -> dict:
     """Cells of two runs joined on their parameters: correctness changes, then speed from the
     rounds' tok/s (stats.compare_rounds: the ratio of medians with a bootstrap interval, Welch's
     p on log tok/s, the minimum detectable effect; for two cells interleaved in one run, the
     paired per-round ratios with a t interval and the paired t test). A cell is `faster` or `slower` only when the
     interval lies beyond `factor` (the noise floor) and p < alpha; cells with fewer than
-    stats.MIN_ROUNDS rounds on a side say `too few rounds`."""
+    stats.MIN_ROUNDS rounds on a side say `too few rounds`. Cells measured on different GPU
+    models make no speed claim unless `across_gpus`."""
     from .stats import compare_rounds
     A, B = {join_key(r): r for r in a}, {join_key(r): r for r in b}
     if A and B and not A.keys() & B.keys():
@@ -387,6 +393,12 @@ def compare(a: list[dict], b: list[dict], alpha: float = 0.05, factor: float = 1
             for res in (dec, pre):
                 res.update(change="n/a", p_value=None, ci=None,
                            why=f"round tok/s taken differently: {stat_a} pass in A, {stat_b} in B (pass_stat)")
+        gpu_a, gpu_b = ra.get("gpu_name"), rb.get("gpu_name")
+        if gpu_a != gpu_b and not across_gpus:  # two GPU models: a ratio of cards, not of code
+            for res in (dec, pre):
+                res.update(change="n/a", p_value=None, ci=None,
+                           why=f"different GPU models: {gpu_a or 'none'} in A, {gpu_b or 'none'} in B "
+                               f"(compare --across-gpus to claim anyway)")
         shaky = [side for side, r in (("A", ra), ("B", rb)) if r.get("timing_reliable") is False]
         speed.append({"cell": label, "decode_tps_a": ra.get("decode_tps"), "decode_tps_b": rb.get("decode_tps"),
                       "speedup": dec["ratio"], "ci": dec["ci"], "p_value": dec["p_value"], "mde": dec["mde"],
@@ -481,7 +493,8 @@ def render_compare(res: dict, fmt: str, name_a: str = "A", name_b: str = "B") ->
         from .stats import MIN_ROUNDS
         out += ["", f"too few rounds for a p-value or an interval in {len(few)} cell(s) (need "
                     f"{MIN_ROUNDS} processes per side: `ds4bench matrix --rounds 5`)"]
-    out += [f"no speed claim for {s['cell']}: {s['why']}" for s in res["speed"] if "pass_stat" in s["why"]]
+    out += [f"no speed claim for {s['cell']}: {s['why']}" for s in res["speed"]
+            if "pass_stat" in s["why"] or "different GPU models" in s["why"]]
     if res.get("ranges"):
         out += ["", "## GPU time per range (Nsight Systems; biggest changes first, layer.N summed into layer)"]
         for c in res["ranges"]:

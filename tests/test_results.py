@@ -190,3 +190,17 @@ def test_nvml_without_a_driver_gives_a_reason():
     if probe.handle is not None:
         pytest.skip("this machine has a working NVML")
     assert probe.reason.startswith("NVML unavailable")
+
+
+def test_no_speed_claim_across_gpu_models_unless_asked():
+    """A ratio between an H100 cell and an H200 cell measures the cards, not the code: no claim,
+    and the printed comparison says why, until --across-gpus asks for one."""
+    rounds = dict(round_decode_tps=[100.0, 101.0, 99.0, 100.5, 99.5])
+    a = [rec("a", gpu_name="NVIDIA H100 80GB HBM3", **rounds)]
+    b = [rec("a", tps=200.0, gpu_name="NVIDIA H200", round_decode_tps=[200.0, 202.0, 198.0, 201.0, 199.0])]
+    res = S.compare(a, b)
+    assert res["speed"][0]["change"] == "n/a" and "different GPU models" in res["speed"][0]["why"]
+    assert "no speed claim for" in S.render_compare(res, "md", "A", "B")
+    assert S.compare(a, b, across_gpus=True)["speed"][0]["change"] == "faster"
+    mixed = S.summary_md({"run_id": "x", "status": "complete", "cells": [{}, {}]}, a + b)
+    assert "cells ran on 2 GPU models" in mixed
