@@ -7,6 +7,9 @@
 #     SLOWDOWN, default moe:0.05, interleaved with tree A) as <date>-<card>-speed-sens.
 #  3. benchmarks/speed_report.py over all of them: the pairwise table, the sensitivity table with
 #     the true ratios, and where the variance comes from (clock, temperature, power, first process).
+# AA_MODE: interleaved (default: the RUNS runs are trees A1..An of one matrix, interleaved round
+# by round, as the protocol compares two configurations) or sequential (RUNS separate runs one
+# after another, compared unpaired: what the protocol warns against on a host whose speed drifts).
 # Knobs: STAGES ("aa sens"; one of them to split the work over two calls), RUNS (3), AA_ROUNDS (3),
 # SENS_ROUNDS (4), NTOK (16), CACHES (q8,f16,f32), BATCHES (1,16), SLOWDOWN (moe:0.05), BUDGET_S
 # (400: an A/A run or the sensitivity stage that would start later is skipped, and said),
@@ -37,7 +40,15 @@ matrix() {
   fi
 }
 aa=()
-[[ " $stages " == *" aa "* ]] && for i in $(seq 1 "${RUNS:-3}"); do
+if [[ " $stages " == *" aa "* ]] && [ "${AA_MODE:-interleaved}" = interleaved ]; then
+  # the protocol's A/A: the matrix RUNS times as trees A1..An of this same tree, interleaved round
+  # by round (ABBA) in one run, and compared pairwise (paired, round by round)
+  id="$stamp-$card-speed-aa"
+  trees=(); for i in $(seq 1 "${RUNS:-3}"); do trees+=(--tree "A$i=."); done
+  matrix --spec speed-aa --rounds "${AA_ROUNDS:-3}" --order abba "${common[@]}" "${trees[@]}" --id "$id" > /dev/null
+  [ -f "results/runs/$id/run.json" ] && for i in $(seq 1 "${RUNS:-3}"); do aa+=("$id@A$i"); done
+fi
+[[ " $stages " == *" aa "* ]] && [ "${AA_MODE:-interleaved}" = sequential ] && for i in $(seq 1 "${RUNS:-3}"); do
   if (( SECONDS - t0 > budget )); then echo "note: A/A run $i skipped: past BUDGET_S=$budget s" >&2; break; fi
   id="$stamp-$card-speed-aa-$i"
   matrix --spec speed-aa --rounds "${AA_ROUNDS:-3}" "${common[@]}" --id "$id" > /dev/null

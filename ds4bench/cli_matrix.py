@@ -253,6 +253,9 @@ def cmd_matrix(a) -> int:
     from .cli import UserError
     from .results import RunDir, gate, render
     nsys = None
+    for k, v in (("executor", None), ("workers", 0), ("gpus", None), ("slurm", [])):
+        if not hasattr(a, k):               # callers with their own parser (`faults`) run locally
+            setattr(a, k, v)
     if a.executor or a.workers or a.gpus or a.slurm:
         from .executor import ExecutorConfig, parse_gpus, parse_slurm
         ExecutorConfig(a.executor or "local", a.workers, parse_gpus(a.gpus), parse_slurm(a.slurm)).check_available()

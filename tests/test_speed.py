@@ -178,10 +178,14 @@ def test_aa_calls_nothing_and_a_20pct_slowdown_is_caught_with_the_true_ratio_ins
     aa = compare([recs["A"]], [recs["A2"]], alpha=0.01)["speed"][0]
     assert aa["method"] == "paired" and aa["change"] == "same", aa
     sens = compare([recs["A"]], [recs["S"]], alpha=0.01)["speed"][0]
-    step_a = np.median([1.0 / t for t in recs["A"]["round_decode_tps"]])    # batch 1: seconds per token
-    true = step_a / (step_a + recs["S"]["slowdown_step_s"])
+    # the true ratio of each round: A's step against A's step plus the wait S's process injected
+    # (batch 1: seconds per token); the busy loop costs the slowed process a little beyond its
+    # wall time (1-1.5% of the step on a two-core host, docs/speed.md), so the truth must lie in
+    # the interval widened by the noise floor (compare's factor, 2%)
+    waits = {r["round"]: r["slowdown_step_s"] for r in run.round_records() if r.get("tree") == "S"}
+    true = float(np.median([(1.0 / t) / (1.0 / t + waits[k]) for k, t in enumerate(recs["A"]["round_decode_tps"])]))
     assert sens["change"] == "slower", sens
-    assert sens["ci"][0] <= true <= sens["ci"][1], (true, sens)
+    assert sens["ci"][0] / 1.02 <= true <= sens["ci"][1] * 1.02, (true, sens)
     assert recs["S"]["slowdown_true_ratio"] == pytest.approx(1 / 1.2)
     rep = subprocess.run([sys.executable, "benchmarks/speed_report.py", "--aa", f"{run.path}@A", f"{run.path}@A2",
                           "--sens", str(run.path), "--alpha", "0.01"], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
