@@ -289,14 +289,22 @@ def run_matrix_jobs(cells, run, th, cfg: ExecutorConfig, progress=None, nsys: st
             if progress:
                 progress("done", by_id[cid], col.done.get(cid, rec))
 
-    for phase in (base, rest):
-        pending = [(u, 0) for u in phase]
-        while pending or running:
-            while pending and len(running) < workers and (not gpus or cfg.kind != "pool" or free):
-                u, attempt = pending.pop(0)
-                submit(u, attempt)
-            time.sleep(POLL_S)
-            for job in [j for j in running if j.done()]:
-                collect(job)
-        col.flush()
+    try:
+        for phase in (base, rest):
+            pending = [(u, 0) for u in phase]
+            while pending or running:
+                while pending and len(running) < workers and (not gpus or cfg.kind != "pool" or free):
+                    u, attempt = pending.pop(0)
+                    submit(u, attempt)
+                time.sleep(POLL_S)
+                for job in [j for j in running if j.done()]:
+                    collect(job)
+            col.flush()
+    finally:                                       # interrupted (SIGINT, SIGTERM, an error): stop our jobs
+        for job in list(running):
+            try:
+                job.cancel(check=False)
+            except Exception:
+                pass
+            jobs.ended(job.job_id)
     return col.records()
