@@ -24,8 +24,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import record as R
-from . import verdict as V
+from . import record
+from . import verdict
 from .options import EngineOptions, toggles_in_effect
 from .rounds import SETTLE, WARMUP_CAP_S, warm_up
 
@@ -102,12 +102,12 @@ def measure(params: dict, fingerprints: str | None = None, environ=None) -> Meas
     from .generate import generate
     from .profiling import make_profiler, stage_of
     p = params
-    rec = R.CellRecord.from_dict({k: v for k, v in p.items() if k in R.FIELDS})
-    sw, na = R.software()
+    rec = record.CellRecord.from_dict({k: v for k, v in p.items() if k in record.FIELDS})
+    sw, na = record.software()
     for k, v in sw.items():
         setattr(rec, k, v)
     na = dict(na)
-    rec.utc_start = R.utc_now()
+    rec.utc_start = record.utc_now()
     rec.env = {**p.get("env", {}), **toggles_in_effect(environ)}         # toggles in effect
     prof = None
     if p.get("nvtx") or p.get("trace"):
@@ -150,25 +150,25 @@ def measure(params: dict, fingerprints: str | None = None, environ=None) -> Meas
         rec.cupy, rec.cuda_runtime = cupy.__version__, f"{v // 1000}.{v % 1000 // 10}"
     else:
         na["cupy"] = na["cuda_runtime"] = "numpy backend: CuPy is not used"
-    probe = R.GpuProbe(_pci_bus_id()) if gpu else None
-    start = probe.sample() if probe and probe.handle else None
-    if probe:
-        probe.start()
+    nvml = record.GpuProbe(_pci_bus_id()) if gpu else None
+    start = nvml.sample() if nvml and nvml.handle else None
+    if nvml:
+        nvml.start()
     t0 = time.perf_counter()
     with _capture(gpu and p.get("trace")):
         results = [generate(eng, prompts, p["n_gen"], tok.decode) for _ in range(p.get("reps", 1))]
     rec.timed_s = time.perf_counter() - t0
-    if probe:
-        probe.stop()
-    end = probe.sample() if probe and probe.handle else None
-    g, gna = R.gpu_fields(probe, start, end, "" if gpu else "numpy backend: the cell does not use a GPU")
+    if nvml:
+        nvml.stop()
+    end = nvml.sample() if nvml and nvml.handle else None
+    g, gna = record.gpu_fields(nvml, start, end, "" if gpu else "numpy backend: the cell does not use a GPU")
     for k, v in g.items():
         setattr(rec, k, v)
     na.update(gna)
-    if probe:
-        probe.close()
+    if nvml:
+        nvml.close()
 
-    for k, v in R.timing_fields([r.timing for r in results], rec.gpu_throttle,
+    for k, v in record.timing_fields([r.timing for r in results], rec.gpu_throttle,
                                      p.get("pass_stat") or "median").items():
         setattr(rec, k, v)
     for k in ("decode_tps", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "timing_spread", "timing_reliable"):
@@ -194,8 +194,8 @@ def measure(params: dict, fingerprints: str | None = None, environ=None) -> Meas
                     Path(p.get("probe_cache") or Path(fingerprints).parent.parent / "probe-cache"), environ)
         rec.correctness_s = time.perf_counter() - t0
     else:
-        from . import kl as KL
-        for k in (*KL.FIELDS, "probe_stages", "probe_s", "probe_mode", "probe_positions", "probe_lead", "probe_cached"):
+        from . import kl
+        for k in (*kl.FIELDS, "probe_stages", "probe_s", "probe_mode", "probe_positions", "probe_lead", "probe_cached"):
             na[k] = ("a later round: timing only (correctness comes from round 1)" if fingerprints
                      else "measured without fingerprints: timing only")
         na["correctness_s"] = "timing only"
@@ -208,9 +208,9 @@ def measure(params: dict, fingerprints: str | None = None, environ=None) -> Meas
                             "nonfinite": any(r.fingerprints[i].nonfinite for r in results),
                             "replica_mismatch": max(r.fingerprints[i].replica_mismatch for r in results)})
     if fingerprints:
-        V.save_fingerprints(fingerprints, results[0].fingerprints, results[0].first_logits, kl_lp)
+        verdict.save_fingerprints(fingerprints, results[0].fingerprints, results[0].first_logits, kl_lp)
 
-    rec.host_rss_peak_bytes = R.host_rss_peak_bytes()
+    rec.host_rss_peak_bytes = record.host_rss_peak_bytes()
     rec.state_bytes, rec.weights_bytes = int(eng.state.nbytes()), int(mf.nbytes)
     mem = _device_memory(eng) if gpu else {}
     rec.device_peak_bytes, rec.managed_bytes = mem.get("device_peak_bytes"), mem.get("managed_bytes")
@@ -219,13 +219,13 @@ def measure(params: dict, fingerprints: str | None = None, environ=None) -> Meas
             na[k] = mem.get("why", "numpy backend: no device memory")
     steps = [s for r in results for s in r.timing.step_s]
     why_peak = na.get("gpu_mem_bw_gbs", "") if gpu else "numpy backend: no GPU bandwidth roofline"
-    roof, rna = R.roofline_fields(mf.cfg, p["batch"], longest + p["n_gen"],
+    roof, rna = record.roofline_fields(mf.cfg, p["batch"], longest + p["n_gen"],
                                   sorted(steps)[len(steps) // 2] if steps else None, rec.gpu_mem_bw_gbs, why_peak)
     for k, v in roof.items():
         setattr(rec, k, v)
     na.update(rna)
     rec.unavailable = {k: v for k, v in na.items() if getattr(rec, k, None) in (None, [], {})}
-    rec.utc_end = R.utc_now()
+    rec.utc_end = record.utc_now()
     return Measured(rec.to_dict(), results, prep)
 
 
@@ -242,25 +242,25 @@ def _cell_kl(rec, na: dict, eng, prompts, n_gen: int, fingerprints: str, baselin
     log-softmax to keep in its fingerprints; another cell scores the baseline's tokens and
     fills the KL fields. Returns the log-softmax to store (baseline) or None."""
     import numpy as np
-    from . import kl as KL
+    from . import kl
     t0 = time.perf_counter()
     if baseline_fp is None or Path(baseline_fp).resolve() == Path(fingerprints).resolve():
         own = {fp.prompt_id: {"tokens": np.asarray(fp.tokens)} for fp in result.fingerprints}
-        lp = KL.teacher_forced(eng, prompts, n_gen, own)
+        lp = kl.teacher_forced(eng, prompts, n_gen, own)
         base = {pid: {"tokens": own[pid]["tokens"], "logprobs": lp[pid]} for pid in lp}
         keep = lp
     elif not Path(baseline_fp).is_file():
-        for k in KL.FIELDS:
+        for k in kl.FIELDS:
             na[k] = f"the baseline's fingerprints {baseline_fp} are missing (did the baseline fail?)"
         return None
     else:
-        base, keep = V.load_fingerprints(baseline_fp), None
+        base, keep = verdict.load_fingerprints(baseline_fp), None
         if not all("logprobs" in base.get(pid, {}) for pid, _ in prompts):
-            for k in KL.FIELDS:
+            for k in kl.FIELDS:
                 na[k] = "the baseline's fingerprints have no teacher-forcing log-softmax (an older run)"
             return None
-        lp = KL.teacher_forced(eng, prompts, n_gen, base)
-    for k, v in KL.cell_kl(lp, base).items():
+        lp = kl.teacher_forced(eng, prompts, n_gen, base)
+    for k, v in kl.cell_kl(lp, base).items():
         setattr(rec, k, v)
     rec.kl_s = time.perf_counter() - t0
     return keep
@@ -269,9 +269,9 @@ def _cell_kl(rec, na: dict, eng, prompts, n_gen: int, fingerprints: str, baselin
 def _cell_probe(rec, na: dict, mf, eng, p: dict, prompts, cache_dir: Path, environ=None) -> None:
     """The stage probe (probe.py) of the cell's ops (and the faults its engine carries, if any):
     per-stage statistics and the first stage over its limit."""
-    from . import probe as PR
+    from . import probe
     opts = {"faults": eng.faults} if getattr(eng, "faults", None) else {}
-    res = PR.probe_cell(mf, eng.ops, p, prompts, cache_dir, environ, **opts)
+    res = probe.probe_cell(mf, eng.ops, p, prompts, cache_dir, environ, **opts)
     if not res:
         for k in ("probe_stages", "probe_s", "probe_mode", "probe_positions", "probe_lead", "probe_cached"):
             na[k] = "probe off (DS4BENCH_PROBE_TOKENS=0)"

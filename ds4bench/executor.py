@@ -274,12 +274,12 @@ def run_matrix_jobs(cells, run, th, cfg: ExecutorConfig, progress=None, nsys: st
                 say(f"note: job {job.job_id} ({u['key']}) was lost ({why}); submitted again")
                 pending.insert(0, ({**u, "rounds": left}, attempt + 1))
                 return
-            from . import record as R
+            from . import record
             for cid in dict.fromkeys(c for _, _, c in left):
                 cell = by_id[cid]
                 base_fields = {"run_id": run.run_id, "cell_id": cid, "key": cell.key, "is_baseline": cell.is_baseline,
                                "baseline_cell": cell.baseline_cell, **cell.params}
-                col.accept(cell, R.failed_record(base_fields, f"worker lost twice (job {job.job_id}): {why}", 0.0),
+                col.accept(cell, record.failed_record(base_fields, f"worker lost twice (job {job.job_id}): {why}", 0.0),
                            False)
                 if progress:
                     progress("done", cell, col.done.get(cid))
