@@ -99,6 +99,9 @@ def measure(params: dict, fingerprints: str | None = None, environ=None) -> Meas
     mode's lazily expanded weights (and compiles kernels on a GPU). `warmup` full passes follow,
     then `reps` timed ones; with `stages`, one more pass gives per-stage times (CUDA events on a
     GPU, host time on the CPU: profiling.make_profiler("stages"))."""
+    if params.get("engine", "ds4bench") != "ds4bench":      # another engine, run as a command
+        from .command_engine import measure as measure_command
+        return Measured(measure_command(params, fingerprints), [], None)
     from .generate import generate
     from .profiling import make_profiler, stage_of
     p = params

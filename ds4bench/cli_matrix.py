@@ -23,7 +23,7 @@ import time
 from . import guards as G
 
 AXIS_OPTS = ("preset", "model", "cache", "placement", "batch", "nvtx")
-SCALAR_OPTS = (("prompts", "prompts"), ("n", "n_gen"), ("reps", "reps"), ("warmup", "warmup"), ("rounds", "rounds"),
+SCALAR_OPTS = (("engine", "engine"), ("prompts", "prompts"), ("n", "n_gen"), ("reps", "reps"), ("warmup", "warmup"), ("rounds", "rounds"),
                ("order", "order"), ("pass_stat", "pass_stat"),
                ("timeout", "timeout_s"), ("variant", "variant"), ("seed", "seed"), ("ctx", "ctx"),
                ("chunk", "chunk"))
@@ -108,6 +108,8 @@ def _run_args(p, one_cell: bool = False) -> None:
         return f" (default: the spec's; {d[key]} in default.toml)" if key in d else " (default: the spec's)"
     p.add_argument("--spec", help="matrix TOML: a name in benchmarks/matrices/ or a path (default: default, "
                                   "or gpu when the GPU backend is available)")
+    p.add_argument("--engine", help="ds4bench (this package's engine, the default) or an external engine's adapter: "
+                                    "a name in benchmarks/engines/ or a TOML path (docs/engines.md)")
     g = p.add_argument_group("axes (comma lists; they replace the spec's)")
     g.add_argument("--preset", help="synthetic presets, e.g. tiny,small")
     g.add_argument("--model", "-m", help="DS4 GGUF files (then --preset, if one, is what they must match)")

@@ -62,7 +62,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 MATRICES_DIR = R.REPO / "benchmarks" / "matrices"
 AXES = ("model", "cache", "placement", "batch", "nvtx")
-SPEC_KEYS = {"description", "preset", "model", "variant", "seed", "cache", "placement", "batch", "nvtx", "prompts",
+SPEC_KEYS = {"description", "engine", "preset", "model", "variant", "seed", "cache", "placement", "batch", "nvtx", "prompts",
              "n", "reps", "warmup", "timeout", "baseline", "exclude", "backend", "ctx", "chunk", "stages", "trace",
              "env", "rounds", "order", "settle", "warmup_cap", "pass_stat", "tree", "tree_env",
              "env_axis"}
@@ -92,6 +92,7 @@ class MatrixSpec:
     baseline: dict = field(default_factory=dict)
     excludes: list = field(default_factory=list)
     backend: str = "auto"
+    engine: str = "ds4bench"                            # ours, or an adapter (command_engine.py)
     ctx: int | None = None
     chunk: int = 512
     stages: bool = False
@@ -181,6 +182,7 @@ def spec_from_mapping(doc: dict, source: str) -> MatrixSpec:
     s.warmup = one("warmup", int, s.warmup)
     s.timeout_s = float(one("timeout", (int, float), s.timeout_s))
     s.backend = one("backend", str, s.backend)
+    s.engine = one("engine", str, s.engine)
     s.ctx = one("ctx", int, None)
     s.chunk = one("chunk", int, s.chunk)
     s.stages = one("stages", bool, False)
@@ -220,8 +222,13 @@ def validate(s: MatrixSpec) -> None:
     from .generate import EXTRA_MODES
     from .ops_ref import CACHE_MODES
     where = f"matrix spec ({s.source})"
+    if s.engine != "ds4bench":
+        from .command_engine import load_adapter
+        load_adapter(s.engine)
+        if s.trace:
+            raise ValueError(f"{where}: engine {s.engine}: --trace captures this package's engine only")
     modes = list(CACHE_MODES) + sorted(EXTRA_MODES)
-    for c in s.caches:
+    for c in s.caches if s.engine == "ds4bench" else []:
         if c not in modes:
             raise ValueError(f"{where}: unknown cache mode {c!r}; choose from {', '.join(modes)} "
                              f"(other modes come from a DS4BENCH_PLUGINS module)")
@@ -348,14 +355,23 @@ def expand(spec: MatrixSpec, backend: str, backend_why: str = "") -> tuple[list[
     """Cells in run order and the notes (skipped axes, added baselines) to print and record."""
     notes = []
     placements = list(spec.placements)
-    if backend == "numpy":
+    caches = list(spec.caches)
+    external = spec.engine != "ds4bench"
+    if external:                            # command_engine.py: its toggles are env axes
+        from .command_engine import NATIVE
+        backend, caches, placements = "external", [NATIVE], [None]
+        notes.append(f"engine {spec.engine}: the numeric mode, placement and batch axes are this package's "
+                     f"engine and are skipped (its toggles are --env axes; one prompt per process, batch 1)")
+    elif backend == "numpy":
         placements = [None]
         notes.append(f"placement axis skipped: the numpy backend keeps every weight in host memory "
                      f"({backend_why})")
     models = [("file", m) for m in spec.models] or [("preset", p) for p in spec.presets]
     base_want = {"cache": "f32", "placement": "device" if backend == "cupy" else None, "batch": 1, "nvtx": False}
     base_want.update({k: v for k, v in spec.baseline.items() if k in base_want})
-    if backend == "numpy":
+    if external:
+        base_want.update(cache=caches[0], placement=None)
+    if backend in ("numpy", "external"):
         base_want["placement"] = None
     else:
         base_want["placement"] = str(base_want["placement"])
@@ -371,14 +387,15 @@ def expand(spec: MatrixSpec, backend: str, backend_why: str = "") -> tuple[list[
     nvtx = [True] if trace else list(spec.nvtx)               # a trace needs the ranges
     if trace:
         base_want["nvtx"] = True
-    varying = {a for a, vals in (("model", models), ("cache", spec.caches), ("placement", placements),
-                                 ("batch", spec.batches), ("nvtx", nvtx)) if len(vals) > 1}
+    varying = {a for a, vals in (("model", models), ("cache", caches), ("placement", placements),
+                                 ("batch", [1] if external else spec.batches), ("nvtx", nvtx)) if len(vals) > 1}
     varying |= {k for k, vals in zip(env_keys, spec.env_axis.values()) if len(vals) > 1}
     cells: list[Cell] = []
     for kind, model in models:
         label = model if kind == "preset" else Path(model).stem
         combos = [dict(cache=c, placement=p, batch=b, nvtx=v, **e)
-                  for c, p, b, v, e in itertools.product(spec.caches, placements, spec.batches, nvtx, env_combos)]
+                  for c, p, b, v, e in itertools.product(caches, placements, [1] if external else spec.batches,
+                                                         nvtx, env_combos)]
         combos = [c for c in combos if not _excluded(c, label, spec.excludes)]
         base = dict(base_want)
         if base not in combos:
@@ -392,7 +409,7 @@ def expand(spec: MatrixSpec, backend: str, backend_why: str = "") -> tuple[list[
         for combo in combos:
             preset = model if kind == "preset" else (spec.presets[0] if len(spec.presets) == 1 else None)
             axis = {k[4:]: combo[k] for k in env_keys}
-            params = {"preset": preset, "model_file": model if kind == "file" else None,
+            params = {"engine": spec.engine, "preset": preset, "model_file": model if kind == "file" else None,
                       "variant": spec.variant, "seed": spec.seed, "backend": backend,
                       **{k: v for k, v in combo.items() if k not in env_keys},
                       "n_gen": spec.n_gen, "prompt_set": spec.prompts, "reps": spec.reps, "warmup": spec.warmup,
@@ -402,7 +419,8 @@ def expand(spec: MatrixSpec, backend: str, backend_why: str = "") -> tuple[list[
                       "env_unset": [k for k, v in axis.items() if v == UNSET], "rounds": spec.rounds,
                       "settle": spec.settle, "warmup_cap_s": spec.warmup_cap_s,
                       "pass_stat": spec.pass_stat}
-            cid = "-".join([label, combo["cache"]] + ([combo["placement"]] if combo["placement"] else [])
+            mode = Path(spec.engine).stem if external else combo["cache"]       # an external engine: its name
+            cid = "-".join([label, mode] + ([combo["placement"]] if combo["placement"] else [])
                            + [f"b{combo['batch']}"] + (["nvtx"] if combo["nvtx"] else [])
                            + [re.sub(r"[^A-Za-z0-9_.,=-]", "_", f"{k}={v}") for k, v in axis.items() if v != UNSET])
             group.append(Cell(cid, "", label, params, is_baseline=combo == base))
@@ -450,8 +468,9 @@ def prepare_models(cells: list[Cell], cache_dir: str | None = None, say=print) -
             continue
         cfg = C.preset(p["preset"], p["variant"])
         path = root / f"{cfg.name}-{cfg.variant}-seed{p['seed']}.gguf"
+        external = p.get("engine", "ds4bench") != "ds4bench"     # another engine reads a file
         if (p["model_file"] and p["model_file"] != str(path)) or \
-                sum(s.nbytes for s in tensor_specs(cfg)) <= SYNTH_IN_MEMORY_MAX:
+                (sum(s.nbytes for s in tensor_specs(cfg)) <= SYNTH_IN_MEMORY_MAX and not external):
             continue
         if not path.is_file():
             root.mkdir(parents=True, exist_ok=True)

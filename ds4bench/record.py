@@ -93,6 +93,7 @@ class CellRecord:
     probe_cached: bool | None = None    # the reference's stage outputs came from the cache
     probe_s: float | None = None        # seconds the probe took (reference included when not cached)
     # parameters
+    engine: str = "ds4bench"                # ours, or an external engine's adapter (command_engine.py)
     preset: str | None = None
     model_file: str | None = None
     variant: str | None = None

@@ -32,7 +32,7 @@ METRICS = (("verdict", "verdict"), ("decode_tps", "decode tok/s"), ("prefill_tps
            ("ttft_ms", "TTFT ms"), ("latency_p50_ms", "p50 ms"), ("latency_p99_ms", "p99 ms"),
            ("roofline_pct", "roofline %"), ("first_div", "1st div"), ("med_dlp", "median Δlp"),
            ("max_dlp", "max Δlp"), ("kl_med", "KL median"), ("timing", "timing"))
-SHOWN_PARAMS = ("tree", "preset", "model_file", "backend", "cache", "placement", "batch", "nvtx", "trace", "n_gen",
+SHOWN_PARAMS = ("tree", "engine", "preset", "model_file", "backend", "cache", "placement", "batch", "nvtx", "trace", "n_gen",
                 "prompt_set", "reps", "rounds")
 
 
@@ -233,13 +233,17 @@ def markdown_table(recs: list[dict]) -> str:
     if not recs:
         return "(no cells)\n"
     vary, fixed = varying(recs)
+    # environment variables that differ between cells (an env axis, an external engine's toggles)
+    envs = sorted({k for r in recs for k in (r.get("env") or {})})
+    env_vary = [k for k in envs if len({(r.get("env") or {}).get(k, "unset") for r in recs}) > 1]
     views = [row_view(r) for r in recs]
     metrics = [(k, h) for k, h in METRICS if any(v[k] is not None for v in views)]
-    head = vary + [h for _, h in metrics]
+    head = vary + env_vary + [h for _, h in metrics]
     lines = [" · ".join(f"{k} {v}" for k, v in fixed.items()), "",
              "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r, v in zip(recs, views):
-        cells = [_fmt(r.get(n)) for n in vary] + [_fmt(v[k]) for k, _ in metrics]
+        cells = ([_fmt(r.get(n)) for n in vary] + [str((r.get("env") or {}).get(k, "unset")) for k in env_vary]
+                 + [_fmt(v[k]) for k, _ in metrics])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -343,7 +347,7 @@ def trace_md(recs: list[dict]) -> str:
 # Cells join on their parameters; the environment (DS4BENCH_UNFUSED, ...) is left out so that
 # two runs that differ only in a toggle compare cell by cell: the A/B this suite exists for.
 # compare() reports the environments when they differ.
-JOIN = ("model", "backend", "cache", "placement", "batch", "nvtx", "n_gen", "prompt_set", "seed", "variant",
+JOIN = ("engine", "model", "backend", "cache", "placement", "batch", "nvtx", "n_gen", "prompt_set", "seed", "variant",
         "env_axis")          # the matrix's env-axis values (env.VAR=value in the cell key), when it has one
 
 
