@@ -22,17 +22,11 @@ import time
 
 from . import guards as G
 
-AXIS_OPTS = ("preset", "model", "cache", "placement", "batch", "nvtx")
-SCALAR_OPTS = (("engine", "engine"), ("prompts", "prompts"), ("n", "n_gen"), ("reps", "reps"), ("warmup", "warmup"), ("rounds", "rounds"),
-               ("order", "order"), ("pass_stat", "pass_stat"),
-               ("timeout", "timeout_s"), ("variant", "variant"), ("seed", "seed"), ("ctx", "ctx"),
-               ("chunk", "chunk"))
+from .params import AXES, CELL_PARAMS, SCALARS, option_names
 
-
-# The keys `ds4bench cell` reads from --params (matrix.expand writes them).
-CELL_PARAMS = frozenset({"preset", "model_file", "variant", "seed", "backend", "cache", "placement", "batch",
-                         "nvtx", "n_gen", "prompt_set", "reps", "warmup", "ctx", "chunk", "stages", "trace",
-                         "timeout_s", "env"})
+# the parameters' options (params.PARAMS): axes take comma lists, scalars one value
+AXIS_OPTS = tuple(p.flag for p in AXES)
+SCALAR_OPTS = tuple((p.flag, p.field) for p in SCALARS if p.flag)
 
 
 def register(sub) -> None:
@@ -108,27 +102,17 @@ def _run_args(p, one_cell: bool = False) -> None:
         return f" (default: the spec's; {d[key]} in default.toml)" if key in d else " (default: the spec's)"
     p.add_argument("--spec", help="matrix TOML: a name in benchmarks/matrices/ or a path (default: default, "
                                   "or gpu when the GPU backend is available)")
-    p.add_argument("--engine", help="ds4bench (this package's engine, the default) or an external engine's adapter: "
-                                    "a name in benchmarks/engines/ or a TOML path (docs/engines.md)")
     g = p.add_argument_group("axes (comma lists; they replace the spec's)")
-    g.add_argument("--preset", help="synthetic presets, e.g. tiny,small")
-    g.add_argument("--model", "-m", help="DS4 GGUF files (then --preset, if one, is what they must match)")
-    g.add_argument("--mode", "--cache", dest="cache", metavar="MODES", help="numeric modes, e.g. q8,f16,f32 (--cache is the old name)")
-    g.add_argument("--placement", help="GPU weight placement: device,managed,managed-hinted,host")
-    g.add_argument("--batch", "-b", help="sequences per decode step, e.g. 1,4,16")
-    g.add_argument("--nvtx", help="NVTX ranges in the timed repetitions: off, on or off,on (their cost)")
+    for prm in AXES:
+        g.add_argument(*option_names(prm), dest=prm.flag, metavar="MODES" if prm.flag == "cache" else
+                       prm.flag.upper() + "S", help=prm.help)
     g.add_argument("--env", action="append", default=[], metavar="VAR=V1[,V2]",
                    help="an environment variable as an axis, e.g. DS4BENCH_FAULT=unset,q8-act-block "
                         "(unset: absent; repeatable; the baseline has it unset)")
-    p.add_argument("--prompts", help="prompt set name or TOML path" + dflt("prompts"))
-    p.add_argument("-n", type=int, help="tokens generated per prompt" + dflt("n"))
-    p.add_argument("--reps", type=int, help="timed repetitions per cell" + dflt("reps"))
-    p.add_argument("--warmup", type=int, help="least untimed full passes before the timed ones (more run until "
-                                              "the step time settles: docs/speed.md)" + dflt("warmup"))
-    p.add_argument("--rounds", type=int, help="processes per cell, interleaved round by round" + dflt("rounds"))
-    p.add_argument("--order", choices=("random", "abba"), help="order of the cells in each round (default random)")
-    p.add_argument("--pass-stat", choices=("median", "best"),
-                   help="a round's tok/s from its timed passes: median, or best, the fastest (default median)")
+    for prm in SCALARS:
+        if prm.flag:
+            p.add_argument(*option_names(prm), dest=prm.flag, type=prm.cast or prm.type, choices=prm.choices or None,
+                           help=prm.help + ("" if "(default" in prm.help else dflt(prm.spec)))
     if not one_cell:
         p.add_argument("--tree", action="append", default=[], metavar="LABEL=SRC",
                        help="tree axis: run cells with the ds4bench of SRC (a directory or a commit), e.g. "
@@ -139,15 +123,8 @@ def _run_args(p, one_cell: bool = False) -> None:
                        help="skip cells matching all pairs, e.g. cache=q8,batch=16 (repeatable)")
         p.add_argument("--baseline", metavar="K=V[,K=V]",
                        help="the reference cell (default cache=f32,placement=device,batch=1; on the CPU f32, batch 1)")
-    p.add_argument("--timeout", type=float, help="seconds per cell before it is killed and recorded failed"
-                   + dflt("timeout"))
     p.add_argument("--backend", choices=("auto", "numpy", "cupy"),
                    help="auto, numpy or cupy (default auto: cupy when usable)")
-    p.add_argument("--variant", choices=("q2", "q4"), help="routed-expert weights of the presets (default: each "
-                                                             "preset's, q2)")
-    p.add_argument("--seed", type=int, help="synthetic weight seed (default 0)")
-    p.add_argument("--ctx", type=int, help="context per sequence (default: longest prompt + n + 1)")
-    p.add_argument("--chunk", type=int, help="prefill chunk in tokens (default 512)")
     p.add_argument("--stages", action="store_true", help="one extra pass per cell with per-stage host times")
     if not one_cell:
         from .verdict import DEFAULT

@@ -53,6 +53,7 @@ from . import record as R
 from . import verdict as V
 from .cell import TRACE_FIELDS
 from .options import ENGINE_ENV, environment, model_cache_dir
+from .params import AXES as SPEC_AXES, SCALARS as SPEC_SCALARS, SPEC_KEYS
 from .rounds import SETTLE, WARMUP_CAP_S
 
 try:
@@ -62,10 +63,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 MATRICES_DIR = R.REPO / "benchmarks" / "matrices"
 AXES = ("model", "cache", "placement", "batch", "nvtx")
-SPEC_KEYS = {"description", "engine", "preset", "model", "variant", "seed", "cache", "placement", "batch", "nvtx", "prompts",
-             "n", "reps", "warmup", "timeout", "baseline", "exclude", "backend", "ctx", "chunk", "stages", "trace",
-             "env", "rounds", "order", "settle", "warmup_cap", "pass_stat", "tree", "tree_env",
-             "env_axis"}
+# SPEC_KEYS, and how each key parses: params.PARAMS
 UNSET = "unset"                        # an env-axis value: the variable is absent from the cell's environment
 # Variables that change what the engine does; a cell records those set in its environment,
 # wherever they came from (the spec's [env] or the shell), so no toggle goes unrecorded.
@@ -168,34 +166,18 @@ def spec_from_mapping(doc: dict, source: str) -> MatrixSpec:
             raise ValueError(f"{source}: {key} must be {getattr(kind, '__name__', kind)}, found {v!r}")
         return v
 
-    s.models = lst("model", str, []) if "model" in doc else []
-    s.presets = lst("preset", str, ["tiny"])
-    s.caches = lst("cache", str, s.caches)
-    s.placements = lst("placement", str, s.placements)
-    s.batches = lst("batch", int, s.batches)
-    s.nvtx = lst("nvtx", bool, s.nvtx, allow_bool=True)
-    s.variant = one("variant", str, None)
-    s.seed = one("seed", int, 0)
-    s.prompts = one("prompts", str, s.prompts)
-    s.n_gen = one("n", int, s.n_gen)
-    s.reps = one("reps", int, s.reps)
-    s.warmup = one("warmup", int, s.warmup)
-    s.timeout_s = float(one("timeout", (int, float), s.timeout_s))
-    s.backend = one("backend", str, s.backend)
-    s.engine = one("engine", str, s.engine)
-    s.ctx = one("ctx", int, None)
-    s.chunk = one("chunk", int, s.chunk)
-    s.stages = one("stages", bool, False)
-    s.trace = one("trace", bool, False)
+    for p in SPEC_AXES:                     # params.PARAMS: the axes, then the scalars
+        if p.spec == "model":
+            s.models = lst("model", str, []) if "model" in doc else []
+        else:
+            setattr(s, p.field, lst(p.spec, p.type, getattr(s, p.field), allow_bool=p.type is bool))
+    for p in SPEC_SCALARS:
+        v = one(p.spec, p.type, getattr(s, p.field))
+        setattr(s, p.field, p.cast(v) if p.cast and v is not None else v)
     s.description = one("description", str, "")
     s.baseline = dict(one("baseline", dict, {}))
     s.excludes = [dict(e) for e in one("exclude", list, [])]
     s.env = {str(k): str(v) for k, v in one("env", dict, {}).items()}
-    s.rounds = one("rounds", int, s.rounds)
-    s.order = one("order", str, s.order)
-    s.settle = float(one("settle", (int, float), s.settle))
-    s.warmup_cap_s = float(one("warmup_cap", (int, float), s.warmup_cap_s))
-    s.pass_stat = one("pass_stat", str, s.pass_stat)
     s.trees = {str(k): str(v) for k, v in one("tree", dict, {}).items()}
     s.tree_env = {str(k): {str(a): str(b) for a, b in dict(v).items()} for k, v in one("tree_env", dict, {}).items()}
     for k, v in one("env_axis", dict, {}).items():

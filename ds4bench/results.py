@@ -21,6 +21,7 @@ import os
 import re
 from pathlib import Path
 
+from .params import JOIN as PARAM_JOIN, SHOWN
 from . import guards as G
 from . import record as R
 from . import kl as KL
@@ -32,8 +33,7 @@ METRICS = (("verdict", "verdict"), ("decode_tps", "decode tok/s"), ("prefill_tps
            ("ttft_ms", "TTFT ms"), ("latency_p50_ms", "p50 ms"), ("latency_p99_ms", "p99 ms"),
            ("roofline_pct", "roofline %"), ("first_div", "1st div"), ("med_dlp", "median Δlp"),
            ("max_dlp", "max Δlp"), ("kl_med", "KL median"), ("timing", "timing"))
-SHOWN_PARAMS = ("tree", "engine", "preset", "model_file", "backend", "cache", "placement", "batch", "nvtx", "trace", "n_gen",
-                "prompt_set", "reps", "rounds")
+SHOWN_PARAMS = ("tree", *SHOWN)            # params.PARAMS, the tree axis first
 
 
 LEGEND = ("identical: same tokens and logprobs as the baseline · close: fed the baseline's tokens, every "
@@ -347,7 +347,7 @@ def trace_md(recs: list[dict]) -> str:
 # Cells join on their parameters; the environment (DS4BENCH_UNFUSED, ...) is left out so that
 # two runs that differ only in a toggle compare cell by cell: the A/B this suite exists for.
 # compare() reports the environments when they differ.
-JOIN = ("engine", "model", "backend", "cache", "placement", "batch", "nvtx", "n_gen", "prompt_set", "seed", "variant",
+JOIN = (*PARAM_JOIN,      # params.PARAMS marked join (a preset or a file: "model")
         "env_axis")          # the matrix's env-axis values (env.VAR=value in the cell key), when it has one
 
 
