@@ -27,9 +27,9 @@ from pathlib import Path
 from . import record
 from . import verdict
 from .options import EngineOptions, toggles_in_effect
+from .record import TRACE_FIELDS
 from .rounds import SETTLE, WARMUP_CAP_S, warm_up
 
-TRACE_FIELDS = ("trace_file", "trace_gpu_ms", "trace_calls", "trace_kernels", "trace_kernel_ms")   # CellRecord
 PRIME_TOKENS, PRIME_GEN = 8, 2          # the untimed prime pass: 8 prompt tokens, 2 generated
 
 

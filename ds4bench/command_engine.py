@@ -73,7 +73,10 @@ def adapter_path(engine: str) -> Path:
 def load_adapter(engine: str) -> Adapter:
     """The adapter `engine` names; ValueError (one line naming the file and the key) when it is
     missing or malformed."""
-    from .matrix import tomllib
+    try:
+        import tomllib
+    except ModuleNotFoundError:     # Python 3.10
+        import tomli as tomllib
     path = adapter_path(engine)
     if not path.is_file():
         known = sorted(p.stem for p in ENGINES_DIR.glob("*.toml")) if ENGINES_DIR.is_dir() else []

@@ -50,8 +50,8 @@ from pathlib import Path
 from . import config as C
 from .config import PLACEMENTS
 from . import record as R
+from .record import TRACE_FIELDS
 from . import verdict as V
-from .cell import TRACE_FIELDS
 from .options import ENGINE_ENV, environment, model_cache_dir
 from .params import AXES as SPEC_AXES, SCALARS as SPEC_SCALARS, SPEC_KEYS
 from .rounds import SETTLE, WARMUP_CAP_S

@@ -54,6 +54,7 @@ from .options import commit_given
 SCHEMA = 1
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("ds4bench", "numpy", "scipy", "pandas", "pyarrow", "gguf", "tokenizers", "tqdm", "nvidia-ml-py")
+TRACE_FIELDS = ("trace_file", "trace_gpu_ms", "trace_calls", "trace_kernels", "trace_kernel_ms")   # --trace
 RELIABLE_SPREAD = 0.15          # decode and prefill tok/s: (max - min) / median across repetitions
 
 
