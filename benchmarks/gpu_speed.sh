@@ -11,16 +11,16 @@
 # by round, as the protocol compares two configurations) or sequential (RUNS separate runs one
 # after another, compared unpaired: what the protocol warns against on a host whose speed drifts).
 # Knobs: STAGES ("aa sens"; one of them to split the work over two calls), RUNS (3), AA_ROUNDS (3),
-# SENS_ROUNDS (4), NTOK (16), CACHES (q8,f16,f32), BATCHES (1,16), SLOWDOWN (moe:0.05), BUDGET_S
+# SENS_ROUNDS (8), NTOK (16), CACHES (q8,f16,f32), BATCHES (1,16), SLOWDOWN (moe:0.05), BUDGET_S
 # (400: an A/A run or the sensitivity stage that would start later is skipped, and said),
 # SENS_AA (off; 1 adds a third tree A2, identical to A, to the sensitivity matrix: A against A2
 # is an A/A test interleaved round by round, compared paired, at no extra model write),
 # DEADLINE_S (none: a matrix still running this many seconds after the start is stopped with
 # SIGTERM, which keeps its finished cells, so that the report and the tarball are still written
 # inside a call's time limit).
-# Expected on an H200 (not yet measured): writing flash-4l ~40 s, then ~5 s per cell process:
-# 3 x 6 x 3 = 54 A/A processes and 2 x 2 x 4 = 16 sensitivity ones, about 6-7 minutes; with
-# STAGES=sens alone about 2 minutes. Results: speed-report.md in
+# Measured on an H200 (854a0e5): a cell process takes about 7 s, writing flash-4l about 40 s, so
+# the A/A's 3 x 6 x 3 = 54 processes take about 6.5 minutes and the sensitivity stage's
+# 3 x 2 x 8 = 48 (with SENS_AA) about 6: one call each (STAGES=aa, then STAGES=sens). Results: speed-report.md in
 # the sensitivity run and in results/gpu/speed-<card>.md; with OUT set, $OUT/speed.tgz (the runs
 # without fingerprints) and $OUT/speed-report.md.
 set -uo pipefail
@@ -60,7 +60,7 @@ if [[ " $stages " != *" sens "* ]]; then
 elif (( SECONDS - t0 > budget )); then
   echo "note: sensitivity skipped: past BUDGET_S=$budget s" >&2; sens=""
 else
-  matrix --spec speed-sens --rounds "${SENS_ROUNDS:-4}" -n "${NTOK:-16}" \
+  matrix --spec speed-sens --rounds "${SENS_ROUNDS:-8}" -n "${NTOK:-16}" \
     --batch "${BATCHES:-1,16}" --tree A=. ${SENS_AA:+--tree A2=.} --tree S=. \
     --tree-env "S:DS4BENCH_SLOWDOWN=${SLOWDOWN:-moe:0.05}" --id "$sens" > /dev/null
   [ -f "results/runs/$sens/run.json" ] || sens=""

@@ -354,6 +354,7 @@ JOIN = (*PARAM_JOIN,      # params.PARAMS marked join (a preset or a file: "mode
 def join_key(r: dict) -> tuple:
     model = r.get("preset") or Path(r.get("model_file") or "").stem
     vals = {"model": model, "nvtx": bool(r.get("nvtx") or r.get("trace")),
+            "engine": r.get("engine") or "ds4bench",          # records older than the engine parameter
             "env_axis": " ".join(t for t in (r.get("key") or "").split() if t.startswith("env."))}
     return tuple(json.dumps(vals[k] if k in vals else r.get(k), sort_keys=True) for k in JOIN)
 

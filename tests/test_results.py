@@ -204,3 +204,9 @@ def test_no_speed_claim_across_gpu_models_unless_asked():
     assert S.compare(a, b, across_gpus=True)["speed"][0]["change"] == "faster"
     mixed = S.summary_md({"run_id": "x", "status": "complete", "cells": [{}, {}]}, a + b)
     assert "cells ran on 2 GPU models" in mixed
+
+
+def test_records_older_than_the_engine_parameter_join_as_ours():
+    old = rec("a")
+    old.pop("engine", None)
+    assert S.join_key(old) == S.join_key(rec("a")) and S.compare([old], [rec("a")])["speed"]
