@@ -105,12 +105,7 @@ def measure(params: dict, fingerprints: str | None = None, environ=None) -> Meas
     from .generate import generate
     from .profiling import make_profiler, stage_of
     p = params
-    rec = record.CellRecord.from_dict({k: v for k, v in p.items() if k in record.FIELDS})
-    sw, na = record.software()
-    for k, v in sw.items():
-        setattr(rec, k, v)
-    na = dict(na)
-    rec.utc_start = record.utc_now()
+    rec, na = record.start_record(p)
     rec.env = {**p.get("env", {}), **toggles_in_effect(environ)}         # toggles in effect
     prof = None
     if p.get("nvtx") or p.get("trace"):

@@ -183,12 +183,7 @@ def measure(params: dict, fingerprints: str | None = None) -> dict:
     from .tokenizer import Tokenizer
     p = params
     adapter = load_adapter(p["engine"])
-    rec = record.CellRecord.from_dict({k: v for k, v in p.items() if k in record.FIELDS})
-    sw, na = record.software()
-    for k, v in sw.items():
-        setattr(rec, k, v)
-    na = dict(na)
-    rec.utc_start = record.utc_now()
+    rec, na = record.start_record(p)
     rec.env = dict(p.get("env", {}))
     model = p.get("model_file")
     if not model:

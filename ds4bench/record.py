@@ -234,6 +234,17 @@ def table_row(rec: dict) -> dict:
 
 
 # ---- provenance ------------------------------------------------------------------------------
+def start_record(params: dict) -> tuple["CellRecord", dict]:
+    """A cell's record begun from its parameters (the fields CellRecord has), with the software
+    provenance and the start time; and the `unavailable` reasons so far."""
+    rec = CellRecord.from_dict({k: v for k, v in params.items() if k in FIELDS})
+    sw, na = software()
+    for k, v in sw.items():
+        setattr(rec, k, v)
+    rec.utc_start = utc_now()
+    return rec, dict(na)
+
+
 @functools.lru_cache(maxsize=1)
 def software() -> tuple[dict, dict]:
     """(fields, unavailable) for git, package versions, Python and the host."""
