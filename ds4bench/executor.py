@@ -4,7 +4,11 @@
                         (matrix.run_matrix; the default)
     --executor pool     this host: up to --workers jobs at once, each holding one GPU of --gpus
                         (CUDA_VISIBLE_DEVICES; all visible GPUs by default) or, on the NumPy
-                        backend, one worker process; submitit's local executor
+                        backend, one worker process; submitit's local executor. An index
+                        given more than once (--gpus 0,0,0,0) is a slot: that many jobs share
+                        the GPU, for runs that judge correctness only (the fault suite);
+                        their records say so (gpu_shared) and `compare` claims no speed
+                        change for them
     --executor slurm    a Slurm cluster: one job per unit with one GPU (--gpus-per-node 1), at
                         most --workers queued or running at once (the runner holds back the
                         rest, so baselines and resubmissions go first); --slurm KEY=VALUE passes
@@ -74,6 +78,11 @@ class ExecutorConfig:
         if self.kind == "slurm" and not shutil.which("sbatch"):
             raise ValueError("--executor slurm: sbatch is not on PATH (no Slurm here; --executor pool runs on this host)")
 
+    @property
+    def shared(self) -> int:
+        """The most jobs one GPU holds at once (1: every GPU exclusive)."""
+        return max((self.gpus.count(g) for g in self.gpus), default=1)
+
     def to_dict(self) -> dict:
         return {"kind": self.kind, "workers": self.workers, "gpus": list(self.gpus), "slurm": dict(self.slurm)}
 
@@ -128,9 +137,11 @@ def units(cells, todo: list[tuple[int, int, str]]) -> list[dict]:
     return sorted(out.values(), key=lambda u: not u["baseline"])
 
 
-def run_unit(run_path: str, cells: list, rounds: list, n_rounds: int, nsys: str | None = None) -> list:
+def run_unit(run_path: str, cells: list, rounds: list, n_rounds: int, nsys: str | None = None,
+             shared: int = 1) -> list:
     """A job: the unit's rounds in order (matrix.measure_round); [(cell id, record, ok)]. A
-    failed round skips the cell's later rounds in this unit, as the local runner does."""
+    failed round skips the cell's later rounds in this unit, as the local runner does. `shared`:
+    how many jobs hold this job's GPU at once (recorded as gpu_shared when more than one)."""
     import socket
     import submitit
     from .matrix import measure_round
@@ -145,11 +156,13 @@ def run_unit(run_path: str, cells: list, rounds: list, n_rounds: int, nsys: str 
             continue
         rec, ok = measure_round(run, by_id[cid], k, slot, n_rounds, nsys)
         rec["executor_host"] = socket.gethostname()
+        if shared > 1:
+            rec["gpu_shared"] = shared
         try:
             rec["executor_job"] = str(submitit.JobEnvironment().job_id)
         except RuntimeError:            # called outside a submitit job (tests)
             rec["executor_job"] = str(os.getpid())
-        for k in ("executor_host", "executor_job"):
+        for k in ("executor_host", "executor_job") + (("gpu_shared",) if shared > 1 else ()):
             rec.get("unavailable", {}).pop(k, None)
         if not ok:
             failed.add(cid)
@@ -229,7 +242,11 @@ def run_matrix_jobs(cells, run, th, cfg: ExecutorConfig, progress=None, nsys: st
         raise ValueError("--executor pool: no GPU is visible to hand out (give --gpus)")
     workers = cfg.workers or (len(gpus) if gpus else 2)
     if cfg.kind == "pool" and gpus:
-        workers = min(workers, len(gpus))          # one GPU per job, exclusively
+        workers = min(workers, len(gpus))          # one slot per job; a GPU listed once is exclusive
+    shared = cfg.shared if cfg.kind == "pool" and gpu else 1
+    if shared > 1:
+        say(f"note: up to {shared} jobs share a GPU (--gpus {','.join(map(str, gpus))}): verdicts as usual, "
+            f"speeds not comparable (compare claims no speed change for these cells)")
     ex = make_executor(cfg, run.path / "jobs")
     todo = units(cells, col.todo())
     base, rest = [u for u in todo if u["baseline"]], [u for u in todo if not u["baseline"]]
@@ -252,7 +269,7 @@ def run_matrix_jobs(cells, run, th, cfg: ExecutorConfig, progress=None, nsys: st
                 params.update(gpus_per_node=0, setup=setup)
         ex.update_parameters(**params)
         job = ex.submit(run_unit, str(run.path), [by_id[c] for c in dict.fromkeys(c for _, _, c in u["rounds"])],
-                        u["rounds"], col.n_rounds, nsys)
+                        u["rounds"], col.n_rounds, nsys, shared)
         jobs.add(cfg.kind, job.job_id, u["key"], attempt)
         running[job] = (u, attempt, g)
         if progress:

@@ -607,6 +607,7 @@ def measure_round(run, cell: Cell, k: int, slot: int, n_rounds: int, nsys: str |
         rec.update(wall_s=wall, round=k, round_slot=slot)
         for f in ("executor_host", "executor_job"):            # executor.run_unit fills them
             rec.setdefault("unavailable", {})[f] = "run by the local runner (--executor local)"
+        rec["unavailable"]["gpu_shared"] = "no other job shared the cell's GPU"
         for f in ("tree", "tree_source"):
             rec[f] = cell.params.get(f)
         if cell.params.get("trace"):

@@ -141,6 +141,7 @@ class CellRecord:
     gpu_pci_bus_id: str | None = None
     executor_host: str | None = None        # --executor pool/slurm: the worker's host and job
     executor_job: str | None = None
+    gpu_shared: int | None = None           # --gpus repeating an index: jobs that held this GPU at once
     cuda_driver: str | None = None
     gpu_mem_bw_gbs: float | None = None
     gpu_sm_clock_mhz_start: float | None = None

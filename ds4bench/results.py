@@ -293,6 +293,10 @@ def summary_md(meta: dict, recs: list[dict]) -> str:
     if len(models) > 1:
         lines.append(f"- note: cells ran on {len(models)} GPU models ({', '.join(models)}); their speeds are not "
                      f"comparable across models (`compare` refuses unless --across-gpus)")
+    shared = max((r.get("gpu_shared") or 1 for r in recs), default=1)
+    if shared > 1:
+        lines.append(f"- note: up to {shared} jobs shared a GPU (--gpus repeated an index): verdicts hold, speeds "
+                     f"are not measurements (`compare` claims no speed change)")
     lines += ["", "## Cells", "", markdown_table(recs)]
     why = reasons_md(recs)
     if why:
@@ -404,6 +408,12 @@ def compare(a: list[dict], b: list[dict], alpha: float = 0.05, factor: float = 1
                 res.update(change="n/a", p_value=None, ci=None,
                            why=f"different GPU models: {gpu_a or 'none'} in A, {gpu_b or 'none'} in B "
                                f"(compare --across-gpus to claim anyway)")
+        shared = [f"{side} ({r['gpu_shared']} jobs)" for side, r in (("A", ra), ("B", rb))
+                  if (r.get("gpu_shared") or 1) > 1]
+        if shared:                              # concurrent jobs on one GPU: their times are each other's
+            for res in (dec, pre):
+                res.update(change="n/a", p_value=None, ci=None,
+                           why=f"GPU shared by concurrent jobs in {', '.join(shared)}: no speed claim")
         shaky = [side for side, r in (("A", ra), ("B", rb)) if r.get("timing_reliable") is False]
         speed.append({"cell": label, "decode_tps_a": ra.get("decode_tps"), "decode_tps_b": rb.get("decode_tps"),
                       "speedup": dec["ratio"], "ci": dec["ci"], "p_value": dec["p_value"], "mde": dec["mde"],
@@ -499,7 +509,7 @@ def render_compare(res: dict, fmt: str, name_a: str = "A", name_b: str = "B") ->
         out += ["", f"too few rounds for a p-value or an interval in {len(few)} cell(s) (need "
                     f"{MIN_ROUNDS} processes per side: `ds4bench matrix --rounds 5`)"]
     out += [f"no speed claim for {s['cell']}: {s['why']}" for s in res["speed"]
-            if "pass_stat" in s["why"] or "different GPU models" in s["why"]]
+            if "pass_stat" in s["why"] or "different GPU models" in s["why"] or "GPU shared" in s["why"]]
     if res.get("ranges"):
         out += ["", "## GPU time per range (Nsight Systems; biggest changes first, layer.N summed into layer)"]
         for c in res["ranges"]:

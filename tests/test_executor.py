@@ -131,6 +131,12 @@ def test_executor_settings_are_checked(fields, msg):
     assert EX.parse_slurm(["partition=gpu", "cpus_per_task=8"]) == {"partition": "gpu", "cpus_per_task": 8}
 
 
+def test_a_gpu_index_given_twice_is_a_shared_slot():
+    assert EX.ExecutorConfig("pool", gpus=EX.parse_gpus("0,1")).shared == 1
+    assert EX.ExecutorConfig("pool", gpus=EX.parse_gpus("0,0,0,1")).shared == 3
+    assert EX.ExecutorConfig("pool").shared == 1
+
+
 def test_slurm_without_slurm_is_one_line(tmp_path):
     r = _matrix(tmp_path, "s", "--cache", "f32", "--batch", "1", "--executor", "slurm")
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (

@@ -206,6 +206,19 @@ def test_no_speed_claim_across_gpu_models_unless_asked():
     assert "cells ran on 2 GPU models" in mixed
 
 
+def test_no_speed_claim_for_cells_that_shared_their_gpu():
+    """--gpus 0,0,0,0 runs four jobs on one GPU: their verdicts stand, their tok/s measure each
+    other's load, so compare refuses the claim (even for a 2x change) and the summary says so."""
+    a = [rec("a", round_decode_tps=[100.0, 101.0, 99.0, 100.5, 99.5])]
+    b = [rec("a", tps=200.0, gpu_shared=4, round_decode_tps=[200.0, 202.0, 198.0, 201.0, 199.0])]
+    res = S.compare(a, b)
+    assert res["speed"][0]["change"] == "n/a" and "GPU shared by concurrent jobs in B (4 jobs)" in res["speed"][0]["why"]
+    assert "no speed claim for" in S.render_compare(res, "md", "A", "B")
+    assert S.compare(a, a)["speed"][0]["change"] == "same"
+    note = S.summary_md({"run_id": "x", "status": "complete", "cells": [{}]}, b)
+    assert "up to 4 jobs shared a GPU" in note
+
+
 def test_records_older_than_the_engine_parameter_join_as_ours():
     old = rec("a")
     old.pop("engine", None)
