@@ -205,8 +205,10 @@ def validate(s: MatrixSpec) -> None:
     from .ops_ref import CACHE_MODES
     where = f"matrix spec ({s.source})"
     if s.engine != "ds4bench":
-        from .command_engine import load_adapter
-        load_adapter(s.engine)
+        from .command_engine import load_adapter, path_values
+        adapter = load_adapter(s.engine)
+        for vals in itertools.product(*s.env_axis.values()):     # its [paths], in every cell's environment
+            path_values(adapter, {**s.env, **{k: None if v == UNSET else v for k, v in zip(s.env_axis, vals)}})
         if s.trace:
             raise ValueError(f"{where}: engine {s.engine}: --trace captures this package's engine only")
     modes = list(CACHE_MODES) + sorted(EXTRA_MODES)
