@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the result as JSON here")
     p.set_defaults(func=cmd_bench_kernels)
 
-    for mod in ("cli_matrix", "cli_plot", "cli_faults"):
+    for mod in ("cli_matrix", "cli_plot", "cli_faults", "cli_engines"):
         try:
             m = __import__(f"ds4bench.{mod}", fromlist=["register"])
         except ImportError as e:
