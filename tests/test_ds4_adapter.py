@@ -130,3 +130,20 @@ def test_the_real_binary_still_prints_what_was_recorded(tmp_path):
     assert CE.parse_steps(doc, ad, 2)[0] == TOKENS[:2] and speed == {"decode": None, "prefill": None}
     _, speed, _ = CE.run_once(ad, str(_flash_4l()), prompt, 2, 64, tmp_path / "d.json", 600, {}, ad.speed_command)
     assert speed["decode"] > 0 and speed["prefill"] > 0
+
+
+def test_compare_engines_judges_one_runs_cells_against_anothers(tmp_path, capsys):
+    sys.path.insert(0, str(HERE.parent / "benchmarks"))
+    import compare_engines
+    assert _matrix(tmp_path, "ds4-cpu").returncode == 0
+    r = subprocess.run([sys.executable, "-m", "ds4bench", "matrix", "--backend", "numpy", "--preset", "tiny",
+                        "--mode", "f32", "-n", "4", "--prompts", "smoke", "--reps", "1", "--out", str(tmp_path),
+                        "--id", "ours"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert compare_engines.main([str(tmp_path / "r"), str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert "reference: r cell tiny-ds4-cpu-b1 (engine ds4-cpu" in out and out.count("| identical | – | 4 | 0 |") == 3
+    ref, rows = compare_engines.cross(compare_engines.RunDir(tmp_path / "ours"), compare_engines.RunDir(tmp_path / "r"))
+    assert ref["engine"] == "ds4bench" and len(rows) == 3
+    assert all(r["first_divergence"] == 0 and r["verdict"] == "broken" for r in rows)   # tiny's tokens are not these
+    assert compare_engines.main([str(tmp_path / "nope"), str(tmp_path / "r")]) == 2
