@@ -147,10 +147,10 @@ def path_values(adapter: Adapter, env: dict, environ=None) -> dict:
     """{placeholder: path} of the adapter's [paths], each from its variable in `env` (a cell's:
     None means unset) or else `environ` (default: this process's). ValueError (one line naming the
     variable) when one is unset or names nothing."""
-    environ = os.environ if environ is None else environ
+    from .options import adapter_path_var
     out = {}
     for name, (var, what) in adapter.paths.items():
-        value = env[var] if var in env else environ.get(var)
+        value = env[var] if var in env else adapter_path_var(var, environ)
         if not value:
             raise ValueError(f"engine {adapter.name}: {{{name}}} is ${var}, which is not set: give {what}")
         if not os.path.exists(value):

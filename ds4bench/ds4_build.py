@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from .command_engine import BUILD_INFO
-from .options import CACHE_ROOT
+from .options import CACHE_ROOT, get
 from .record import utc_now
 
 FULL_LAYERS = 43                        # ds4's DS4_N_LAYER: DeepSeek V4 Flash
@@ -67,8 +67,8 @@ def set_layers(text: str, layers: int, where: str) -> str:
 
 def find_nvcc() -> Path:
     """$NVCC, else $CUDA_HOME/bin/nvcc, else nvcc on PATH."""
-    for cand in (os.environ.get("NVCC"), os.environ.get("CUDA_HOME") and Path(os.environ["CUDA_HOME"]) / "bin" / "nvcc",
-                 shutil.which("nvcc")):
+    home = get("CUDA_HOME")
+    for cand in (get("NVCC"), home and Path(home) / "bin" / "nvcc", shutil.which("nvcc")):
         if cand and Path(cand).is_file():
             return Path(cand)
     raise BuildError("nvcc not found ($NVCC, $CUDA_HOME/bin, PATH): install the CUDA toolkit, or build the CPU "
@@ -77,8 +77,8 @@ def find_nvcc() -> Path:
 
 def cuda_home(nvcc: Path) -> Path:
     """$CUDA_HOME, else the toolkit nvcc belongs to (/usr/local/cuda when nvcc is a wrapper)."""
-    if os.environ.get("CUDA_HOME"):
-        return Path(os.environ["CUDA_HOME"])
+    if get("CUDA_HOME"):
+        return Path(get("CUDA_HOME"))
     home = nvcc.resolve().parent.parent
     if (home / "include" / "cuda_runtime.h").is_file():
         return home
@@ -167,8 +167,8 @@ def build_ds4(src: str, out: str | None = None, cpu: bool = False, layers: int =
         if not arch:
             raise BuildError("--arch is needed (e.g. sm_90 for H100/H200): no GPU is visible to ask; ds4 built "
                              "without an explicit arch has been reported to answer garbage")
-    elif shutil.which(os.environ.get("CC", "cc")) is None:
-        raise BuildError(f"C compiler {os.environ.get('CC', 'cc')} not found on PATH ($CC)")
+    elif shutil.which(get("CC") or "cc") is None:
+        raise BuildError(f"C compiler {get('CC') or 'cc'} not found on PATH ($CC)")
     commit, dirty = source_commit(srcp)
     dest = Path(out).expanduser() if out else default_out(commit, cpu, arch, layers)
     if dest.exists():
@@ -193,7 +193,7 @@ def build_ds4(src: str, out: str | None = None, cpu: bool = False, layers: int =
         raise BuildError(f"make failed (exit {r.returncode}): {err.strip()[:300]}; the full log is {log}")
     info = {"engine": "ds4", "source": str(srcp.resolve()), "commit": commit, "dirty": dirty,
             "target": "cpu" if cpu else "cuda", "arch": arch, "layers": layers, "make": cmd,
-            "cc": _first_line([os.environ.get("CC", "cc"), "--version"]),
+            "cc": _first_line([get("CC") or "cc", "--version"]),
             "nvcc": _first_line([str(nvcc), "--version"], last=True) if nvcc else None,
             "cublas": str(inc_lib[1]) if inc_lib else None, "build_s": round(build_s, 1),
             "host": platform.node(), "utc": utc_now()}
