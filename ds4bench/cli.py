@@ -32,10 +32,15 @@ def model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
 
 # ---- model ---------------------------------------------------------------------------------
 def cmd_model_make(a) -> int:
-    from .synth import write_model
+    from .synth import auto_workers, write_model
     cfg = C.preset(a.preset or "tiny", a.variant)
-    size = write_model(cfg, a.output, a.seed)
-    print(f"wrote {a.output}: preset {cfg.name} ({cfg.variant}), seed {a.seed}, {size:,} bytes")
+    if a.workers is not None and a.workers < 1:
+        raise UserError(f"--workers must be at least 1, got {a.workers}")
+    workers = a.workers or auto_workers(cfg)
+    t0 = time.perf_counter()
+    size = write_model(cfg, a.output, a.seed, workers)
+    print(f"wrote {a.output}: preset {cfg.name} ({cfg.variant}), seed {a.seed}, {size:,} bytes "
+          f"in {time.perf_counter() - t0:.1f} s ({workers} process{'es' if workers > 1 else ''})")
     return 0
 
 
@@ -160,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     p.add_argument("-o", "--output", required=True, help="the GGUF file to write (written under a temporary "
                                                          "name, then renamed)")
+    p.add_argument("--workers", type=int, help="processes making tensors in parallel, each written in place "
+                                               "(the same bytes; default: one per CPU for models of 1 GiB and "
+                                               "more, as far as host memory allows)")
     p.set_defaults(func=cmd_model_make)
     p = mp.add_parser("info", help="tensors, sizes and per-token read bytes of a file or preset")
     model_args(p, positional=True)
@@ -180,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the result as JSON here")
     p.set_defaults(func=cmd_bench_kernels)
 
-    for mod in ("cli_matrix", "cli_plot", "cli_faults"):
+    for mod in ("cli_matrix", "cli_plot", "cli_faults", "cli_engines"):
         try:
             m = __import__(f"ds4bench.{mod}", fromlist=["register"])
         except ImportError as e:

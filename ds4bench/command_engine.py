@@ -12,6 +12,8 @@ run one greedy generation of one prompt with another engine and where its answer
                                     # engine that prints none while it dumps its steps
     timeout = 600                   # seconds per run (default: the cell's timeout)
     env = { }                       # fixed environment of every run (the cell's env axes come on top)
+    [paths]                         # more placeholders: files or folders the user names in the environment
+    ds4 = { env = "DS4_BIN", what = "the ds4 binary (ds4bench engines build ds4 --src CHECKOUT)" }
     [speed]                         # regexes over stdout + stderr; group 1 is tokens per second
     decode = 'generation: ([0-9.]+) t/s'
     prefill = 'prefill: ([0-9.]+) t/s'
@@ -24,7 +26,11 @@ run one greedy generation of one prompt with another engine and where its answer
 
 Placeholders: {model} (the cell's GGUF; a preset is written to one first), {prompt}, {n},
 {ctx}, {dump} (a file the engine writes its steps to), {python} (this interpreter), {here}
-(the adapter's folder). Each prompt runs `reps` times, each run its own process; the cell's
+(the adapter's folder), and one per [paths] entry: the value of its environment variable (the
+cell's env first, so `--env DS4_BIN=/a/ds4,/b/ds4` makes two builds an axis), which must name
+an existing file or folder. A cell records each such path with its size and SHA-256, and the
+build description (`ds4bench-build.json`, written by `ds4bench engines build`) found beside
+it, in `engine_paths`. Each prompt runs `reps` times, each run its own process; the cell's
 decode and prefill tok/s are the medians of what the engine printed, and its fingerprints
 (token ids, sha256, top-k logprobs) come from the first run, so verdicts, `compare` and plots
 work as for our engine. An external engine has no teacher-forced KL pass and no stage probe:
@@ -36,8 +42,11 @@ and do not apply (the cells record mode `native`).
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
+import string
 import subprocess
 import sys
 import time
@@ -48,6 +57,8 @@ ENGINES_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "engines"
 OURS = "ds4bench"
 NATIVE = "native"                   # the numeric mode an external engine's cells record
 PROMPT_FORMS = ("text", "chat_ids")
+BUILTIN = ("model", "prompt", "n", "ctx", "dump", "python", "here")     # placeholders every adapter has
+BUILD_INFO = "ds4bench-build.json"  # what `ds4bench engines build` writes beside a binary
 
 
 @dataclass
@@ -61,6 +72,7 @@ class Adapter:
     env: dict = field(default_factory=dict)
     speed: dict = field(default_factory=dict)
     tokens: dict = field(default_factory=dict)
+    paths: dict = field(default_factory=dict)       # placeholder -> (environment variable, what it is)
 
 
 def adapter_path(engine: str) -> Path:
@@ -108,11 +120,66 @@ def load_adapter(engine: str) -> Adapter:
             raise ValueError(f"{where}: [speed] {k} regex: {e}") from None
     toks = {"steps": "steps", "id": "selected.id", "top": "top_logprobs", "top_id": "id",
             "top_logprob": "logprob", **toks}
-    unknown = sorted(set(doc) - {"name", "command", "speed_command", "prompt", "timeout", "env", "speed", "tokens"})
+    unknown = sorted(set(doc) - {"name", "command", "speed_command", "prompt", "timeout", "env", "speed", "tokens",
+                                 "paths"})
     if unknown:
         raise ValueError(f"{where}: unknown key {unknown[0]}")
+    paths = {}
+    for k, v in doc.get("paths", {}).items():
+        if k in BUILTIN or not isinstance(v, dict) or not isinstance(v.get("env"), str) or set(v) - {"env", "what"}:
+            raise ValueError(f"{where}: [paths] {k} must be {{ env = \"VARIABLE\", what = \"...\" }}"
+                             + (f" and not a built-in placeholder ({', '.join(BUILTIN)})" if k in BUILTIN else ""))
+        paths[k] = (v["env"], str(v.get("what", "a path")))
+    for c in cmd + (scmd or []):
+        try:
+            names = [f for _, f, _, _ in string.Formatter().parse(c) if f is not None]
+        except ValueError as e:
+            raise ValueError(f"{where}: command item {c!r}: {e}") from None
+        bad = [f for f in names if f not in BUILTIN and f not in paths]
+        if bad:
+            raise ValueError(f"{where}: command uses {{{bad[0]}}}, which is neither a built-in placeholder "
+                             f"({', '.join(BUILTIN)}) nor a [paths] entry")
     return Adapter(str(doc.get("name", path.stem)), cmd, path, form, scmd, doc.get("timeout"),
-                   {str(k): str(v) for k, v in doc.get("env", {}).items()}, speed, toks)
+                   {str(k): str(v) for k, v in doc.get("env", {}).items()}, speed, toks, paths)
+
+
+def path_values(adapter: Adapter, env: dict, environ=None) -> dict:
+    """{placeholder: path} of the adapter's [paths], each from its variable in `env` (a cell's:
+    None means unset) or else `environ` (default: this process's). ValueError (one line naming the
+    variable) when one is unset or names nothing."""
+    from .options import adapter_path_var
+    out = {}
+    for name, (var, what) in adapter.paths.items():
+        value = env[var] if var in env else adapter_path_var(var, environ)
+        if not value:
+            raise ValueError(f"engine {adapter.name}: {{{name}}} is ${var}, which is not set: give {what}")
+        if not os.path.exists(value):
+            raise ValueError(f"engine {adapter.name}: {var}={value}: no such file or folder ({what})")
+        out[name] = value
+    return out
+
+
+def path_provenance(values: dict) -> dict:
+    """What a cell records of each [paths] value: the path, and for a file its size, SHA-256 and
+    the build description beside it (BUILD_INFO), when there is one."""
+    out = {}
+    for name, value in values.items():
+        p = Path(value)
+        d: dict = {"path": str(p.resolve())}
+        if p.is_file():
+            h = hashlib.sha256()
+            with open(p, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+            d.update(bytes=p.stat().st_size, sha256=h.hexdigest())
+        info = (p.parent if p.is_file() else p) / BUILD_INFO
+        if info.is_file():
+            try:
+                d["build"] = json.loads(info.read_text())
+            except (OSError, ValueError) as e:
+                d["build"] = f"unreadable {info}: {e}"
+        out[name] = d
+    return out
 
 
 def _get(obj, dotted: str):
@@ -145,8 +212,12 @@ def run_once(adapter: Adapter, model: str, prompt: str, n: int, ctx: int, dump: 
     engine fails, times out or writes no steps. With `command` (the adapter's speed_command) no
     steps are read."""
     from .options import environment
+    try:
+        paths = path_values(adapter, env)
+    except ValueError as e:
+        raise RuntimeError(str(e)) from None
     subst = {"model": model, "prompt": prompt, "n": str(n), "ctx": str(ctx), "dump": str(dump),
-             "python": sys.executable, "here": str(adapter.path.parent)}
+             "python": sys.executable, "here": str(adapter.path.parent), **paths}
     cmd = [c.format(**subst) for c in (command or adapter.command)]
     child = {**environment(), **adapter.env, **{k: v for k, v in env.items() if v is not None}}
     for k in [k for k, v in env.items() if v is None]:
@@ -196,6 +267,7 @@ def measure(params: dict, fingerprints: str | None = None) -> dict:
     n = p["n_gen"]
     rec.ctx = p.get("ctx") or max(len(ids) for _, _, ids in prompts) + n + 1
     env = {**p.get("env", {}), **{k: None for k in p.get("env_unset", ())}}
+    rec.engine_paths = path_provenance(path_values(adapter, env))
     dump_dir = Path(fingerprints).parent if fingerprints else Path(".")
     timeout = adapter.timeout or p.get("timeout_s") or 600
     fps, dec, pre, same = [], [], [], True

@@ -219,13 +219,19 @@ def _term_raises():
     return signal.signal(signal.SIGTERM, _raise)
 
 
-def write_gguf(path: str, cfg: C.ModelConfig, source: "TensorSource",
+def write_gguf(path: str, cfg: C.ModelConfig, source: "TensorSource | None",
                specs: list[TensorSpec] | None = None,
-               extra_metadata: dict[str, object] | None = None) -> int:
+               extra_metadata: dict[str, object] | None = None,
+               fill: "Callable[[str, list[tuple[TensorSpec, int]]], None] | None" = None) -> int:
     """Stream a DS4 GGUF to `path`, asking `source(spec)` for one tensor's data at a time.
 
     The host never holds the whole model. The file is written under a temporary name and renamed,
     so a crash never leaves a half-written model behind. Returns the file size.
+
+    With `fill` instead of `source`, no tensor data are streamed: the header, metadata and tensor
+    table are written as above, the file is extended to its full size with zeros (a sparse file),
+    and `fill(temporary path, [(spec, absolute data offset)])` writes every tensor in place
+    (offsets as gguf's reader finds them) before the rename. The bytes are the streamed file's.
     """
     from .fileio import check_free_space, write_error
     specs = tensor_specs(cfg) if specs is None else specs
@@ -246,12 +252,22 @@ def write_gguf(path: str, cfg: C.ModelConfig, source: "TensorSource",
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        for s in specs:
-            data = source(s)
-            if data.nbytes != s.nbytes:
-                raise ValueError(f"tensor {s.name}: source gave {data.nbytes} bytes, expected {s.nbytes}")
-            w.write_tensor_data(np.ascontiguousarray(data))
-        w.close()
+        if fill is not None:
+            w.flush()
+            # GGUFWriter pads before each tensor to the alignment and after it to a multiple of it
+            pad = lambda n: -(-n // w.data_alignment) * w.data_alignment      # noqa: E731
+            size = pad(w.fout[0].tell()) + sum(pad(s.nbytes) for s in specs)
+            w.close()
+            os.truncate(tmp, size)
+            placed = {t.name: int(t.data_offset) for t in GGUFReader(tmp, "r").tensors}
+            fill(tmp, [(s, placed[s.name]) for s in specs])
+        else:
+            for s in specs:
+                data = source(s)
+                if data.nbytes != s.nbytes:
+                    raise ValueError(f"tensor {s.name}: source gave {data.nbytes} bytes, expected {s.nbytes}")
+                w.write_tensor_data(np.ascontiguousarray(data))
+            w.close()
         os.replace(tmp, path)
     except BaseException as e:
         err = write_error(path, e) if isinstance(e, OSError) else None     # before the space is freed

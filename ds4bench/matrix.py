@@ -205,8 +205,10 @@ def validate(s: MatrixSpec) -> None:
     from .ops_ref import CACHE_MODES
     where = f"matrix spec ({s.source})"
     if s.engine != "ds4bench":
-        from .command_engine import load_adapter
-        load_adapter(s.engine)
+        from .command_engine import load_adapter, path_values
+        adapter = load_adapter(s.engine)
+        for vals in itertools.product(*s.env_axis.values()):     # its [paths], in every cell's environment
+            path_values(adapter, {**s.env, **{k: None if v == UNSET else v for k, v in zip(s.env_axis, vals)}})
         if s.trace:
             raise ValueError(f"{where}: engine {s.engine}: --trace captures this package's engine only")
     modes = list(CACHE_MODES) + sorted(EXTRA_MODES)
@@ -442,7 +444,7 @@ def prepare_models(cells: list[Cell], cache_dir: str | None = None, say=print) -
     """Presets too large to generate in every cell are written to a GGUF once, then mapped
     (again on a resume that finds the file gone, e.g. on a fresh GPU machine)."""
     from .gguf_io import tensor_specs
-    from .synth import write_model
+    from .synth import auto_workers, write_model
     root = Path(cache_dir) if cache_dir else model_cache_dir()
     for c in cells:
         p = c.params
@@ -460,7 +462,7 @@ def prepare_models(cells: list[Cell], cache_dir: str | None = None, say=print) -
             for orphan in remove_orphans(root):              # left by a writer that was killed
                 say(f"removed {orphan}, left by an interrupted write")
             say(f"writing synthetic {cfg.name} ({cfg.variant}) once to {path}")
-            write_model(cfg, str(path), p["seed"])            # written under a temporary name, renamed
+            write_model(cfg, str(path), p["seed"], auto_workers(cfg))     # under a temporary name, renamed
         p["model_file"] = str(path)
 
 

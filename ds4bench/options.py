@@ -65,6 +65,9 @@ VARS = {
     # provenance, and tools
     "DS4BENCH_COMMIT": "the commit this checkout is, where git cannot say (a copied tree)",
     "NSYS": "the nsys executable (or a folder holding it) when it is not on PATH",
+    "NVCC": "`engines build ds4`: the nvcc to use (default: $CUDA_HOME/bin/nvcc, then PATH)",
+    "CUDA_HOME": "`engines build ds4`: the CUDA toolkit (default: nvcc's, or /usr/local/cuda)",
+    "CC": "`engines build ds4 --cpu`: the C compiler ds4's Makefile uses (default cc)",
 }
 ENGINE_ENV = ("DS4BENCH_UNFUSED", *KERNEL_CHOICES, "DS4BENCH_CACHE_MB", "DS4BENCH_PLUGINS", "DS4BENCH_SLOWDOWN",
               "DS4BENCH_FAULT", "DS4BENCH_PROBE_TOKENS", "DS4BENCH_PROBE_LEAD")
@@ -81,6 +84,12 @@ def get(name: str, environ=None) -> str | None:
 def environment() -> dict:
     """A copy of this process's environment, for a child process to start from."""
     return dict(os.environ)
+
+
+def adapter_path_var(name: str, environ=None) -> str | None:
+    """The variable an external engine's adapter names for one of its paths (command_engine
+    [paths], e.g. DS4_BIN): the adapter declares it, so it is not one of VARS."""
+    return (os.environ if environ is None else environ).get(name)
 
 
 def toggles_in_effect(environ=None) -> dict:

@@ -95,6 +95,7 @@ class CellRecord:
     probe_s: float | None = None        # seconds the probe took (reference included when not cached)
     # parameters
     engine: str = "ds4bench"                # ours, or an external engine's adapter (command_engine.py)
+    engine_paths: dict = field(default_factory=dict)   # an external engine's [paths]: path, bytes, sha256, build
     preset: str | None = None
     model_file: str | None = None
     variant: str | None = None

@@ -9,6 +9,7 @@ have a spread of a few nats (checked by tests on `tiny`).
 from __future__ import annotations
 
 import math
+import os
 import zlib
 
 import numpy as np
@@ -108,6 +109,57 @@ def make_model(cfg: C.ModelConfig, seed: int = 0) -> ModelFile:
     return ModelFile(cfg, tensors, synth_metadata(cfg, seed), None, seed)
 
 
-def write_model(cfg: C.ModelConfig, path: str, seed: int = 0) -> int:
-    """Generate straight into a GGUF file, one tensor at a time (flash-4l needs no RAM for the whole)."""
-    return write_gguf(path, cfg, lambda s: make_tensor(cfg, s, seed), extra_metadata=synth_metadata(cfg, seed))
+def write_model(cfg: C.ModelConfig, path: str, seed: int = 0, workers: int = 1) -> int:
+    """Generate straight into a GGUF file, one tensor at a time (flash-4l needs no RAM for the whole).
+
+    With workers > 1 a pool of processes makes the tensors and writes each in place in the
+    zero-filled file (gguf_io.write_gguf's `fill`), largest first; the file is byte-identical to
+    the one-process writer's. Each worker holds one tensor's making at a time: up to about 8 GiB
+    for the Flash output head, 1.4 GiB for a layer's routed experts (auto_workers bounds them)."""
+    meta = synth_metadata(cfg, seed)
+    if workers <= 1:
+        return write_gguf(path, cfg, lambda s: make_tensor(cfg, s, seed), extra_metadata=meta)
+
+    def fill(tmp: str, placed: list) -> None:
+        import concurrent.futures as cf
+        import multiprocessing as mp
+        jobs = sorted(placed, key=lambda so: -so[0].nbytes)
+        # fork: workers need nothing re-imported, and work whatever __main__ is (stdin, a notebook)
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        try:
+            with cf.ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx) as pool:
+                for f in cf.as_completed([pool.submit(_fill_tensor, cfg, spec, seed, tmp, off) for spec, off in jobs]):
+                    f.result()
+        except cf.process.BrokenProcessPool:
+            raise OSError(f"a process writing tensors died (out of memory, or the disk filled under its "
+                          f"mapping); write with fewer workers") from None
+    return write_gguf(path, cfg, None, extra_metadata=meta, fill=fill)
+
+
+def _fill_tensor(cfg: C.ModelConfig, spec: TensorSpec, seed: int, path: str, offset: int) -> int:
+    """A pool worker: one tensor made and written at its offset in the file."""
+    data = np.ascontiguousarray(make_tensor(cfg, spec, seed)).reshape(-1).view(np.uint8)
+    out = np.memmap(path, dtype=np.uint8, mode="r+", offset=offset, shape=(spec.nbytes,))
+    out[:] = data
+    out.flush()
+    del out
+    return spec.nbytes
+
+
+# Host memory a worker may need: the largest tensor's making (the output head at Flash shape:
+# about 8 GiB) for one, a layer's routed experts (about 1.4 GiB) for each other.
+WORKER_FIRST_BYTES, WORKER_BYTES = 8 << 30, 3 << 29
+AUTO_MIN_BYTES = 1 << 30             # smaller models are written by one process
+
+
+def auto_workers(cfg: C.ModelConfig, available: int | None = None, cpus: int | None = None) -> int:
+    """Processes for write_model: 1 below AUTO_MIN_BYTES, else one per CPU as far as the host's
+    available memory (MemAvailable) holds their making. A file written to memory (/dev/shm) takes
+    its own size from that too: leave it room with a smaller `workers`."""
+    from .guards import host_available
+    if sum(s.nbytes for s in tensor_specs(cfg)) < AUTO_MIN_BYTES:
+        return 1
+    cpus = cpus or len(os.sched_getaffinity(0))
+    avail = host_available() if available is None else available
+    fit = 1 + max(0, (int(0.8 * avail) - WORKER_FIRST_BYTES) // WORKER_BYTES) if avail else 1
+    return max(1, min(cpus, fit))

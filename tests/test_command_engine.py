@@ -65,7 +65,14 @@ def test_parsers_read_speed_and_steps():
     ('command = ["e", "{prompt}", "{dump}"]\nprompt = "ids"', "prompt must be one of text, chat_ids"),
     ('command = ["e", "{prompt}", "{dump}"]', "[speed] needs a decode regex"),
     ('command = ["e", "{prompt}", "{dump}"]\n[speed]\ndecode = "x"\nprefill = "(y)"', "[speed] decode regex has no group"),
-    ('command = ["e", "{prompt}", "{dump}"]\nbinary = 1\n[speed]\ndecode = "(x)"\nprefill = "(y)"', "unknown key binary")])
+    ('command = ["e", "{prompt}", "{dump}"]\nbinary = 1\n[speed]\ndecode = "(x)"\nprefill = "(y)"', "unknown key binary"),
+    ('command = ["{bin}", "{prompt}", "{dump}"]\n[speed]\ndecode = "(x)"\nprefill = "(y)"',
+     "command uses {bin}, which is neither a built-in placeholder (model, prompt, n, ctx, dump, python, here) "
+     "nor a [paths] entry"),
+    ('command = ["{bin}", "{prompt}", "{dump}"]\n[paths]\nbin = "X"\n[speed]\ndecode = "(x)"\nprefill = "(y)"',
+     '[paths] bin must be { env = "VARIABLE", what = "..." }'),
+    ('command = ["{model}", "{prompt}", "{dump}"]\n[paths]\nmodel = { env = "X" }\n[speed]\ndecode = "(x)"\n'
+     'prefill = "(y)"', "and not a built-in placeholder")])
 def test_bad_adapters_are_one_line_errors(tmp_path, text, msg):
     p = tmp_path / "bad.toml"
     p.write_text(text)

@@ -107,6 +107,42 @@ def test_written_file_loads_validated_and_matches_memory(tiny_file):
     assert mf.seed == 0 and mf.cfg.name == "tiny"
 
 
+@pytest.mark.parametrize("preset,variant", [("tiny", "q2"), ("small", "q4")])
+def test_the_parallel_writer_writes_the_same_bytes(tmp_path, tiny_file, preset, variant):
+    cfg = C.preset(preset, variant)
+    one = tiny_file if (preset, variant) == ("tiny", "q2") else str(tmp_path / "one.gguf")
+    if one != tiny_file:
+        write_model(cfg, one, seed=0)
+    many = tmp_path / "many.gguf"
+    assert write_model(cfg, str(many), seed=0, workers=3) == os.path.getsize(one)
+    with open(one, "rb") as a, open(many, "rb") as b:
+        assert a.read() == b.read()
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]     # written under a temporary name, renamed
+
+
+def _killed(*args):
+    os._exit(9)                                                     # as the OOM killer ends a worker
+
+
+def test_a_dead_writer_process_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    from ds4bench import synth
+    monkeypatch.setattr(synth, "_fill_tensor", _killed)
+    rc, _, err = run_cli(["model", "make", "--preset", "tiny", "--workers", "2", "-o", str(tmp_path / "m.gguf")], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "a process writing tensors died" in err
+    assert list(tmp_path.iterdir()) == []
+    rc, _, err = run_cli(["model", "make", "--workers", "0", "-o", str(tmp_path / "m.gguf")], capsys)
+    assert rc == 2 and "--workers must be at least 1, got 0" in err
+
+
+def test_auto_workers_one_per_cpu_as_far_as_memory_holds():
+    from ds4bench.synth import auto_workers
+    flash = C.preset("flash")
+    assert auto_workers(TINY, 1 << 40, 16) == 1                     # small models: one process
+    assert auto_workers(flash, 128 << 30, 16) == 16
+    assert auto_workers(flash, 23 << 30, 16) == 7                   # 80%: 8 GiB for the head, 1.5 GiB each other
+    assert auto_workers(flash, 4 << 30, 16) == 1 and auto_workers(flash, 0, 16) == 1
+
+
 def test_gguf_reader_sees_the_same_tensors(tiny_file):
     r = gguf.GGUFReader(tiny_file)
     got = {t.name: (tuple(int(d) for d in t.shape), QT(int(t.tensor_type))) for t in r.tensors}
