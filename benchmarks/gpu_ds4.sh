@@ -16,7 +16,9 @@
 #   DS4_SRC=.ds4src   the ds4 clone      ARCH=sm_90 (default: the card's)   CUBLAS=DIR (default: found)
 #   WORKERS=12        writer processes (the file takes 87 GB of the 128 GiB in memory; each worker up to 1.5 GiB, one 8)
 #   N=16              tokens per prompt  PROMPTS=capital (one prompt; smoke: three, about 3x the matrix time)
-#   OUT=DIR           also write ds4-<card>.txt (the log) and ds4-<card>.tgz (the runs, without fingerprints) there
+#   OUT=DIR           also write ds4-<card>.txt (the log, as it goes) and ds4-<card>.tgz (the runs, without fingerprints) there
+#   DEADLINE_S=S      a matrix still running S seconds after the start is stopped with SIGTERM (its finished
+#                     cells kept), so that the comparison and the tarball are written inside a call's limit
 # Expected on an H200 (estimates from the device notes: ds4's build ~30 s, the write ~90 s with 15
 # processes, ds4 at 41.6 tok/s with DS4_CUDA_COPY_MODEL=1): build 0.5 min, write 1.5 min, ds4 3 cells
 # x 2 processes at ~15-30 s (each copies the weights), ours 2-4 min: 6-9 min in all.
@@ -27,7 +29,19 @@ shm=/dev/shm/ds4bench
 mkdir -p "$shm"
 export DS4BENCH_MODEL_CACHE=$shm
 model=$shm/flash-q2-seed0.gguf
-log=$(mktemp)
+t_start=$SECONDS
+if [ -n "${OUT:-}" ]; then log=$OUT/ds4-$card.txt; else log=$(mktemp); fi
+: > "$log"
+# a matrix, stopped (SIGTERM: finished cells kept) DEADLINE_S seconds after the start
+matrix() {
+  if [ -n "${DEADLINE_S:-}" ]; then
+    local left=$(( DEADLINE_S - (SECONDS - t_start) ))
+    (( left > 10 )) || { say "note: matrix not started: past DEADLINE_S=$DEADLINE_S s"; return 1; }
+    timeout -s TERM -k 20 "$left" python3 -m ds4bench matrix "$@"
+  else
+    python3 -m ds4bench matrix "$@"
+  fi
+}
 say() { echo "$@" | tee -a "$log" >&2; }
 say "# ds4 beside ds4bench on $card, commit ${DS4BENCH_COMMIT:-unknown}, $(date -u +%FT%TZ): benchmarks/gpu_ds4.sh"
 say "# ds4 source: $src at $(git -C "$src" rev-parse HEAD 2>/dev/null || echo '(no git)')"
@@ -58,13 +72,13 @@ ds4_id="$stamp-$card-ds4"
 ours_id="$stamp-$card-ds4bench-flash"
 
 say "## ds4 matrix: two toggles, each alone"
-python3 -m ds4bench matrix --engine ds4 --preset flash --model "$model" -n "$n" --prompts "$prompts" --reps 1 \
+matrix --engine ds4 --preset flash --model "$model" -n "$n" --prompts "$prompts" --reps 1 \
   --env DS4_CUDA_NO_Q8_F16_CACHE=unset,1 --env DS4_CUDA_NO_Q8_DP4A=unset,1 \
   --exclude env.DS4_CUDA_NO_Q8_F16_CACHE=1,env.DS4_CUDA_NO_Q8_DP4A=1 --id "$ds4_id" 2>>"$log" | tee -a "$log"
 say "exit status $? (0: every cell identical, close or drift)"
 
 say "## our engine on the same file: q8, device, batch 1"
-DS4BENCH_PROBE_TOKENS=0 python3 -m ds4bench matrix --preset flash --model "$model" --mode q8 --placement device \
+DS4BENCH_PROBE_TOKENS=0 matrix --preset flash --model "$model" --mode q8 --placement device \
   --batch 1 --nvtx off --baseline cache=q8,placement=device,batch=1 -n "$n" --prompts "$prompts" --reps 1 \
   --id "$ours_id" 2>>"$log" | tee -a "$log"
 say "exit status $?"
@@ -72,7 +86,7 @@ say "exit status $?"
 say "## ds4's cells against ours"
 python3 benchmarks/compare_engines.py "results/runs/$ours_id" "results/runs/$ds4_id" | tee -a "$log"
 if [ -n "${OUT:-}" ]; then
-  cp "$log" "$OUT/ds4-$card.txt"
-  tar czf "$OUT/ds4-$card.tgz" --exclude=fingerprints "results/runs/$ds4_id" "results/runs/$ours_id"
+  tar czf "$OUT/ds4-$card.tgz" --exclude=fingerprints $(ls -d "results/runs/$ds4_id" "results/runs/$ours_id" 2>/dev/null)
+else
+  rm -f "$log"
 fi
-rm -f "$log"
