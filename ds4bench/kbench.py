@@ -15,7 +15,6 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 
 from . import config as C
-from .options import KERNEL_CHOICES
 from .formats import quantize_q8_0, random_blocks, row_bytes
 
 # (name, out, in, groups) of the Q8_0 projections a Flash decode step runs
@@ -89,7 +88,6 @@ def run(variant: str = "q2", iters: int = 200) -> dict:
     quant = kernels.function("q8_0.cu", "quantize_q8_0")
     mm = kernels.function("q8_0.cu", "matmul_q8_0")
     fused = kernels.function("q8_0.cu", "matmul_q8_0_fused")
-    staged = kernels.function("q8_0.cu", "matmul_q8_0_staged")
     for name, O, K, G in Q8_SHAPES:
         Kg = K // G
         W0 = cp.asarray(quantize_q8_0((rng.standard_normal((O, Kg)) * 0.02).astype(np.float32)))
@@ -112,9 +110,6 @@ def run(variant: str = "q2", iters: int = 200) -> dict:
                            mm(grid, (256,), (W.next(), xq, xd, y) + args)))
         timed(" fused", lambda: fused(grid, (256,), (W.next(), x, y) + args, shared_mem=Kg + Kg // 8))
         timed(" matmul only", lambda: mm(grid, (256,), (W.next(), xq, xd, y) + args))
-        if kernels.q8_staged_fits(Kg, *W.copies):
-            timed(" staged, matmul only", lambda: staged(grid, (256,), (W.next(), xq, xd, y) + args,
-                                                         shared_mem=kernels.q8_stage_smem()))
     cfg = C.preset("flash", variant)
     gate_t, down_t = (QT.IQ2_XXS, QT.Q2_K) if variant == "q2" else (QT.Q4_K, QT.Q4_K)
     E, F, D, A = cfg.n_expert, cfg.expert_ff, cfg.n_embd, cfg.n_expert_used
@@ -134,19 +129,16 @@ def run(variant: str = "q2", iters: int = 200) -> dict:
     from .moe_gpu import q8k_quantize
     n_gu, n_down = A * 2 * F * row_bytes(gate_t, D), A * D * row_bytes(down_t, F)
     need = n_gu + n_down
-    for kind in KERNEL_CHOICES["DS4BENCH_MOE_KERNEL"]:
-        moe.variant = kind
-        tail = "" if kind == "warp" else f", {kind}"
-        xq = q8k_quantize(x)
-        mq = q8k_quantize(moe.gate_up(0, *xq, next(sels32), w))
-        for label, nbytes, fn in (
-                (f"moe {variant}: {A} experts gate/up+down (Q8_K quantize included)", need,
-                 lambda: moe(0, x, next(sels), w)),
-                (f"moe {variant}: gate/up only", n_gu, lambda: moe.gate_up(0, *xq, next(sels32), w)),
-                (f"moe {variant}: down only", n_down, lambda: moe.down(0, *mq, next(sels32)))):
-            t, eager = _time(cp, fn, iters)
-            rows.append({"kernel": label + tail, "bytes": int(nbytes), "us": t * 1e6, "gbs": nbytes / t / 1e9,
-                         "pct_ceiling": 100 * nbytes / t / ceiling, "eager_us": eager * 1e6})
+    xq = q8k_quantize(x)
+    mq = q8k_quantize(moe.gate_up(0, *xq, next(sels32), w))
+    for label, nbytes, fn in (
+            (f"moe {variant}: {A} experts gate/up+down (Q8_K quantize included)", need,
+             lambda: moe(0, x, next(sels), w)),
+            (f"moe {variant}: gate/up only", n_gu, lambda: moe.gate_up(0, *xq, next(sels32), w)),
+            (f"moe {variant}: down only", n_down, lambda: moe.down(0, *mq, next(sels32)))):
+        t, eager = _time(cp, fn, iters)
+        rows.append({"kernel": label, "bytes": int(nbytes), "us": t * 1e6, "gbs": nbytes / t / 1e9,
+                     "pct_ceiling": 100 * nbytes / t / ceiling, "eager_us": eager * 1e6})
     return {"device": device_facts(), "copy_ceiling_gbs": ceiling / 1e9, "variant": variant, "rows": rows}
 
 

@@ -261,8 +261,8 @@ def test_generate_cli_rejects_unknown_mode(capsys):
 
 @pytest.mark.parametrize("var,value,msg", [
     ("DS4BENCH_UNFUSED", "fast_norm", "DS4BENCH_UNFUSED: unknown fast_norm"),
-    ("DS4BENCH_Q8_KERNEL", "stagged", "DS4BENCH_Q8_KERNEL: unknown 'stagged'; choose from warp, staged"),
-    ("DS4BENCH_MOE_KERNEL", "fast", "DS4BENCH_MOE_KERNEL: unknown 'fast'; choose from warp, split"),
+    ("DS4BENCH_Q8_KERNEL", "staged", "DS4BENCH_Q8_KERNEL: unknown 'staged'; choose from warp"),
+    ("DS4BENCH_MOE_KERNEL", "split", "DS4BENCH_MOE_KERNEL: unknown 'split'; choose from warp"),
     ("DS4BENCH_ATTN_KERNEL", "inplace", "DS4BENCH_ATTN_KERNEL: unknown 'inplace'; choose from concat, ring"),
     ("DS4BENCH_DECODE_GRAPH", "1", "DS4BENCH_DECODE_GRAPH: unknown '1'; choose from off, on"),
     ("DS4BENCH_CACHE_MB", "abc", "DS4BENCH_CACHE_MB: 'abc' is not a whole number of MiB"),

@@ -136,7 +136,7 @@ def test_matmul_f16w(O, K, N, groups, kernel):
                           for g in range(groups)], axis=1)
     y = poisoned((N, O))
     grid = (O if kernel.endswith("splitk") else -(-O // 8), -(-N // 8))
-    kernels.function("q8_0.cu", kernel)(grid, (256,), (
+    kernels.function("f16w.cu", kernel)(grid, (256,), (
         cp.asarray(w), cp.asarray(x), y, np.int32(O), np.int32(Kg), np.int32(N), np.int32(Og), np.int32(K)))
     assert nmse(y.get(), ref) < 1e-12
 
@@ -450,9 +450,8 @@ def test_swiglu_kernel_matches_reference():
                                           (1030, 4352, 3, 1)])
 def test_q8_matmul_variants_equal_two_launches(O, K, N, groups):
     """matmul_q8_0_fused (quantization in shared memory) gives matmul_q8_0's bits after
-    quantize_q8_0, for decode and token tiles, plain and grouped; so does matmul_q8_0_staged
-    (16-byte loads through shared memory) where K allows it, a partial last chunk included
-    (K = 4352: 136 blocks, a chunk of 128 then 8) and rows past O in the last block (1030)."""
+    quantize_q8_0, for decode and token tiles, plain and grouped, rows past O in the last block
+    (1030) included."""
     Kg = K // groups
     W = cp.asarray(F.quantize_q8_0((RNG.standard_normal((O, Kg)) * 0.02).astype(np.float32)))
     x = cp.asarray((RNG.standard_normal((N, K)) * RNG.uniform(0.1, 5, (N, 1))).astype(np.float32))
@@ -465,27 +464,19 @@ def test_q8_matmul_variants_equal_two_launches(O, K, N, groups):
     kernels.function("q8_0.cu", "matmul_q8_0_fused")(grid, (256,), (W, x, one) + args,
                                                      shared_mem=min(N, 8) * (Kg + Kg // 8))
     np.testing.assert_array_equal(one.get(), two.get())
-    if Kg % 256 == 0:
-        staged = poisoned((N, O))
-        kernels.function("q8_0.cu", "matmul_q8_0_staged")(grid, (256,), (W, xq, xd, staged) + args,
-                                                          shared_mem=kernels.q8_stage_smem())
-        np.testing.assert_array_equal(staged.get(), two.get())
 
 
 def test_kernel_bench_times_every_q8_variant():
     """bench-kernels (few iterations): each Q8_0 shape timed as two launches, fused and matmul
-    alone, the staged matmul where K allows it, and the MoE kernels; positive finite times."""
+    alone, and the MoE kernels; positive finite times."""
     from ds4bench import kbench
     res = kbench.run("q2", iters=3)
     names = [r["kernel"] for r in res["rows"]]
-    for name, O, K, G in kbench.Q8_SHAPES:                  # every Flash shape has K % 256 == 0
+    for name, O, K, G in kbench.Q8_SHAPES:
         label = f"q8_0 {name} [{O}x{K // G}]" + (f" x{G} groups" if G > 1 else "")
-        assert {n[len(label):] for n in names if n.startswith(label)} == {
-            "", " fused", " matmul only", " staged, matmul only"}, label
+        assert {n[len(label):] for n in names if n.startswith(label)} == {"", " fused", " matmul only"}, label
     assert [n for n in names if n.startswith("moe q2")] == [
-        "moe q2: 6 experts gate/up+down (Q8_K quantize included)", "moe q2: gate/up only", "moe q2: down only",
-        "moe q2: 6 experts gate/up+down (Q8_K quantize included), split", "moe q2: gate/up only, split",
-        "moe q2: down only, split"]
+        "moe q2: 6 experts gate/up+down (Q8_K quantize included)", "moe q2: gate/up only", "moe q2: down only"]
     assert all(np.isfinite(r[k]) and r[k] > 0 for r in res["rows"] for k in ("us", "eager_us"))
 
 
@@ -539,18 +530,6 @@ def test_fused_kernels_match_the_array_code(cache):
     fused kernels: a perf toggle, so the same answer within the mode's tolerance."""
     fused = _run("cupy", cache)
     _agree(cache, _run("cupy", cache, unfused={"all"}), fused)
-
-
-def test_staged_q8_kernel_changes_no_bit(monkeypatch):
-    """DS4BENCH_Q8_KERNEL=staged (16-byte loads) against the default Q8_0 matmul, both as two
-    launches (DS4BENCH_UNFUSED=q8quant): the same kernel arithmetic, so the same bits."""
-    base = _run("cupy", "q8", unfused={"q8quant"})
-    launched, real = [], kernels.function
-    monkeypatch.setattr(kernels, "function", lambda f, name, *rest: (launched.append(name), real(f, name, *rest))[1])
-    got = _run("cupy", "q8", unfused={"q8quant"}, q8_kernel="staged")
-    assert "matmul_q8_0_staged" in launched                  # tiny's K = 256 projections qualify
-    for b, g in zip(base.fingerprints, got.fingerprints):
-        assert b.tokens == g.tokens and b.topk_logprobs == g.topk_logprobs
 
 
 def _long_logits(**opts):

@@ -127,36 +127,6 @@ def test_experts_match_reference(cp, tiny, N):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["q2", "q4"])
-@pytest.mark.parametrize("A,N", [(6, 1), (6, 37), (3, 5), (2, 9)])
-def test_split_variant_gives_the_same_bits(cp, moe, variant, A, N):
-    """DS4BENCH_MOE_KERNEL=split (gate/up four blocks at a time, down with a warp per row and
-    expert) against the default kernels: the same arithmetic, so the same bits, NaN rows included
-    (a bad expert id in the last token's second slot). Shapes that reach every path: D = 1280 is
-    five 256-blocks (a partial group of four), F = 512 two, and A = 3 and 2 put 2 and 4 rows in
-    a CTA of the split down kernel."""
-    cfg = dataclasses.replace(C.preset("tiny", variant), n_embd=1280, expert_ff=512, n_expert=12,
-                              n_expert_used=A)
-    gate_t, down_t = (QT.IQ2_XXS, QT.Q2_K) if variant == "q2" else (QT.Q4_K, QT.Q4_K)
-    rng = np.random.default_rng(300 + 10 * A + N)
-    E, Fd, D = cfg.n_expert, cfg.expert_ff, cfg.n_embd
-    tens = {f"blk.0.ffn_{nm}_exps.weight": (qt, cp.asarray(F.random_blocks(qt, shape, rng, 0.02)).reshape(-1))
-            for nm, qt, shape in (("gate", gate_t, (E, Fd, D)), ("up", gate_t, (E, Fd, D)),
-                                  ("down", down_t, (E, D, Fd)))}
-    gpu = moe.GpuExperts(cfg, tens)
-    gpu.poison = True
-    x = (2.0 * rng.standard_normal((N, D))).astype(np.float32)
-    sel, w = route(rng, N, A, E)
-    sel[-1, min(1, A - 1)] = E
-    out = {}
-    for kind in ("warp", "split"):
-        gpu.variant = kind
-        out[kind] = cp.asnumpy(gpu(0, cp.asarray(x), cp.asarray(sel), cp.asarray(w)))
-    assert np.isnan(out["warp"][-1]).all() and np.isfinite(out["warp"][:-1]).all()
-    np.testing.assert_array_equal(out["split"], out["warp"])
-
-
-@pytest.mark.gpu
 def test_gate_up_mid_matches_int_matmul(cp, moe, tiny):
     """The first kernel alone: mid against int_matmul and the reference's epilogue."""
     ops, gpu = tiny

@@ -90,7 +90,7 @@ def test_excludes_and_an_added_baseline():
     ({"colour": "red"}, "unknown key"),
     ({"exclude": [{"color": "q8"}]}, "not axes"),
     ({"batch": ["x"]}, "list of int"),
-    ({"env": {"DS4BENCH_MOE_KERNEL": "fast"}}, r"\[env\] DS4BENCH_MOE_KERNEL: unknown 'fast'; choose from warp, split"),
+    ({"env": {"DS4BENCH_MOE_KERNEL": "split"}}, r"\[env\] DS4BENCH_MOE_KERNEL: unknown 'split'; choose from warp"),
     ({"env": {"DS4BENCH_MOE_KERNELS": "split"}}, r"\[env\] DS4BENCH_MOE_KERNELS is not an engine toggle"),
     ({"seed": -1}, "seed must be at least 0"),
     ({"pass_stat": "mean"}, "pass_stat must be one of median, best, found 'mean'"),

@@ -99,6 +99,17 @@ def test_compare_joins_runs_that_differ_in_a_toggle_and_says_so():
     assert 'environments differ: A {} ; B {"DS4BENCH_UNFUSED": "all"}'.replace(" ;", ";") in md
 
 
+def test_records_naming_a_removed_kernel_variant_still_show_and_compare(tmp_path):
+    """A toggle value the engine no longer has (DS4BENCH_Q8_KERNEL=staged, DS4BENCH_MOE_KERNEL=split)
+    is a plain string in an old record: its run still loads, prints and compares."""
+    old = rec("a", env={"DS4BENCH_Q8_KERNEL": "staged", "DS4BENCH_MOE_KERNEL": "split"})
+    run = make_run(tmp_path, cells=("a",))
+    run.append(old)
+    got = run.records()
+    assert got[0]["env"] == old["env"] and "identical" in S.markdown_table(got)
+    assert len(S.compare([rec("a", env={})], got)["speed"]) == 1
+
+
 def test_compare_refuses_runs_with_no_cell_in_common():
     """Nothing joined is a mistake (another preset, token count, ...), not 'no change'."""
     with pytest.raises(ValueError, match="no cell in common .* differ in n_gen 32 vs 8"):
