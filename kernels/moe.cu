@@ -1,6 +1,6 @@
 // Routed experts (ds4-spec 3.3 step 15): Q8_K activation quantizer, gate/up + clamped SwiGLU,
 // down projection summed over the A selected experts. The NumPy reference is
-// ds4bench/ops_ref.py `RefOps.experts` with formats.quantize_act_q8_k and formats.int_matmul.
+// ds4bench/engine/ops_ref.py `RefOps.experts` with formats.quantize_act_q8_k and formats.int_matmul.
 //
 // Integer-dot semantics (formats.int_matmul), per 256-element block b of a weight row:
 //   S = Σ_sub sc·Σ q_w·q_x,  M = Σ_sub m·bsum_sub   (exact int32)
@@ -49,7 +49,7 @@ __device__ __forceinline__ double block_term(int S, int M, float dw, float dmin,
 // from x8, the lane's 8 activations; M over the sub-blocks it owns the min of), and scales, the
 // block's d and dmin.
 
-// Injected faults (ds4bench/faults.py; the NumPy twins in ops_ref.RefOps): iq2-sign drops the
+// Injected faults (ds4bench/engine/faults.py; the NumPy twins in ops_ref.RefOps): iq2-sign drops the
 // eighth (parity) sign of each group of 8; q2k-dmin reads a Q2_K block's dmin from d's bytes.
 #ifdef DS4_FAULT_IQ2_SIGN
 #define IQ2_SIGNS(s) ((s) & 127)

@@ -53,7 +53,7 @@ __device__ __forceinline__ void q8_row_tile(const unsigned char* __restrict__ ro
         int wq[8];
         double dw = (double)q8_block_words(row + b * Q8_BLOCK_BYTES, wq);
         int bx = b;                                  // the activation block read (faults.py: q8-act-block)
-        // Injected faults (ds4bench/faults.py; the NumPy twins in ops_ref.RefOps). b is the block
+        // Injected faults (ds4bench/engine/faults.py; the NumPy twins in ops_ref.RefOps). b is the block
         // index within the row's K.
 #ifdef DS4_FAULT_Q8_SCALE_SUBSET
         if (b % 4 == 3) { int unused[8]; dw = (double)q8_block_words(row + (b - 1) * Q8_BLOCK_BYTES, unused); }

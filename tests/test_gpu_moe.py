@@ -1,4 +1,4 @@
-"""Routed experts on the GPU (kernels/moe.cu through ds4bench.moe_gpu) against the NumPy reference.
+"""Routed experts on the GPU (kernels/moe.cu through ds4bench.engine.moe_gpu) against the NumPy reference.
 
 Every GPU test runs on fresh random inputs with outputs and scratch poisoned (0xFF bytes: NaN
 floats, −1 integers) so unwritten elements show. Thresholds:
@@ -22,12 +22,12 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
 
-from ds4bench import config as C
-from ds4bench import formats as F
-from ds4bench.gguf_io import ModelFile, Tensor, TensorSpec
-from ds4bench.kernels import KERNEL_DIR
-from ds4bench.ops_ref import RefOps
-from ds4bench.synth import make_model
+from ds4bench.engine import config as C
+from ds4bench.engine import formats as F
+from ds4bench.engine.gguf_io import ModelFile, Tensor, TensorSpec
+from ds4bench.engine.kernels import KERNEL_DIR
+from ds4bench.engine.ops_ref import RefOps
+from ds4bench.engine.synth import make_model
 
 MOE_CU = os.path.join(KERNEL_DIR, "moe.cu")
 NMSE_MID, NMSE_OUT, NORM_REL = 1e-12, 1e-8, 1e-5
@@ -47,7 +47,7 @@ def cp():
 
 @pytest.fixture(scope="module")
 def moe(cp):
-    from ds4bench import moe_gpu
+    from ds4bench.engine import moe_gpu
     return moe_gpu
 
 

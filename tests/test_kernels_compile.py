@@ -11,8 +11,8 @@ import subprocess
 import numpy as np
 import pytest
 
-from ds4bench import kernels
-from ds4bench.kernels import KERNEL_DIR, kernel_files
+from ds4bench.engine import kernels
+from ds4bench.engine.kernels import KERNEL_DIR, kernel_files
 
 NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
 
@@ -53,11 +53,11 @@ def test_gpu_ops_define_every_fusable_hook_with_the_models_arity():
     model.FUSABLE names, taking the arguments DS4Model passes (checked without a GPU)."""
     import ast
 
-    from ds4bench import model as M
+    from ds4bench.engine import model as M
     passed = {"hc_weights": 3, "hc_collapse": 2, "hc_expand": 4, "rms_norm": 3, "rope": 4, "attend": 4,
               "attend_ring": 9, "route": 3, "pool_windows": 9, "indexer_scores": 3, "swiglu_clamped": 3}
     assert {m for ms in M.FUSABLE.values() for m in ms} == set(passed)
-    src = open(os.path.join(os.path.dirname(KERNEL_DIR), "ds4bench", "ops_gpu.py")).read()
+    src = open(os.path.join(os.path.dirname(KERNEL_DIR), "ds4bench", "engine", "ops_gpu.py")).read()
     cls = next(n for n in ast.parse(src).body if isinstance(n, ast.ClassDef) and n.name == "GpuOps")
     methods = {f.name: f for f in cls.body if isinstance(f, ast.FunctionDef)}
     for name, n in passed.items():
@@ -68,7 +68,7 @@ def test_gpu_ops_define_every_fusable_hook_with_the_models_arity():
 
 
 def test_kernel_bench_rotates_weights_past_the_l2_cache():
-    from ds4bench.kbench import _Rotating
+    from ds4bench.harness.kbench import _Rotating
     w = np.zeros(4_456_448, np.uint8)                   # attn_q_a's Q8_0 bytes
     rot = _Rotating(w)
     assert sum(c.nbytes for c in rot.copies) >= _Rotating.ROTATE_BYTES
@@ -78,7 +78,7 @@ def test_kernel_bench_rotates_weights_past_the_l2_cache():
 
 
 def test_kernel_variant_toggles():
-    from ds4bench.options import ENGINE_ENV, KERNEL_CHOICES, EngineOptions, choice
+    from ds4bench.engine.options import ENGINE_ENV, KERNEL_CHOICES, EngineOptions, choice
     assert choice("DS4BENCH_Q8_KERNEL", None) == "warp"
     assert choice("DS4BENCH_Q8_KERNEL", " warp ") == "warp"
     assert choice("DS4BENCH_MOE_KERNEL", "") == "warp"

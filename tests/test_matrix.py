@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from ds4bench import cell as C
-from ds4bench import matrix as M
+from ds4bench.harness import cell as C
+from ds4bench.harness import matrix as M
 from ds4bench.cli import main
-from ds4bench.record import NOT_MEASURED
-from ds4bench.results import RunDir
+from ds4bench.harness.record import NOT_MEASURED
+from ds4bench.harness.results import RunDir
 
 REPO = Path(__file__).resolve().parent.parent
 # Two short chat prompts keep a cell at about a second of engine time on two cores.

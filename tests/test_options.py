@@ -1,4 +1,4 @@
-"""EngineOptions and the one module that reads the environment (ds4bench/options.py)."""
+"""EngineOptions and the one module that reads the environment (ds4bench/engine/options.py)."""
 from __future__ import annotations
 
 import ast
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ds4bench.options import ENGINE_ENV, VARS, EngineOptions, check_engine_env, get, toggles_in_effect
+from ds4bench.engine.options import ENGINE_ENV, VARS, EngineOptions, check_engine_env, get, toggles_in_effect
 
 PKG = Path(__file__).resolve().parent.parent / "ds4bench"
 
@@ -71,9 +71,9 @@ def test_both_engines_meet_the_seam():
     fused kernels runs the model's array code (the base class's None), and one missing a
     required method says which."""
     import numpy as np
-    from ds4bench.engine_api import InferenceEngine, Ops
-    from ds4bench.generate import Engine
-    from ds4bench.ops_ref import RefOps
+    from ds4bench.engine.engine_api import InferenceEngine, Ops
+    from ds4bench.engine.generate import Engine
+    from ds4bench.engine.ops_ref import RefOps
     from .engine_util import tiny_model
     eng = Engine(tiny_model(), mode="q8", ctx=32)
     assert isinstance(eng, InferenceEngine) and isinstance(eng.ops, Ops) and isinstance(eng.ops, RefOps)

@@ -12,8 +12,8 @@ import re
 def _kernel_dir() -> str:
     """kernels/ of a source checkout (and of an editable install), else the copy an installed
     wheel carries as ds4bench/kernel_src (pyproject.toml)."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    candidates = (os.path.join(os.path.dirname(here), "kernels"), os.path.join(here, "kernel_src"))
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))        # ds4bench/
+    candidates = (os.path.join(os.path.dirname(package), "kernels"), os.path.join(package, "kernel_src"))
     return next((d for d in candidates if os.path.isfile(os.path.join(d, "common.cuh"))), candidates[0])
 
 
