@@ -25,12 +25,13 @@ default all; benchmarks/asv_range.sh: tiny, device) limit them to the cells they
 starts no process for the others). DS4BENCH_ASV_SKIP leaves cells out altogether (e.g.
 flash-4l:host); DS4BENCH_ASV_LOG names a file that gets each setup_cache cell's outcome and time.
 
-A cell is built and measured by ds4bench.cell (prepare, prime, measure: the code a matrix cell
-runs, so the environment's engine toggles apply here too); at a commit before that module the
-engine API every benchmarked commit shares is used instead (cli.load_model, generate.Engine,
-generate.generate). synth.write_model, prompts.load_prompts and verdict.compare_prompt serve
-both; the prompts come from this checkout's benchmarks/prompts, since an installed package has
-none.
+A cell is built and measured by the harness's cell module (prepare, prime, measure: the code a
+matrix cell runs, so the environment's engine toggles apply here too); at a commit before that
+module the engine API every benchmarked commit shares is used instead (cli.load_model,
+generate.Engine, generate.generate). synth.write_model, prompts.load_prompts and
+verdict.compare_prompt serve both; the prompts come from this checkout's benchmarks/prompts,
+since an installed package has none. Modules are imported through `_ds4`: from ds4bench/engine/
+and ds4bench/harness/, or from the flat package of the commits before those folders.
 """
 from __future__ import annotations
 
@@ -70,6 +71,37 @@ TIME_PLACEMENTS = _axis("DS4BENCH_ASV_TIME_PLACEMENTS", ",".join(PLACEMENTS))
 SKIP = [tuple(v.split(":")) for v in _axis("DS4BENCH_ASV_SKIP", "")]
 
 
+# The subpackage of each module this suite imports (commits before the grouping have them flat).
+_PACKAGE = {"config": "engine", "formats": "engine", "generate": "engine", "gguf_io": "engine", "ops_gpu": "engine",
+            "prompts": "engine", "synth": "engine", "tokenizer": "engine",
+            "cell": "harness", "rounds": "harness", "verdict": "harness"}
+
+
+def _ds4(name: str):
+    """ds4bench's module `name`: ds4bench.<engine|harness>.<name>, or ds4bench.<name> at a commit
+    before the package was grouped. ModuleNotFoundError when the commit has neither; an import
+    error inside the module itself is raised as it is."""
+    import importlib
+    grouped = f"ds4bench.{_PACKAGE[name]}"
+    try:
+        return importlib.import_module(f"{grouped}.{name}")
+    except ModuleNotFoundError as e:
+        if e.name not in (grouped, f"{grouped}.{name}"):
+            raise
+    return importlib.import_module(f"ds4bench.{name}")
+
+
+def _has(name: str) -> bool:
+    """Whether this commit's ds4bench has module `name` (grouped or flat), without importing it."""
+    for full in (f"ds4bench.{_PACKAGE[name]}.{name}", f"ds4bench.{name}"):
+        try:
+            if importlib.util.find_spec(full) is not None:
+                return True
+        except ModuleNotFoundError:                  # the commit has no such subpackage
+            pass
+    return False
+
+
 def _skipped(key: tuple) -> str | None:
     vals = {str(v) for v in key}
     hit = next((pat for pat in SKIP if set(pat) <= vals), None)
@@ -83,8 +115,8 @@ def _backend(placement: str) -> str:
         return "numpy"
     if placement not in GPU_PLACEMENTS:
         raise NotImplementedError(f"placement {placement!r}: choose cpu or one of {', '.join(GPU_PLACEMENTS)}")
-    if importlib.util.find_spec("cupy") is None or importlib.util.find_spec("ds4bench.ops_gpu") is None:
-        raise NotImplementedError(f"placement {placement} needs CuPy and ds4bench.ops_gpu")
+    if importlib.util.find_spec("cupy") is None or not _has("ops_gpu"):
+        raise NotImplementedError(f"placement {placement} needs CuPy and ds4bench's ops_gpu")
     import cupy
     try:
         if cupy.cuda.runtime.getDeviceCount() < 1:
@@ -99,17 +131,18 @@ def _model_dir() -> Path:
     commit's file is reused by every commit whose writer and reader are the same."""
     import ds4bench
     pkg = Path(ds4bench.__file__).resolve().parent
+    engine = pkg / "engine" if (pkg / "engine").is_dir() else pkg          # flat before the grouping
     h = hashlib.sha256()
     for name in ("config.py", "synth.py", "gguf_io.py", "formats.py"):
-        p = pkg / name
+        p = engine / name
         h.update(p.read_bytes() if p.is_file() else b"")
     root = Path(os.environ.get("DS4BENCH_MODEL_CACHE") or Path.home() / ".cache" / "ds4bench" / "models")
     return root / f"asv-{h.hexdigest()[:16]}"
 
 
 def _write_models() -> dict[str, str]:
-    from ds4bench import config as C
-    from ds4bench.synth import write_model
+    C = _ds4("config")
+    write_model = _ds4("synth").write_model
     out = {}
     for preset in PRESETS:
         cfg = C.preset(preset)
@@ -124,16 +157,15 @@ def _write_models() -> dict[str, str]:
 
 
 def _cell_module():
-    """ds4bench.cell (the one way a cell is built and measured), or None at a commit before it."""
+    """The cell module (the one way a cell is built and measured), or None at a commit before it."""
     try:
-        import ds4bench.cell as cell
+        return _ds4("cell")
     except ImportError:
         return None
-    return cell
 
 
 def _params(model_file: str, preset: str, cache: str, backend: str, placement: str, batch: int, ctx: int) -> dict:
-    """The cell's parameters as the matrix gives them to ds4bench.cell."""
+    """The cell's parameters as the matrix gives them to the cell module."""
     return {"model_file": model_file, "preset": preset, "variant": None, "seed": 0, "prompt_set": str(PROMPTS),
             "n_gen": N_GEN, "ctx": ctx, "cache": cache, "backend": backend,
             "placement": placement if backend == "cupy" else None, "batch": batch, "chunk": 512, "reps": 1,
@@ -141,7 +173,7 @@ def _params(model_file: str, preset: str, cache: str, backend: str, placement: s
 
 
 class _Loaded:
-    """One cell's model, tokenized prompts and engine: built by ds4bench.cell.prepare (the
+    """One cell's model, tokenized prompts and engine: built by the cell module's prepare (the
     environment's engine toggles apply, as in a matrix cell), or at a commit before it by the
     engine API every commit shares."""
 
@@ -157,9 +189,9 @@ class _Loaded:
             self.model, self.prompts, self.engine, self.ctx = prep.model, prep.prompts, prep.engine, prep.options.ctx
             return
         from ds4bench.cli import load_model
-        from ds4bench.generate import Engine
-        from ds4bench.prompts import load_prompts
-        from ds4bench.tokenizer import Tokenizer
+        Engine = _ds4("generate").Engine
+        load_prompts = _ds4("prompts").load_prompts
+        Tokenizer = _ds4("tokenizer").Tokenizer
         self.model = load_model(models[preset], preset)
         tok = Tokenizer.from_gguf_metadata(self.model.metadata)
         self.prompts = [(p.id, tok.chat(p.text)) for p in load_prompts(str(PROMPTS))]
@@ -173,23 +205,22 @@ class _Loaded:
         if cell is not None:
             cell.prime(self.engine, self.prompts)
             return
-        from ds4bench.generate import generate
+        generate = _ds4("generate").generate
         pid, ids = self.prompts[0]
         generate(self.engine, [(pid, ids[:8])], 2)
     def settle(self) -> None:
-        """Warm up as the matrix does (ds4bench.rounds.warm_up: passes of the first prompt until
-        the decode step settles, with a time cap); a commit before that rule gets asv's warm-up."""
+        """Warm up as the matrix does (rounds.warm_up: passes of the first prompt until the
+        decode step settles, with a time cap); a commit before that rule gets asv's warm-up."""
         try:
-            from ds4bench.rounds import warm_up
-        except ImportError:
+            warm_up = _ds4("rounds").warm_up
+        except (ImportError, AttributeError):
             return
-        from ds4bench.generate import generate
+        generate = _ds4("generate").generate
         n = max(1, min(16, self.ctx - len(self.prompts[0][1])))         # Prefill's engine has no room to decode
         warm_up(lambda: generate(self.engine, self.prompts[:1], n).timing)
 
     def generate(self):
-        from ds4bench.generate import generate
-        return generate(self.engine, self.prompts, N_GEN)
+        return _ds4("generate").generate(self.engine, self.prompts, N_GEN)
 
 
 def _steps(fps) -> dict:
@@ -219,7 +250,7 @@ def _release() -> None:
 
 def _measure(models: dict, preset: str, cache: str, placement: str, batch: int) -> dict:
     """One cell, once: a greedy generation of the smoke prompts (its fingerprints and decode
-    tokens/s) and the device pool's high-water mark; by ds4bench.cell.measure (prime pass,
+    tokens/s) and the device pool's high-water mark; by the cell module's measure (prime pass,
     warm-up until the step settles, one timed pass), or at a commit before it as it did then."""
     _release()            # blocks the previous cell freed late (its results outlive its finally)
     cell = _cell_module()
@@ -250,8 +281,8 @@ def _judge(cells: dict) -> None:
     """First divergence and max |Δlogprob| of every measured cell against its baseline: f32,
     batch 1, the same preset and backend (device placement on a GPU)."""
     try:
-        from ds4bench.verdict import compare_prompt
-    except ImportError:
+        compare_prompt = _ds4("verdict").compare_prompt
+    except (ImportError, AttributeError):
         for c in cells.values():
             c["no_baseline"] = "this commit has no verdict.compare_prompt"
         return
@@ -368,7 +399,7 @@ class DecodeStep(_TimedCells):
 
     def setup(self, cached, preset, cache, placement, batch):
         import numpy as np
-        from ds4bench.generate import greedy
+        greedy = _ds4("generate").greedy
         self.cell = _timed_cell(cached, preset, cache, placement, batch, 256)
         self.cell.settle()
         eng = self.cell.engine

@@ -16,8 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ds4bench.results import DEFAULT_ROOT, RunDir  # noqa: E402
-from ds4bench.verdict import judge_prompt, load_fingerprints  # noqa: E402
+from ds4bench.harness.results import DEFAULT_ROOT, RunDir  # noqa: E402
+from ds4bench.harness.verdict import judge_prompt, load_fingerprints  # noqa: E402
 
 
 def _cells(run: RunDir) -> list[dict]:

@@ -13,8 +13,8 @@ import argparse
 
 import numpy as np
 
-from ds4bench import config
-from ds4bench import model as M
+from ds4bench.engine import config
+from ds4bench.engine import model as M
 
 F32 = np.float32
 CHECKPOINTS = [1, 127, 4095, 65535, 1_000_000]
@@ -170,7 +170,7 @@ def attention_rows(rng, n_rows):
 def indexer_f16_rows(rng, n_rows):
     """ds4 stores compressed indexer rows through kv_cache_push_comp (F16); the reference keeps
     them as the FP4 round trip left them."""
-    from ds4bench import formats as F
+    from ds4bench.engine import formats as F
     x = rng.standard_normal((n_rows, 128)).astype(np.float32) * rng.uniform(0.01, 30, (n_rows, 1)).astype(np.float32)
     r = F.fp4_e2m1_roundtrip(F.hadamard(x))
     h = F.round_f16(r)

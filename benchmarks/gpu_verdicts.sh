@@ -27,7 +27,7 @@ for seed in ${SEEDS:-0}; do
 done
 summary=$(python3 - "${runs[@]}" <<'PY'
 import json, sys
-from ds4bench import probe as P
+from ds4bench.harness import probe as P
 broken = 0
 for run in sys.argv[1:]:
     print(f"## {run}")

@@ -15,8 +15,8 @@ import time
 
 import numpy as np
 
-from ds4bench.models import load_model
-from ds4bench.generate import Engine, greedy
+from ds4bench.engine.models import load_model
+from ds4bench.engine.generate import Engine, greedy
 
 
 def steps(eng, tok, n):

@@ -19,13 +19,13 @@ def main() -> None:
     import cupy as cp
     from gguf import GGMLQuantizationType as QT
 
-    from ds4bench import config as C
-    from ds4bench import kernels
-    from ds4bench.formats import quantize_q8_0, random_blocks
+    from ds4bench.engine import config as C
+    from ds4bench.engine import kernels
+    from ds4bench.engine.formats import quantize_q8_0, random_blocks
     rng = np.random.default_rng(0)
     cfg = C.preset("flash")
     if a.kernel == "moe":
-        from ds4bench.moe_gpu import GpuExperts
+        from ds4bench.engine.moe_gpu import GpuExperts
         E, F, D, A = cfg.n_expert, cfg.expert_ff, cfg.n_embd, cfg.n_expert_used
         tens = {f"blk.0.ffn_{nm}_exps.weight": (qt, cp.asarray(random_blocks(qt, shape, rng, 0.02)))
                 for nm, qt, shape in (("gate", QT.IQ2_XXS, (E, F, D)), ("up", QT.IQ2_XXS, (E, F, D)),
@@ -45,7 +45,7 @@ def main() -> None:
         run = lambda: mm(((O + 7) // 8, 1), (256,), (W, xq, xd, y, np.int32(O), np.int32(K), np.int32(1),
                                                       np.int32(O), np.int32(K)))
     else:
-        from ds4bench.ops_gpu import GpuOps
+        from ds4bench.engine.ops_gpu import GpuOps
         ops = GpuOps.__new__(GpuOps)
         ops.cfg, ops._freq, ops._pos, ops.attn_kernel = cfg, {}, {}, "ring"
         H, K, W, Cs = cfg.n_head, cfg.head_dim, cfg.sliding_window, 1025

@@ -22,7 +22,7 @@ import numpy as np
 
 def aa(runs: list[str], out: str, alpha: float = 0.05) -> tuple[list[str], int]:
     from ds4bench.cli_matrix import tree_records      # imported here: asv imports every module in benchmarks/
-    from ds4bench.results import compare
+    from ds4bench.harness.results import compare
     lines = ["## A/A: identical runs compared pairwise", "",
              "| A | B | cell | B/A | interval | p | MDE | change |", "|---|---|---|---|---|---|---|---|"]
     called = 0
@@ -46,7 +46,7 @@ def _row(na, nb, s) -> str:
 
 def sensitivity(run: str, out: str, alpha: float = 0.05) -> tuple[list[str], int]:
     from ds4bench.cli_matrix import tree_records
-    from ds4bench.results import compare
+    from ds4bench.harness.results import compare
     (_, _, _, ra), (_, _, _, rs) = tree_records(f"{run}@A", out), tree_records(f"{run}@S", out)
     base = {r["cell_id"].split("-", 1)[1]: r for r in ra}
     lines = ["## Sensitivity: tree S (DS4BENCH_SLOWDOWN) against tree A, interleaved", "",

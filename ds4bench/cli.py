@@ -10,10 +10,10 @@ import os
 import sys
 import time
 
-from . import config as C
-from .config import check_placement
-from .models import load_model              # noqa: F401  (also the asv suite's entry, at every commit)
-from .options import get as env_get
+from .engine import config as C
+from .engine.config import check_placement
+from .engine.models import load_model              # noqa: F401  (also the asv suite's entry, at every commit)
+from .engine.options import get as env_get
 
 
 class UserError(Exception):
@@ -32,7 +32,7 @@ def model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
 
 # ---- model ---------------------------------------------------------------------------------
 def cmd_model_make(a) -> int:
-    from .synth import auto_workers, write_model
+    from .engine.synth import auto_workers, write_model
     cfg = C.preset(a.preset or "tiny", a.variant)
     if a.workers is not None and a.workers < 1:
         raise UserError(f"--workers must be at least 1, got {a.workers}")
@@ -45,8 +45,8 @@ def cmd_model_make(a) -> int:
 
 
 def cmd_model_info(a) -> int:
-    from .gguf_io import load_gguf
-    from .modelinfo import report
+    from .engine.gguf_io import load_gguf
+    from .engine.modelinfo import report
     if a.file:
         mf = load_gguf(a.file, C.preset(a.preset) if a.preset else None, a.variant)
         print(report(mf.cfg, f"{a.file} ({os.path.getsize(a.file):,} bytes; "
@@ -77,7 +77,7 @@ def engine_args(p: argparse.ArgumentParser) -> None:
 
 def resolve_backend(name: str) -> str:
     """'auto' is cupy when the GPU backend can run here, else numpy."""
-    from .generate import gpu_unavailable_reason
+    from .engine.generate import gpu_unavailable_reason
     if name not in ("numpy", "cupy", "auto"):
         raise UserError(f"unknown backend {name!r}; choose numpy, cupy or auto")
     if name == "numpy":
@@ -90,13 +90,13 @@ def resolve_backend(name: str) -> str:
 
 
 def cmd_generate(a) -> int:
-    from .generate import Engine, generate
-    from .profiling import make_profiler
-    from .tokenizer import Tokenizer
+    from .engine.generate import Engine, generate
+    from .engine.profiling import make_profiler
+    from .engine.tokenizer import Tokenizer
     mf = load_model(a.model, a.preset, a.variant, a.seed)
     tok = Tokenizer.from_gguf_metadata(mf.metadata)
     ids = tok.encode(a.prompt) if a.raw else tok.chat(a.prompt)
-    from .guards import context_needed
+    from .harness.guards import context_needed
     need = context_needed(len(ids), a.n)
     if a.ctx is not None and a.ctx < need:
         raise UserError(f"--ctx {a.ctx} is too small: the prompt is {len(ids)} tokens, + -n {a.n} + 1 = {need}; "
@@ -108,7 +108,7 @@ def cmd_generate(a) -> int:
     if backend == "numpy" and a.placement:
         raise UserError(f"placement {a.placement} needs the GPU backend (no GPU is in use)")
     prof = make_profiler(a.profile, backend)
-    from .options import EngineOptions
+    from .engine.options import EngineOptions
     opts = EngineOptions.from_env(mode=a.cache, backend=backend, batch=a.batch, ctx=ctx, chunk=a.chunk,
                                   placement=a.placement)
     slow = opts.slowdown
@@ -120,7 +120,7 @@ def cmd_generate(a) -> int:
     prime_s = time.perf_counter() - t0
     capture_s = eng.graph.capture_s if eng.graph is not None else 0.0
     if slow is not None:                # the known slowdown is a fraction of the settled step
-        from .rounds import warm_up
+        from .harness.rounds import warm_up
         eng.net.delay.calibrate(warm_up(lambda: generate(eng, [("prompt", ids)], a.n).timing)["step_s"])
     eng.net.prof = prof
     res = generate(eng, [("prompt", ids)], a.n, tok.decode)
@@ -146,7 +146,7 @@ def cmd_generate(a) -> int:
 
 def cmd_bench_kernels(a) -> int:
     resolve_backend("cupy")
-    from .kbench import bench
+    from .harness.kbench import bench
     return bench(a.variant, a.model, a.json)
 
 
@@ -200,11 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .generate import load_plugins
+    from .engine.generate import load_plugins
     ap = build_parser()
     a = ap.parse_args(argv)
     try:
-        from .options import check_engine_env
+        from .engine.options import check_engine_env
         check_engine_env()                      # a mistyped toggle fails here, on a CPU run too
         if (getattr(a, "seed", 0) or 0) < 0:
             raise UserError(f"--seed must be a non-negative integer, got {a.seed}")

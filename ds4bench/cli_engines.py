@@ -1,5 +1,5 @@
 """`ds4bench engines build ds4`: an external engine's binary from a checkout the user gives
-(ds4bench/ds4_build.py)."""
+(ds4bench/harness/ds4_build.py)."""
 from __future__ import annotations
 
 
@@ -27,8 +27,8 @@ def register(sub) -> None:
 def cmd_build_ds4(a) -> int:
     import json
     import sys
-    from .command_engine import BUILD_INFO
-    from .ds4_build import build_ds4
+    from .harness.command_engine import BUILD_INFO
+    from .harness.ds4_build import build_ds4
     binary = build_ds4(a.src, a.out, a.cpu, a.layers, a.arch, a.cublas, a.jobs,
                        say=lambda s: print(s, file=sys.stderr))
     info = json.loads((binary.parent / BUILD_INFO).read_text())

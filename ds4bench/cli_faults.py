@@ -2,7 +2,7 @@
 
     ds4bench faults                          # benchmarks/matrices/faults-tiny.toml (faults-gpu on a GPU)
     ds4bench faults --spec faults-gpu --batch 1,16 --seed 1
-    ds4bench faults --list                   # the catalogue (ds4bench/faults.py) as markdown
+    ds4bench faults --list                   # the catalogue (ds4bench/engine/faults.py) as markdown
 
 A faults spec is an ordinary matrix spec with an env axis over DS4BENCH_FAULT: healthy cells
 (the variable unset) in every mode, and one cell per fault. After the run, `confusion.md` (and
@@ -32,15 +32,15 @@ def register(sub) -> None:
 
 
 def cmd_faults(a) -> int:
-    from . import faults as FL
+    from .engine import faults as FL
     from .cli import UserError
     from .cli_matrix import cmd_matrix
-    from .results import RunDir
+    from .harness.results import RunDir
     if a.list:
         sys.stdout.write(FL.catalogue_md())
         return 0
     if a.spec is None:
-        from .matrix import resolve_backend
+        from .harness.matrix import resolve_backend
         a.spec = "faults-gpu" if resolve_backend(a.backend or "auto")[0] == "cupy" else "faults-tiny"
     cmd_matrix(a)
     run = RunDir.open(str(a.run_path), a.out)
@@ -59,7 +59,7 @@ def cmd_faults(a) -> int:
 
 def confusion(recs: list[dict]) -> dict:
     """Per faulted cell and per healthy cell, what the verdicts made of it."""
-    from .faults import FAULTS
+    from .engine.faults import FAULTS
     faults, healthy = [], []
     for r in recs:
         names = [n for n in (r.get("env") or {}).get(FAULT_VAR, "").split(",") if n.strip()]

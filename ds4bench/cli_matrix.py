@@ -20,9 +20,9 @@ import signal
 import sys
 import time
 
-from . import guards as G
+from .harness import guards as G
 
-from .params import AXES, CELL_PARAMS, SCALARS, option_names
+from .harness.params import AXES, CELL_PARAMS, SCALARS, option_names
 
 # the parameters' options (params.PARAMS): axes take comma lists, scalars one value
 AXIS_OPTS = tuple(p.flag for p in AXES)
@@ -87,7 +87,7 @@ def register(sub) -> None:
 
 def _spec_defaults() -> dict:
     """default.toml's values, for help texts (read, not validated)."""
-    from .matrix import MATRICES_DIR, tomllib
+    from .harness.matrix import MATRICES_DIR, tomllib
     try:
         return tomllib.loads((MATRICES_DIR / "default.toml").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -127,7 +127,7 @@ def _run_args(p, one_cell: bool = False) -> None:
                    help="auto, numpy or cupy (default auto: cupy when usable)")
     p.add_argument("--stages", action="store_true", help="one extra pass per cell with per-stage host times")
     if not one_cell:
-        from .verdict import DEFAULT
+        from .harness.verdict import DEFAULT
         p.add_argument("--tol", type=float, help="override the calibrated limit on a cell's median |Δlogprob| "
                                                  f"(default {DEFAULT.tol:g})")
         p.add_argument("--tie", type=float, help=f"override the calibrated near-tie margin in nats "
@@ -140,7 +140,7 @@ def _run_args(p, one_cell: bool = False) -> None:
 
 # ---- matrix ----------------------------------------------------------------------------------
 def build_spec(a):
-    from . import matrix as M
+    from .harness import matrix as M
     from .cli import UserError
     requested = a.backend
     if a.spec:
@@ -195,7 +195,7 @@ def build_spec(a):
             except ValueError:
                 raise UserError(f"--baseline {a.baseline!r}: batch must be an integer") from None
     if getattr(a, "tree", None):
-        from .trees import parse_trees
+        from .harness.trees import parse_trees
         doc["trees"] = parse_trees(a.tree)
     for te in getattr(a, "tree_env", []):
         label, colon, kv = te.partition(":")
@@ -227,16 +227,16 @@ def _flag(opt: str) -> str:
 
 
 def cmd_matrix(a) -> int:
-    from . import matrix as M
-    from . import verdict as V
+    from .harness import matrix as M
+    from .harness import verdict as V
     from .cli import UserError
-    from .results import RunDir, gate, render
+    from .harness.results import RunDir, gate, render
     nsys = None
     for k, v in (("executor", None), ("workers", 0), ("gpus", None), ("slurm", [])):
         if not hasattr(a, k):               # callers with their own parser (`faults`) run locally
             setattr(a, k, v)
     if a.executor or a.workers or a.gpus or a.slurm:
-        from .executor import ExecutorConfig, parse_gpus, parse_slurm
+        from .harness.executor import ExecutorConfig, parse_gpus, parse_slurm
         ExecutorConfig(a.executor or "local", a.workers, parse_gpus(a.gpus), parse_slurm(a.slurm)).check_available()
     if a.resume:
         given = [_flag(o) for o in AXIS_OPTS + tuple(o for o, _ in SCALAR_OPTS)
@@ -266,14 +266,14 @@ def cmd_matrix(a) -> int:
         spec, backend, why = build_spec(a)
         cells, notes = M.expand(spec, backend, why)
         if spec.trees:
-            from .trees import with_trees
+            from .harness.trees import with_trees
             cells = with_trees(cells, spec.trees, spec.tree_env, say=lambda s: print(s, file=sys.stderr))
         if a.trace_one:
             _check_one_cell(cells)
         th = V.Thresholds(**{**V.DEFAULT.to_dict(), **{k: v for k, v in (("tol", a.tol), ("tie", a.tie)) if v is not None}})
         label = "+".join(dict.fromkeys(c.group for c in cells))
         if any(c.params["trace"] for c in cells):
-            from .nsys import NsysError, find_nsys
+            from .harness.nsys import NsysError, find_nsys
             try:
                 nsys = find_nsys()
             except NsysError as e:
@@ -287,7 +287,7 @@ def cmd_matrix(a) -> int:
         G.check_host_memory(cells)              # before any model file is written
         M.prepare_models(cells, say=lambda s: print(s, file=sys.stderr))
         meta["cells"] = [vars(c) for c in cells]
-        from .rounds import schedule
+        from .harness.rounds import schedule
         meta["schedule"] = schedule(cells, spec.rounds, spec.order, spec.seed)
         run = RunDir.create(a.out, meta, a.id)
         print(f"matrix {spec.source}: {len(cells)} cells, backend {backend} ({why}); run {run.path}", file=sys.stderr)
@@ -305,7 +305,7 @@ def cmd_matrix(a) -> int:
         if execu.kind == "local":
             recs = M.run_matrix(cells, run, th, progress, nsys)
         else:
-            from .executor import run_matrix_jobs
+            from .harness.executor import run_matrix_jobs
             recs = run_matrix_jobs(cells, run, th, execu, progress, nsys, say=lambda s: print(s, file=sys.stderr))
         status = "complete"
     finally:
@@ -326,7 +326,7 @@ def cmd_matrix(a) -> int:
 
 def _executor(a, run):
     """The run's executor: the one given (kept in run.json), else the one it started with."""
-    from .executor import ExecutorConfig, parse_gpus, parse_slurm
+    from .harness.executor import ExecutorConfig, parse_gpus, parse_slurm
     meta = run.meta()
     if a.executor is None and not (a.workers or a.gpus or a.slurm):
         return ExecutorConfig(**meta.get("executor", {}))
@@ -341,7 +341,7 @@ def _executor(a, run):
 def _compare_trees(run, recs) -> None:
     """A --tree run: each later tree's cells against the first tree's (the same call's A/B), printed
     and kept as compare-<A>-<B>.md in the run directory."""
-    from .results import compare, render_compare, write_atomic
+    from .harness.results import compare, render_compare, write_atomic
     trees = list(dict.fromkeys(r["tree"] for r in recs if r.get("tree")))
     for b in trees[1:]:
         res = compare([r for r in recs if r.get("tree") == trees[0]], [r for r in recs if r.get("tree") == b])
@@ -382,7 +382,7 @@ class Progress:
             return
         self.done += 1
         self.ran += 1
-        from .results import row_view
+        from .harness.results import row_view
         v = row_view(rec)
         said = f"round {rec['round'] + 1} measured" if "round" in rec else v["verdict"]     # a round before the last
         line = (f"{cell.key}: {said}" + (f", decode {v['decode_tps']:.1f} tok/s" if v["decode_tps"] else "")
@@ -403,7 +403,7 @@ class Progress:
 
 # ---- show, compare, cell ---------------------------------------------------------------------
 def cmd_show(a) -> int:
-    from .results import RunDir, gate, reasons_md, render
+    from .harness.results import RunDir, gate, reasons_md, render
     run = RunDir.open(a.run, a.out)
     recs = run.records()
     meta = run.meta()
@@ -429,13 +429,13 @@ def cmd_show(a) -> int:
 
 def _print_traces(recs) -> None:
     """The per-range GPU time of traced cells, after the table (markdown output only)."""
-    from .results import trace_md
+    from .harness.results import trace_md
     if any(r.get("trace") for r in recs):
         sys.stdout.write("\nGPU time per range (Nsight Systems):\n\n" + trace_md(recs))
 
 
 def cmd_compare(a) -> int:
-    from .results import compare, render_compare
+    from .harness.results import compare, render_compare
     from .cli import UserError
     sides = [tree_records(name, a.out) for name in (a.run_a, a.run_b)]
     for run, meta, _, recs in sides:
@@ -454,7 +454,7 @@ def cmd_compare(a) -> int:
 
 def tree_records(name: str, out: str) -> tuple:
     """(RunDir, run.json, name, records) of a run, or of one tree's cells with RUN@LABEL."""
-    from .results import RunDir
+    from .harness.results import RunDir
     run, at, label = name.rpartition("@") if "@" in name else (name, "", "")
     r = RunDir.open(run, out)
     meta, recs = r.meta(), r.records()
@@ -468,7 +468,7 @@ def tree_records(name: str, out: str) -> tuple:
 
 
 def cmd_cell(a) -> int:
-    from .cell import run_cell
+    from .harness.cell import run_cell
     try:
         params = json.loads(a.params)
     except json.JSONDecodeError as e:

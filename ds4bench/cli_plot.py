@@ -1,12 +1,12 @@
-"""`ds4bench plot`: PNG figures of matrix runs and of the asv history (ds4bench/plots.py)."""
+"""`ds4bench plot`: PNG figures of matrix runs and of the asv history (ds4bench/views/plots.py)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 
 def cmd_plot(a) -> int:
-    from . import plots
-    from .results import RunDir
+    from .views import plots
+    from .harness.results import RunDir
     if not a.run and not a.asv:
         raise ValueError("nothing to plot: give --run RUN (a matrix run) and/or --asv [DIR] (asv results)")
     for name in a.run or []:
@@ -17,7 +17,7 @@ def cmd_plot(a) -> int:
         for s in skipped:
             print(s)
     if a.asv:
-        from .asvdata import machines
+        from .views.asvdata import machines
         found = machines(a.asv)
         for m in found if a.machine is None and len(found) > 1 else [a.machine]:   # each machine on its own
             path, commits = plots.history(a.asv, Path(a.out) / f"asv-history{'-' + m if m else ''}.png", m)
@@ -26,8 +26,8 @@ def cmd_plot(a) -> int:
 
 
 def register(sub) -> None:
-    from . import asvdata, plots
-    from .results import DEFAULT_ROOT
+    from .views import asvdata, plots
+    from .harness.results import DEFAULT_ROOT
     p = sub.add_parser("plot", help="PNG figures: speed vs correctness, roofline, stages per run; asv history")
     p.add_argument("--run", action="append", metavar="RUN",
                    help="a matrix run directory or id under --root (repeatable)")

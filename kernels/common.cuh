@@ -52,3 +52,17 @@ __device__ __forceinline__ double block_reduce_d(double v, double* red, int op) 
     __syncthreads();
     return v;
 }
+
+// ---- token tiles of the matmuls (q8_0.cu, f16w.cu): a block takes TOKEN_TILE tokens at once
+
+#define TOKEN_TILE 8
+
+// A warp's per-token double sums rounded once into y[t0 + i, o] by lane 0.
+__device__ __forceinline__ void store_row_tile(double* acc, int lane, int nt, float* __restrict__ y,
+                                               int t0, int O, int o) {
+#pragma unroll
+    for (int i = 0; i < TOKEN_TILE; i++) {
+        const double v = warp_sum_d(acc[i]);
+        if (lane == 0 && i < nt) y[(long)(t0 + i) * O + o] = (float)v;
+    }
+}

@@ -1,6 +1,6 @@
 // Routed experts (ds4-spec 3.3 step 15): Q8_K activation quantizer, gate/up + clamped SwiGLU,
 // down projection summed over the A selected experts. The NumPy reference is
-// ds4bench/ops_ref.py `RefOps.experts` with formats.quantize_act_q8_k and formats.int_matmul.
+// ds4bench/engine/ops_ref.py `RefOps.experts` with formats.quantize_act_q8_k and formats.int_matmul.
 //
 // Integer-dot semantics (formats.int_matmul), per 256-element block b of a weight row:
 //   S = Σ_sub sc·Σ q_w·q_x,  M = Σ_sub m·bsum_sub   (exact int32)
@@ -11,11 +11,11 @@
 // The _rn intrinsics keep the compiler from contracting those steps into FMAs.
 //
 // Geometry: one warp per output row; each lane owns 8 consecutive elements of every 256-block
-// (lane l: elements 8l..8l+7, which always lie inside one sub-block of 16 or 32). The default
-// kernels take 8 blocks at a time: every lane forms its integer parts of all 8 (independent
+// (lane l: elements 8l..8l+7, which always lie inside one sub-block of 16 or 32). The kernels
+// take 8 blocks at a time: every lane forms its integer parts of all 8 (independent
 // loads, 8-byte vector reads of x and of the IQ2 grid), one transposing warp reduction leaves
 // block k's S and M with lanes 4k..4k+3, lane 4k forms block k's term, and the terms are added
-// in block order from there. The DS4BENCH_MOE_KERNEL=split variants reduce block by block.
+// in block order from there.
 // Legend: N tokens, A selected experts per token, P = N·A (token, slot) pairs, E experts,
 // F expert hidden size, D model dim.
 #include <cuda_fp16.h>
@@ -35,15 +35,6 @@ __device__ __forceinline__ float f16_at(const u8* p) {     // little-endian f16,
     return __half2float(__ushort_as_half((unsigned short)(p[0] | (p[1] << 8))));
 }
 
-__device__ __forceinline__ u32 u32_at(const u8* p) {       // little-endian u32, any alignment
-    return (u32)p[0] | ((u32)p[1] << 8) | ((u32)p[2] << 16) | ((u32)p[3] << 24);
-}
-
-__device__ __forceinline__ int warp_sum(int v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
 __device__ __forceinline__ float nan_f32() { return __int_as_float(0x7fc00000); }
 
 // d_x·(d_w·S − dmin_w·M) with the reference's roundings (see the header).
@@ -52,16 +43,13 @@ __device__ __forceinline__ double block_term(int S, int M, float dw, float dmin,
     return __dmul_rn(t, (double)dx);
 }
 
-// One lane's share of one 256-block: S over its 8 elements, M over the sub-blocks it owns the
-// min of (lane s < number of sub-blocks), and the block's scales.
-struct Part {
-    int s, m;
-    float d, dmin;
-};
-
 // ---------------------------------------------------------------------------------- formats
 
-// Injected faults (ds4bench/faults.py; the NumPy twins in ops_ref.RefOps): iq2-sign drops the
+// Each format gives sm, one lane's share of one 256-block (S over its 8 elements, read as vectors
+// from x8, the lane's 8 activations; M over the sub-blocks it owns the min of), and scales, the
+// block's d and dmin.
+
+// Injected faults (ds4bench/engine/faults.py; the NumPy twins in ops_ref.RefOps): iq2-sign drops the
 // eighth (parity) sign of each group of 8; q2k-dmin reads a Q2_K block's dmin from d's bytes.
 #ifdef DS4_FAULT_IQ2_SIGN
 #define IQ2_SIGNS(s) ((s) & 127)
@@ -81,7 +69,7 @@ struct FmtIQ2_XXS {
     static constexpr int BYTES = 66;
     static constexpr bool TABLES = true;
     static constexpr bool HAS_MIN = false;
-    // part's s and m from vector reads: x8 = the lane's 8 activations, tab 8-byte aligned
+    // tab 8-byte aligned
     static __device__ __forceinline__ void sm(const u8* b, const i8* x8, const int* bs, int lane,
                                               const u8* tab, int& s, int& m) {
         const u8* qs = b + 2;
@@ -104,25 +92,6 @@ struct FmtIQ2_XXS {
     static __device__ __forceinline__ void scales(const u8* b, float& d, float& dmin) {
         d = f16_at(b) * 0.125f;
         dmin = 0.0f;
-    }
-    static __device__ __forceinline__ Part part(const u8* b, const i8* x, const int* bs, int lane,
-                                                const u8* tab) {
-        const u8* qs = b + 2;
-        const int ib = lane >> 2, k = lane & 3;
-        const u32 a1 = u32_at(qs + 8 * ib + 4);
-        const u8* g = tab + 8 * qs[8 * ib + k];
-        const int signs = IQ2_SIGNS(tab[IQ2_GRID_BYTES + ((a1 >> (7 * k)) & 127)]);
-        int sum = 0;
-        for (int j = 0; j < 8; ++j) {
-            const int v = g[j];
-            sum += ((signs >> j) & 1 ? -v : v) * (int)x[j];
-        }
-        Part p;
-        p.s = (2 * (int)(a1 >> 28) + 1) * sum;
-        p.m = 0;
-        p.d = f16_at(b) * 0.125f;                          // exact: a power-of-two scale
-        p.dmin = 0.0f;
-        return p;
     }
 };
 
@@ -153,21 +122,6 @@ struct FmtQ2_K {
     static __device__ __forceinline__ void scales(const u8* b, float& d, float& dmin) {
         d = f16_at(b + 80);
         dmin = f16_at(b + Q2K_DMIN_AT);
-    }
-    static __device__ __forceinline__ Part part(const u8* b, const i8* x, const int* bs, int lane,
-                                                const u8*) {
-        const u8* scales = b;
-        const u8* qs = b + 16;
-        const int i0 = 8 * lane;
-        const int h = i0 >> 7, j = (i0 >> 5) & 3, l0 = i0 & 31;
-        int sum = 0;
-        for (int t = 0; t < 8; ++t) sum += ((qs[32 * h + l0 + t] >> (2 * j)) & 3) * (int)x[t];
-        Part p;
-        p.s = (scales[lane >> 1] & 15) * sum;
-        p.m = lane < 16 ? (scales[lane] >> 4) * bs[lane] : 0;
-        p.d = f16_at(b + 80);
-        p.dmin = f16_at(b + Q2K_DMIN_AT);
-        return p;
     }
 };
 
@@ -215,26 +169,6 @@ struct FmtQ4_K {
     static __device__ __forceinline__ void scales(const u8* b, float& d, float& dmin) {
         d = f16_at(b);
         dmin = f16_at(b + 2);
-    }
-    static __device__ __forceinline__ Part part(const u8* b, const i8* x, const int* bs, int lane,
-                                                const u8*) {
-        const u8* scales = b + 4;
-        const u8* qs = b + 16;
-        const int s = lane >> 2, c = s >> 1, k = s & 1, l0 = 8 * (lane & 3);
-        int sum = 0;
-        for (int t = 0; t < 8; ++t) sum += ((qs[32 * c + l0 + t] >> (4 * k)) & 15) * (int)x[t];
-        int sc, m;
-        scale_min_k4(s, scales, sc, m);
-        Part p;
-        p.s = sc * sum;
-        p.m = 0;
-        if (lane < 8) {
-            scale_min_k4(lane, scales, sc, m);
-            p.m = m * (bs[2 * lane] + bs[2 * lane + 1]);
-        }
-        p.d = f16_at(b);
-        p.dmin = f16_at(b + 2);
-        return p;
     }
 };
 
@@ -287,41 +221,6 @@ __device__ __forceinline__ double row_dot8(const u8* w, const i8* xr, const floa
             if (b0 + k < nb) acc = __dadd_rn(acc, __shfl_sync(0xffffffffu, t, 4 * k));
     }
     return acc;
-}
-
-// row_dot8's sum block by block (the split variants): U blocks at a time, their parts first,
-// then their warp sums, then their terms added in block order: the same arithmetic in the same
-// order for any U (and as row_dot8); U > 1 only lets the loads and shuffle chains of U blocks overlap.
-template <class Fmt, int U>
-__device__ __forceinline__ double row_dot_blocks(const u8* w, const i8* xr, const float* dr, const int* br,
-                                           int nb, int lane, const u8* tab) {
-    double acc = 0.0;
-    for (int b0 = 0; b0 < nb; b0 += U) {
-        Part pw[U];
-#pragma unroll
-        for (int k = 0; k < U; ++k)
-            if (b0 + k < nb)                                // uniform over the warp
-                pw[k] = Fmt::part(w + (b0 + k) * Fmt::BYTES, xr + (b0 + k) * QK_K, br + (b0 + k) * 16, lane, tab);
-        int s[U], m[U];
-#pragma unroll
-        for (int k = 0; k < U; ++k) {
-            if (b0 + k < nb) {
-                s[k] = warp_sum(pw[k].s);
-                m[k] = warp_sum(pw[k].m);
-            }
-        }
-#pragma unroll
-        for (int k = 0; k < U; ++k)
-            if (b0 + k < nb) acc = __dadd_rn(acc, block_term(s[k], m[k], pw[k].d, pw[k].dmin, dr[b0 + k]));
-    }
-    return acc;
-}
-
-template <class Fmt, int U>
-__device__ __forceinline__ double row_dot(const u8* w, const i8* xr, const float* dr, const int* br, int nb,
-                                          int lane, const u8* tab) {
-    if (U == 0) return row_dot8<Fmt>(w, xr, dr, br, nb, lane, tab);
-    return row_dot_blocks<Fmt, (U > 0 ? U : 1)>(w, xr, dr, br, nb, lane, tab);
 }
 
 // ---------------------------------------------------------------------------------- Q8_K
@@ -381,8 +280,7 @@ __device__ __forceinline__ void stage_tables(u8* dst, const u8* src) {
 //   mid[p, f] = (g / (1 + exp(−g))) · u · w[p]                  (float32, the reference's order)
 // Weights: [E, F, D] raw blocks, row e·F + f of D/256 blocks. x as Q8_K: xq [N, D], xd [N, D/256],
 // xb [N, D/16]. An expert id outside 0..E−1 writes NaN.
-// Each row's dot is row_dot<Fmt, U> (U = 0: the default, row_dot8; else block by block).
-template <class Fmt, int U>
+template <class Fmt>
 __device__ __forceinline__ void gate_up(const u8* Wg, const u8* Wu, const u8* tab, const i8* xq,
                                         const float* xd, const int* xb, const int* sel,
                                         const float* wts, float* mid, int P, int A, int E, int F,
@@ -402,8 +300,8 @@ __device__ __forceinline__ void gate_up(const u8* Wg, const u8* Wu, const u8* ta
     const i8* xr = xq + (i64)n * D + 8 * lane;
     const float* dr = xd + (i64)n * nb;
     const int* br = xb + (i64)n * (D / 16);
-    const double ag = row_dot<Fmt, U>(Wg + ((i64)e * F + f) * rb, xr, dr, br, nb, lane, tab);
-    const double au = row_dot<Fmt, U>(Wu + ((i64)e * F + f) * rb, xr, dr, br, nb, lane, tab);
+    const double ag = row_dot8<Fmt>(Wg + ((i64)e * F + f) * rb, xr, dr, br, nb, lane, tab);
+    const double au = row_dot8<Fmt>(Wu + ((i64)e * F + f) * rb, xr, dr, br, nb, lane, tab);
     if (lane == 0) {
         const float g = fminf((float)ag, clamp);
         const float u = fminf(fmaxf((float)au, -clamp), clamp);
@@ -417,24 +315,19 @@ __device__ __forceinline__ void gate_up(const u8* Wg, const u8* Wu, const u8* ta
     }
 }
 
-#define GATE_UP_KERNEL(name, Fmt, U)                                                               \
+#define GATE_UP_KERNEL(name, Fmt)                                                                  \
     extern "C" __global__ void name(const u8* Wg, const u8* Wu, const u8* tables, const i8* xq,    \
                                     const float* xd, const int* xb, const int* sel,                \
                                     const float* wts, float* mid, int P, int A, int E, int F,      \
                                     int D, float clamp) {                                          \
         __shared__ __align__(16) u8 s_tab[Fmt::TABLES ? IQ2_TABLE_BYTES : 1];                      \
         if (Fmt::TABLES) stage_tables(s_tab, tables);                                              \
-        gate_up<Fmt, U>(Wg, Wu, s_tab, xq, xd, xb, sel, wts, mid, P, A, E, F, D, clamp);           \
+        gate_up<Fmt>(Wg, Wu, s_tab, xq, xd, xb, sel, wts, mid, P, A, E, F, D, clamp);              \
     }
 
-GATE_UP_KERNEL(moe_gate_up_iq2_xxs, FmtIQ2_XXS, 0)
-GATE_UP_KERNEL(moe_gate_up_q2_k, FmtQ2_K, 0)
-GATE_UP_KERNEL(moe_gate_up_q4_k, FmtQ4_K, 0)
-// block by block, MOE_UNROLL blocks in flight (DS4BENCH_MOE_KERNEL=split)
-#define MOE_UNROLL 4
-GATE_UP_KERNEL(moe_gate_up4_iq2_xxs, FmtIQ2_XXS, MOE_UNROLL)
-GATE_UP_KERNEL(moe_gate_up4_q2_k, FmtQ2_K, MOE_UNROLL)
-GATE_UP_KERNEL(moe_gate_up4_q4_k, FmtQ4_K, MOE_UNROLL)
+GATE_UP_KERNEL(moe_gate_up_iq2_xxs, FmtIQ2_XXS)
+GATE_UP_KERNEL(moe_gate_up_q2_k, FmtQ2_K)
+GATE_UP_KERNEL(moe_gate_up_q4_k, FmtQ4_K)
 
 // ---------------------------------------------------------------------------------- down
 
@@ -468,37 +361,6 @@ __device__ __forceinline__ void down(const u8* Wd, const u8* tab, const i8* mq, 
     if (lane == 0) y[(i64)n * D + o] = tot;
 }
 
-// down with the A experts of a row in parallel (DS4BENCH_MOE_KERNEL=split): grid (N, ceil(D / R)),
-// block A·R warps, dynamic shared memory R·A floats. Warp w of CTA (n, oy) takes slot a = w % A
-// of row o = oy·R + w / A (MOE_UNROLL blocks at a time); the row's first warp then adds the A
-// rounded results in slot order in float32: down's numbers, from A times as many warps with
-// chains A times shorter.
-template <class Fmt>
-__device__ __forceinline__ void down_split(const u8* Wd, const u8* tab, const i8* mq, const float* md,
-                                           const int* mb, const int* sel, float* y, int N, int A, int E,
-                                           int F, int D, int R) {
-    extern __shared__ float s_ya[];                         // [R][A]
-    const int n = blockIdx.x, w = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int a = w % A, r = w / A;
-    const int o = blockIdx.y * R + r;
-    const bool live = n < N && o < D && r < R;              // uniform over the warp
-    if (live) {
-        const int nb = F / QK_K, p = n * A + a, e = sel[p];
-        float ya = nan_f32();
-        if (e >= 0 && e < E)
-            ya = (float)row_dot_blocks<Fmt, MOE_UNROLL>(Wd + ((i64)e * D + o) * (i64)nb * Fmt::BYTES,
-                                                  mq + (i64)p * F + 8 * lane, md + (i64)p * nb,
-                                                  mb + (i64)p * (F / 16), nb, lane, tab);
-        if (lane == 0) s_ya[r * A + a] = ya;
-    }
-    __syncthreads();
-    if (live && a == 0 && lane == 0) {
-        float tot = s_ya[r * A];
-        for (int k = 1; k < A; ++k) tot = __fadd_rn(tot, s_ya[r * A + k]);
-        y[(i64)n * D + o] = tot;
-    }
-}
-
 #define DOWN_KERNEL(name, Fmt)                                                                     \
     extern "C" __global__ void name(const u8* Wd, const u8* tables, const i8* mq, const float* md, \
                                     const int* mb, const int* sel, float* y, int N, int A, int E,  \
@@ -507,18 +369,7 @@ __device__ __forceinline__ void down_split(const u8* Wd, const u8* tab, const i8
         if (Fmt::TABLES) stage_tables(s_tab, tables);                                              \
         down<Fmt>(Wd, s_tab, mq, md, mb, sel, y, N, A, E, F, D);                                   \
     }
-#define DOWN_SPLIT_KERNEL(name, Fmt)                                                               \
-    extern "C" __global__ void name(const u8* Wd, const u8* tables, const i8* mq, const float* md, \
-                                    const int* mb, const int* sel, float* y, int N, int A, int E,  \
-                                    int F, int D, int R) {                                         \
-        __shared__ u8 s_tab[Fmt::TABLES ? IQ2_TABLE_BYTES : 1];                                    \
-        if (Fmt::TABLES) stage_tables(s_tab, tables);                                              \
-        down_split<Fmt>(Wd, s_tab, mq, md, mb, sel, y, N, A, E, F, D, R);                          \
-    }
 
 DOWN_KERNEL(moe_down_iq2_xxs, FmtIQ2_XXS)
 DOWN_KERNEL(moe_down_q2_k, FmtQ2_K)
 DOWN_KERNEL(moe_down_q4_k, FmtQ4_K)
-DOWN_SPLIT_KERNEL(moe_down_split_iq2_xxs, FmtIQ2_XXS)
-DOWN_SPLIT_KERNEL(moe_down_split_q2_k, FmtQ2_K)
-DOWN_SPLIT_KERNEL(moe_down_split_q4_k, FmtQ4_K)

@@ -1,10 +1,9 @@
-// Q8_0 weights: activation quantization, dp4a matmul (decode and token tiles), the F16/F32
-// dequant-cache expansion, and a matmul over F16 weights with float activations.
+// Q8_0 weights: activation quantization, dp4a matmul (decode and token tiles, the quantization
+// fused in or not), and the F16/F32 dequant-cache expansion. The F16-weight matmul is f16w.cu.
 // A Q8_0 block is 34 bytes: f16 scale d, then 32 int8 values; w = d * q.
 #include "common.cuh"
 
 #define Q8_BLOCK_BYTES 34
-#define TOKEN_TILE 8
 
 // One Q8_0 block quantized by a warp, a value per lane: returns the lane's int8, sets the block
 // scale d = amax/127; q = rint(x * (1/d)), clamped.
@@ -54,8 +53,8 @@ __device__ __forceinline__ void q8_row_tile(const unsigned char* __restrict__ ro
         int wq[8];
         double dw = (double)q8_block_words(row + b * Q8_BLOCK_BYTES, wq);
         int bx = b;                                  // the activation block read (faults.py: q8-act-block)
-        // Injected faults (ds4bench/faults.py; the NumPy twins in ops_ref.RefOps). b is the block
-        // index within the row's K (a staged chunk holds a multiple of 8 blocks).
+        // Injected faults (ds4bench/engine/faults.py; the NumPy twins in ops_ref.RefOps). b is the block
+        // index within the row's K.
 #ifdef DS4_FAULT_Q8_SCALE_SUBSET
         if (b % 4 == 3) { int unused[8]; dw = (double)q8_block_words(row + (b - 1) * Q8_BLOCK_BYTES, unused); }
 #endif
@@ -78,43 +77,6 @@ __device__ __forceinline__ void q8_row_tile(const unsigned char* __restrict__ ro
                 acc[i] = __dadd_rn(acc[i], __dmul_rn(__dmul_rn(dw, (double)s), (double)xd(i, bx)));
             }
         }
-    }
-}
-
-// One F16 weight pair (columns 2k, 2k+1) times each tile token's activations, products exact in
-// double, added to the token's accumulator; x_at(i) points at token i's activation slice.
-template <typename XA>
-__device__ __forceinline__ void f16w_pair(const __half2* __restrict__ row, int k, int nt, XA x_at, double* acc) {
-    const float2 w = __half22float2(row[k]);
-#pragma unroll
-    for (int i = 0; i < TOKEN_TILE; i++) {
-        if (i < nt) {
-            const float2 xv = *(const float2*)(x_at(i) + 2 * k);
-            acc[i] = __dadd_rn(acc[i], __dmul_rn((double)w.x, (double)xv.x));
-            acc[i] = __dadd_rn(acc[i], __dmul_rn((double)w.y, (double)xv.y));
-        }
-    }
-}
-
-// F16 weight row o against a tile of tokens: this thread's share of the K/2 column pairs (k0,
-// k0 + step, ...) into acc, which it zeroes first. Both F16-weight matmuls use it.
-__device__ __forceinline__ void f16w_row_tile(const __half* __restrict__ W, const float* __restrict__ x, int o,
-                                              int K, int g, int t0, int nt, int x_stride, int k0, int step,
-                                              double* acc) {
-    const __half2* row = (const __half2*)(W + (long)o * K);
-#pragma unroll
-    for (int i = 0; i < TOKEN_TILE; i++) acc[i] = 0.0;
-    auto x_at = [&](int i) { return x + (long)(t0 + i) * x_stride + (long)g * K; };
-    for (int k = k0; k < K / 2; k += step) f16w_pair(row, k, nt, x_at, acc);
-}
-
-// A warp's per-token double sums rounded once into y[t0 + i, o] by lane 0.
-__device__ __forceinline__ void store_row_tile(double* acc, int lane, int nt, float* __restrict__ y,
-                                               int t0, int O, int o) {
-#pragma unroll
-    for (int i = 0; i < TOKEN_TILE; i++) {
-        const double v = warp_sum_d(acc[i]);
-        if (lane == 0 && i < nt) y[(long)(t0 + i) * O + o] = (float)v;
     }
 }
 
@@ -145,55 +107,6 @@ extern "C" __global__ void matmul_q8_0(const unsigned char* __restrict__ W, cons
     store_row_tile(acc, lane, nt, y, t0, O, o);
 }
 
-// matmul_q8_0 with the weight row brought in by 16-byte loads: each warp copies up to
-// Q8_STAGE_BLOCKS blocks of its row (4352 bytes) into its own shared-memory slice with every
-// load of the chunk in flight at once, then forms matmul_q8_0's block terms from there, each
-// lane taking the same blocks in the same order: the same bits, from fewer and wider loads
-// (matmul_q8_0 reads each block as sixteen 2-byte words, lane-strided by 34 bytes).
-// Needs K % 256 == 0 (whole 16-byte units per chunk; then every row starts 16-byte aligned)
-// and W 16-byte aligned. grid (ceil(O/8), ceil(T/TOKEN_TILE)), block 256, dynamic shared
-// memory 8 * Q8_STAGE_BLOCKS * Q8_BLOCK_BYTES bytes (kernels.q8_stage_smem()).
-#define Q8_STAGE_BLOCKS 128
-static_assert(Q8_STAGE_BLOCKS % DS4_WARP == 0, "a lane's blocks must continue across chunks in order");
-#define Q8_STAGE_UNITS (Q8_STAGE_BLOCKS * Q8_BLOCK_BYTES / 16)              // 272 int4 per warp
-#define Q8_STAGE_PER_LANE ((Q8_STAGE_UNITS + DS4_WARP - 1) / DS4_WARP)      // 9
-extern "C" __global__ void matmul_q8_0_staged(const unsigned char* __restrict__ W, const signed char* __restrict__ xq,
-                                              const float* __restrict__ xd, float* __restrict__ y,
-                                              int O, int K, int T, int rows_per_group, int x_stride) {
-    extern __shared__ int4 stage[];                                    // [8 warps][Q8_STAGE_UNITS]
-    const int warp = threadIdx.x / DS4_WARP, lane = threadIdx.x % DS4_WARP;
-    const int o = blockIdx.x * 8 + warp;
-    const int t0 = blockIdx.y * TOKEN_TILE;
-    if (o >= O) return;                                                // warps never sync across the block
-    const int nb = K / 32, g = o / rows_per_group;
-    const int nt = min(TOKEN_TILE, T - t0);
-    const int4* src = (const int4*)(W + (long)o * nb * Q8_BLOCK_BYTES);
-    int4* mine = stage + warp * Q8_STAGE_UNITS;
-    double acc[TOKEN_TILE];
-#pragma unroll
-    for (int i = 0; i < TOKEN_TILE; i++) acc[i] = 0.0;
-    const long base = (long)g * K;
-    for (int c0 = 0; c0 < nb; c0 += Q8_STAGE_BLOCKS) {
-        const int cb = min(Q8_STAGE_BLOCKS, nb - c0);
-        const int units = cb * Q8_BLOCK_BYTES / 16;
-        const int4* s = src + (long)c0 * Q8_BLOCK_BYTES / 16;
-        int4 r[Q8_STAGE_PER_LANE];
-#pragma unroll
-        for (int j = 0; j < Q8_STAGE_PER_LANE; j++)
-            if (lane + j * DS4_WARP < units) r[j] = __ldg(s + lane + j * DS4_WARP);
-#pragma unroll
-        for (int j = 0; j < Q8_STAGE_PER_LANE; j++)
-            if (lane + j * DS4_WARP < units) mine[lane + j * DS4_WARP] = r[j];
-        __syncwarp();
-        q8_row_tile((const unsigned char*)mine, cb, lane, nt,
-                    [&](int i, int b) { return xq + (long)(t0 + i) * x_stride + base + (long)(c0 + b) * 32; },
-                    [&](int i, int b) { return xd[((long)(t0 + i) * x_stride + base + (long)(c0 + b) * 32) / 32]; },
-                    acc);
-        __syncwarp();                                                  // the slice is refilled next pass
-    }
-    store_row_tile(acc, lane, nt, y, t0, O, o);
-}
-
 // The Q8_0 -> F16 cache: each f16(d) * f16(q) product rounded to half, as ds4's cache kernel.
 // One thread per element.
 extern "C" __global__ void dequant_q8_0_f16(const unsigned char* __restrict__ W, __half* __restrict__ out, long n) {
@@ -210,49 +123,6 @@ extern "C" __global__ void dequant_q8_0_f32(const unsigned char* __restrict__ W,
     if (i >= n) return;
     const unsigned char* blk = W + (i / 32) * Q8_BLOCK_BYTES;
     out[i] = __half2float(*(const __half*)blk) * (float)(signed char)blk[2 + i % 32];
-}
-
-// y[t, o] = sum_k f32(W[o, k]) * x[t, g*K + k] for F16 weights and float activations (the F16
-// cache, and the F16 model tensors: HC, router, compressor, indexer). Products are exact in
-// double and summed in double, then rounded once, as the reference's float64 matmul.
-// Same geometry and grouping as matmul_q8_0. K must be even.
-extern "C" __global__ void matmul_f16w(const __half* __restrict__ W, const float* __restrict__ x,
-                                       float* __restrict__ y, int O, int K, int T, int rows_per_group,
-                                       int x_stride) {
-    const int warp = threadIdx.x / DS4_WARP, lane = threadIdx.x % DS4_WARP;
-    const int o = blockIdx.x * 8 + warp;
-    const int t0 = blockIdx.y * TOKEN_TILE;
-    if (o >= O) return;
-    const int nt = min(TOKEN_TILE, T - t0);
-    double acc[TOKEN_TILE];
-    f16w_row_tile(W, x, o, K, o / rows_per_group, t0, nt, x_stride, lane, DS4_WARP, acc);
-    store_row_tile(acc, lane, nt, y, t0, O, o);
-}
-
-// matmul_f16w for few output rows (HC mixers: 24 rows of 16384, the router: 256 of 4096): one
-// block per row and token tile, its 256 threads splitting K, so a 24-row projection keeps more
-// than 24 warps busy. Same arithmetic (exact products, sums in double, one rounding); only the
-// order of the double sums differs. grid (O, ceil(T/TOKEN_TILE)), block 256.
-extern "C" __global__ void matmul_f16w_splitk(const __half* __restrict__ W, const float* __restrict__ x,
-                                              float* __restrict__ y, int O, int K, int T, int rows_per_group,
-                                              int x_stride) {
-    __shared__ double red[TOKEN_TILE][256 / DS4_WARP];
-    const int o = blockIdx.x, t0 = blockIdx.y * TOKEN_TILE;
-    const int warp = threadIdx.x / DS4_WARP, lane = threadIdx.x % DS4_WARP, nw = blockDim.x / DS4_WARP;
-    const int nt = min(TOKEN_TILE, T - t0);
-    double acc[TOKEN_TILE];
-    f16w_row_tile(W, x, o, K, o / rows_per_group, t0, nt, x_stride, threadIdx.x, blockDim.x, acc);
-#pragma unroll
-    for (int i = 0; i < TOKEN_TILE; i++) {
-        const double v = warp_sum_d(acc[i]);
-        if (lane == 0) red[i][warp] = v;
-    }
-    __syncthreads();
-    if (threadIdx.x < nt) {
-        double v = 0.0;
-        for (int w8 = 0; w8 < nw; w8++) v += red[threadIdx.x][w8];
-        y[(long)(t0 + threadIdx.x) * O + o] = (float)v;
-    }
 }
 
 // matmul_q8_0 with the activation quantization fused in: each block first quantizes its token

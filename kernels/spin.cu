@@ -1,4 +1,4 @@
-// The known slowdown of a speed sensitivity test (DS4BENCH_SLOWDOWN, ds4bench/slowdown.py): one
+// The known slowdown of a speed sensitivity test (DS4BENCH_SLOWDOWN, ds4bench/engine/slowdown.py): one
 // thread waits until `*wait_ns` nanoseconds of the GPU's global timer have passed. The wait is
 // read from device memory, so a decode step captured in a CUDA graph replays whatever the host
 // set last (0 until the warm-up has timed the step it is a fraction of), and it is wall time,

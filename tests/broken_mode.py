@@ -19,8 +19,8 @@ import time
 
 import numpy as np
 
-from ds4bench.generate import register_mode
-from ds4bench.ops_ref import RefOps
+from ds4bench.engine.generate import register_mode
+from ds4bench.engine.ops_ref import RefOps
 
 ATTENTION = ("attn_q_a.weight", "attn_q_b.weight", "attn_kv.weight", "attn_output_a.weight",
              "attn_output_b.weight")

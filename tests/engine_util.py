@@ -3,11 +3,11 @@ import functools
 import json
 import os
 
-from ds4bench import config
-from ds4bench.generate import Engine, generate
-from ds4bench.prompts import load_prompts
-from ds4bench.synth import make_model
-from ds4bench.tokenizer import byte_level
+from ds4bench.engine import config
+from ds4bench.engine.generate import Engine, generate
+from ds4bench.engine.prompts import load_prompts
+from ds4bench.engine.synth import make_model
+from ds4bench.engine.tokenizer import byte_level
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "tiny.json")
 GOLDEN_TOKENS = 8

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ds4bench import asvdata, plots
+from ds4bench.views import asvdata, plots
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(shutil.which("asv") is None, reason="asv is not installed (pip install asv)")

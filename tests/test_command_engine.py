@@ -1,4 +1,4 @@
-"""An external engine in the matrix (ds4bench/command_engine.py), with tests/engines/fake_engine.py
+"""An external engine in the matrix (ds4bench/harness/command_engine.py), with tests/engines/fake_engine.py
 standing in for a binary: its toggles as env axes, its speed and fingerprints in our records,
 its verdicts by the free-running rules, and one-line errors for bad adapters and failed runs."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ds4bench import command_engine as CE
+from ds4bench.harness import command_engine as CE
 
 HERE = Path(__file__).resolve().parent
 FAKE = HERE / "engines" / "fake.toml"

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from ds4bench import command_engine as CE
-from ds4bench.generate import token_hash
+from ds4bench.harness import command_engine as CE
+from ds4bench.engine.generate import token_hash
 
 HERE = Path(__file__).resolve().parent
 REC = HERE / "engines" / "ds4"
@@ -48,8 +48,8 @@ def test_the_recorded_dump_gives_token_ids_and_top20_logprobs(name):
 
 
 def test_our_fingerprint_of_the_recorded_run(tmp_path):
-    from ds4bench.generate import Fingerprint
-    from ds4bench.verdict import judge_prompt, load_fingerprints, save_fingerprints
+    from ds4bench.engine.generate import Fingerprint
+    from ds4bench.harness.verdict import judge_prompt, load_fingerprints, save_fingerprints
     ad = CE.load_adapter("ds4-cpu")
     ids, top_ids, top_lp = CE.parse_steps(json.loads((REC / "flash-4l-cpu.dump.json").read_text()), ad, 4)
     fp = Fingerprint(prompt_id="capital_france", prompt_tokens=33, tokens=ids, sha256=token_hash(ids), text="",
@@ -116,7 +116,7 @@ def test_paths_come_from_the_cells_environment_first(tmp_path, monkeypatch):
 
 
 def _flash_4l() -> Path:
-    from ds4bench.options import model_cache_dir
+    from ds4bench.engine.options import model_cache_dir
     return model_cache_dir() / "flash-4l-q2-seed0.gguf"
 
 

@@ -1,4 +1,4 @@
-"""`ds4bench engines build ds4` (ds4bench/ds4_build.py): one-line errors for a missing checkout,
+"""`ds4bench engines build ds4` (ds4bench/harness/ds4_build.py): one-line errors for a missing checkout,
 compiler or cuBLAS, the make command it runs, and a build with a stand-in Makefile. The real CPU
 build runs where $DS4_SRC names a clone of antirez/ds4."""
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from ds4bench import ds4_build as B
-from ds4bench.command_engine import BUILD_INFO
+from ds4bench.harness import ds4_build as B
+from ds4bench.harness.command_engine import BUILD_INFO
 
 ENUM = "enum {\n    DS4_N_LAYER            = 43,\n    DS4_N_EMBD             = 4096,\n};\n"
 # a stand-in for ds4's Makefile: `make cpu` writes a `ds4` that prints the layer count compiled in

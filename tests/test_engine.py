@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from ds4bench.options import parse_unfused
-from ds4bench import cli, config
-from ds4bench.generate import Engine, generate, greedy, token_hash
-from ds4bench.model import DS4Model, rope, rope_inv_freq
-from ds4bench.ops_ref import RefOps
+from ds4bench.engine.options import parse_unfused
+from ds4bench import cli
+from ds4bench.engine import config
+from ds4bench.engine.generate import Engine, generate, greedy, token_hash
+from ds4bench.engine.model import DS4Model, rope, rope_inv_freq
+from ds4bench.engine.ops_ref import RefOps
 
 from .engine_util import GOLDEN, GOLDEN_TOKENS, golden_run, tiny_model, tiny_tokenizer
 
@@ -261,8 +262,8 @@ def test_generate_cli_rejects_unknown_mode(capsys):
 
 @pytest.mark.parametrize("var,value,msg", [
     ("DS4BENCH_UNFUSED", "fast_norm", "DS4BENCH_UNFUSED: unknown fast_norm"),
-    ("DS4BENCH_Q8_KERNEL", "stagged", "DS4BENCH_Q8_KERNEL: unknown 'stagged'; choose from warp, staged"),
-    ("DS4BENCH_MOE_KERNEL", "fast", "DS4BENCH_MOE_KERNEL: unknown 'fast'; choose from warp, split"),
+    ("DS4BENCH_Q8_KERNEL", "staged", "DS4BENCH_Q8_KERNEL: unknown 'staged'; choose from warp"),
+    ("DS4BENCH_MOE_KERNEL", "split", "DS4BENCH_MOE_KERNEL: unknown 'split'; choose from warp"),
     ("DS4BENCH_ATTN_KERNEL", "inplace", "DS4BENCH_ATTN_KERNEL: unknown 'inplace'; choose from concat, ring"),
     ("DS4BENCH_DECODE_GRAPH", "1", "DS4BENCH_DECODE_GRAPH: unknown '1'; choose from off, on"),
     ("DS4BENCH_CACHE_MB", "abc", "DS4BENCH_CACHE_MB: 'abc' is not a whole number of MiB"),
@@ -286,7 +287,7 @@ def test_cli_names_a_bad_generate_option(capsys, args, msg):
 
 
 def test_gpu_commands_without_a_gpu_say_so(capsys):
-    from ds4bench.generate import gpu_available
+    from ds4bench.engine.generate import gpu_available
     if gpu_available():
         pytest.skip("a GPU is visible")
     for args in (["bench-kernels"], ["generate", "--preset", "tiny", "-n", "2", "--backend", "cupy"]):
@@ -300,8 +301,8 @@ def test_index_arrays_are_built_once_per_step_not_per_layer():
     array module's device once per forward call, shared by every layer: on a GPU each is a
     host-to-device copy, so their number must not grow with depth."""
     import dataclasses
-    from ds4bench import config
-    from ds4bench.synth import make_model
+    from ds4bench.engine import config
+    from ds4bench.engine.synth import make_model
 
     def uploads(n_layer):
         tiny = config.preset("tiny")
@@ -324,7 +325,7 @@ def test_index_arrays_are_built_once_per_step_not_per_layer():
 def test_topk_logprobs_equals_a_full_stable_sort(seed):
     """The partition shortcut picks exactly what a stable argsort of the whole row picks,
     ties (to the lower id) and NaN rows included."""
-    from ds4bench.generate import topk_logprobs
+    from ds4bench.engine.generate import topk_logprobs
     rng = np.random.default_rng(seed)
     x = rng.integers(-5, 5, 1000).astype(np.float32) if seed % 2 else rng.standard_normal(129280).astype(np.float32)
     if seed == 5:
@@ -340,8 +341,8 @@ def test_topk_logprobs_equals_a_full_stable_sort(seed):
 def test_unfused_toggle_selects_the_array_code():
     """An ops object's fused kernels are used unless DS4BENCH_UNFUSED (ops.unfused) names them;
     unknown names are refused with the list of known ones."""
-    from ds4bench import model as M
-    from ds4bench.ops_ref import RefOps
+    from ds4bench.engine import model as M
+    from ds4bench.engine.ops_ref import RefOps
 
     class Fused(RefOps):
         calls = []
@@ -397,7 +398,7 @@ def test_in_place_attention_rows_are_the_concatenated_ones(monkeypatch):
     position 0 (rows before the sequence), the ring wrapping (positions past W = 32), compressed rows of
     ratio 4 and 16, the indexer's top-k once more than 16 rows are visible, and two sequences
     at different positions in one decode step."""
-    from ds4bench.model import DS4Model
+    from ds4bench.engine.model import DS4Model
     calls = []
     orig = DS4Model.attention_keys
 

@@ -1,4 +1,4 @@
-"""The distributed executor (ds4bench/executor.py) on this host: submitit's local executor with
+"""The distributed executor (ds4bench/harness/executor.py) on this host: submitit's local executor with
 two workers, the NumPy engine on tiny. Same records as the local runner; a killed worker's cell
 is run again; a killed runner's run finishes with --resume and loses nothing."""
 from __future__ import annotations
@@ -15,9 +15,9 @@ import pytest
 
 pytest.importorskip("submitit")
 
-from ds4bench import executor as EX  # noqa: E402
-from ds4bench.matrix import MatrixSpec, expand  # noqa: E402
-from ds4bench.trees import with_trees  # noqa: E402
+from ds4bench.harness import executor as EX  # noqa: E402
+from ds4bench.harness.matrix import MatrixSpec, expand  # noqa: E402
+from ds4bench.harness.trees import with_trees  # noqa: E402
 
 FAST = ["-n", "3", "--reps", "1"]
 

@@ -1,4 +1,4 @@
-"""The injected faults (ds4bench/faults.py): each changes the output of its stage, on the same
+"""The injected faults (ds4bench/engine/faults.py): each changes the output of its stage, on the same
 input, by clearly more than what the q8 mode already costs against f32 there; the selection is
 strict and explicit (an engine without `faults=` never carries one); every CUDA twin compiles;
 on a GPU each twin changes its kernel's output as its NumPy twin does; and the faults suite
@@ -12,11 +12,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from ds4bench import faults as FL
-from ds4bench.generate import Engine
-from ds4bench.model import DS4Model
-from ds4bench.options import EngineOptions
-from ds4bench.ops_ref import RefOps
+from ds4bench.engine import faults as FL
+from ds4bench.engine.generate import Engine
+from ds4bench.engine.model import DS4Model
+from ds4bench.engine.options import EngineOptions
+from ds4bench.engine.ops_ref import RefOps
 from tests.engine_util import tiny_model
 from tests.test_kernels_compile import NVCC
 
@@ -134,10 +134,10 @@ def test_fault_selection_is_strict():
         FL.from_env({"DS4BENCH_FAULT": "q8-act-block,nope"})
     msg = str(e.value)
     assert "\n" not in msg and "unknown fault nope" in msg and "hc-sinkhorn" in msg
-    from ds4bench.options import check_engine_env
+    from ds4bench.engine.options import check_engine_env
     with pytest.raises(ValueError, match="DS4BENCH_FAULT: unknown fault nope"):
         check_engine_env({"DS4BENCH_FAULT": "nope"})
-    from ds4bench.options import ENGINE_ENV
+    from ds4bench.engine.options import ENGINE_ENV
     assert "DS4BENCH_FAULT" in ENGINE_ENV
 
 
@@ -203,10 +203,10 @@ def test_gpu_fault_twin(name):
     still matches the healthy NumPy stage, and the faulted GPU stage matches the faulted NumPy
     stage: the kernel twin makes the same mistake."""
     cp = pytest.importorskip("cupy")
-    from ds4bench.generate import gpu_unavailable_reason
+    from ds4bench.engine.generate import gpu_unavailable_reason
     if gpu_unavailable_reason():
         pytest.skip(gpu_unavailable_reason())
-    from ds4bench.ops_gpu import GpuOps
+    from ds4bench.engine.ops_gpu import GpuOps
     mf = tiny_model()
     call = STAGE_CALLS[name]
     fs = frozenset({name})
@@ -236,7 +236,7 @@ def test_faults_suite_catches_every_fault(tmp_path):
 
 # ---- the env axis of the matrix ------------------------------------------------------------------
 def test_env_axis_expands_keys_baseline_and_excludes(monkeypatch):
-    from ds4bench import matrix as M
+    from ds4bench.harness import matrix as M
     spec = M.spec_from_mapping({"preset": ["tiny"], "cache": ["q8", "f32"], "prompts": "smoke",
                                 "env_axis": {"DS4BENCH_FAULT": ["unset", "q8-act-block"], "OMP_NUM_THREADS": ["1", "2"]},
                                 "exclude": [{"cache": "f32", "env.DS4BENCH_FAULT": "q8-act-block"}]}, "test")
@@ -268,7 +268,7 @@ def test_env_axis_expands_keys_baseline_and_excludes(monkeypatch):
     ({"exclude": [{"env.X": "1"}]}, "are not axes"),
 ])
 def test_env_axis_errors_name_the_problem(doc, msg):
-    from ds4bench import matrix as M
+    from ds4bench.harness import matrix as M
     with pytest.raises(ValueError, match=msg):
         M.spec_from_mapping({"preset": ["tiny"], "prompts": "smoke", **doc}, "test")
 
@@ -284,7 +284,7 @@ def test_cli_env_option_and_faults_list():
 
 
 def test_fault_specs_cover_the_catalogue():
-    from ds4bench import matrix as M
+    from ds4bench.harness import matrix as M
     for name in ("faults-tiny", "faults-gpu"):
         spec = M.load_spec(name)
         assert spec.env_axis["DS4BENCH_FAULT"] == ["unset", *FL.FAULTS], name

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from ds4bench import config
-from ds4bench import model as M
+from ds4bench.engine import config
+from ds4bench.engine import model as M
 
 f32 = np.float32
 FLASH = config.preset("flash")

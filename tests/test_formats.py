@@ -1,4 +1,4 @@
-"""Block formats, activation quantizers, integer matmul and simulated precisions (ds4bench.formats)."""
+"""Block formats, activation quantizers, integer matmul and simulated precisions (ds4bench.engine.formats)."""
 import dataclasses
 import time
 
@@ -9,7 +9,7 @@ from gguf.constants import GGML_QUANT_SIZES
 from gguf.quants import IQ2_XXS as GGUF_IQ2_XXS
 from gguf.quants import dequantize as gguf_dequantize
 
-from ds4bench import formats as fm
+from ds4bench.engine import formats as fm
 
 WEIGHT_TYPES = [QT.Q8_0, QT.Q2_K, QT.Q4_K, QT.IQ2_XXS]
 F16_FIELDS = {QT.Q8_0: (0,), QT.Q2_K: (80, 82), QT.Q4_K: (0, 2), QT.IQ2_XXS: (0,)}

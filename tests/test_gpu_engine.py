@@ -22,8 +22,8 @@ single bit: every placement gives exactly the logits of `device`.
 import numpy as np
 import pytest
 
-from ds4bench import config, formats as F
-from ds4bench.ops_ref import RefOps, _sub
+from ds4bench.engine import config, formats as F
+from ds4bench.engine.ops_ref import RefOps, _sub
 
 from .engine_util import default_prompts, tiny_model
 
@@ -35,9 +35,9 @@ try:
 except Exception:
     pytest.skip("no CUDA device", allow_module_level=True)
 
-from ds4bench import kernels  # noqa: E402
-from ds4bench.generate import Engine, generate  # noqa: E402
-from ds4bench.options import EngineOptions  # noqa: E402
+from ds4bench.engine import kernels  # noqa: E402
+from ds4bench.engine.generate import Engine, generate  # noqa: E402
+from ds4bench.engine.options import EngineOptions  # noqa: E402
 
 # Evidence (H100, tiny, the three smoke prompts, 8 tokens, three runs): f16 and f32 stay under
 # 0.05 in |Δ top-1 logprob| with the same tokens; q8 reached 0.066, 0.209 and 0.153, and once
@@ -136,7 +136,7 @@ def test_matmul_f16w(O, K, N, groups, kernel):
                           for g in range(groups)], axis=1)
     y = poisoned((N, O))
     grid = (O if kernel.endswith("splitk") else -(-O // 8), -(-N // 8))
-    kernels.function("q8_0.cu", kernel)(grid, (256,), (
+    kernels.function("f16w.cu", kernel)(grid, (256,), (
         cp.asarray(w), cp.asarray(x), y, np.int32(O), np.int32(Kg), np.int32(N), np.int32(Og), np.int32(K)))
     assert nmse(y.get(), ref) < 1e-12
 
@@ -147,7 +147,7 @@ def test_kv_round_and_indexer_round_match_reference():
     ref.cfg = cfg
     x = (RNG.standard_normal((37, 512)) * RNG.uniform(0.001, 50, (37, 1))).astype(np.float32)
     x[3, :64] = 0
-    from ds4bench.ops_gpu import GpuOps
+    from ds4bench.engine.ops_gpu import GpuOps
     g = GpuOps.__new__(GpuOps)
     g.cfg = cfg
     got = g.kv_round(cp.asarray(x)).get()
@@ -164,7 +164,7 @@ def test_hc_kernels_match_reference(N):
     """Fused HC mixing (kernels/hc.cu) against model.hc_weights / hc_collapse / hc_expand on the
     flash shapes: element-wise float32 rounded per operation as NumPy does, except expf against
     NumPy's exp (an ulp), so the Sinkhorn output agrees to float32 rounding, not bit for bit."""
-    from ds4bench import model as M
+    from ds4bench.engine import model as M
     cfg = config.preset("flash")
     S, D = cfg.hc_streams, cfg.n_embd
     mix = (RNG.standard_normal((N, S * (S + 2))) * 3).astype(np.float32)
@@ -194,7 +194,7 @@ def test_hc_kernels_match_reference(N):
 
 
 def _gpu_ops(cfg):
-    from ds4bench.ops_gpu import GpuOps
+    from ds4bench.engine.ops_gpu import GpuOps
     g = GpuOps.__new__(GpuOps)
     g.cfg, g._pos = cfg, {}
     return g
@@ -205,7 +205,7 @@ def _gpu_ops(cfg):
 def test_rms_norm_kernel_matches_reference(shape, weighted):
     """Squares summed in double on both sides (exact terms, only the order differs), the mean
     rounded once: bit-identical except where a mean sits on a float32 rounding boundary."""
-    from ds4bench import model as M
+    from ds4bench.engine import model as M
     x = (RNG.standard_normal(shape) * RNG.uniform(0.01, 30, shape[:-1] + (1,))).astype(np.float32)
     w = RNG.uniform(0.5, 1.5, shape[-1]).astype(np.float32) if weighted else None
     got = _gpu_ops(config.preset("flash")).rms_norm(cp.asarray(x), None if w is None else cp.asarray(w), 1e-6).get()
@@ -217,7 +217,7 @@ def test_rms_norm_kernel_matches_reference(shape, weighted):
 def test_rms_norm_kernel_at_large_magnitudes():
     """Rows at 3e17 (a float32 sum of squares overflows, a double one does not) and 1e30 (the
     mean itself overflows float32: model.rms_norm's "rescale") normalize as the reference does."""
-    from ds4bench import model as M
+    from ds4bench.engine import model as M
     base = RNG.choice([-1.0, 1.0], (2, 4096)) * RNG.uniform(0.5, 1.5, (2, 4096))
     x = (base * np.array([[3e17], [1e30]])).astype(np.float32)
     got = _gpu_ops(config.preset("flash")).rms_norm(cp.asarray(x), None, 1e-6).get()
@@ -231,7 +231,7 @@ def test_rope_kernel_matches_reference(compressed, inverse):
     """ds4's float32 angles (the same roundings, one by one, on the device) and cos/sin of them
     in double rounded to float, products rounded one by one: bit-identical except where a cos/sin
     sits on a float32 rounding boundary; positions up to 1M and the issue's checkpoints."""
-    from ds4bench import model as M
+    from ds4bench.engine import model as M
     cfg = config.preset("flash")
     freq = M.rope_inv_freq(cfg, compressed)
     x = RNG.standard_normal((15, cfg.n_head, cfg.head_dim)).astype(np.float32)
@@ -246,7 +246,7 @@ def test_rope_kernel_matches_reference(compressed, inverse):
 @pytest.mark.parametrize("B,T,J", [(1, 1, 129), (3, 1, 400), (1, 7, 200), (2, 5, 1500)])
 def test_attend_kernel_matches_reference(B, T, J):
     """Scores, softmax with the sink and the weighted key sum in double, rounded once."""
-    from ds4bench import model as M
+    from ds4bench.engine import model as M
     H, K = 64, 512
     q = RNG.standard_normal((B, T, H, K)).astype(np.float32)
     keys = RNG.standard_normal((B, J, K)).astype(np.float32)
@@ -264,7 +264,7 @@ def _model_keys(W, raw, kv, comp, visible, P):
     """DS4Model.attention_keys in NumPy on bare state arrays (a model object with only what it reads)."""
     import dataclasses
     import types
-    from ds4bench.model import DS4Model
+    from ds4bench.engine.model import DS4Model
     m = DS4Model.__new__(DS4Model)
     m.xp, m.ix, m._memo = np, np.asarray, {}
     m.cfg = dataclasses.replace(config.preset("tiny"), sliding_window=W)
@@ -313,7 +313,7 @@ def test_in_place_attention_gives_the_concatenated_bits(B, T, W, C, p0s):
 def test_router_kernel_matches_reference(N, hashed, bias):
     """Same experts in the same order (random scores have no ulp-level ties), weights within
     float32 rounding (the kernel's log1pf/expf against NumPy's)."""
-    from ds4bench import model as M
+    from ds4bench.engine import model as M
     cfg = config.preset("flash")
     logits = (RNG.standard_normal((N, cfg.n_expert)) * 3).astype(np.float32)
     b = (RNG.standard_normal(cfg.n_expert) * 0.1).astype(np.float32) if bias else None
@@ -328,7 +328,7 @@ def test_router_kernel_matches_reference(N, hashed, bias):
 
 def test_indexer_topk_mask_matches_reference():
     """The k best visible compressed rows per token, ties to the older row, as RefOps picks them."""
-    from ds4bench.ops_gpu import GpuOps
+    from ds4bench.engine.ops_gpu import GpuOps
     score = RNG.integers(0, 40, (2, 3, 700)).astype(np.float64)          # many ties
     visible = RNG.random((2, 3, 700)) < 0.9
     got = GpuOps.topk_mask(cp.asarray(score), cp.asarray(visible), 512).get()
@@ -340,7 +340,7 @@ def test_topk_kernel_ranks_as_the_stable_sort(C, k):
     """topk_keep (rank by counting, no sort) against RefOps' stable sort on the cases a sort
     decides: ties, NaN scores (after every number), -inf and +inf scores, invisible entries,
     rows with fewer visible entries than k, a row with none, and the whole visible set."""
-    from ds4bench.ops_gpu import GpuOps
+    from ds4bench.engine.ops_gpu import GpuOps
     R = 12
     score = RNG.integers(0, 9, (R, C)).astype(np.float64)                # many ties
     score[1, ::3] = np.nan
@@ -378,7 +378,7 @@ def test_indexer_scores_stop_at_each_tokens_count():
 def test_rope_and_pooling_take_device_positions():
     """RoPE and the compressor's pooling read positions (and window ends) kept in device memory
     as they read host ones: the same bits."""
-    from ds4bench import model as M
+    from ds4bench.engine import model as M
     cfg = config.preset("flash")
     ops = _gpu_ops(cfg)
     freq = M.rope_inv_freq(cfg, True)
@@ -399,7 +399,7 @@ def test_rope_and_pooling_take_device_positions():
 def test_compress_pool_kernel_matches_reference(ratio, T, pos0):
     """Windows ending in this call, candidates from the ring and the new rows (the first ratio-4
     window masks its previous half): float32 like the reference, expf against NumPy's exp."""
-    from ds4bench.model import DS4Model
+    from ds4bench.engine.model import DS4Model
     cfg = config.preset("flash")
     width = 64
     w = 2 * width if ratio == 4 else width
@@ -423,7 +423,7 @@ def test_compress_pool_kernel_matches_reference(ratio, T, pos0):
 def test_indexer_score_kernel_matches_reference(B, T, C, Cmax):
     """Scores of every visible compressed row, from a slice of the key cache, in double; rows
     whose every head dot is negative score exactly 0, as in the reference."""
-    from ds4bench import model as M
+    from ds4bench.engine import model as M
     cfg = config.preset("flash")
     J, I = cfg.indexer_heads, cfg.indexer_dim
     iq = RNG.standard_normal((B, T, J, I)).astype(np.float32)
@@ -435,7 +435,7 @@ def test_indexer_score_kernel_matches_reference(B, T, C, Cmax):
 
 
 def test_swiglu_kernel_matches_reference():
-    from ds4bench import model as M
+    from ds4bench.engine import model as M
     cfg = config.preset("flash")
     g = (RNG.standard_normal((3, 2048)) * 8).astype(np.float32)
     u = (RNG.standard_normal((3, 2048)) * 8).astype(np.float32)
@@ -450,9 +450,8 @@ def test_swiglu_kernel_matches_reference():
                                           (1030, 4352, 3, 1)])
 def test_q8_matmul_variants_equal_two_launches(O, K, N, groups):
     """matmul_q8_0_fused (quantization in shared memory) gives matmul_q8_0's bits after
-    quantize_q8_0, for decode and token tiles, plain and grouped; so does matmul_q8_0_staged
-    (16-byte loads through shared memory) where K allows it, a partial last chunk included
-    (K = 4352: 136 blocks, a chunk of 128 then 8) and rows past O in the last block (1030)."""
+    quantize_q8_0, for decode and token tiles, plain and grouped, rows past O in the last block
+    (1030) included."""
     Kg = K // groups
     W = cp.asarray(F.quantize_q8_0((RNG.standard_normal((O, Kg)) * 0.02).astype(np.float32)))
     x = cp.asarray((RNG.standard_normal((N, K)) * RNG.uniform(0.1, 5, (N, 1))).astype(np.float32))
@@ -465,35 +464,27 @@ def test_q8_matmul_variants_equal_two_launches(O, K, N, groups):
     kernels.function("q8_0.cu", "matmul_q8_0_fused")(grid, (256,), (W, x, one) + args,
                                                      shared_mem=min(N, 8) * (Kg + Kg // 8))
     np.testing.assert_array_equal(one.get(), two.get())
-    if Kg % 256 == 0:
-        staged = poisoned((N, O))
-        kernels.function("q8_0.cu", "matmul_q8_0_staged")(grid, (256,), (W, xq, xd, staged) + args,
-                                                          shared_mem=kernels.q8_stage_smem())
-        np.testing.assert_array_equal(staged.get(), two.get())
 
 
 def test_kernel_bench_times_every_q8_variant():
     """bench-kernels (few iterations): each Q8_0 shape timed as two launches, fused and matmul
-    alone, the staged matmul where K allows it, and the MoE kernels; positive finite times."""
-    from ds4bench import kbench
+    alone, and the MoE kernels; positive finite times."""
+    from ds4bench.harness import kbench
     res = kbench.run("q2", iters=3)
     names = [r["kernel"] for r in res["rows"]]
-    for name, O, K, G in kbench.Q8_SHAPES:                  # every Flash shape has K % 256 == 0
+    for name, O, K, G in kbench.Q8_SHAPES:
         label = f"q8_0 {name} [{O}x{K // G}]" + (f" x{G} groups" if G > 1 else "")
-        assert {n[len(label):] for n in names if n.startswith(label)} == {
-            "", " fused", " matmul only", " staged, matmul only"}, label
+        assert {n[len(label):] for n in names if n.startswith(label)} == {"", " fused", " matmul only"}, label
     assert [n for n in names if n.startswith("moe q2")] == [
-        "moe q2: 6 experts gate/up+down (Q8_K quantize included)", "moe q2: gate/up only", "moe q2: down only",
-        "moe q2: 6 experts gate/up+down (Q8_K quantize included), split", "moe q2: gate/up only, split",
-        "moe q2: down only, split"]
+        "moe q2: 6 experts gate/up+down (Q8_K quantize included)", "moe q2: gate/up only", "moe q2: down only"]
     assert all(np.isfinite(r[k]) and r[k] > 0 for r in res["rows"] for k in ("us", "eager_us"))
 
 
 def test_kernel_bench_decode_times_eager_layers_and_the_graph(tmp_path):
     """bench-kernels' decode table: per-layer event times of the eager step, and the step's wall
     time replayed from a graph where the mode allows one (q8), with the reason where not (f32)."""
-    from ds4bench import kbench
-    from ds4bench.synth import write_model
+    from ds4bench.harness import kbench
+    from ds4bench.engine.synth import write_model
     path = str(tmp_path / "tiny.gguf")
     write_model(config.preset("tiny"), path)
     q8 = kbench.decode_layers(path, "q8", "device", steps=2)
@@ -539,18 +530,6 @@ def test_fused_kernels_match_the_array_code(cache):
     fused kernels: a perf toggle, so the same answer within the mode's tolerance."""
     fused = _run("cupy", cache)
     _agree(cache, _run("cupy", cache, unfused={"all"}), fused)
-
-
-def test_staged_q8_kernel_changes_no_bit(monkeypatch):
-    """DS4BENCH_Q8_KERNEL=staged (16-byte loads) against the default Q8_0 matmul, both as two
-    launches (DS4BENCH_UNFUSED=q8quant): the same kernel arithmetic, so the same bits."""
-    base = _run("cupy", "q8", unfused={"q8quant"})
-    launched, real = [], kernels.function
-    monkeypatch.setattr(kernels, "function", lambda f, name, *rest: (launched.append(name), real(f, name, *rest))[1])
-    got = _run("cupy", "q8", unfused={"q8quant"}, q8_kernel="staged")
-    assert "matmul_q8_0_staged" in launched                  # tiny's K = 256 projections qualify
-    for b, g in zip(base.fingerprints, got.fingerprints):
-        assert b.tokens == g.tokens and b.topk_logprobs == g.topk_logprobs
 
 
 def _long_logits(**opts):
@@ -686,7 +665,7 @@ def test_gpu_batch_decode_matches_single():
 
 
 def test_f16_cache_budget_falls_back_to_q8():
-    from ds4bench.ops_gpu import GpuOps
+    from ds4bench.engine.ops_gpu import GpuOps
     ops = GpuOps(tiny_model(), EngineOptions(mode="f16", backend="cupy", placement="device", cache_mb=1))
     assert ops.fallbacks and all(ops.path(n) == "q8" for n in ops.fallbacks)
     assert ops.cache_bytes <= 2 ** 20

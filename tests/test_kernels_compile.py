@@ -11,14 +11,14 @@ import subprocess
 import numpy as np
 import pytest
 
-from ds4bench import kernels
-from ds4bench.kernels import KERNEL_DIR, kernel_files
+from ds4bench.engine import kernels
+from ds4bench.engine.kernels import KERNEL_DIR, kernel_files
 
 NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
 
 
 def test_kernel_sources_exist():
-    assert {"q8_0.cu", "simfmt.cu"} <= set(kernel_files())
+    assert {"q8_0.cu", "f16w.cu", "lowprec.cu", "moe.cu"} <= set(kernel_files())
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
@@ -53,11 +53,11 @@ def test_gpu_ops_define_every_fusable_hook_with_the_models_arity():
     model.FUSABLE names, taking the arguments DS4Model passes (checked without a GPU)."""
     import ast
 
-    from ds4bench import model as M
+    from ds4bench.engine import model as M
     passed = {"hc_weights": 3, "hc_collapse": 2, "hc_expand": 4, "rms_norm": 3, "rope": 4, "attend": 4,
               "attend_ring": 9, "route": 3, "pool_windows": 9, "indexer_scores": 3, "swiglu_clamped": 3}
     assert {m for ms in M.FUSABLE.values() for m in ms} == set(passed)
-    src = open(os.path.join(os.path.dirname(KERNEL_DIR), "ds4bench", "ops_gpu.py")).read()
+    src = open(os.path.join(os.path.dirname(KERNEL_DIR), "ds4bench", "engine", "ops_gpu.py")).read()
     cls = next(n for n in ast.parse(src).body if isinstance(n, ast.ClassDef) and n.name == "GpuOps")
     methods = {f.name: f for f in cls.body if isinstance(f, ast.FunctionDef)}
     for name, n in passed.items():
@@ -67,26 +67,8 @@ def test_gpu_ops_define_every_fusable_hook_with_the_models_arity():
         assert len(params) - len(args.defaults) <= n <= len(params), (name, params)
 
 
-def test_launch_sizes_come_from_the_kernel_source():
-    """Shared-memory sizes the host passes are read from the kernels' #defines: the staged Q8_0
-    matmul's slices fit the 48 KiB a launch gets without opting in, in whole 16-byte units."""
-    blocks, block_bytes = kernels.define("q8_0.cu", "Q8_STAGE_BLOCKS"), kernels.define("q8_0.cu", "Q8_BLOCK_BYTES")
-    assert block_bytes == 34 and blocks % 32 == 0 and blocks * block_bytes % 16 == 0
-    assert kernels.q8_stage_smem() == 8 * blocks * block_bytes <= 48 * 1024
-    with pytest.raises(KeyError, match="no integer #define NOPE"):
-        kernels.define("q8_0.cu", "NOPE")
-
-
-def test_staged_q8_eligibility():
-    from types import SimpleNamespace
-    at = lambda ptr: SimpleNamespace(data=SimpleNamespace(ptr=ptr))     # noqa: E731
-    assert kernels.q8_staged_fits(4096, at(256), at(1 << 20))
-    assert not kernels.q8_staged_fits(4224, at(256))                     # K % 256 == 128
-    assert not kernels.q8_staged_fits(4096, at(256), at(8))              # a copy off 16-byte alignment
-
-
 def test_kernel_bench_rotates_weights_past_the_l2_cache():
-    from ds4bench.kbench import _Rotating
+    from ds4bench.harness.kbench import _Rotating
     w = np.zeros(4_456_448, np.uint8)                   # attn_q_a's Q8_0 bytes
     rot = _Rotating(w)
     assert sum(c.nbytes for c in rot.copies) >= _Rotating.ROTATE_BYTES
@@ -96,19 +78,21 @@ def test_kernel_bench_rotates_weights_past_the_l2_cache():
 
 
 def test_kernel_variant_toggles():
-    from ds4bench.options import ENGINE_ENV, KERNEL_CHOICES, EngineOptions, choice
+    from ds4bench.engine.options import ENGINE_ENV, KERNEL_CHOICES, EngineOptions, choice
     assert choice("DS4BENCH_Q8_KERNEL", None) == "warp"
-    assert choice("DS4BENCH_Q8_KERNEL", " staged ") == "staged"
+    assert choice("DS4BENCH_Q8_KERNEL", " warp ") == "warp"
     assert choice("DS4BENCH_MOE_KERNEL", "") == "warp"
-    assert choice("DS4BENCH_MOE_KERNEL", "split") == "split"
     assert choice("DS4BENCH_ATTN_KERNEL", None) == "concat"
     assert choice("DS4BENCH_ATTN_KERNEL", "ring") == "ring"
-    with pytest.raises(ValueError, match="DS4BENCH_Q8_KERNEL: unknown 'vec'; choose from warp, staged"):
-        choice("DS4BENCH_Q8_KERNEL", "vec")
+    # the removed variants (staged, split) are unknown values like any other
+    with pytest.raises(ValueError, match="^DS4BENCH_Q8_KERNEL: unknown 'staged'; choose from warp$"):
+        choice("DS4BENCH_Q8_KERNEL", "staged")
+    with pytest.raises(ValueError, match="^DS4BENCH_MOE_KERNEL: unknown 'split'; choose from warp$"):
+        EngineOptions.from_env({"DS4BENCH_MOE_KERNEL": "split"}, backend="cupy")
     with pytest.raises(ValueError, match="DS4BENCH_MOE_KERNEL: unknown 'fast'"):
         EngineOptions(moe_kernel="fast")
-    opts = EngineOptions.from_env({"DS4BENCH_MOE_KERNEL": "split", "DS4BENCH_DECODE_GRAPH": "on"}, backend="cupy")
-    assert (opts.moe_kernel, opts.decode_graph, opts.q8_kernel) == ("split", "on", "warp")
+    opts = EngineOptions.from_env({"DS4BENCH_ATTN_KERNEL": "ring", "DS4BENCH_DECODE_GRAPH": "on"}, backend="cupy")
+    assert (opts.attn_kernel, opts.decode_graph, opts.q8_kernel, opts.moe_kernel) == ("ring", "on", "warp", "warp")
     assert set(KERNEL_CHOICES) <= set(ENGINE_ENV)          # matrix cells record each toggle
 
 
@@ -117,6 +101,6 @@ def test_launch_limits_are_read_from_the_kernel_sources():
     so a kernel edit cannot leave a stale copy in Python."""
     src = (Path(kernels.KERNEL_DIR) / "router.cu").read_text()
     assert f"#define RT_MAX_USED {kernels.define('router.cu', 'RT_MAX_USED')}" in src
-    assert kernels.define("hc.cu", "HC_MAX_STREAMS") >= 4 and kernels.define("q8_0.cu", "TOKEN_TILE") == 8
+    assert kernels.define("hc.cu", "HC_MAX_STREAMS") >= 4 and kernels.define("common.cuh", "TOKEN_TILE") == 8
     with pytest.raises(KeyError, match="kernels/hc.cu has no integer #define NOPE"):
         kernels.define("hc.cu", "NOPE")

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from ds4bench import cell as C
-from ds4bench import matrix as M
+from ds4bench.harness import cell as C
+from ds4bench.harness import matrix as M
 from ds4bench.cli import main
-from ds4bench.record import NOT_MEASURED
-from ds4bench.results import RunDir
+from ds4bench.harness.record import NOT_MEASURED
+from ds4bench.harness.results import RunDir
 
 REPO = Path(__file__).resolve().parent.parent
 # Two short chat prompts keep a cell at about a second of engine time on two cores.
@@ -90,7 +90,7 @@ def test_excludes_and_an_added_baseline():
     ({"colour": "red"}, "unknown key"),
     ({"exclude": [{"color": "q8"}]}, "not axes"),
     ({"batch": ["x"]}, "list of int"),
-    ({"env": {"DS4BENCH_MOE_KERNEL": "fast"}}, r"\[env\] DS4BENCH_MOE_KERNEL: unknown 'fast'; choose from warp, split"),
+    ({"env": {"DS4BENCH_MOE_KERNEL": "split"}}, r"\[env\] DS4BENCH_MOE_KERNEL: unknown 'split'; choose from warp"),
     ({"env": {"DS4BENCH_MOE_KERNELS": "split"}}, r"\[env\] DS4BENCH_MOE_KERNELS is not an engine toggle"),
     ({"seed": -1}, "seed must be at least 0"),
     ({"pass_stat": "mean"}, "pass_stat must be one of median, best, found 'mean'"),

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
 
-from ds4bench import cli, config as C, modelinfo
-from ds4bench.gguf_io import ModelFileError, load_gguf, read_index, tensor_specs, write_gguf
-from ds4bench.synth import make_model, make_tensor, synth_metadata, write_model
+from ds4bench import cli
+from ds4bench.engine import config as C, modelinfo
+from ds4bench.engine.gguf_io import ModelFileError, load_gguf, read_index, tensor_specs, write_gguf
+from ds4bench.engine.synth import make_model, make_tensor, synth_metadata, write_model
 
 TINY = C.preset("tiny")
 
@@ -125,7 +126,7 @@ def _killed(*args):
 
 
 def test_a_dead_writer_process_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch):
-    from ds4bench import synth
+    from ds4bench.engine import synth
     monkeypatch.setattr(synth, "_fill_tensor", _killed)
     rc, _, err = run_cli(["model", "make", "--preset", "tiny", "--workers", "2", "-o", str(tmp_path / "m.gguf")], capsys)
     assert rc == 2 and err.count("\n") == 1 and "a process writing tensors died" in err
@@ -135,7 +136,7 @@ def test_a_dead_writer_process_is_one_line_and_leaves_nothing(tmp_path, capsys, 
 
 
 def test_auto_workers_one_per_cpu_as_far_as_memory_holds():
-    from ds4bench.synth import auto_workers
+    from ds4bench.engine.synth import auto_workers
     flash = C.preset("flash")
     assert auto_workers(TINY, 1 << 40, 16) == 1                     # small models: one process
     assert auto_workers(flash, 128 << 30, 16) == 16
@@ -298,7 +299,7 @@ def test_a_terminated_write_leaves_no_temporary_file(tmp_path):
     code = (
         "import sys, time, numpy as np\n"
         "from ds4bench import config as C\n"
-        "from ds4bench.gguf_io import write_gguf\n"
+        "from ds4bench.engine.gguf_io import write_gguf\n"
         "def slow(s):\n"
         "    print('writing', flush=True); time.sleep(30)\n"
         "    return np.zeros(s.nbytes, np.uint8)\n"

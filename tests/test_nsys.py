@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from ds4bench import matrix as M
-from ds4bench import nsys as N
+from ds4bench.harness import matrix as M
+from ds4bench.harness import nsys as N
 from ds4bench.cli import main
-from ds4bench.results import RunDir, compare, render_compare, summary_md
+from ds4bench.harness.results import RunDir, compare, render_compare, summary_md
 
 FIX = Path(__file__).parent / "fixtures" / "nsys"
 FAKE = Path(__file__).parent / "fake_nsys.py"
@@ -135,7 +135,7 @@ def test_matrix_trace_fills_the_record_summary_and_compare(tmp_path, monkeypatch
     assert res["ranges"] and res["ranges"][0]["ranges"][0]["delta_ms"] is not None
     out = render_compare(res, "md", "a", "b")
     assert "## GPU time per range" in out and "| attn.out |" in out
-    from ds4bench.plots import plot_run
+    from ds4bench.views.plots import plot_run
     written, _ = plot_run(ra.meta(), recs_a, str(tmp_path / "plots"))
     assert any(p.name.endswith("-trace.png") and p.stat().st_size > 10_000 for p in written)
     capsys.readouterr()

@@ -1,4 +1,4 @@
-"""EngineOptions and the one module that reads the environment (ds4bench/options.py)."""
+"""EngineOptions and the one module that reads the environment (ds4bench/engine/options.py)."""
 from __future__ import annotations
 
 import ast
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ds4bench.options import ENGINE_ENV, VARS, EngineOptions, check_engine_env, get, toggles_in_effect
+from ds4bench.engine.options import ENGINE_ENV, VARS, EngineOptions, check_engine_env, get, toggles_in_effect
 
 PKG = Path(__file__).resolve().parent.parent / "ds4bench"
 
@@ -28,13 +28,13 @@ def test_only_options_reads_the_environment():
 
 
 def test_options_come_from_the_environment_with_the_given_fields_over_them():
-    env = {"DS4BENCH_UNFUSED": "rope,attend", "DS4BENCH_Q8_KERNEL": "staged", "DS4BENCH_DECODE_GRAPH": "on",
+    env = {"DS4BENCH_UNFUSED": "rope,attend", "DS4BENCH_ATTN_KERNEL": "ring", "DS4BENCH_DECODE_GRAPH": "on",
            "DS4BENCH_CACHE_MB": "64", "DS4BENCH_PLACEMENT": "managed", "DS4BENCH_SLOWDOWN": "moe:0.05",
            "DS4BENCH_FAULT": "q8-act-block", "DS4BENCH_UNRELATED": "x"}
     gpu = EngineOptions.from_env(env, mode="q8", backend="cupy", batch=4, ctx=128)
-    assert (gpu.mode, gpu.batch, gpu.ctx, gpu.unfused, gpu.q8_kernel, gpu.decode_graph, gpu.cache_mb,
+    assert (gpu.mode, gpu.batch, gpu.ctx, gpu.unfused, gpu.attn_kernel, gpu.decode_graph, gpu.cache_mb,
             gpu.placement, str(gpu.slowdown), gpu.faults) == \
-        ("q8", 4, 128, {"rope", "attend"}, "staged", "on", 64, "managed", "moe:0.05", {"q8-act-block"})
+        ("q8", 4, 128, {"rope", "attend"}, "ring", "on", 64, "managed", "moe:0.05", {"q8-act-block"})
     assert EngineOptions.from_env(env, backend="cupy", placement="host").placement == "host"     # given wins
     cpu = EngineOptions.from_env(env, mode="f16")            # the NumPy engine has no placement, no cache budget
     assert (cpu.backend, cpu.placement, cpu.cache_mb, cpu.faults) == ("numpy", None, None, {"q8-act-block"})
@@ -71,9 +71,9 @@ def test_both_engines_meet_the_seam():
     fused kernels runs the model's array code (the base class's None), and one missing a
     required method says which."""
     import numpy as np
-    from ds4bench.engine_api import InferenceEngine, Ops
-    from ds4bench.generate import Engine
-    from ds4bench.ops_ref import RefOps
+    from ds4bench.engine.engine_api import InferenceEngine, Ops
+    from ds4bench.engine.generate import Engine
+    from ds4bench.engine.ops_ref import RefOps
     from .engine_util import tiny_model
     eng = Engine(tiny_model(), mode="q8", ctx=32)
     assert isinstance(eng, InferenceEngine) and isinstance(eng.ops, Ops) and isinstance(eng.ops, RefOps)

@@ -1,12 +1,12 @@
-"""The parameter table (ds4bench/params.py): every parameter reaches the spec, the command line,
+"""The parameter table (ds4bench/harness/params.py): every parameter reaches the spec, the command line,
 the cell and the record from its one row."""
 from __future__ import annotations
 
 import dataclasses
 
-from ds4bench import params as P
-from ds4bench.matrix import MatrixSpec, expand, spec_from_mapping
-from ds4bench.record import FIELDS
+from ds4bench.harness import params as P
+from ds4bench.harness.matrix import MatrixSpec, expand, spec_from_mapping
+from ds4bench.harness.record import FIELDS
 
 SAMPLE = {str: "x", int: 3, bool: True, (int, float): 2.5}
 VALID = {"ctx": 512, "settle": 0.05}            # values the spec's checks accept

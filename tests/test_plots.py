@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from ds4bench import asvdata, plots
+from ds4bench.views import asvdata, plots
 from ds4bench.cli import main
-from ds4bench.results import RunDir
+from ds4bench.harness.results import RunDir
 
 RUNS = Path(__file__).resolve().parent.parent / "results" / "runs"
 CPU_RUN, GPU_RUN = "20261125-213406-tiny-numpy", "20261125-h100-flash-4l-device"

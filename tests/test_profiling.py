@@ -1,8 +1,8 @@
 """Stage ranges: free when off, named after the code, NVTX ranges that change nothing."""
 import pytest
 
-from ds4bench.generate import Engine, generate
-from ds4bench.profiling import HostTimer, NvtxRanges, Profiler, make_profiler, stage_of
+from ds4bench.engine.generate import Engine, generate
+from ds4bench.engine.profiling import HostTimer, NvtxRanges, Profiler, make_profiler, stage_of
 
 from .engine_util import default_prompts, tiny_model
 

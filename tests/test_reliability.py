@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from ds4bench import fileio
-from ds4bench import guards as G
-from ds4bench import matrix as M
-from ds4bench import results as S
-from ds4bench import verdict as V
+from ds4bench.engine import fileio
+from ds4bench.harness import guards as G
+from ds4bench.harness import matrix as M
+from ds4bench.harness import results as S
+from ds4bench.harness import verdict as V
 from ds4bench.cli import main
 from tests.test_results import make_run, rec
 
@@ -266,9 +266,9 @@ def test_sigterm_exits_143_and_keeps_the_finished_cells(tmp_path, capsys, monkey
 
 
 # ---- GGUF validation -------------------------------------------------------------------------
-from ds4bench import config as C                                   # noqa: E402
-from ds4bench.gguf_io import ModelFileError, load_gguf, tensor_specs, write_gguf  # noqa: E402
-from ds4bench.synth import make_tensor, synth_metadata, write_model  # noqa: E402
+from ds4bench.engine import config as C                                   # noqa: E402
+from ds4bench.engine.gguf_io import ModelFileError, load_gguf, tensor_specs, write_gguf  # noqa: E402
+from ds4bench.engine.synth import make_tensor, synth_metadata, write_model  # noqa: E402
 
 TINY = C.preset("tiny")
 
@@ -452,7 +452,7 @@ def test_a_killed_model_write_leaves_no_orphan_in_the_model_cache(tmp_path, monk
 
 
 def test_runners_racing_for_one_id_get_distinct_directories(tmp_path):
-    code = ("import sys; from ds4bench.results import RunDir; "
+    code = ("import sys; from ds4bench.harness.results import RunDir; "
             "print(RunDir.create(sys.argv[1], {'backend': 'numpy', 'cells': []}, 'same').run_id)")
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=env, stdout=subprocess.PIPE,

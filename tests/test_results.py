@@ -6,9 +6,9 @@ import types
 import pandas as pd
 import pytest
 
-from ds4bench import record as R
-from ds4bench import results as S
-from ds4bench.generate import Timing
+from ds4bench.harness import record as R
+from ds4bench.harness import results as S
+from ds4bench.engine.generate import Timing
 
 
 def rec(cell_id, cache="f32", batch=1, verdict="identical", steps=(10.0, 11.0, 12.0), tps=100.0, sha="aa", **kw):
@@ -99,6 +99,17 @@ def test_compare_joins_runs_that_differ_in_a_toggle_and_says_so():
     assert 'environments differ: A {} ; B {"DS4BENCH_UNFUSED": "all"}'.replace(" ;", ";") in md
 
 
+def test_records_naming_a_removed_kernel_variant_still_show_and_compare(tmp_path):
+    """A toggle value the engine no longer has (DS4BENCH_Q8_KERNEL=staged, DS4BENCH_MOE_KERNEL=split)
+    is a plain string in an old record: its run still loads, prints and compares."""
+    old = rec("a", env={"DS4BENCH_Q8_KERNEL": "staged", "DS4BENCH_MOE_KERNEL": "split"})
+    run = make_run(tmp_path, cells=("a",))
+    run.append(old)
+    got = run.records()
+    assert got[0]["env"] == old["env"] and "identical" in S.markdown_table(got)
+    assert len(S.compare([rec("a", env={})], got)["speed"]) == 1
+
+
 def test_compare_refuses_runs_with_no_cell_in_common():
     """Nothing joined is a mistake (another preset, token count, ...), not 'no change'."""
     with pytest.raises(ValueError, match="no cell in common .* differ in n_gen 32 vs 8"):
@@ -106,8 +117,8 @@ def test_compare_refuses_runs_with_no_cell_in_common():
 
 
 def test_a_cell_records_the_engine_toggles_of_its_environment(monkeypatch, tmp_path):
-    from ds4bench.cell import run_cell
-    from ds4bench import matrix as M
+    from ds4bench.harness.cell import run_cell
+    from ds4bench.harness import matrix as M
     monkeypatch.setenv("DS4BENCH_UNFUSED", "rope")
     monkeypatch.setenv("DS4BENCH_UNRELATED", "x")
     spec = M.spec_from_mapping({"cache": ["f32"], "n": 2, "reps": 1}, "test")
@@ -176,7 +187,7 @@ def test_gpu_fields_from_nvml_and_roofline(monkeypatch):
     assert (fields["gpu_uuid"], fields["gpu_pci_bus_id"]) == ("GPU-0f1e2d3c", "00000000:19:00.0")
     assert fields["gpu_mem_bw_gbs"] == pytest.approx(3352.3, rel=1e-3)           # 2619 MHz x 5120 bit x 2
     assert fields["gpu_power_w_start"] == 350.0 and fields["gpu_throttle"] == ["power cap"] and not na
-    from ds4bench import config as C
+    from ds4bench.engine import config as C
     roof, rna = R.roofline_fields(C.preset("tiny"), 4, 100, 0.01, fields["gpu_mem_bw_gbs"], "")
     assert roof["bytes_per_token"] == roof["bytes_per_step"] / 4
     assert roof["roofline_pct"] == pytest.approx(100 * roof["bytes_per_step"] / 0.01 / 1e9 / 3352.3, rel=1e-3)

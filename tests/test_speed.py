@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ds4bench import rounds as RD
-from ds4bench import slowdown as SD
-from ds4bench import stats as S
-from ds4bench.matrix import Cell
-from ds4bench.results import RunDir, compare
+from ds4bench.harness import rounds as RD
+from ds4bench.engine import slowdown as SD
+from ds4bench.harness import stats as S
+from ds4bench.harness.matrix import Cell
+from ds4bench.harness.results import RunDir, compare
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -207,7 +207,7 @@ def test_gpu_delay_waits_its_time_and_replays_in_a_graph():
             pytest.skip("no CUDA device visible")
     except cp.cuda.runtime.CUDARuntimeError:
         pytest.skip("no CUDA device visible")
-    from ds4bench.graph_gpu import capture
+    from ds4bench.engine.graph_gpu import capture
     d = SD.Delay(SD.Slowdown("moe", 1.0), type("Ops", (), {"xp": cp})(), n_layer=2)
 
     def timed(fn, stream):
@@ -232,7 +232,7 @@ def test_an_interrupted_multi_round_matrix_resumes_keeping_its_finished_rounds(t
     """In process, with the cell launcher replaced: the 4th round process is interrupted; three
     rounds stay in rounds.jsonl, the resume runs only the other three in the stored order, and
     each cell's record carries its three rounds; a failing round fails its cell and names it."""
-    from ds4bench import matrix as M
+    from ds4bench.harness import matrix as M
     from ds4bench.cli import main
     calls = []
 
@@ -279,7 +279,7 @@ def test_an_interrupted_multi_round_matrix_resumes_keeping_its_finished_rounds(t
 
 
 def test_tree_sources_are_checked(tmp_path):
-    from ds4bench.trees import parse_trees, resolve
+    from ds4bench.harness.trees import parse_trees, resolve
     assert parse_trees(["A=80a58af", "B=."]) == {"A": "80a58af", "B": "."}
     for bad, match in ((["A"], "LABEL=<path or commit>"), (["A=x", "A=y"], "given twice")):
         with pytest.raises(ValueError, match=match):
@@ -301,9 +301,9 @@ def test_generate_prints_tok_s_without_the_prime_pass_and_says_what_it_left_out(
 def test_a_cells_trees_run_next_to_each_other_and_abba_reverses_them():
     """With a tree axis one cell's trees are adjacent, so an ABBA schedule pairs A and B in
     neighbouring processes (a drift of the host's speed hits both alike)."""
-    from ds4bench.matrix import MatrixSpec, expand
-    from ds4bench.rounds import schedule
-    from ds4bench.trees import with_trees
+    from ds4bench.harness.matrix import MatrixSpec, expand
+    from ds4bench.harness.rounds import schedule
+    from ds4bench.harness.trees import with_trees
     cells, _ = expand(MatrixSpec(caches=["q8", "f32"], batches=[1, 16]), "numpy")
     both = with_trees(cells, {"A": ".", "S": "."}, {"S": {"DS4BENCH_SLOWDOWN": "moe:0.05"}}, say=lambda *a: None)
     ids = [c.cell_id for c in both]

@@ -6,8 +6,8 @@ import string
 import pytest
 from tokenizers import Regex, pre_tokenizers
 
-from ds4bench.prompts import load_prompts, prompt_set_names
-from ds4bench.tokenizer import (BYTE_TO_CHAR, SPECIAL_TOKENS, TOKEN_CONTROL, TOKEN_NORMAL,
+from ds4bench.engine.prompts import load_prompts, prompt_set_names
+from ds4bench.engine.tokenizer import (BYTE_TO_CHAR, SPECIAL_TOKENS, TOKEN_CONTROL, TOKEN_NORMAL,
                                 Tokenizer, _JOYAI_SPLIT, byte_level)
 
 TEXTS = ["", "Hello, world!", "What is 2+2? Answer in one word.",
@@ -207,7 +207,7 @@ def test_prompt_errors_name_the_file(tmp_path):
 
 
 def test_synthetic_vocab_carries_the_token_ds4_requires_without_moving_ids():
-    from ds4bench.tokenizer import BYTE_LEVEL_MIN_VOCAB, DSML_TOKEN, ENGLISH_MERGES, TOKEN_CONTROL
+    from ds4bench.engine.tokenizer import BYTE_LEVEL_MIN_VOCAB, DSML_TOKEN, ENGLISH_MERGES, TOKEN_CONTROL
     for size in (512, 4096, 129280):
         tok = byte_level(size)
         i = tok._tokens.index(DSML_TOKEN)

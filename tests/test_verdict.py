@@ -4,8 +4,8 @@ import math
 import numpy as np
 import pytest
 
-from ds4bench import verdict as V
-from ds4bench.generate import Fingerprint
+from ds4bench.harness import verdict as V
+from ds4bench.engine.generate import Fingerprint
 
 TH = V.Thresholds(tol=0.4, spike=2.5, tie=1.5, nmse_max=0.2)
 

@@ -5,14 +5,14 @@ import math
 import numpy as np
 import pytest
 
-from ds4bench import kl as KL
-from ds4bench import probe as PR
-from ds4bench import verdict as V
-from ds4bench.generate import Engine, generate, make_ops
-from ds4bench.options import EngineOptions
-from ds4bench.model import no_tap
-from ds4bench.prompts import load_prompts
-from ds4bench.results import compare
+from ds4bench.harness import kl as KL
+from ds4bench.harness import probe as PR
+from ds4bench.harness import verdict as V
+from ds4bench.engine.generate import Engine, generate, make_ops
+from ds4bench.engine.options import EngineOptions
+from ds4bench.engine.model import no_tap
+from ds4bench.engine.prompts import load_prompts
+from ds4bench.harness.results import compare
 
 from .broken_mode import BadScaleOps
 from .engine_util import tiny_model, tiny_tokenizer
@@ -90,7 +90,7 @@ def _expert_weight_fault(ops):
 
 def _fp8_fault(ops):
     """KV rounding: the FP8 round trip skipped on the last 64 nope dims."""
-    from ds4bench import formats as F
+    from ds4bench.engine import formats as F
     nope = ops.cfg.n_nope
 
     def kv_round(x):
@@ -159,7 +159,7 @@ def test_a_lead_puts_the_probe_past_the_window_and_the_top_k(tmp_path):
     indexer top-k: the window and top-k faults escape. With the lead (the reference alone runs
     ahead, the cell starts from its state) both are caught at their stage, healthy q8 and f32
     pass, and the lead's state survives the reference cache."""
-    from ds4bench.faults import from_env
+    from ds4bench.engine.faults import from_env
     mf = tiny_model(0)
     cfg = mf.cfg
     assert PR.late_position(cfg) == max(cfg.sliding_window, 4 * (cfg.indexer_topk + 1)) == 68

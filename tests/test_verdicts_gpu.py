@@ -12,9 +12,9 @@ try:
 except Exception:
     pytest.skip("no CUDA device", allow_module_level=True)
 
-from ds4bench import probe as PR  # noqa: E402
-from ds4bench.generate import make_ops  # noqa: E402
-from ds4bench.options import EngineOptions  # noqa: E402
+from ds4bench.harness import probe as PR  # noqa: E402
+from ds4bench.engine.generate import make_ops  # noqa: E402
+from ds4bench.engine.options import EngineOptions  # noqa: E402
 
 from .engine_util import tiny_model  # noqa: E402
 from .test_verdicts import smoke_prompts  # noqa: E402

@@ -97,7 +97,7 @@ def load_plugins(spec: str | None = None) -> list[str]:
 
 def gpu_unavailable_reason() -> str:
     """Why the GPU backend cannot run in this process, or '' when it can: CuPy imports, a CUDA
-    device is visible and the GPU engine (`ds4bench.ops_gpu`) imports."""
+    device is visible and the GPU engine (`ds4bench.engine.ops_gpu`) imports."""
     if importlib.util.find_spec("cupy") is None:
         return "CuPy is not installed"
     try:

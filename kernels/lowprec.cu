@@ -1,4 +1,4 @@
-// Simulated low-precision formats that are part of the DS4 model (ds4-spec 3.3 steps 6-8, 4.4):
+// Low-precision round trips that are part of the DS4 model (ds4-spec 3.3 steps 6-8, 4.4):
 // FP8 e4m3 on the "nope" dims of stored KV rows, F16 rounding of the whole row, and the
 // indexer's Hadamard rotation followed by an FP4 e2m1 round trip. Bit-compatible with formats.py.
 #include "common.cuh"

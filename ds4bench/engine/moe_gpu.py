@@ -20,13 +20,11 @@ from gguf import GGMLQuantizationType as QT
 from . import kernels
 from .config import ModelConfig
 from .formats import FORMATS, row_bytes
-from .options import choice
 
 SRC = "moe.cu"
 QK_K = 256
 WARPS = 8                                      # output rows per CTA, one warp each
-# Kernel name suffix per weight format; moe.cu defines moe_gate_up_<s>, moe_down_<s> and the
-# split variant's moe_gate_up4_<s> and moe_down_split_<s> for each.
+# Kernel name suffix per weight format; moe.cu defines moe_gate_up_<s> and moe_down_<s> for each.
 KERNEL_SUFFIX = {QT.IQ2_XXS: "iq2_xxs", QT.Q2_K: "q2_k", QT.Q4_K: "q4_k"}
 _i32 = np.int32
 
@@ -82,13 +80,12 @@ class GpuExperts:
     the arrays are used in place (never copied). Set `poison` to fill scratch and outputs with NaN
     bytes before the kernels run (tests)."""
 
-    def __init__(self, cfg: ModelConfig, tensors: dict, defines: tuple = (), variant: str = "warp"):
+    def __init__(self, cfg: ModelConfig, tensors: dict, defines: tuple = ()):
         self.cfg = cfg
         self.defines = tuple(defines)        # -D options of injected faults (faults.defines)
         self.E, self.F, self.D = cfg.n_expert, cfg.expert_ff, cfg.n_embd
         self.clamp = np.float32(cfg.swiglu_clamp)
         self.poison = False
-        self.variant = choice("DS4BENCH_MOE_KERNEL", variant)      # options.VARIANTS moe_kernel
         self.layers: dict[int, _Layer] = {}
         for il in range(cfg.n_layer):
             names = [f"blk.{il}.ffn_{k}_exps.weight" for k in ("gate", "up", "down")]
@@ -149,8 +146,7 @@ class GpuExperts:
         P = N * A
         mid = empty((P, F), cp.float32, self.poison)
         if P:
-            stem = "moe_gate_up4_" if self.variant == "split" else "moe_gate_up_"
-            fn = kernels.function(SRC, stem + KERNEL_SUFFIX[L.gate_type], self.defines)
+            fn = kernels.function(SRC, f"moe_gate_up_{KERNEL_SUFFIX[L.gate_type]}", self.defines)
             fn((P, (F + WARPS - 1) // WARPS), (32 * WARPS,),
                (L.gate, L.up, self.tables, xq, xd, xb, sel, w, mid, _i32(P), _i32(A), _i32(self.E),
                 _i32(F), _i32(self.D), self.clamp))
@@ -162,12 +158,8 @@ class GpuExperts:
         L, D = self.layers[il], self.D
         N, A = sel.shape
         y = empty((N, D), cp.float32, self.poison)
-        args = (L.down, self.tables, mq, md, mb, sel, y, _i32(N), _i32(A), _i32(self.E), _i32(self.F), _i32(D))
-        if N and self.variant == "split" and 0 < A <= 32:   # a CTA holds a warp per selected expert
-            R = max(1, WARPS // A)                          # rows per CTA, A warps each
-            kernels.function(SRC, f"moe_down_split_{KERNEL_SUFFIX[L.down_type]}", self.defines)(
-                (N, (D + R - 1) // R), (32 * A * R,), args + (_i32(R),), shared_mem=4 * A * R)
-        elif N:
+        if N:
             kernels.function(SRC, f"moe_down_{KERNEL_SUFFIX[L.down_type]}", self.defines)(
-                (N, (D + WARPS - 1) // WARPS), (32 * WARPS,), args)
+                (N, (D + WARPS - 1) // WARPS), (32 * WARPS,),
+                (L.down, self.tables, mq, md, mb, sel, y, _i32(N), _i32(A), _i32(self.E), _i32(self.F), _i32(D)))
         return y

@@ -201,7 +201,7 @@ def _stacked_bars(pts: list[dict], values: list[dict], names: list[str]):
 def trace_ranges(meta: dict, recs: list[dict], path: Path) -> Path:
     """Nsight Systems: GPU ms projected onto each engine stage (leaf ranges, `layer.N` summed)
     stacked per traced cell, with each cell's kernel time marked."""
-    from .nsys import by_stage, ordered
+    from ..harness.nsys import by_stage, ordered
     pts = [r for r in recs if r.get("trace_gpu_ms")]
     if not pts:
         raise Skip("no traced cell (run with --trace)")

@@ -25,14 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # Kernel variants and launch paths a toggle picks: field -> (variable, choices, the first the
-# default). Every choice computes the same bits (the GPU tests compare them).
+# default). Every choice computes the same bits (the GPU tests compare them). A toggle whose
+# other variants measured no better and were removed keeps its one value, so a spec or an
+# environment naming a removed variant gets this module's one-line error.
 VARIANTS = {
-    # the Q8_0 matmul where the activation quantization is not fused in: matmul_q8_0, or
-    # matmul_q8_0_staged (16-byte loads through shared memory; rows with K % 256 == 0)
-    "q8_kernel": ("DS4BENCH_Q8_KERNEL", ("warp", "staged")),
-    # the routed experts: a warp per row looping over the selected experts, or gate/up four
-    # blocks at a time and down with one warp per (row, expert) (moe_gate_up4_*, moe_down_split_*)
-    "moe_kernel": ("DS4BENCH_MOE_KERNEL", ("warp", "split")),
+    # the Q8_0 matmul where the activation quantization is not fused in (matmul_q8_0)
+    "q8_kernel": ("DS4BENCH_Q8_KERNEL", ("warp",)),
+    # the routed experts: a warp per row looping over the selected experts
+    "moe_kernel": ("DS4BENCH_MOE_KERNEL", ("warp",)),
     # attention: keys gathered and concatenated with a host-built mask, then attend_sink; or
     # attend_sink_ring reading the window ring, the new rows and the compressed rows in place
     "attn_kernel": ("DS4BENCH_ATTN_KERNEL", ("concat", "ring")),

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from .command_engine import BUILD_INFO
-from .options import CACHE_ROOT, get
+from ..engine.options import CACHE_ROOT, get
 from .record import utc_now
 
 FULL_LAYERS = 43                        # ds4's DS4_N_LAYER: DeepSeek V4 Flash

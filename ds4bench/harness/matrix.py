@@ -47,12 +47,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import config as C
-from .config import PLACEMENTS
+from ..engine import config as C
+from ..engine.config import PLACEMENTS
 from . import record as R
 from .record import TRACE_FIELDS
 from . import verdict as V
-from .options import ENGINE_ENV, environment, model_cache_dir
+from ..engine.options import ENGINE_ENV, environment, model_cache_dir
 from .params import AXES as SPEC_AXES, SCALARS as SPEC_SCALARS, SPEC_KEYS
 from .rounds import SETTLE, WARMUP_CAP_S
 
@@ -201,8 +201,8 @@ def parse_pairs(text: str, what: str) -> dict:
 
 
 def validate(s: MatrixSpec) -> None:
-    from .generate import EXTRA_MODES
-    from .ops_ref import CACHE_MODES
+    from ..engine.generate import EXTRA_MODES
+    from ..engine.ops_ref import CACHE_MODES
     where = f"matrix spec ({s.source})"
     if s.engine != "ds4bench":
         from .command_engine import load_adapter, path_values
@@ -228,7 +228,7 @@ def validate(s: MatrixSpec) -> None:
         if not Path(m).is_file():
             raise ValueError(f"{where}: model file {m} does not exist")
         if len(s.presets) == 1:                 # the file must be that preset: check once, here
-            from .gguf_io import load_gguf
+            from ..engine.gguf_io import load_gguf
             load_gguf(m, C.preset(s.presets[0]), s.variant)
     if s.variant not in (None, "q2", "q4"):
         raise ValueError(f"{where}: variant must be q2 or q4, found {s.variant!r}")
@@ -282,7 +282,7 @@ def validate(s: MatrixSpec) -> None:
         raise ValueError(f"{where}: baseline placement {b['placement']!r}; choose from {', '.join(PLACEMENTS)}")
     if "batch" in b and (not isinstance(b["batch"], int) or not 1 <= b["batch"] <= 64):
         raise ValueError(f"{where}: baseline batch must be an integer in 1..64, found {b['batch']!r}")
-    from .prompts import load_prompts
+    from ..engine.prompts import load_prompts
     load_prompts(s.prompts)
     if s.ctx is not None:                       # a context too small would fail every cell
         from .guards import check_ctx
@@ -291,8 +291,8 @@ def validate(s: MatrixSpec) -> None:
 
 def _model_meta(s: MatrixSpec) -> list:
     """(label, config, metadata) of each model of a spec: a file's own, or a preset's synthetic."""
-    from .gguf_io import load_gguf
-    from .synth import synth_metadata
+    from ..engine.gguf_io import load_gguf
+    from ..engine.synth import synth_metadata
     if s.models:
         return [(Path(m).name, (mf := load_gguf(m)).cfg, mf.metadata) for m in s.models]
     return [(p, cfg, synth_metadata(cfg, s.seed)) for p in s.presets for cfg in [C.preset(p, s.variant)]]
@@ -303,7 +303,7 @@ def _check_toggles(names, env: dict, what: str, hint: str = "") -> None:
     """A spec's engine toggles, as the CLI checks the shell's: a DS4BENCH_* name in `names` that
     is no toggle (a misspelling would be recorded and do nothing), or a value in `env` that no
     backend knows, is a one-line ValueError starting with `what`."""
-    from .options import check_engine_env
+    from ..engine.options import check_engine_env
     unknown = sorted(k for k in names if k.startswith("DS4BENCH_") and k not in ENGINE_ENV)
     if unknown:
         raise ValueError(f"{what} {unknown[0]} is not an engine toggle ({', '.join(ENGINE_ENV)}{hint})")
@@ -318,7 +318,7 @@ def resolve_backend(requested: str) -> tuple[str, str]:
     missing -- asked in a child process, so this process never imports CuPy."""
     if requested == "numpy":
         return "numpy", "backend numpy was requested"
-    probe = "from ds4bench.generate import gpu_unavailable_reason as r; print(r() or 'ok')"
+    probe = "from ds4bench.engine.generate import gpu_unavailable_reason as r; print(r() or 'ok')"
     try:
         r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
                            env=_child_env({}))
@@ -328,7 +328,7 @@ def resolve_backend(requested: str) -> tuple[str, str]:
     except subprocess.TimeoutExpired:
         why = "the GPU probe did not answer in 120 s"
     if not why:
-        return "cupy", "CuPy imports, a GPU is visible and ds4bench.ops_gpu imports"
+        return "cupy", "CuPy imports, a GPU is visible and ds4bench.engine.ops_gpu imports"
     if requested == "cupy":
         raise ValueError(f"backend cupy is unavailable: {why}; use --backend numpy or auto")
     return "numpy", why
@@ -443,8 +443,8 @@ def _kv(d: dict) -> str:
 def prepare_models(cells: list[Cell], cache_dir: str | None = None, say=print) -> None:
     """Presets too large to generate in every cell are written to a GGUF once, then mapped
     (again on a resume that finds the file gone, e.g. on a fresh GPU machine)."""
-    from .gguf_io import tensor_specs
-    from .synth import auto_workers, write_model
+    from ..engine.gguf_io import tensor_specs
+    from ..engine.synth import auto_workers, write_model
     root = Path(cache_dir) if cache_dir else model_cache_dir()
     for c in cells:
         p = c.params
@@ -541,7 +541,7 @@ def run_cell_process(cell: Cell, out: Path, fingerprints: Path, log: Path,
         name = signal.Signals(-rc).name
         hint = " (out of memory?)" if -rc == signal.SIGKILL else ""
         return None, f"killed by {name}{hint}" + (f"; last output: {last}" if last else ""), wall
-    from .fileio import disk_note                # a full disk also swallows the cell's own last words
+    from ..engine.fileio import disk_note                # a full disk also swallows the cell's own last words
     return None, (last or f"exited with status {rc} without a record") + disk_note(out.parent), wall
 
 

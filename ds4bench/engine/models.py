@@ -9,7 +9,7 @@ def load_model(model: str | None = None, preset: str | None = None, variant: str
     """A ModelFile from a GGUF path or a synthetic preset (generated in memory). A file given
     with a preset must match it; a preset too large for the host's memory is a ValueError."""
     from .gguf_io import load_gguf, tensor_specs
-    from .guards import host_available
+    from .fileio import host_available
     from .synth import make_model
     if model:
         expect = C.preset(preset, variant) if preset else None

@@ -73,7 +73,7 @@ Reproduce (about 10 minutes on two cores; runs land in /tmp/cal):
   export DS4BENCH_PLUGINS=tests.broken_mode PYTHONPATH=.
   for s in 0 1 2 3 4 5; do ds4bench matrix --cache q8,f16,f32,q8-badscale --batch 1,2
       --seed $s --reps 1 --out /tmp/cal --id smoke-s$s; done
-  python -c 'from ds4bench.verdict import write_long_slices; write_long_slices("/tmp/long3.toml")'
+  python -c 'from ds4bench.harness.verdict import write_long_slices; write_long_slices("/tmp/long3.toml")'
   for s in 0 1 2 3 4 5 6 7 8 9; do ds4bench matrix --prompts /tmp/long3.toml --seed $s
       --cache q8,f16,f32,q8-badscale --batch 1 --reps 1 --out /tmp/cal --id long-s$s; done
 (each `for` on one line), then read median_dlogprob and prompts[].max_dlogprob,
@@ -111,8 +111,8 @@ DEFAULT = Thresholds()
 def write_long_slices(path: str, n: int = 3, tokens: int = 400, stride: int = 2000) -> None:
     """The calibration's long prompts: `n` slices of `tokens` tokens of long_story.txt, `stride` apart."""
     import json
-    from .prompts import load_prompts
-    from .tokenizer import byte_level
+    from ..engine.prompts import load_prompts
+    from ..engine.tokenizer import byte_level
     tok = byte_level(512)
     ids = tok.encode(next(p for p in load_prompts("default") if p.id == "long_story").text)
     with open(path, "w", encoding="utf-8") as fh:
@@ -138,7 +138,7 @@ def save_fingerprints(path: str, fingerprints, first_logits: dict, logprobs: dic
             arrays[f"{fp.prompt_id}.first_logits"] = np.asarray(first_logits[fp.prompt_id], np.float32)  # [V]
         if logprobs and fp.prompt_id in logprobs:
             arrays[f"{fp.prompt_id}.logprobs"] = np.asarray(logprobs[fp.prompt_id], np.float16)         # [n, V]
-    from .fileio import replacing
+    from ..engine.fileio import replacing
     with replacing(path) as tmp, open(tmp, "wb") as fh:      # no temporary survives a failed write
         np.savez(fh, **arrays)
 

@@ -156,7 +156,7 @@ def auto_workers(cfg: C.ModelConfig, available: int | None = None, cpus: int | N
     """Processes for write_model: 1 below AUTO_MIN_BYTES, else one per CPU as far as the host's
     available memory (MemAvailable) holds their making. A file written to memory (/dev/shm) takes
     its own size from that too: leave it room with a smaller `workers`."""
-    from .guards import host_available
+    from .fileio import host_available
     if sum(s.nbytes for s in tensor_specs(cfg)) < AUTO_MIN_BYTES:
         return 1
     cpus = cpus or len(os.sched_getaffinity(0))

@@ -24,7 +24,7 @@ The record of a cell merges its rounds (`merge`): per-round samples (`round_deco
 slowdown reasons NVML saw; `round_slot`: the round's position in its pass, 0 = the first
 process), summaries as medians over rounds, and fingerprints from the first round; a round
 whose tokens differ from the first marks the cell non-deterministic. The statistics over
-rounds are ds4bench/stats.py.
+rounds are ds4bench/harness/stats.py.
 """
 from __future__ import annotations
 

@@ -49,10 +49,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .options import commit_given
+from ..engine.options import commit_given
 
 SCHEMA = 1
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]                  # the checkout: ds4bench/harness/../..
 PACKAGES = ("ds4bench", "numpy", "scipy", "pandas", "pyarrow", "gguf", "tokenizers", "tqdm", "nvidia-ml-py")
 TRACE_FIELDS = ("trace_file", "trace_gpu_ms", "trace_calls", "trace_kernels", "trace_kernel_ms")   # --trace
 RELIABLE_SPREAD = 0.15          # decode and prefill tok/s: (max - min) / median across repetitions
@@ -115,7 +115,7 @@ class CellRecord:
     trace: bool = False                 # the cell ran under Nsight Systems (implies nvtx)
     timeout_s: float = 0.0
     env: dict = field(default_factory=dict)     # DS4BENCH_* and spec variables the cell ran with
-    rounds: int = 1                     # processes the cell was measured in (ds4bench/rounds.py)
+    rounds: int = 1                     # processes the cell was measured in (ds4bench/harness/rounds.py)
     settle: float = 0.05                # warm-up stops when pass medians agree within this, relative
     warmup_cap_s: float = 3.0           # ... or after this long
     pass_stat: str = "median"           # a round's tok/s from its timed passes: median, or best (the fastest)
@@ -168,7 +168,7 @@ class CellRecord:
     round_wall_s: list = field(default_factory=list)
     round_compile_s: list = field(default_factory=list)
     round_warmup_passes: list = field(default_factory=list)
-    # DS4BENCH_SLOWDOWN (ds4bench/slowdown.py): the known slowdown a sensitivity test injects
+    # DS4BENCH_SLOWDOWN (ds4bench/engine/slowdown.py): the known slowdown a sensitivity test injects
     slowdown: str | None = None                         # stage:fraction
     slowdown_step_s: float | None = None                # wait added per forward call
     slowdown_base_step_s: float | None = None           # the un-slowed decode step it is a fraction of
@@ -447,7 +447,7 @@ def timing_fields(timings: list, throttle: list, pass_stat: str = "median") -> d
 
 def roofline_fields(cfg, batch: int, max_context: int, median_step_s: float | None,
                     peak_gbs: float | None, why_no_peak: str) -> tuple[dict, dict]:
-    from .gguf_io import decode_read_bytes
+    from ..engine.gguf_io import decode_read_bytes
     indexer_active = max_context // 4 > cfg.indexer_topk
     per_step = int(decode_read_bytes(cfg, indexer_active)["total"])
     out = {"bytes_per_step": per_step, "bytes_per_token": per_step / batch, "achieved_gbs": None, "roofline_pct": None}

@@ -3,7 +3,7 @@
 Same modes as the reference (see ops_ref): cache-eligible Q8_0 tensors go through
   q8   Q8_0 activation quantization + dp4a kernels (kernels/q8_0.cu), for decode and token tiles;
   f16  the Q8_0->F16 dequant cache in device memory (built once, under a byte budget), read by
-       a float-activation kernel, so activations keep the precision of the NumPy f16 mode;
+       a float-activation kernel (kernels/f16w.cu, as the F16 model tensors), so activations keep the precision of the NumPy f16 mode;
   f32  an F32 copy multiplied with cuBLAS through CuPy.
 Tensors that do not fit the cache budget fall back to q8 and are listed in `fallbacks`.
 HC mixing, RMS norms, RoPE, attention, the router, the compressor's pooling, the indexer scores
@@ -35,7 +35,7 @@ from .ops_ref import cache_eligible, check_cache_mode
 from .options import EngineOptions
 
 ROWS_PER_BLOCK = 8                   # a block of 8 warps, a row each (q8_0.cu)
-TOKEN_TILE = kernels.define("q8_0.cu", "TOKEN_TILE")
+TOKEN_TILE = kernels.define("common.cuh", "TOKEN_TILE")
 CACHE_RESERVE = 4 * 2 ** 30          # device memory left free when the cache budget is automatic
 SMEM_DEFAULT_MAX = 48 * 1024         # dynamic shared memory a launch gets without opting in
 # matmul_q8_0_fused quantizes the activations again in every block of rows: it beats the two
@@ -93,7 +93,7 @@ class GpuOps(Ops):
         if self.cfg.n_expert_used > ROUTE_MAX_USED or 8 * self.cfg.n_expert > SMEM_DEFAULT_MAX:
             off.add("route")                                                  # outside router.cu's
         self.unfused = frozenset(off)
-        self.q8_kernel, self.attn_kernel = options.q8_kernel, options.attn_kernel
+        self.attn_kernel = options.attn_kernel
         self.placer = Placer(self.placement, model.nbytes)
         self.w: dict[str, cp.ndarray] = {}
         expert_tensors = {}
@@ -103,7 +103,7 @@ class GpuOps(Ops):
             if t.spec.kind == "experts":
                 expert_tensors[name] = (t.qtype, arr)
         from .moe_gpu import GpuExperts
-        self.moe = GpuExperts(self.cfg, expert_tensors, fault_defines(self.faults, "moe.cu"), options.moe_kernel)
+        self.moe = GpuExperts(self.cfg, expert_tensors, fault_defines(self.faults, "moe.cu"))
         self._param: dict[str, cp.ndarray] = {}
         self._cached: dict[str, cp.ndarray] = {}
         self._pos: dict[bytes, cp.ndarray] = {}           # recent RoPE position arrays on the device
@@ -172,13 +172,9 @@ class GpuOps(Ops):
         xd = cp.empty((N, stride // 32), dtype=cp.float32)
         kernels.function("q8_0.cu", "quantize_q8_0")((stride // 32, N), (32,), (x, xq, xd, np.int32(stride)))
         y = cp.empty((N, O), dtype=cp.float32)
-        W = self.w[name]
-        args = (W, xq, xd, y, np.int32(O), np.int32(K), np.int32(N), np.int32(rows_per_group), np.int32(stride))
-        if self.q8_kernel == "staged" and kernels.q8_staged_fits(K, W):
-            self._fn("q8_0.cu", "matmul_q8_0_staged", name)(_grid(O, N), (256,), args,
-                                                              shared_mem=kernels.q8_stage_smem())
-        else:
-            self._fn("q8_0.cu", "matmul_q8_0", name)(_grid(O, N), (256,), args)
+        self._fn("q8_0.cu", "matmul_q8_0", name)(_grid(O, N), (256,), (
+            self.w[name], xq, xd, y, np.int32(O), np.int32(K), np.int32(N), np.int32(rows_per_group),
+            np.int32(stride)))
         return y
 
     def _f16w(self, W: cp.ndarray, x: cp.ndarray, O: int, K: int, rows_per_group: int) -> cp.ndarray:
@@ -188,9 +184,9 @@ class GpuOps(Ops):
         y = cp.empty((N, O), dtype=cp.float32)
         grid = _grid(O, N)
         if grid[0] * grid[1] < SPLITK_BELOW_BLOCKS:
-            fn, grid = kernels.function("q8_0.cu", "matmul_f16w_splitk"), (O, grid[1])
+            fn, grid = kernels.function("f16w.cu", "matmul_f16w_splitk"), (O, grid[1])
         else:
-            fn = kernels.function("q8_0.cu", "matmul_f16w")
+            fn = kernels.function("f16w.cu", "matmul_f16w")
         fn(grid, (256,), (W, x, y, np.int32(O), np.int32(K), np.int32(N), np.int32(rows_per_group), np.int32(stride)))
         return y
 
@@ -432,7 +428,7 @@ class GpuOps(Ops):
         out = cp.array(x, dtype=cp.float32, copy=True, order="C")
         rows = out.size // K
         if rows:
-            self._fn("simfmt.cu", "kv_round")((nope // 64 + 1, rows), (64,), (out, np.int32(K), np.int32(nope)))
+            self._fn("lowprec.cu", "kv_round")((nope // 64 + 1, rows), (64,), (out, np.int32(K), np.int32(nope)))
         return out
 
     def indexer_round(self, x: cp.ndarray) -> cp.ndarray:
@@ -440,7 +436,7 @@ class GpuOps(Ops):
         out = cp.array(x, dtype=cp.float32, copy=True, order="C")
         rows = out.size // n
         if rows:
-            kernels.function("simfmt.cu", "indexer_round")(
+            kernels.function("lowprec.cu", "indexer_round")(
                 (rows,), (n,), (out, np.int32(n), np.float32(1 / math.sqrt(n))), shared_mem=4 * n)
         return out
 

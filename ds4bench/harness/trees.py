@@ -22,7 +22,7 @@ import subprocess
 from pathlib import Path
 
 from . import record as R
-from .options import tree_cache_dir
+from ..engine.options import tree_cache_dir
 
 FIRST_CELL_COMMIT = "a90c046"
 
@@ -93,8 +93,9 @@ def resolve(source: str, say=print) -> tuple[str, str | None]:
             subprocess.run(["git", "clone", "-q", "--no-checkout", str(root / "bundle.git"), str(dest)], check=True,
                            capture_output=True, timeout=300)
             _git("checkout", "-q", "--detach", sha, cwd=dest)
-    m = dest / "ds4bench" / "matrix.py"
-    if not (dest / "ds4bench" / "cell.py").is_file() and (not m.is_file() or "def run_cell(" not in m.read_text()):
+    pkg, m = dest / "ds4bench", dest / "ds4bench" / "matrix.py"        # cell.py: harness/ since the grouping, flat before
+    has_cell = (pkg / "harness" / "cell.py").is_file() or (pkg / "cell.py").is_file()
+    if not has_cell and (not m.is_file() or "def run_cell(" not in m.read_text()):
         raise ValueError(f"tree {source} ({sha[:12]}) predates `ds4bench cell` ({FIRST_CELL_COMMIT}): it cannot "
                          f"run matrix cells")
     return str(dest), sha

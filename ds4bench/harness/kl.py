@@ -62,7 +62,7 @@ def cell_kl(cell_lp: dict, base_fp: dict) -> dict:
 
 def teacher_forced(engine, prompts, n_gen: int, base_fp: dict):
     """Run the cell's engine on the baseline's tokens; its float16 log-softmax per prompt."""
-    from .generate import generate
+    from ..engine.generate import generate
     forced = {pid: base_fp[pid]["tokens"].tolist() for pid, _ in prompts}
     return generate(engine, prompts, n_gen, forced=forced).logprobs
 

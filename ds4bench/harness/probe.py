@@ -67,7 +67,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .options import get, parse_count
+from ..engine.options import get, parse_count
 
 STAGES = ("hc_pre", "attn.q", "attn.kv", "compressor", "indexer", "attention", "attn.out", "hc_post",
           "moe.router", "moe.experts", "moe.shared", "head")
@@ -92,7 +92,7 @@ CHAIN = {"hc_pre": 2, "attn.q": 2, "attn.kv": 1, "compressor": 2, "indexer": 3, 
 
 def reference_mode(backend: str, cache: str) -> str:
     """The reference engine's mode: the cell's for a GPU cell, f32 for a NumPy cell."""
-    from .ops_ref import CACHE_MODES
+    from ..engine.ops_ref import CACHE_MODES
     if backend == "numpy":
         return "f32"
     return cache if cache in CACHE_MODES else "q8"
@@ -282,7 +282,7 @@ def record_reference(mf, mode: str, ids: list[int], steps: int, lead: int = 0) -
     """Run the NumPy engine (no faults) on the probe positions; its stage outputs per call and
     its greedy decode tokens. The first `lead` ids run untapped before them, and the state they
     leave (slot 0) is returned as `lead_state` for the cell's run to start from."""
-    from .generate import Engine, greedy
+    from ..engine.generate import Engine, greedy
     probed = ids[lead:]
     eng = Engine(mf, mode=mode, backend="numpy", batch=1, ctx=len(ids) + steps + 1, chunk=len(probed))
     for at in range(0, lead, LEAD_CHUNK):
@@ -373,7 +373,7 @@ def run_probe(ops, mf, batch: int, ref: dict, ids: list[int], **engine_opts) -> 
     `ids` are the whole stream: with a lead (ref["lead"]), slot 0 starts from the reference's
     state after it. `engine_opts` go to the probe's Engine (the cell engine's faults, where it
     has them)."""
-    from .generate import Engine
+    from ..engine.generate import Engine
     lead = ref.get("lead", 0)
     probed = ids[lead:]
     eng = Engine(mf, mode="f32", batch=batch, ctx=len(ids) + len(ref["fed"]) + 1, ops=ops,

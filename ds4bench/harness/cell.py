@@ -26,7 +26,7 @@ from pathlib import Path
 
 from . import record
 from . import verdict
-from .options import EngineOptions, toggles_in_effect
+from ..engine.options import EngineOptions, toggles_in_effect
 from .record import TRACE_FIELDS
 from .rounds import SETTLE, WARMUP_CAP_S, warm_up
 
@@ -54,10 +54,10 @@ def options_for(params: dict, ctx: int, environ=None) -> EngineOptions:
 
 def prepare(params: dict, profiler=None, environ=None) -> Prepared:
     """Load the cell's model, tokenize its prompts and build its Engine (not yet primed)."""
-    from .generate import Engine
-    from .models import load_model
-    from .prompts import load_prompts
-    from .tokenizer import Tokenizer
+    from ..engine.generate import Engine
+    from ..engine.models import load_model
+    from ..engine.prompts import load_prompts
+    from ..engine.tokenizer import Tokenizer
     p = params
     t0 = time.perf_counter()
     mf = load_model(p.get("model_file"), p.get("preset"), p.get("variant"), p.get("seed", 0))
@@ -77,7 +77,7 @@ def prepare(params: dict, profiler=None, environ=None) -> Prepared:
 def prime(eng, prompts) -> float:
     """The untimed prime pass (lazily built weights, kernel compilation, the decode graph's
     capture); returns its seconds."""
-    from .generate import generate
+    from ..engine.generate import generate
     t0 = time.perf_counter()
     generate(eng, [(prompts[0][0], prompts[0][1][:PRIME_TOKENS])], PRIME_GEN)
     return time.perf_counter() - t0
@@ -102,14 +102,14 @@ def measure(params: dict, fingerprints: str | None = None, environ=None) -> Meas
     if params.get("engine", "ds4bench") != "ds4bench":      # another engine, run as a command
         from .command_engine import measure as measure_command
         return Measured(measure_command(params, fingerprints), [], None)
-    from .generate import generate
-    from .profiling import make_profiler, stage_of
+    from ..engine.generate import generate
+    from ..engine.profiling import make_profiler, stage_of
     p = params
     rec, na = record.start_record(p)
     rec.env = {**p.get("env", {}), **toggles_in_effect(environ)}         # toggles in effect
     prof = None
     if p.get("nvtx") or p.get("trace"):
-        from .profiling import NvtxRanges
+        from ..engine.profiling import NvtxRanges
         prof = NvtxRanges()
     prep = prepare(p, prof, environ)
     mf, tok, prompts, opts, eng = prep.model, prep.tokenizer, prep.prompts, prep.options, prep.engine
@@ -175,7 +175,7 @@ def measure(params: dict, fingerprints: str | None = None, environ=None) -> Meas
         for k in TRACE_FIELDS:
             na[k] = "not traced (--trace)"
     if p.get("stages"):
-        from .generate import Engine
+        from ..engine.generate import Engine
         timer = make_profiler("stages", p["backend"])
         generate(Engine(mf, opts.replace(slowdown=None, decode_graph="off"), profiler=timer, ops=eng.ops),
                  prompts, p["n_gen"])

@@ -12,9 +12,9 @@ import re
 def _kernel_dir() -> str:
     """kernels/ of a source checkout (and of an editable install), else the copy an installed
     wheel carries as ds4bench/kernel_src (pyproject.toml)."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    candidates = (os.path.join(os.path.dirname(here), "kernels"), os.path.join(here, "kernel_src"))
-    return next((d for d in candidates if os.path.isfile(os.path.join(d, "q8_0.cu"))), candidates[0])
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))        # ds4bench/
+    candidates = (os.path.join(os.path.dirname(package), "kernels"), os.path.join(package, "kernel_src"))
+    return next((d for d in candidates if os.path.isfile(os.path.join(d, "common.cuh"))), candidates[0])
 
 
 KERNEL_DIR = _kernel_dir()
@@ -31,17 +31,6 @@ def define(filename: str, name: str) -> int:
     if m is None:
         raise KeyError(f"kernels/{filename} has no integer #define {name}")
     return int(m.group(1))
-
-
-def q8_stage_smem() -> int:
-    """Dynamic shared memory of matmul_q8_0_staged: 8 warps x Q8_STAGE_BLOCKS blocks of 34 bytes."""
-    return 8 * define("q8_0.cu", "Q8_STAGE_BLOCKS") * define("q8_0.cu", "Q8_BLOCK_BYTES")
-
-
-def q8_staged_fits(K: int, *weights) -> bool:
-    """Whether matmul_q8_0_staged can read these Q8_0 weights of K columns: whole 16-byte units
-    per chunk (K % 256 == 0) from 16-byte aligned device addresses."""
-    return K % 256 == 0 and all(w.data.ptr % 16 == 0 for w in weights)
 
 
 def kernel_files() -> list[str]:

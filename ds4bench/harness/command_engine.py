@@ -53,7 +53,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ENGINES_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "engines"
+ENGINES_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "engines"     # ds4bench/harness/../..
 OURS = "ds4bench"
 NATIVE = "native"                   # the numeric mode an external engine's cells record
 PROMPT_FORMS = ("text", "chat_ids")
@@ -147,7 +147,7 @@ def path_values(adapter: Adapter, env: dict, environ=None) -> dict:
     """{placeholder: path} of the adapter's [paths], each from its variable in `env` (a cell's:
     None means unset) or else `environ` (default: this process's). ValueError (one line naming the
     variable) when one is unset or names nothing."""
-    from .options import adapter_path_var
+    from ..engine.options import adapter_path_var
     out = {}
     for name, (var, what) in adapter.paths.items():
         value = env[var] if var in env else adapter_path_var(var, environ)
@@ -211,7 +211,7 @@ def run_once(adapter: Adapter, model: str, prompt: str, n: int, ctx: int, dump: 
     """One generation: (parsed JSON, parsed speed, wall seconds); RuntimeError (one line) when the
     engine fails, times out or writes no steps. With `command` (the adapter's speed_command) no
     steps are read."""
-    from .options import environment
+    from ..engine.options import environment
     try:
         paths = path_values(adapter, env)
     except ValueError as e:
@@ -248,10 +248,10 @@ def measure(params: dict, fingerprints: str | None = None) -> dict:
     """One cell with an external engine (see the module docstring): the CellRecord as a dict."""
     import numpy as np
     from . import record, verdict
-    from .generate import Fingerprint, token_hash
-    from .gguf_io import load_gguf
-    from .prompts import load_prompts
-    from .tokenizer import Tokenizer
+    from ..engine.generate import Fingerprint, token_hash
+    from ..engine.gguf_io import load_gguf
+    from ..engine.prompts import load_prompts
+    from ..engine.tokenizer import Tokenizer
     p = params
     adapter = load_adapter(p["engine"])
     rec, na = record.start_record(p)

@@ -1,6 +1,7 @@
 """Writes that fail cleanly: a temporary beside the target renamed into place, one-line errors that
-name the file and say when the disk is full, and a free-space check before a large write. The
-lowest layer of the package: it imports nothing of ds4bench."""
+name the file and say when the disk is full, and a free-space check before a large write; and the
+host memory available before a large allocation. The lowest layer of the package: it imports
+nothing of ds4bench."""
 from __future__ import annotations
 
 import contextlib
@@ -59,3 +60,15 @@ def check_free_space(path, need: int) -> None:
         return
     if need > free:
         raise OSError(f"cannot write {path}: it needs {need:,} bytes and {where} has {free:,} free")
+
+
+def host_available() -> int:
+    """MemAvailable in bytes (0 when unknown)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0

@@ -100,7 +100,7 @@ FAULTS: dict[str, Fault] = {f.name: f for f in (
     Fault("fp8-kv-truncate", "attn.kv", "all",
           "the FP8 e4m3 round trip of stored KV rows truncates the mantissa toward zero instead of "
           "rounding to nearest even: a cast without rounding mode.",
-          "ops_ref.RefOps.kv_round", "kernels/simfmt.cu"),
+          "ops_ref.RefOps.kv_round", "kernels/lowprec.cu"),
     Fault("compressor-overlap", "compressor", "ratio-4 layers (and the indexer's compressor)",
           "ratio-4 pooling ignores the previous window's half (its scores taken as -inf), so the "
           "overlapping windows stop overlapping: the 'first window' condition applied to all.",

@@ -20,7 +20,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-PROMPTS_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "prompts"
+PROMPTS_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "prompts"       # ds4bench/engine/../..
 KINDS = ("smoke", "long")
 
 

@@ -26,7 +26,7 @@ from . import guards as G
 from . import record as R
 from . import kl as KL
 from . import verdict as V
-from .fileio import replacing, write_error
+from ..engine.fileio import replacing, write_error
 
 DEFAULT_ROOT = "results/runs"
 METRICS = (("verdict", "verdict"), ("decode_tps", "decode tok/s"), ("prefill_tps", "prefill tok/s"),
@@ -42,7 +42,7 @@ LEGEND = ("identical: same tokens and logprobs as the baseline · close: fed the
           "NaN/Inf, non-deterministic repetitions or batch replicas · failed: the cell produced no record "
           "(crash, OOM kill, timeout). `KL median` is the teacher-forced KL from the baseline; `1st div` the "
           "earliest free-running divergence step (prompts diverged/all) and `median Δlp` the cell's median "
-          "|Δlogprob|, as information. Rules and evidence: docs/verdicts.md, ds4bench/verdict.py.")
+          "|Δlogprob|, as information. Rules and evidence: docs/verdicts.md, ds4bench/harness/verdict.py.")
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -14,9 +14,8 @@ import time
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
-from . import config as C
-from .options import KERNEL_CHOICES
-from .formats import quantize_q8_0, random_blocks, row_bytes
+from ..engine import config as C
+from ..engine.formats import quantize_q8_0, random_blocks, row_bytes
 
 # (name, out, in, groups) of the Q8_0 projections a Flash decode step runs
 Q8_SHAPES = (("attn_q_a", 1024, 4096, 1), ("attn_q_b", 32768, 1024, 1), ("attn_kv", 512, 4096, 1),
@@ -55,7 +54,7 @@ def _time(cp, fn, iters: int, graph: bool = True) -> tuple[float, float]:
     eager = cp.cuda.get_elapsed_time(s, e) / 1e3 / iters
     if not graph:
         return eager, eager
-    from .graph_gpu import capture
+    from ..engine.graph_gpu import capture
     stream, pool = cp.cuda.Stream(non_blocking=True), cp.cuda.MemoryPool()
     graph, _ = capture(stream, pool, lambda: [fn() for _ in range(iters)])
     with stream:
@@ -80,16 +79,15 @@ def copy_bandwidth(cp, nbytes: int = 2 ** 30) -> float:
 def run(variant: str = "q2", iters: int = 200) -> dict:
     import cupy as cp
 
-    from . import kernels
-    from .backend import device_facts
-    from .moe_gpu import GpuExperts
+    from ..engine import kernels
+    from ..engine.backend import device_facts
+    from ..engine.moe_gpu import GpuExperts
     rng = np.random.default_rng(0)
     ceiling = copy_bandwidth(cp)
     rows = []
     quant = kernels.function("q8_0.cu", "quantize_q8_0")
     mm = kernels.function("q8_0.cu", "matmul_q8_0")
     fused = kernels.function("q8_0.cu", "matmul_q8_0_fused")
-    staged = kernels.function("q8_0.cu", "matmul_q8_0_staged")
     for name, O, K, G in Q8_SHAPES:
         Kg = K // G
         W0 = cp.asarray(quantize_q8_0((rng.standard_normal((O, Kg)) * 0.02).astype(np.float32)))
@@ -112,9 +110,6 @@ def run(variant: str = "q2", iters: int = 200) -> dict:
                            mm(grid, (256,), (W.next(), xq, xd, y) + args)))
         timed(" fused", lambda: fused(grid, (256,), (W.next(), x, y) + args, shared_mem=Kg + Kg // 8))
         timed(" matmul only", lambda: mm(grid, (256,), (W.next(), xq, xd, y) + args))
-        if kernels.q8_staged_fits(Kg, *W.copies):
-            timed(" staged, matmul only", lambda: staged(grid, (256,), (W.next(), xq, xd, y) + args,
-                                                         shared_mem=kernels.q8_stage_smem()))
     cfg = C.preset("flash", variant)
     gate_t, down_t = (QT.IQ2_XXS, QT.Q2_K) if variant == "q2" else (QT.Q4_K, QT.Q4_K)
     E, F, D, A = cfg.n_expert, cfg.expert_ff, cfg.n_embd, cfg.n_expert_used
@@ -131,32 +126,29 @@ def run(variant: str = "q2", iters: int = 200) -> dict:
     sels = itertools.cycle([cp.asarray(a.astype(np.int64)) for a in sel_list])
     sels32 = itertools.cycle([cp.asarray(a.astype(np.int32)) for a in sel_list])      # the kernels' own type
     w = cp.full((1, A), 0.25, cp.float32)
-    from .moe_gpu import q8k_quantize
+    from ..engine.moe_gpu import q8k_quantize
     n_gu, n_down = A * 2 * F * row_bytes(gate_t, D), A * D * row_bytes(down_t, F)
     need = n_gu + n_down
-    for kind in KERNEL_CHOICES["DS4BENCH_MOE_KERNEL"]:
-        moe.variant = kind
-        tail = "" if kind == "warp" else f", {kind}"
-        xq = q8k_quantize(x)
-        mq = q8k_quantize(moe.gate_up(0, *xq, next(sels32), w))
-        for label, nbytes, fn in (
-                (f"moe {variant}: {A} experts gate/up+down (Q8_K quantize included)", need,
-                 lambda: moe(0, x, next(sels), w)),
-                (f"moe {variant}: gate/up only", n_gu, lambda: moe.gate_up(0, *xq, next(sels32), w)),
-                (f"moe {variant}: down only", n_down, lambda: moe.down(0, *mq, next(sels32)))):
-            t, eager = _time(cp, fn, iters)
-            rows.append({"kernel": label + tail, "bytes": int(nbytes), "us": t * 1e6, "gbs": nbytes / t / 1e9,
-                         "pct_ceiling": 100 * nbytes / t / ceiling, "eager_us": eager * 1e6})
+    xq = q8k_quantize(x)
+    mq = q8k_quantize(moe.gate_up(0, *xq, next(sels32), w))
+    for label, nbytes, fn in (
+            (f"moe {variant}: {A} experts gate/up+down (Q8_K quantize included)", need,
+             lambda: moe(0, x, next(sels), w)),
+            (f"moe {variant}: gate/up only", n_gu, lambda: moe.gate_up(0, *xq, next(sels32), w)),
+            (f"moe {variant}: down only", n_down, lambda: moe.down(0, *mq, next(sels32)))):
+        t, eager = _time(cp, fn, iters)
+        rows.append({"kernel": label, "bytes": int(nbytes), "us": t * 1e6, "gbs": nbytes / t / 1e9,
+                     "pct_ceiling": 100 * nbytes / t / ceiling, "eager_us": eager * 1e6})
     return {"device": device_facts(), "copy_ceiling_gbs": ceiling / 1e9, "variant": variant, "rows": rows}
 
 
 def decode_layers(model_path: str, cache: str, placement: str, steps: int = 20, ceiling_bps: float = 3.0e12) -> dict:
     """Decode step of a model file, per layer in ms (CUDA events), against its weight-read floor:
     the layer's bytes (its share of routed experts) at `ceiling_bps` (the measured copy rate)."""
-    from .gguf_io import decode_read_bytes, load_gguf, tensor_specs
+    from ..engine.gguf_io import decode_read_bytes, load_gguf, tensor_specs
     from .cell import options_for
-    from .generate import Engine
-    from .profiling import CudaEventTimer
+    from ..engine.generate import Engine
+    from ..engine.profiling import CudaEventTimer
     mf = load_gguf(model_path)
     prof = CudaEventTimer()
     opts = options_for({"cache": cache, "backend": "cupy", "batch": 1, "placement": placement}, 256)
@@ -214,8 +206,8 @@ def bench(variant: str = "q2", model: str | None = None, json_path: str | None =
         ceiling = res["copy_ceiling_gbs"] * 1e9
         print(f"\n{'cache':6s} {'placement':15s} {'step ms (wall)':>15s} {'step ms (gpu)':>14s} {'graph (wall)':>13s}  "
               f"eager per layer ms (floor at {ceiling / 1e12:.2f} TB/s)")
-        from .config import PLACEMENTS
-        from .ops_ref import CACHE_MODES
+        from ..engine.config import PLACEMENTS
+        from ..engine.ops_ref import CACHE_MODES
         for cache in CACHE_MODES:
             for placement in PLACEMENTS:
                 d = decode_layers(model, cache, placement, ceiling_bps=ceiling)

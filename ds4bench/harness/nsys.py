@@ -31,8 +31,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from .options import environment
-from .profiling import stage_of
+from ..engine.options import environment
+from ..engine.profiling import stage_of
 
 DOMAIN = "ds4bench"
 REPORTS = ("nvtx_gpu_proj_sum", "cuda_gpu_kern_sum")

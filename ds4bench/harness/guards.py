@@ -15,6 +15,7 @@ import socket
 from pathlib import Path
 
 from . import record as R
+from ..engine.fileio import host_available
 
 # Every temporary ds4bench writes ends in .tmp<pid> (run.json, tables, fingerprints, GGUF files);
 # tmp/ holds the record a cell process hands to the runner.
@@ -121,26 +122,14 @@ def remove_temporaries(run_path: Path) -> list[Path]:
 
 
 # ---- host memory ---------------------------------------------------------------------------
-def host_available() -> int:
-    """MemAvailable in bytes (0 when unknown)."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def numpy_cell_bytes(cfg, cache: str) -> int:
     """Host bytes a NumPy-backend cell holds: the weights as stored, plus what RefOps.prepare
     builds up front: projections expanded to float64 (8 B/element) in the f16/f32 modes and for
     F16 weights, integer decompositions (about 1 B/element) for Q8_0 on the q8 path and experts."""
     import numpy as np
     from gguf import GGMLQuantizationType as QT
-    from .gguf_io import tensor_specs
-    from .ops_ref import cache_eligible
+    from ..engine.gguf_io import tensor_specs
+    from ..engine.ops_ref import cache_eligible
     total = 0
     for s in tensor_specs(cfg):
         total += s.nbytes
@@ -155,7 +144,7 @@ def numpy_cell_bytes(cfg, cache: str) -> int:
 
 def check_host_memory(cells, available: int | None = None, share: float = 0.8) -> None:
     """Refuse, before any model file is written, NumPy cells that would not fit in host memory."""
-    from . import config as C
+    from ..engine import config as C
     avail = host_available() if available is None else available
     if not avail:
         return
@@ -187,8 +176,8 @@ def check_ctx(ctx: int | None, n_gen: int, prompt_set: str, models: list, where:
         return
     if ctx < 1:
         raise ValueError(f"{where}: ctx must be a positive number of positions, found {ctx}")
-    from .prompts import load_prompts
-    from .tokenizer import Tokenizer
+    from ..engine.prompts import load_prompts
+    from ..engine.tokenizer import Tokenizer
     texts = [q.text for q in load_prompts(prompt_set)]
     for label, cfg, metadata in models:
         tok = Tokenizer.from_gguf_metadata(metadata)
