@@ -194,8 +194,24 @@ def test_aa_calls_nothing_and_a_20pct_slowdown_is_caught_with_the_true_ratio_ins
                          capture_output=True, text=True, timeout=120)
     assert rep.returncode == 0, rep.stdout + rep.stderr
     assert "**0 of 1 comparisons called a change**" in rep.stdout
-    assert re.search(r"\| tree=S \| moe:0\.2 \| [0-9.]+ \| [0-9.]+–[0-9.]+ \| [0-9.]+ \| 0\.833 \| slower \|", rep.stdout)
+    assert re.search(r"\| tree=S \| moe:0\.2 \| [0-9.]+ \| [0-9.]+–[0-9.]+ \| [0-9.]+ \| [0-9.]+ \| 0\.833 \| slower \|", rep.stdout)
     assert "first process of a pass" in rep.stdout and "later rounds (timing only): 30 |" in rep.stdout and "the machine's speed over the call" in rep.stdout.lower()
+
+
+def test_true_band_adds_the_injectors_own_launches_measured_as_the_slowed_processes_base_step():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from speed_report import true_band
+    finally:
+        sys.path.pop(0)
+    # H100, flash-4l q8 batch 1 with the graph: A's step 3.2951 ms, S's wait 0.1654 ms a step and
+    # S's un-slowed step 3.3077 ms (its four zero-wait spin launches included)
+    lo, hi = true_band(3.2951e-3, {"slowdown_step_s": 1.654e-4, "slowdown_base_step_s": 3.3077e-3})
+    assert hi == pytest.approx(3.2951 / (3.2951 + 0.1654)) and lo == pytest.approx(3.2951 / (3.2951 + 0.1654 + 0.0126))
+    assert lo < 0.950 < hi            # the measured 0.950 lies between the wait alone and the wait plus launches
+    # a base step below A's (noise between processes) adds nothing; no wait recorded: no band
+    assert true_band(1.0, {"slowdown_step_s": 0.05, "slowdown_base_step_s": 0.99}) == (1 / 1.05, 1 / 1.05)
+    assert true_band(1.0, {"slowdown_step_s": None}) is None
 
 
 # ---- GPU: the spin kernel waits the calibrated time, eagerly and replayed from a graph ----------
