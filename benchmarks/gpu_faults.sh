@@ -8,6 +8,10 @@
 #   SEEDS="0 1 2"   synthetic weight seeds (default 0)
 #   BATCHES="1 16"  batch sizes (default 1)
 #   PYTEST=0        skip the twin tests (when the whole `pytest -m gpu` ran before in the same call)
+#   FAULTS_ARGS=... more arguments for `ds4bench faults`, e.g. "--executor pool --gpus 0,0,0,0" (four
+#                   cells at a time on one GPU: verdicts only, their speed is not comparable)
+#   DEADLINE_S=S    a seed's matrix still running S seconds after the start is stopped (SIGTERM, its
+#                   finished cells kept) and the confusion table is written from the cells that finished
 # Expected time on an H200: ~1 min for the twin tests (NVRTC compiles each fault's module), then
 # 17 cells per seed and batch at ~15-25 s each (flash-4l load, a 2.1k-token prefill per slot,
 # 8 tokens): ~5-7 min for the default; SEEDS="0 1 2" BATCHES="1 16" is ~6x that, so split it
@@ -26,8 +30,27 @@ summary=$(mktemp)
 runs=()
 for seed in ${SEEDS:-0}; do
   id="$stamp-$card-faults-s$seed"
-  python3 -m ds4bench faults --spec faults-gpu --batch "$batches" --seed "$seed" --id "$id"
-  echo "exit status $? (0: every fault caught, no healthy cell broken)" >> "results/runs/$id/confusion.md"
+  cmd=(python3 -m ds4bench faults --spec faults-gpu --batch "$batches" --seed "$seed" --id "$id" ${FAULTS_ARGS:-})
+  if [ -n "${DEADLINE_S:-}" ]; then
+    left=$(( DEADLINE_S - SECONDS ))
+    (( left > 30 )) || { echo "note: seed $seed not started: past DEADLINE_S=$DEADLINE_S s" >> "$summary"; break; }
+    timeout -s TERM -k 20 "$left" "${cmd[@]}"
+  else
+    "${cmd[@]}"
+  fi
+  rc=$?
+  if [ ! -f "results/runs/$id/confusion.md" ] && [ -d "results/runs/$id" ]; then
+    python3 - "results/runs/$id" <<'PY'
+import sys
+from pathlib import Path
+from ds4bench.cli_faults import confusion, confusion_md
+from ds4bench.harness.results import RunDir
+run = RunDir(Path(sys.argv[1]))
+md = confusion_md(confusion(run.records()), run.run_id)
+(run.path / "confusion.md").write_text(md + "\n(partial: the matrix was stopped at DEADLINE_S; cells that did not finish are absent)\n")
+PY
+  fi
+  echo "exit status $rc (0: every fault caught, no healthy cell broken)" >> "results/runs/$id/confusion.md"
   { echo; echo "## seed $seed: ds4bench faults --spec faults-gpu --batch $batches --seed $seed"; cat "results/runs/$id/confusion.md"; } >> "$summary"
   runs+=("results/runs/$id")
 done
