@@ -298,7 +298,7 @@ def test_a_terminated_write_leaves_no_temporary_file(tmp_path):
     import time
     code = (
         "import sys, time, numpy as np\n"
-        "from ds4bench import config as C\n"
+        "from ds4bench.engine import config as C\n"
         "from ds4bench.engine.gguf_io import write_gguf\n"
         "def slow(s):\n"
         "    print('writing', flush=True); time.sleep(30)\n"
