@@ -5,7 +5,7 @@
 # a clone of antirez/ds4 in the ignored folder .ds4src, carried with the call (carry .ds4src).
 #   1. ds4bench engines build ds4: ds4's CUDA binary for the card's arch, cuBLAS from the torch
 #      venv's nvidia-cublas (the toolkit there has none), in /tmp/ds4-build
-#   2. ds4bench model make --preset flash --workers: the q2 file, seed 0, in /dev/shm/ds4bench
+#   2. ds4bench model make --preset "$preset" --workers: the q2 file, seed 0, in /dev/shm/ds4bench
 #   3. ds4bench matrix --engine ds4, batch 1, over DS4_CUDA_NO_Q8_F16_CACHE (the batched Q8
 #      matmuls of prefill through F16 copies, off) and DS4_CUDA_NO_Q8_DP4A (the dp4a Q8 dot
 #      products, off): each alone and neither, as results/runs/<stamp>-<card>-ds4
@@ -13,6 +13,8 @@
 #      (no stage probe: its NumPy reference at full Flash would take the call)
 #   5. benchmarks/compare_engines.py: every ds4 cell against ours, prompt by prompt
 # Environment:
+#   PRESET=flash      flash (43 layers: needs an H200) or flash-4l (ds4 built with --layers 4; 9.5 GB: any
+#                     80 GB card), for the model file, both matrices and the build
 #   DS4_SRC=.ds4src   the ds4 clone      ARCH=sm_90 (default: the card's)   CUBLAS=DIR (default: found)
 #   WORKERS=12        writer processes (the file takes 87 GB of the 128 GiB in memory; each worker up to 1.5 GiB, one 8)
 #   N=16              tokens per prompt  PROMPTS=capital (one prompt; smoke: three, about 3x the matrix time)
@@ -28,7 +30,9 @@ src=${DS4_SRC:-.ds4src}
 shm=/dev/shm/ds4bench
 mkdir -p "$shm"
 export DS4BENCH_MODEL_CACHE=$shm
-model=$shm/flash-q2-seed0.gguf
+preset=${PRESET:-flash}
+case $preset in flash) layers=43 ;; flash-4l) layers=4 ;; *) echo "PRESET=$preset: flash or flash-4l" >&2; exit 2 ;; esac
+model=$shm/$preset-q2-seed0.gguf
 t_start=$SECONDS
 if [ -n "${OUT:-}" ]; then log=$OUT/ds4-$card.txt; else log=$(mktemp); fi
 : > "$log"
@@ -50,6 +54,7 @@ cublas=${CUBLAS:-$(ls -d /opt/torch/.venv/lib/python3*/site-packages/nvidia/cu13
 build=(python3 -m ds4bench engines build ds4 --src "$src" --out /tmp/ds4-build)    # /dev/shm may be noexec
 [ -n "${ARCH:-}" ] && build+=(--arch "$ARCH")
 [ -n "$cublas" ] && build+=(--cublas "$cublas")
+(( layers == 43 )) || build+=(--layers "$layers")
 t0=$SECONDS
 ds4=$("${build[@]}" 2>>"$log") || { tail -3 "$log" >&2; exit 2; }
 say "## build: ${build[*]} -> $ds4 ($((SECONDS - t0)) s)"
@@ -58,7 +63,7 @@ export DS4_BIN=$ds4
 
 if [ ! -f "$model" ]; then
   t0=$SECONDS
-  python3 -m ds4bench model make --preset flash --workers "${WORKERS:-12}" -o "$model" 2>&1 | tee -a "$log" >&2 || exit 2
+  python3 -m ds4bench model make --preset "$preset" --workers "${WORKERS:-12}" -o "$model" 2>&1 | tee -a "$log" >&2 || exit 2
   say "## write: $((SECONDS - t0)) s"
 fi
 
@@ -69,16 +74,16 @@ if [ "$prompts" = capital ]; then
 fi
 n=${N:-16}
 ds4_id="$stamp-$card-ds4"
-ours_id="$stamp-$card-ds4bench-flash"
+ours_id="$stamp-$card-ds4bench-$preset"
 
 say "## ds4 matrix: two toggles, each alone"
-matrix --engine ds4 --preset flash --model "$model" -n "$n" --prompts "$prompts" --reps 1 \
+matrix --engine ds4 --preset "$preset" --model "$model" -n "$n" --prompts "$prompts" --reps 1 \
   --env DS4_CUDA_NO_Q8_F16_CACHE=unset,1 --env DS4_CUDA_NO_Q8_DP4A=unset,1 \
   --exclude env.DS4_CUDA_NO_Q8_F16_CACHE=1,env.DS4_CUDA_NO_Q8_DP4A=1 --id "$ds4_id" 2>>"$log" | tee -a "$log"
 say "exit status $? (0: every cell identical, close or drift)"
 
 say "## our engine on the same file: q8, device, batch 1"
-DS4BENCH_PROBE_TOKENS=0 matrix --preset flash --model "$model" --mode q8 --placement device \
+DS4BENCH_PROBE_TOKENS=0 matrix --preset "$preset" --model "$model" --mode q8 --placement device \
   --batch 1 --nvtx off --baseline cache=q8,placement=device,batch=1 -n "$n" --prompts "$prompts" --reps 1 \
   --id "$ours_id" 2>>"$log" | tee -a "$log"
 say "exit status $?"
