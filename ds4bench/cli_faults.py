@@ -22,11 +22,12 @@ FAULT_VAR = "DS4BENCH_FAULT"
 
 
 def register(sub) -> None:
-    from .cli_matrix import _run_args
+    from .cli_matrix import _run_args, executor_args
     p = sub.add_parser("faults", help="fault-injection suite: which injected faults the verdicts catch",
                        description="Run a faults spec (healthy modes plus one cell per injected fault, "
                                    "DS4BENCH_FAULT as an env axis) and print the confusion table.")
     _run_args(p)
+    executor_args(p)
     p.add_argument("--list", action="store_true", help="print the fault catalogue and exit")
     p.set_defaults(func=cmd_faults, trace=False, trace_one=False, resume=None)
 

@@ -29,14 +29,8 @@ AXIS_OPTS = tuple(p.flag for p in AXES)
 SCALAR_OPTS = tuple((p.flag, p.field) for p in SCALARS if p.flag)
 
 
-def register(sub) -> None:
-    p = sub.add_parser("matrix", help="A/B matrix: speed and greedy-output verdicts per cell",
-                       description="Run every combination of the axes, one process per cell, and judge "
-                                   "each cell's greedy output against the baseline cell.")
-    _run_args(p)
-    p.add_argument("--trace", action="store_true",
-                   help="run every cell under Nsight Systems and record GPU time per NVTX range")
-    p.add_argument("--resume", metavar="RUN", help="finish an interrupted run (an id under --out or a path)")
+def executor_args(p) -> None:
+    """Where a matrix's cells run: matrix and faults take the same options."""
     p.add_argument("--executor", choices=("local", "pool", "slurm"),
                    help="where cells run: local (one at a time here, the default), pool (workers on this host, "
                         "one GPU each) or slurm (jobs with one GPU each); docs/executor.md")
@@ -45,6 +39,17 @@ def register(sub) -> None:
     p.add_argument("--gpus", help="pool: GPU indices to hand out, e.g. 0,1,2,3 (default: every visible GPU)")
     p.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
                    help="slurm: a submitit Slurm parameter, e.g. partition=gpu (repeatable)")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("matrix", help="A/B matrix: speed and greedy-output verdicts per cell",
+                       description="Run every combination of the axes, one process per cell, and judge "
+                                   "each cell's greedy output against the baseline cell.")
+    _run_args(p)
+    p.add_argument("--trace", action="store_true",
+                   help="run every cell under Nsight Systems and record GPU time per NVTX range")
+    p.add_argument("--resume", metavar="RUN", help="finish an interrupted run (an id under --out or a path)")
+    executor_args(p)
     p.set_defaults(func=cmd_matrix, trace_one=False)
 
     p = sub.add_parser("trace", help="one cell under Nsight Systems: GPU time per NVTX range and top kernels",

@@ -221,11 +221,12 @@ def test_gpu_fault_twin(name):
 
 # ---- the faults suite on tiny ------------------------------------------------------------------------
 def test_faults_suite_catches_every_fault(tmp_path):
-    """`ds4bench faults --spec faults-tiny` (the CI run): every fault is broken, no healthy cell is."""
+    """`ds4bench faults --spec faults-tiny` (the CI run): every fault is broken, no healthy cell is.
+    Through the pool executor, two cells at a time, as the GPU sweep runs its cells."""
     env = {**os.environ, "PYTHONPATH": REPO}
     env.pop("DS4BENCH_FAULT", None)
     r = subprocess.run([sys.executable, "-m", "ds4bench", "faults", "--spec", "faults-tiny", "--out", str(tmp_path),
-                        "--id", "ci"], capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
+                        "--id", "ci", "--executor", "pool", "--workers", "2"], capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
     table = (tmp_path / "ci" / "confusion.md").read_text()
     rows = json.loads((tmp_path / "ci" / "confusion.json").read_text())
     escaped = [x["fault"] for x in rows["faults"] if not x["caught"]]
