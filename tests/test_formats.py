@@ -332,7 +332,7 @@ def test_int_matmul_memo_follows_views_and_replacements():
     rng = np.random.default_rng(50)
     E, O, n = 3, 8, 512
     raw = raw_random(QT.Q2_K, (E, O, n), rng)
-    W = fm.decompose(raw, QT.Q2_K, (E, O, n))
+    W = dataclasses.replace(fm.decompose(raw, QT.Q2_K, (E, O, n)), _memo=fm.PreparedMemo())   # its own, to count
     xq, xd, bs = activations(QT.Q2_K, rng, 5, n)
     sub = lambda V, idx: dataclasses.replace(                   # as ops_ref slices experts and rows
         V, q=V.q[idx], sc=V.sc[idx], d=V.d[idx], shape=V.q[idx].shape, m=V.m[idx], dmin=V.dmin[idx])
@@ -354,6 +354,28 @@ def test_int_matmul_memo_follows_views_and_replacements():
         got = fm.int_matmul(R, xq, xd, bs)
         np.testing.assert_array_equal(got, int_matmul_before(R, xq, xd, bs))
         assert not np.array_equal(got, y), field
+
+
+def test_prepared_memo_keeps_the_most_recently_used_within_its_budget():
+    """A reference run touching every routed expert must not keep every expert's layout."""
+    rng = np.random.default_rng(51)
+    E, O, n = 6, 8, 512
+    raw = raw_random(QT.IQ2_XXS, (E, O, n), rng)
+    xq, xd, bs = activations(QT.IQ2_XXS, rng, 3, n)
+    W0 = fm.decompose(raw, QT.IQ2_XXS, (E, O, n))
+    ref = [fm.int_matmul(dataclasses.replace(W0[e], _memo=fm.PreparedMemo()), xq, xd, bs) for e in range(E)]
+    one = O * n * 4 + (n // 256) * O * 8                        # f32 layout and f64 block scales of one expert
+    memo = fm.PreparedMemo(budget=2 * one)                      # room for two layouts
+    W = dataclasses.replace(W0, _memo=memo)
+    for e in range(E):
+        np.testing.assert_array_equal(fm.int_matmul(W[e], xq, xd, bs), ref[e])
+    assert len(memo) == 2 and memo.nbytes == 2 * one
+    assert memo.get(next(iter(memo._d))).source[0].ctypes.data == W[E - 2].q.ctypes.data   # the two newest
+    np.testing.assert_array_equal(fm.int_matmul(W[0], xq, xd, bs), ref[0])    # rebuilt after eviction: same bits
+    assert len(memo) == 2 and memo.nbytes <= memo.budget
+    memo.budget = one // 2                                      # smaller than one layout: the newest stays
+    fm.int_matmul(W[3], xq, xd, bs)
+    assert len(memo) == 1
 
 
 def test_int_matmul_rejects_mismatched_activations():

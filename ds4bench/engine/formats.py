@@ -34,6 +34,7 @@ rounding on the e4m3fn (max 448, subnormal step 2⁻⁹) or e2m1 ({0, .5, 1, 1.5
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -118,9 +119,10 @@ class IntWeights:
     dmin: np.ndarray | None      # f32   [..., O, n//blk]   (Q2_K, Q4_K)
     sub: int
     blk: int
-    # `_Prepared` layouts of this tensor and its views, keyed by where their arrays live; shared
-    # with views made by indexing or dataclasses.replace, which then find their own entry.
-    _memo: dict = field(default_factory=dict, repr=False, compare=False)
+    # where `_Prepared` layouts of this tensor and its views are kept, keyed by where their arrays
+    # live (views made by indexing or dataclasses.replace find their own entry): the shared,
+    # bounded PREPARED unless a caller gives another
+    _memo: "PreparedMemo" = field(default_factory=lambda: PREPARED, repr=False, compare=False)
 
     def __getitem__(self, idx) -> "IntWeights":
         """Index the leading dims, e.g. W[e] is expert e of an [E, O, n] tensor, W[a:b] rows of [O, n]."""
@@ -270,6 +272,49 @@ def quantize_act_q8_k(x) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 # Q2_K (256·15·3), 128 for Q4_K (128·63·15) and 128 for IQ2_XXS (16 grid rows of |sum| ≤ 203, ·31).
 _EXACT_F32_SUM = 1 << 17
 _CHUNK_ELEMS = 1 << 17       # per-chunk [groups, T, O] intermediate, float32 and float64
+PREPARED_BUDGET = 8 << 30    # bytes of int_matmul layouts kept (least recently used dropped first)
+
+
+class PreparedMemo:
+    """int_matmul's layouts (`_Prepared`, 4 bytes per weight, more than the 1-2 of the
+    decomposition), least recently used first out past `budget` bytes. One memo serves every
+    tensor: entries are keyed by where their arrays live and hold those arrays, so a key cannot
+    be reused while its entry exists. Unbounded, a reference run that touches every routed
+    expert (a prefill of a few thousand tokens on Flash shapes: 256 experts x 3 matrices x 4
+    layers of 34 MB) would keep 100 GB of layouts; the newest entry is always kept."""
+
+    def __init__(self, budget: int = PREPARED_BUDGET):
+        self.budget, self.nbytes, self._d = budget, 0, OrderedDict()
+
+    @staticmethod
+    def _size(p: "_Prepared") -> int:
+        return sum(a.nbytes for a in (p.w, p.dw, p.m, p.dmin) if a is not None)
+
+    def get(self, key):
+        p = self._d.get(key)
+        if p is not None:
+            self._d.move_to_end(key)
+        return p
+
+    def __setitem__(self, key, p: "_Prepared") -> None:
+        old = self._d.pop(key, None)
+        if old is not None:
+            self.nbytes -= self._size(old)
+        self._d[key] = p
+        self.nbytes += self._size(p)
+        while self.nbytes > self.budget and len(self._d) > 1:
+            _, gone = self._d.popitem(last=False)
+            self.nbytes -= self._size(gone)
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def clear(self) -> None:
+        self._d.clear()
+        self.nbytes = 0
+
+
+PREPARED = PreparedMemo()
 
 
 @dataclass(frozen=True)
@@ -284,10 +329,11 @@ class _Prepared:
 
 
 def _prepared(W: IntWeights) -> _Prepared:
-    """W's int_matmul layout (4 bytes per weight), built on first use and memoized per view. The
-    key is where (address, dtype, shape, strides) each of q, sc, d, m, dmin lives, so a view made
-    again (ops_ref makes expert and row views on every call) finds its entry, and a view with any
-    array replaced gets a new one."""
+    """W's int_matmul layout (4 bytes per weight), built on first use and memoized per view in
+    W._memo (PreparedMemo: bounded, least recently used out first). The key is where (address,
+    dtype, shape, strides) each of q, sc, d, m, dmin lives, so a view made again (ops_ref makes
+    expert and row views on every call) finds its entry, and a view with any array replaced gets
+    a new one."""
     source = (W.q, W.sc, W.d, W.m, W.dmin)
     key = tuple(a if a is None else (a.ctypes.data, a.dtype, a.shape, a.strides) for a in source)
     p = W._memo.get(key)

@@ -239,4 +239,4 @@ def _faulted(W: F.IntWeights, name: str, faults) -> F.IntWeights:
         g[:, 7] = np.abs(g[:, 7])
     elif W.qtype == QT.Q2_K and "q2k-dmin" in faults:
         dmin = d.copy()
-    return dataclasses.replace(W, d=d, q=q, dmin=dmin, _memo={})
+    return dataclasses.replace(W, d=d, q=q, dmin=dmin)     # new arrays: their own memo entries
