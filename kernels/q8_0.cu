@@ -43,6 +43,34 @@ __device__ __forceinline__ float q8_block_words(const unsigned char* blk, int* w
     return __half2float(__ushort_as_half((unsigned short)(mid ? u[0] >> 16 : u[0] & 0xffffu)));
 }
 
+// Injected faults (ds4bench/engine/faults.py; the NumPy twins in ops_ref.RefOps) of weight block b
+// of `row`: they may change its scale dw and the activation block bx it is multiplied with.
+// Every Q8_0 matmul applies them to every block it reads, so its faulted variant makes the same
+// mistake as the others'.
+__device__ __forceinline__ void q8_block_faults(const unsigned char* row, int b, double* dw, int* bx) {
+#ifdef DS4_FAULT_Q8_SCALE_SUBSET
+    if (b % 4 == 3) { int unused[8]; *dw = (double)q8_block_words(row + (b - 1) * Q8_BLOCK_BYTES, unused); }
+#endif
+#ifdef DS4_FAULT_Q8_SCALE_SUBSET_HEAD
+    if (b % 8 == 7) { int unused[8]; *dw = (double)q8_block_words(row + (b - 1) * Q8_BLOCK_BYTES, unused); }
+#endif
+#ifdef DS4_FAULT_Q8_SCALE_DRIFT
+    *dw = (double)((float)*dw * 1.015625f);     // exact: an f16 scale times 65/64
+#endif
+#ifdef DS4_FAULT_Q8_ACT_BLOCK
+    if (b % 8 == 7) *bx = b - 1;
+#endif
+}
+
+// A block's term d_w * dot(q_w, q_x) * d_x: the dot with __dp4a, then in double (d_w * dot is
+// exact, one rounding for * d_x).
+__device__ __forceinline__ double q8_term(double dw, const int* wq, const int* xv, float xs) {
+    int s = 0;
+#pragma unroll
+    for (int j = 0; j < 8; j++) s = __dp4a(wq[j], xv[j], s);
+    return __dmul_rn(__dmul_rn(dw, (double)s), (double)xs);
+}
+
 // One Q8_0 weight row against a tile of quantized activations: lane l takes blocks l, l+32, ...;
 // xq(i, b) points at token i's int8 block b, xd(i, b) is its scale. Block terms are formed and
 // summed in double (see matmul_q8_0).
@@ -53,29 +81,10 @@ __device__ __forceinline__ void q8_row_tile(const unsigned char* __restrict__ ro
         int wq[8];
         double dw = (double)q8_block_words(row + b * Q8_BLOCK_BYTES, wq);
         int bx = b;                                  // the activation block read (faults.py: q8-act-block)
-        // Injected faults (ds4bench/engine/faults.py; the NumPy twins in ops_ref.RefOps). b is the block
-        // index within the row's K.
-#ifdef DS4_FAULT_Q8_SCALE_SUBSET
-        if (b % 4 == 3) { int unused[8]; dw = (double)q8_block_words(row + (b - 1) * Q8_BLOCK_BYTES, unused); }
-#endif
-#ifdef DS4_FAULT_Q8_SCALE_SUBSET_HEAD
-        if (b % 8 == 7) { int unused[8]; dw = (double)q8_block_words(row + (b - 1) * Q8_BLOCK_BYTES, unused); }
-#endif
-#ifdef DS4_FAULT_Q8_SCALE_DRIFT
-        dw = (double)((float)dw * 1.015625f);       // exact: an f16 scale times 65/64
-#endif
-#ifdef DS4_FAULT_Q8_ACT_BLOCK
-        if (b % 8 == 7) bx = b - 1;
-#endif
+        q8_block_faults(row, b, &dw, &bx);
 #pragma unroll
         for (int i = 0; i < TOKEN_TILE; i++) {
-            if (i < nt) {
-                const int* xv = (const int*)xq(i, bx);
-                int s = 0;
-#pragma unroll
-                for (int j = 0; j < 8; j++) s = __dp4a(wq[j], xv[j], s);
-                acc[i] = __dadd_rn(acc[i], __dmul_rn(__dmul_rn(dw, (double)s), (double)xd(i, bx)));
-            }
+            if (i < nt) acc[i] = __dadd_rn(acc[i], q8_term(dw, wq, (const int*)xq(i, bx), xd(i, bx)));
         }
     }
 }
@@ -125,6 +134,20 @@ extern "C" __global__ void dequant_q8_0_f32(const unsigned char* __restrict__ W,
     out[i] = __half2float(*(const __half*)blk) * (float)(signed char)blk[2 + i % 32];
 }
 
+// quantize_q8_0 of nt tokens' K-slices x + i * x_stride (i < nt) into shared memory, a block per
+// warp in turn: sq [nt][K] int8, sd [nt][K/32] scales. Every thread of the block must call it.
+__device__ __forceinline__ void q8_quantize_slice(const float* __restrict__ x, int x_stride, int nt, int K,
+                                                  signed char* sq, float* sd) {
+    const int warp = threadIdx.x / DS4_WARP, lane = threadIdx.x % DS4_WARP, nw = blockDim.x / DS4_WARP;
+    const int nb = K / 32;
+    for (int blk = warp; blk < nt * nb; blk += nw) {
+        const int i = blk / nb, b = blk % nb;
+        float dd;
+        sq[(long)i * K + b * 32 + lane] = q8_quantize_lane(x[(long)i * x_stride + b * 32 + lane], &dd);
+        if (lane == 0) sd[i * nb + b] = dd;
+    }
+}
+
 // matmul_q8_0 with the activation quantization fused in: each block first quantizes its token
 // tile's activations (the K-slice of its rows' group) into shared memory with quantize_q8_0's
 // arithmetic, then forms matmul_q8_0's dot products from there: one launch instead of two, the
@@ -134,20 +157,14 @@ extern "C" __global__ void matmul_q8_0_fused(const unsigned char* __restrict__ W
                                              float* __restrict__ y, int O, int K, int T, int rows_per_group,
                                              int x_stride) {
     extern __shared__ int smq[];                                       // int-aligned
-    const int warp = threadIdx.x / DS4_WARP, lane = threadIdx.x % DS4_WARP, nw = blockDim.x / DS4_WARP;
+    const int warp = threadIdx.x / DS4_WARP, lane = threadIdx.x % DS4_WARP;
     const int t0 = blockIdx.y * TOKEN_TILE;
     const int nt = min(TOKEN_TILE, T - t0);
     const int nb = K / 32;
     const int g = (blockIdx.x * 8) / rows_per_group;
     signed char* sq = (signed char*)smq;                               // [nt][K]
     float* sd = (float*)(sq + (long)min(T, TOKEN_TILE) * K);           // [nt][nb]
-    for (int blk = warp; blk < nt * nb; blk += nw) {                   // quantize_q8_0, block by block
-        const int i = blk / nb, b = blk % nb;
-        float dd;
-        const float v = x[(long)(t0 + i) * x_stride + (long)g * K + b * 32 + lane];
-        sq[(long)i * K + b * 32 + lane] = q8_quantize_lane(v, &dd);
-        if (lane == 0) sd[i * nb + b] = dd;
-    }
+    q8_quantize_slice(x + (long)t0 * x_stride + (long)g * K, x_stride, nt, K, sq, sd);
     __syncthreads();
     const int o = blockIdx.x * 8 + warp;
     if (o >= O) return;
@@ -159,3 +176,4 @@ extern "C" __global__ void matmul_q8_0_fused(const unsigned char* __restrict__ W
                 [&](int i, int b) { return sd[i * nb + b]; }, acc);
     store_row_tile(acc, lane, nt, y, t0, O, o);
 }
+
