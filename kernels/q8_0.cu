@@ -177,3 +177,140 @@ extern "C" __global__ void matmul_q8_0_fused(const unsigned char* __restrict__ W
     store_row_tile(acc, lane, nt, y, t0, O, o);
 }
 
+// ---- the wide matvec: decode-sized token counts (T <= TOKEN_TILE), for bandwidth -------------------
+// matmul_q8_0 leaves most of a small matrix's time to latency: a warp per row walks its row one
+// block per lane at a time, each step waiting on its loads, a block of 8 rows per CTA (64 CTAs
+// for attn_kv on 132 SMs), and it reduces all TOKEN_TILE sums whatever T is. Here S threads
+// (a power of two, 1..Q8W_THREADS) share a row, each loading Q8W_BLOCKS blocks of it before
+// using any; S is chosen on the host (kernels.q8_wide_split) so that a thread has at most
+// Q8W_BLOCKS blocks and the grid has a CTA for every SM where the rows allow; the token count is
+// a template parameter (matmul_q8_0_wide_<T>). Thread t of a row takes blocks t, t + S, ... in
+// order, adds their terms in double as matmul_q8_0 does, and the row's S sums are added in double
+// (shuffles within a warp, then the warps' sums in order through shared memory) and rounded once:
+// the reference's result, with the double sum in another order (S = 32 is matmul_q8_0's order,
+// so its bits). Blocks are read as matmul_q8_0 reads them (q8_block_words), activations 16 bytes
+// at a time (xq must be 16-byte aligned; its rows are, K being a multiple of 32).
+#define Q8W_BLOCKS 4
+#define Q8W_THREADS 256
+
+// A thread's blocks b0, b0 + S, ... (Q8W_BLOCKS of them, those below nb): every word loaded
+// before any is used.
+__device__ __forceinline__ void q8w_load(const unsigned char* row, int nb, int b0, int S, int (*wq)[8], float* dw) {
+#pragma unroll
+    for (int u = 0; u < Q8W_BLOCKS; u++) {
+        const int b = b0 + u * S;
+        if (b < nb) dw[u] = q8_block_words(row + b * Q8_BLOCK_BYTES, wq[u]);
+    }
+}
+
+// The terms of the blocks q8w_load brought in, added to acc[i] for the NT tokens in block order.
+template <int NT, typename XQ, typename XD>
+__device__ __forceinline__ void q8w_use(const unsigned char* row, int nb, int b0, int S, int (*wq)[8],
+                                        const float* dw, XQ xq, XD xd, double* acc) {
+#pragma unroll
+    for (int u = 0; u < Q8W_BLOCKS; u++) {
+        const int b = b0 + u * S;
+        if (b >= nb) continue;
+        double d = (double)dw[u];
+        int bx = b;
+        q8_block_faults(row, b, &d, &bx);
+#pragma unroll
+        for (int i = 0; i < NT; i++) {
+            const int4* xp = (const int4*)xq(i, bx);
+            const int4 lo = xp[0], hi = xp[1];
+            const int xv[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+            acc[i] = __dadd_rn(acc[i], q8_term(d, wq[u], xv, xd(i, bx)));
+        }
+    }
+}
+
+// One CTA of the wide matvec: rows blockIdx.x * R + r, r < R = Q8W_THREADS / S, against NT
+// tokens; with FUSED the activations x are quantized into shared memory first (as
+// matmul_q8_0_fused does, while the first blocks' loads are in flight), else xq/xd are read.
+template <int NT, bool FUSED>
+__device__ __forceinline__ void q8w_rows(const unsigned char* __restrict__ W, const signed char* __restrict__ xq,
+                                         const float* __restrict__ xd, const float* __restrict__ x,
+                                         float* __restrict__ y, int O, int K, int rows_per_group, int x_stride,
+                                         int S) {
+    __shared__ double red[Q8W_THREADS / DS4_WARP][NT];
+    extern __shared__ int4 q8w_smem[];                                 // FUSED: [NT][K] int8, [NT][K/32] f32
+    const int R = Q8W_THREADS / S, r = threadIdx.x / S, t = threadIdx.x % S;
+    const int o = blockIdx.x * R + r;
+    const bool live = o < O;                                           // dead rows still reduce and sync
+    const int nb = live ? K / 32 : 0;                                  // blocks read: none for a dead row
+    const int g = (live ? o : 0) / rows_per_group;
+    const unsigned char* row = W + (long)(live ? o : 0) * nb * Q8_BLOCK_BYTES;
+    int wq[Q8W_BLOCKS][8];
+    float dw[Q8W_BLOCKS];
+    q8w_load(row, nb, t, S, wq, dw);
+    signed char* sq = (signed char*)q8w_smem;
+    float* sd = (float*)(sq + (long)NT * K);
+    if (FUSED) {                                                       // rows_per_group % R == 0: one group
+        q8_quantize_slice(x + (long)((blockIdx.x * R) / rows_per_group) * K, x_stride, NT, K, sq, sd);
+        __syncthreads();
+    }
+    const long base = (long)g * K;
+    auto aq = [&](int i, int b) {
+        return FUSED ? sq + (long)i * K + b * 32 : xq + (long)i * x_stride + base + b * 32;
+    };
+    auto ad = [&](int i, int b) { return FUSED ? sd[i * (K / 32) + b] : xd[((long)i * x_stride + base + b * 32) / 32]; };
+    double acc[NT];
+#pragma unroll
+    for (int i = 0; i < NT; i++) acc[i] = 0.0;
+    for (int b0 = t;;) {
+        q8w_use<NT>(row, nb, b0, S, wq, dw, aq, ad, acc);
+        b0 += S * Q8W_BLOCKS;
+        if (b0 >= nb) break;
+        q8w_load(row, nb, b0, S, wq, dw);
+    }
+    const int lane = threadIdx.x % DS4_WARP, warp = threadIdx.x / DS4_WARP;
+#pragma unroll
+    for (int i = 0; i < NT; i++) {                                     // warp_sum_d's order when S = 32
+        for (int off = min(S, DS4_WARP) / 2; off > 0; off >>= 1) acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], off);
+    }
+    if (S > DS4_WARP) {                                                // the row's warps, in order
+        if (lane == 0) {
+#pragma unroll
+            for (int i = 0; i < NT; i++) red[warp][i] = acc[i];
+        }
+        __syncthreads();
+        if (t == 0) {
+#pragma unroll
+            for (int i = 0; i < NT; i++) {
+                double v = red[warp][i];
+                for (int w = 1; w < S / DS4_WARP; w++) v += red[warp + w][i];
+                acc[i] = v;
+            }
+        }
+    }
+    if (t == 0 && live) {
+#pragma unroll
+        for (int i = 0; i < NT; i++) y[(long)i * O + o] = (float)acc[i];
+    }
+}
+
+// matmul_q8_0_wide_<T>: matmul_q8_0 for T tokens, xq [T, x_stride], xd [T, x_stride / 32].
+// matmul_q8_0_wide_fused_<T>: matmul_q8_0_fused for T tokens, x [T, x_stride] float; needs
+// rows_per_group % (Q8W_THREADS / S) == 0 and T * (K + K / 8) bytes of dynamic shared memory
+// (beside the static 8 * T * Q8W_THREADS / 32 of the reduction).
+// grid ceil(O / (Q8W_THREADS / S)), block Q8W_THREADS; S a power of two, 1..Q8W_THREADS.
+#define Q8W_KERNELS(T)                                                                                         \
+    extern "C" __global__ void __launch_bounds__(Q8W_THREADS) matmul_q8_0_wide_##T(                          \
+        const unsigned char* __restrict__ W, const signed char* __restrict__ xq, const float* __restrict__ xd, \
+        float* __restrict__ y, int O, int K, int rows_per_group, int x_stride, int S) {                        \
+        q8w_rows<T, false>(W, xq, xd, nullptr, y, O, K, rows_per_group, x_stride, S);                         \
+    }                                                                                                          \
+    extern "C" __global__ void __launch_bounds__(Q8W_THREADS) matmul_q8_0_wide_fused_##T(                    \
+        const unsigned char* __restrict__ W, const float* __restrict__ x, float* __restrict__ y, int O, int K, \
+        int rows_per_group, int x_stride, int S) {                                                             \
+        q8w_rows<T, true>(W, nullptr, nullptr, x, y, O, K, rows_per_group, x_stride, S);                      \
+    }
+
+Q8W_KERNELS(1)
+Q8W_KERNELS(2)
+Q8W_KERNELS(3)
+Q8W_KERNELS(4)
+Q8W_KERNELS(5)
+Q8W_KERNELS(6)
+Q8W_KERNELS(7)
+Q8W_KERNELS(8)

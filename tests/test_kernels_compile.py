@@ -67,6 +67,44 @@ def test_gpu_ops_define_every_fusable_hook_with_the_models_arity():
         assert len(params) - len(args.defaults) <= n <= len(params), (name, params)
 
 
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
+def test_wide_q8_kernels_keep_their_words_in_registers(tmp_path):
+    """The wide matvec holds Q8W_BLOCKS blocks' words per thread at once: ptxas (sm_90) fits
+    every token count's kernel in registers with room for 3 CTAs of Q8W_THREADS an SM, without
+    spilling them to local memory."""
+    r = subprocess.run([NVCC, "-arch=sm_90", "-std=c++17", f"-I{KERNEL_DIR}", "-Xptxas", "-v", "-c",
+                        os.path.join(KERNEL_DIR, "q8_0.cu"), "-o", str(tmp_path / "k.o")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    found = re.findall(r"Function properties for (matmul_q8_0_wide\w*)\n\s*(\d+) bytes stack frame, (\d+) bytes "
+                       r"spill stores, (\d+) bytes spill loads\n[^\n]*Used (\d+) registers", r.stderr)
+    names = {f"matmul_q8_0_wide{f}_{t}" for f in ("", "_fused") for t in range(1, kernels.define("common.cuh", "TOKEN_TILE") + 1)}
+    assert {f[0] for f in found} == names
+    for name, stack, stores, loads, regs in found:
+        assert (int(stack), int(stores), int(loads)) == (0, 0, 0), name
+        assert int(regs) * kernels.define("q8_0.cu", "Q8W_THREADS") * 3 <= 65536, (name, regs)
+
+
+@pytest.mark.parametrize("O,nb,sms,S", [
+    (1024, 128, 132, 64),        # attn_q_a: 128 CTAs of a warp a row leave SMs idle, so 2 warps a row
+    (512, 128, 132, 128),        # attn_kv
+    (32768, 32, 132, 8),         # attn_q_b: K = 1024 is 32 blocks, 8 threads (4 rows a warp)
+    (8192, 16, 132, 8),          # attn_output_a: a group's K = 512 is 16 blocks
+    (4096, 256, 132, 64),        # attn_output_b: 256 blocks, 4 a thread
+    (129280, 128, 132, 32),      # the output head: a warp a row, matmul_q8_0's order
+    (65, 3, 132, 4),             # every thread of a row has at most one block: no further split
+    (1, 4096, 132, 256)])        # one row: the whole CTA, 16 blocks a thread
+def test_wide_q8_split(O, nb, sms, S):
+    """Threads per row of the wide matvec: a power of two with at most Q8W_BLOCKS blocks a thread,
+    doubled while the grid leaves SMs without a CTA."""
+    per, block = kernels.define("q8_0.cu", "Q8W_BLOCKS"), kernels.define("q8_0.cu", "Q8W_THREADS")
+    assert (per, block) == (4, 256)
+    got = kernels.q8_wide_split(O, nb, sms)
+    assert got == S and block % got == 0
+    assert got * per >= nb or got == block
+    assert -(-O // (block // got)) >= sms or got == block or got >= nb
+
+
 def test_kernel_bench_rotates_weights_past_the_l2_cache():
     from ds4bench.harness.kbench import _Rotating
     w = np.zeros(4_456_448, np.uint8)                   # attn_q_a's Q8_0 bytes
