@@ -26,7 +26,7 @@ except Exception:
 
 from ds4bench.engine import kernels  # noqa: E402
 
-from .test_gpu_engine import nmse, poisoned  # noqa: E402
+from .test_gpu_engine import _agree, _run, nmse, poisoned  # noqa: E402
 
 RNG = np.random.default_rng(4321)
 BLOCK = kernels.define("q8_0.cu", "Q8W_THREADS")
@@ -144,6 +144,38 @@ def test_wide_matvec_makes_each_fault_as_warp_does(define):
     np.testing.assert_array_equal(_wide(W, None, None, O, K, T, 1, 32, d, x=x_d), warp)
     split = kernels.q8_wide_split(O, K // 32, kernels.sm_count())
     _near(_wide(W, xq_d, xd_d, O, K, T, 1, split, d), warp, f"{define} S={split}")
+
+
+def _launched(monkeypatch):
+    names, real = [], kernels.function
+    monkeypatch.setattr(kernels, "function", lambda f, name, *rest: (names.append(name), real(f, name, *rest))[1])
+    return names
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_wide_kernel_end_to_end(monkeypatch, batch):
+    """DS4BENCH_Q8_KERNEL=wide on tiny's golden prompts: the wide kernels run (fused where the
+    engine fuses, plain with DS4BENCH_UNFUSED=q8quant, at the batch's token count in decode) and
+    the answer is the default kernel's within the q8 mode's tolerance."""
+    base = _run("cupy", "q8", batch=batch)
+    names = _launched(monkeypatch)
+    got = _run("cupy", "q8", batch=batch, q8_kernel="wide")
+    # decode runs the wide kernel at the batch's token count; the prompts' prefills (29 tokens and
+    # more) keep matmul_q8_0
+    assert f"matmul_q8_0_wide_fused_{batch}" in names and "matmul_q8_0_fused" in names
+    _agree("q8", base, got)
+    names.clear()
+    two = _run("cupy", "q8", batch=batch, q8_kernel="wide", unfused={"q8quant"})
+    assert f"matmul_q8_0_wide_{batch}" in names and not any("fused" in n for n in names if n.startswith("matmul"))
+    _agree("q8", base, two)
+
+
+def test_wide_kernel_in_a_decode_graph():
+    """The wide kernels captured in the decode graph give the eager wide engine's bits."""
+    eager = _run("cupy", "q8", q8_kernel="wide", decode_graph="off")
+    graph = _run("cupy", "q8", q8_kernel="wide", decode_graph="on")
+    for e, g in zip(eager.fingerprints, graph.fingerprints):
+        assert e.tokens == g.tokens and e.topk_logprobs == g.topk_logprobs
 
 
 def test_wide_split_fills_the_gpu_at_flash_shapes():

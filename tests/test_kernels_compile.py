@@ -119,11 +119,13 @@ def test_kernel_variant_toggles():
     from ds4bench.engine.options import ENGINE_ENV, KERNEL_CHOICES, EngineOptions, choice
     assert choice("DS4BENCH_Q8_KERNEL", None) == "warp"
     assert choice("DS4BENCH_Q8_KERNEL", " warp ") == "warp"
+    assert choice("DS4BENCH_Q8_KERNEL", "wide") == "wide"
+    assert EngineOptions.from_env({"DS4BENCH_Q8_KERNEL": "wide"}, backend="cupy").q8_kernel == "wide"
     assert choice("DS4BENCH_MOE_KERNEL", "") == "warp"
     assert choice("DS4BENCH_ATTN_KERNEL", None) == "concat"
     assert choice("DS4BENCH_ATTN_KERNEL", "ring") == "ring"
     # the removed variants (staged, split) are unknown values like any other
-    with pytest.raises(ValueError, match="^DS4BENCH_Q8_KERNEL: unknown 'staged'; choose from warp$"):
+    with pytest.raises(ValueError, match="^DS4BENCH_Q8_KERNEL: unknown 'staged'; choose from warp, wide$"):
         choice("DS4BENCH_Q8_KERNEL", "staged")
     with pytest.raises(ValueError, match="^DS4BENCH_MOE_KERNEL: unknown 'split'; choose from warp$"):
         EngineOptions.from_env({"DS4BENCH_MOE_KERNEL": "split"}, backend="cupy")
