@@ -115,6 +115,27 @@ def test_kernel_bench_rotates_weights_past_the_l2_cache():
     assert len(_Rotating(np.zeros(600 << 20, np.uint8)).copies) == 1
 
 
+def test_kernel_bench_plans_wide_and_peer_rows_for_every_q8_shape():
+    """bench-kernels' Q8_0 rows: for each shape matmul_q8_0 three ways, the wide matvec three
+    ways and the cuBLAS F16 peer, each with the weight bytes it must read, labels unique and
+    within the report's column."""
+    from ds4bench.harness.kbench import Q8_SHAPES, q8_plan
+    plan = q8_plan()
+    assert len(plan) == 7 * len(Q8_SHAPES) and len({r["kernel"] for r in plan}) == len(plan)
+    assert all(len(r["kernel"]) <= 58 for r in plan)
+    by = {r["kernel"]: r["bytes"] for r in plan}
+    assert by["q8_0 attn_q_a [1024x4096] wide"] == by["q8_0 attn_q_a [1024x4096]"] == 4_456_448
+    assert by["peer cuBLAS f16 attn_q_a [1024x4096]"] == 1024 * 4096 * 2
+    assert by["peer cuBLAS f16 attn_output_a [8192x512] x8 groups"] == 8192 * 512 * 2
+    assert by["q8_0 output [129280x4096] wide, matmul only"] == 562_626_560
+    assert by["peer cuBLAS f16 output [129280x4096]"] == 129280 * 4096 * 2
+    assert [(r["kernel"], r["run"]) for r in q8_plan((("w", 64, 512, 2),))] == [
+        ("q8_0 w [64x256] x2 groups", "two"), ("q8_0 w [64x256] x2 groups fused", "fused"),
+        ("q8_0 w [64x256] x2 groups matmul only", "matmul"), ("q8_0 w [64x256] x2 groups wide", "wide"),
+        ("q8_0 w [64x256] x2 groups wide fused", "wide_fused"),
+        ("q8_0 w [64x256] x2 groups wide, matmul only", "wide_matmul"), ("peer cuBLAS f16 w [64x256] x2 groups", "peer")]
+
+
 def test_kernel_variant_toggles():
     from ds4bench.engine.options import ENGINE_ENV, KERNEL_CHOICES, EngineOptions, choice
     assert choice("DS4BENCH_Q8_KERNEL", None) == "warp"
