@@ -262,7 +262,7 @@ def test_generate_cli_rejects_unknown_mode(capsys):
 
 @pytest.mark.parametrize("var,value,msg", [
     ("DS4BENCH_UNFUSED", "fast_norm", "DS4BENCH_UNFUSED: unknown fast_norm"),
-    ("DS4BENCH_Q8_KERNEL", "staged", "DS4BENCH_Q8_KERNEL: unknown 'staged'; choose from warp"),
+    ("DS4BENCH_Q8_KERNEL", "staged", "DS4BENCH_Q8_KERNEL: unknown 'staged'; choose from warp, wide"),
     ("DS4BENCH_MOE_KERNEL", "split", "DS4BENCH_MOE_KERNEL: unknown 'split'; choose from warp"),
     ("DS4BENCH_ATTN_KERNEL", "inplace", "DS4BENCH_ATTN_KERNEL: unknown 'inplace'; choose from concat, ring"),
     ("DS4BENCH_DECODE_GRAPH", "1", "DS4BENCH_DECODE_GRAPH: unknown '1'; choose from off, on"),

@@ -468,16 +468,38 @@ def test_q8_matmul_variants_equal_two_launches(O, K, N, groups):
 
 def test_kernel_bench_times_every_q8_variant():
     """bench-kernels (few iterations): each Q8_0 shape timed as two launches, fused and matmul
-    alone, and the MoE kernels; positive finite times."""
+    alone, the same three with the wide matvec, and its cuBLAS F16 peer (queued behind a spin
+    kernel, as CuPy cannot capture cuBLAS), and the MoE kernels; positive finite times."""
     from ds4bench.harness import kbench
     res = kbench.run("q2", iters=3)
     names = [r["kernel"] for r in res["rows"]]
     for name, O, K, G in kbench.Q8_SHAPES:
-        label = f"q8_0 {name} [{O}x{K // G}]" + (f" x{G} groups" if G > 1 else "")
-        assert {n[len(label):] for n in names if n.startswith(label)} == {"", " fused", " matmul only"}, label
+        shape = f"{name} [{O}x{K // G}]" + (f" x{G} groups" if G > 1 else "")
+        assert {n[len(f"q8_0 {shape}"):] for n in names if n.startswith(f"q8_0 {shape}")} == {
+            "", " fused", " matmul only", " wide", " wide fused", " wide, matmul only"}, shape
+        peer = [r for r in res["rows"] if r["kernel"] == f"peer cuBLAS f16 {shape}"]
+        assert len(peer) == 1 and peer[0]["timing"] == "held" and peer[0]["bytes"] == 2 * O * (K // G), shape
     assert [n for n in names if n.startswith("moe q2")] == [
         "moe q2: 6 experts gate/up+down (Q8_K quantize included)", "moe q2: gate/up only", "moe q2: down only"]
     assert all(np.isfinite(r[k]) and r[k] > 0 for r in res["rows"] for k in ("us", "eager_us"))
+    assert {r["timing"] for r in res["rows"] if not r["kernel"].startswith("peer")} == {"graph"}
+    assert "peer cuBLAS f16 output [129280x4096]" in kbench.report(res)
+
+
+def test_held_timing_agrees_with_graph_replay():
+    """The peers' timing (calls queued behind a spin kernel) against graph replay, on a kernel
+    both can time: attn_output_b's matmul_q8_0 (17-27 us on an H200), within a factor of 1.5."""
+    from ds4bench.harness.kbench import _Rotating, _time
+    O, K = 4096, 8192
+    W = _Rotating(cp.asarray(F.quantize_q8_0((RNG.standard_normal((O, K)) * 0.02).astype(np.float32))))
+    xq, xd = cp.zeros((1, K), cp.int8), cp.ones((1, K // 32), cp.float32)
+    y = cp.empty((1, O), cp.float32)
+    mm = kernels.function("q8_0.cu", "matmul_q8_0")
+    fn = lambda: mm((O // 8, 1), (256,), (W.next(), xq, xd, y, np.int32(O), np.int32(K), np.int32(1),  # noqa: E731
+                                           np.int32(O), np.int32(K)))
+    graph, held = _time(cp, fn, 50, "graph"), _time(cp, fn, 50, "held")
+    assert (graph[2], held[2]) == ("graph", "held")
+    assert 1 / 1.5 < held[0] / graph[0] < 1.5, (held, graph)
 
 
 def test_kernel_bench_decode_times_eager_layers_and_the_graph(tmp_path):

@@ -67,6 +67,44 @@ def test_gpu_ops_define_every_fusable_hook_with_the_models_arity():
         assert len(params) - len(args.defaults) <= n <= len(params), (name, params)
 
 
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
+def test_wide_q8_kernels_keep_their_words_in_registers(tmp_path):
+    """The wide matvec holds Q8W_BLOCKS blocks' words per thread at once: ptxas (sm_90) fits
+    every token count's kernel in registers with room for 3 CTAs of Q8W_THREADS an SM, without
+    spilling them to local memory."""
+    r = subprocess.run([NVCC, "-arch=sm_90", "-std=c++17", f"-I{KERNEL_DIR}", "-Xptxas", "-v", "-c",
+                        os.path.join(KERNEL_DIR, "q8_0.cu"), "-o", str(tmp_path / "k.o")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    found = re.findall(r"Function properties for (matmul_q8_0_wide\w*)\n\s*(\d+) bytes stack frame, (\d+) bytes "
+                       r"spill stores, (\d+) bytes spill loads\n[^\n]*Used (\d+) registers", r.stderr)
+    names = {f"matmul_q8_0_wide{f}_{t}" for f in ("", "_fused") for t in range(1, kernels.define("common.cuh", "TOKEN_TILE") + 1)}
+    assert {f[0] for f in found} == names
+    for name, stack, stores, loads, regs in found:
+        assert (int(stack), int(stores), int(loads)) == (0, 0, 0), name
+        assert int(regs) * kernels.define("q8_0.cu", "Q8W_THREADS") * 3 <= 65536, (name, regs)
+
+
+@pytest.mark.parametrize("O,nb,sms,S", [
+    (1024, 128, 132, 64),        # attn_q_a: 128 CTAs of a warp a row leave SMs idle, so 2 warps a row
+    (512, 128, 132, 128),        # attn_kv
+    (32768, 32, 132, 8),         # attn_q_b: K = 1024 is 32 blocks, 8 threads (4 rows a warp)
+    (8192, 16, 132, 8),          # attn_output_a: a group's K = 512 is 16 blocks
+    (4096, 256, 132, 64),        # attn_output_b: 256 blocks, 4 a thread
+    (129280, 128, 132, 32),      # the output head: a warp a row, matmul_q8_0's order
+    (65, 3, 132, 4),             # every thread of a row has at most one block: no further split
+    (1, 4096, 132, 256)])        # one row: the whole CTA, 16 blocks a thread
+def test_wide_q8_split(O, nb, sms, S):
+    """Threads per row of the wide matvec: a power of two with at most Q8W_BLOCKS blocks a thread,
+    doubled while the grid leaves SMs without a CTA."""
+    per, block = kernels.define("q8_0.cu", "Q8W_BLOCKS"), kernels.define("q8_0.cu", "Q8W_THREADS")
+    assert (per, block) == (4, 256)
+    got = kernels.q8_wide_split(O, nb, sms)
+    assert got == S and block % got == 0
+    assert got * per >= nb or got == block
+    assert -(-O // (block // got)) >= sms or got == block or got >= nb
+
+
 def test_kernel_bench_rotates_weights_past_the_l2_cache():
     from ds4bench.harness.kbench import _Rotating
     w = np.zeros(4_456_448, np.uint8)                   # attn_q_a's Q8_0 bytes
@@ -77,15 +115,38 @@ def test_kernel_bench_rotates_weights_past_the_l2_cache():
     assert len(_Rotating(np.zeros(600 << 20, np.uint8)).copies) == 1
 
 
+def test_kernel_bench_plans_wide_and_peer_rows_for_every_q8_shape():
+    """bench-kernels' Q8_0 rows: for each shape matmul_q8_0 three ways, the wide matvec three
+    ways and the cuBLAS F16 peer, each with the weight bytes it must read, labels unique and
+    within the report's column."""
+    from ds4bench.harness.kbench import Q8_SHAPES, q8_plan
+    plan = q8_plan()
+    assert len(plan) == 7 * len(Q8_SHAPES) and len({r["kernel"] for r in plan}) == len(plan)
+    assert all(len(r["kernel"]) <= 58 for r in plan)
+    by = {r["kernel"]: r["bytes"] for r in plan}
+    assert by["q8_0 attn_q_a [1024x4096] wide"] == by["q8_0 attn_q_a [1024x4096]"] == 4_456_448
+    assert by["peer cuBLAS f16 attn_q_a [1024x4096]"] == 1024 * 4096 * 2
+    assert by["peer cuBLAS f16 attn_output_a [8192x512] x8 groups"] == 8192 * 512 * 2
+    assert by["q8_0 output [129280x4096] wide, matmul only"] == 562_626_560
+    assert by["peer cuBLAS f16 output [129280x4096]"] == 129280 * 4096 * 2
+    assert [(r["kernel"], r["run"]) for r in q8_plan((("w", 64, 512, 2),))] == [
+        ("q8_0 w [64x256] x2 groups", "two"), ("q8_0 w [64x256] x2 groups fused", "fused"),
+        ("q8_0 w [64x256] x2 groups matmul only", "matmul"), ("q8_0 w [64x256] x2 groups wide", "wide"),
+        ("q8_0 w [64x256] x2 groups wide fused", "wide_fused"),
+        ("q8_0 w [64x256] x2 groups wide, matmul only", "wide_matmul"), ("peer cuBLAS f16 w [64x256] x2 groups", "peer")]
+
+
 def test_kernel_variant_toggles():
     from ds4bench.engine.options import ENGINE_ENV, KERNEL_CHOICES, EngineOptions, choice
     assert choice("DS4BENCH_Q8_KERNEL", None) == "warp"
     assert choice("DS4BENCH_Q8_KERNEL", " warp ") == "warp"
+    assert choice("DS4BENCH_Q8_KERNEL", "wide") == "wide"
+    assert EngineOptions.from_env({"DS4BENCH_Q8_KERNEL": "wide"}, backend="cupy").q8_kernel == "wide"
     assert choice("DS4BENCH_MOE_KERNEL", "") == "warp"
     assert choice("DS4BENCH_ATTN_KERNEL", None) == "concat"
     assert choice("DS4BENCH_ATTN_KERNEL", "ring") == "ring"
     # the removed variants (staged, split) are unknown values like any other
-    with pytest.raises(ValueError, match="^DS4BENCH_Q8_KERNEL: unknown 'staged'; choose from warp$"):
+    with pytest.raises(ValueError, match="^DS4BENCH_Q8_KERNEL: unknown 'staged'; choose from warp, wide$"):
         choice("DS4BENCH_Q8_KERNEL", "staged")
     with pytest.raises(ValueError, match="^DS4BENCH_MOE_KERNEL: unknown 'split'; choose from warp$"):
         EngineOptions.from_env({"DS4BENCH_MOE_KERNEL": "split"}, backend="cupy")

@@ -33,6 +33,32 @@ def define(filename: str, name: str) -> int:
     return int(m.group(1))
 
 
+def q8_wide_split(O: int, nb: int, sms: int) -> int:
+    """Threads per row S of matmul_q8_0_wide_* for O rows of nb Q8_0 blocks on a GPU of `sms`
+    SMs: the fewest (a power of two) that leave each thread at most Q8W_BLOCKS blocks, all loaded
+    before any is used, then doubled while the grid (Q8W_THREADS / S rows a CTA) has fewer CTAs
+    than the GPU has SMs and a thread still gets a block, so a small matrix is read by every SM."""
+    per, block = define("q8_0.cu", "Q8W_BLOCKS"), define("q8_0.cu", "Q8W_THREADS")
+    S = 1
+    while S * per < nb and S < block:
+        S *= 2
+    while -(-O // (block // S)) < sms and S < block and S < nb:
+        S *= 2
+    return S
+
+
+def sm_count() -> int:
+    """Streaming multiprocessors of the current device."""
+    import cupy as cp
+    return _sm_count(cp.cuda.Device().id)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: int) -> int:
+    import cupy as cp
+    return int(cp.cuda.runtime.getDeviceProperties(device)["multiProcessorCount"])
+
+
 def kernel_files() -> list[str]:
     return sorted(f for f in os.listdir(KERNEL_DIR) if f.endswith(".cu"))
 

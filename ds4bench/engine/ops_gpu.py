@@ -36,6 +36,7 @@ from .options import EngineOptions
 
 ROWS_PER_BLOCK = 8                   # a block of 8 warps, a row each (q8_0.cu)
 TOKEN_TILE = kernels.define("common.cuh", "TOKEN_TILE")
+Q8W_THREADS = kernels.define("q8_0.cu", "Q8W_THREADS")     # the wide matvec's block (DS4BENCH_Q8_KERNEL=wide)
 CACHE_RESERVE = 4 * 2 ** 30          # device memory left free when the cache budget is automatic
 SMEM_DEFAULT_MAX = 48 * 1024         # dynamic shared memory a launch gets without opting in
 # matmul_q8_0_fused quantizes the activations again in every block of rows: it beats the two
@@ -93,7 +94,8 @@ class GpuOps(Ops):
         if self.cfg.n_expert_used > ROUTE_MAX_USED or 8 * self.cfg.n_expert > SMEM_DEFAULT_MAX:
             off.add("route")                                                  # outside router.cu's
         self.unfused = frozenset(off)
-        self.attn_kernel = options.attn_kernel
+        self.q8_kernel, self.attn_kernel = options.q8_kernel, options.attn_kernel
+        self.sms = kernels.sm_count()
         self.placer = Placer(self.placement, model.nbytes)
         self.w: dict[str, cp.ndarray] = {}
         expert_tensors = {}
@@ -158,23 +160,33 @@ class GpuOps(Ops):
         """x [N, G*K] -> [N, O] with Q8_0 weights; groups of rows read their K-slice of x.
         One launch with the quantization fused in where the token tile's quantized activations
         fit shared memory and the blocks' repeated quantization is cheap (FUSED_Q8_MAX_WORK),
-        else quantize_q8_0 then matmul_q8_0 (the same bits either way)."""
+        else quantize_q8_0 then the matmul (the same bits either way). The matmul is
+        matmul_q8_0, or with DS4BENCH_Q8_KERNEL=wide and at most TOKEN_TILE tokens
+        matmul_q8_0_wide_<N> (the reference's result too; S = 32 threads a row gives
+        matmul_q8_0's bits)."""
         N, stride = x.shape
         smem = min(N, TOKEN_TILE) * (K + K // 8)
-        fuse = smem <= SMEM_DEFAULT_MAX and K * -(-O // ROWS_PER_BLOCK) <= FUSED_Q8_MAX_WORK
-        if fuse and rows_per_group % ROWS_PER_BLOCK == 0 and "q8quant" not in self.unfused:
-            y = cp.empty((N, O), dtype=cp.float32)
-            self._fn("q8_0.cu", "matmul_q8_0_fused", name)(_grid(O, N), (256,), (
-                self.w[name], x, y, np.int32(O), np.int32(K), np.int32(N), np.int32(rows_per_group),
-                np.int32(stride)), shared_mem=smem)
+        if self.q8_kernel == "wide" and 0 < N <= TOKEN_TILE:
+            S = kernels.q8_wide_split(O, K // 32, self.sms)
+            rows, block = Q8W_THREADS // S, (Q8W_THREADS,)
+            plain, fused = f"matmul_q8_0_wide_{N}", f"matmul_q8_0_wide_fused_{N}"
+            tail = (np.int32(O), np.int32(K), np.int32(rows_per_group), np.int32(stride), np.int32(S))
+            grid = (-(-O // rows),)
+            static = 8 * N * Q8W_THREADS // 32             # q8w_rows' static `red`: a double a warp and token
+        else:
+            rows, block = ROWS_PER_BLOCK, (256,)
+            plain, fused = "matmul_q8_0", "matmul_q8_0_fused"
+            tail = (np.int32(O), np.int32(K), np.int32(N), np.int32(rows_per_group), np.int32(stride))
+            grid, static = _grid(O, N), 0
+        fuse = smem + static <= SMEM_DEFAULT_MAX and K * grid[0] <= FUSED_Q8_MAX_WORK   # grid[0]: blocks of rows
+        y = cp.empty((N, O), dtype=cp.float32)
+        if fuse and rows_per_group % rows == 0 and "q8quant" not in self.unfused:
+            self._fn("q8_0.cu", fused, name)(grid, block, (self.w[name], x, y) + tail, shared_mem=smem)
             return y
         xq = cp.empty((N, stride), dtype=cp.int8)
         xd = cp.empty((N, stride // 32), dtype=cp.float32)
         kernels.function("q8_0.cu", "quantize_q8_0")((stride // 32, N), (32,), (x, xq, xd, np.int32(stride)))
-        y = cp.empty((N, O), dtype=cp.float32)
-        self._fn("q8_0.cu", "matmul_q8_0", name)(_grid(O, N), (256,), (
-            self.w[name], xq, xd, y, np.int32(O), np.int32(K), np.int32(N), np.int32(rows_per_group),
-            np.int32(stride)))
+        self._fn("q8_0.cu", plain, name)(grid, block, (self.w[name], xq, xd, y) + tail)
         return y
 
     def _f16w(self, W: cp.ndarray, x: cp.ndarray, O: int, K: int, rows_per_group: int) -> cp.ndarray:

@@ -25,12 +25,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # Kernel variants and launch paths a toggle picks: field -> (variable, choices, the first the
-# default). Every choice computes the same bits (the GPU tests compare them). A toggle whose
+# default). Every choice computes the same bits, or (q8_kernel wide) the reference's result with
+# its double sum in another order (the GPU tests compare them). A toggle whose
 # other variants measured no better and were removed keeps its one value, so a spec or an
 # environment naming a removed variant gets this module's one-line error.
 VARIANTS = {
-    # the Q8_0 matmul where the activation quantization is not fused in (matmul_q8_0)
-    "q8_kernel": ("DS4BENCH_Q8_KERNEL", ("warp",)),
+    # the Q8_0 matmuls: a warp per row and token tiles of TOKEN_TILE (matmul_q8_0, and
+    # matmul_q8_0_fused with the activation quantization fused in); or, for at most TOKEN_TILE
+    # tokens, S threads per row each loading several blocks before using any, the grid filling
+    # the GPU (matmul_q8_0_wide_<T>, matmul_q8_0_wide_fused_<T>; more tokens take warp)
+    "q8_kernel": ("DS4BENCH_Q8_KERNEL", ("warp", "wide")),
     # the routed experts: a warp per row looping over the selected experts
     "moe_kernel": ("DS4BENCH_MOE_KERNEL", ("warp",)),
     # attention: keys gathered and concatenated with a host-built mask, then attend_sink; or

@@ -4,6 +4,9 @@ Each kernel runs at batch 1 on synthetic weights of the real shapes and formats,
 events over many launches after a warm-up. Achieved bandwidth is the minimum bytes the kernel
 must read (its weights; activations are negligible) over the time, compared with a ceiling: the
 device-to-device copy rate measured in the same process (bytes read + written per second).
+Each Q8_0 shape also has a peer: the same matrix as F16 weights multiplied by cuBLAS through
+CuPy (`cupy.matmul`, a GEMV at batch 1), what a vendor library reaches on the bytes of the
+dequant cache's f16 mode.
 """
 from __future__ import annotations
 
@@ -21,6 +24,27 @@ from ..engine.formats import quantize_q8_0, random_blocks, row_bytes
 Q8_SHAPES = (("attn_q_a", 1024, 4096, 1), ("attn_q_b", 32768, 1024, 1), ("attn_kv", 512, 4096, 1),
              ("attn_output_a", 8192, 4096, 8), ("attn_output_b", 4096, 8192, 1),
              ("ffn_gate_shexp", 2048, 4096, 1), ("ffn_down_shexp", 4096, 2048, 1), ("output", 129280, 4096, 1))
+# The rows timed for each Q8_0 shape, in order: (run, label suffix). matmul_q8_0 after
+# quantize_q8_0 (two launches), with the quantization fused in, and alone on activations
+# quantized beforehand; the same three of the wide matvec (DS4BENCH_Q8_KERNEL=wide); the peer.
+# No FP8 peer: CuPy has no FP8 dtype and no cuBLASLt matmul to run one with.
+Q8_RUNS = (("two", ""), ("fused", " fused"), ("matmul", " matmul only"),
+           ("wide", " wide"), ("wide_fused", " wide fused"), ("wide_matmul", " wide, matmul only"), ("peer", ""))
+PEER = "peer cuBLAS f16"
+
+
+def q8_plan(shapes=Q8_SHAPES) -> list[dict]:
+    """The Q8_0 rows of bench-kernels for `shapes`, in print order: {kernel (the label), shape,
+    run (Q8_RUNS), bytes (the weights each must read: the Q8_0 blocks, or the peer's F16 matrix)}."""
+    plan = []
+    for name, O, K, G in shapes:
+        Kg = K // G
+        shape = f"{name} [{O}x{Kg}]" + (f" x{G} groups" if G > 1 else "")
+        for run, suffix in Q8_RUNS:
+            peer = run == "peer"
+            plan.append({"kernel": f"{PEER} {shape}" if peer else f"q8_0 {shape}{suffix}", "shape": name,
+                         "run": run, "bytes": O * Kg * 2 if peer else O * row_bytes(QT.Q8_0, Kg)})
+    return plan
 
 
 class _Rotating:
@@ -37,12 +61,17 @@ class _Rotating:
         return next(self._turn)
 
 
-def _time(cp, fn, iters: int, graph: bool = True) -> tuple[float, float]:
-    """Seconds per call of `fn` (kernel launches), after 3 warm-up calls: (GPU, eager).
-    GPU: `iters` calls captured in one CUDA graph, CUDA events around its replay, so the host's
-    launch cost is out and back-to-back kernels are timed as the GPU runs them. Eager: CUDA
-    events around `iters` calls issued from Python, which is what an eager step sees; below a
-    few microseconds of work a call costs its launches, not its kernel."""
+def _time(cp, fn, iters: int, replay: str | None = "graph") -> tuple[float, float, str]:
+    """Seconds per call of `fn` (kernel launches), after 3 warm-up calls: (GPU, eager, how GPU
+    was timed). Eager: CUDA events around `iters` calls issued from Python, which is what an
+    eager step sees; below a few microseconds of work a call costs its launches, not its kernel.
+    GPU, with the host's launch cost out and back-to-back calls timed as the GPU runs them:
+      graph  the `iters` calls captured in one CUDA graph, CUDA events around its replay;
+      held   for calls a graph cannot hold (CuPy refuses cuBLAS during stream capture): the
+             stream held by a spin kernel (spin.cu) twice as long as the eager calls took plus
+             1 ms, while the host queues them, CUDA events around the queue. Where the host
+             still took longer than the hold, the eager time is returned, as "eager";
+      None   the eager time."""
     for _ in range(3):
         fn()
     s, e = cp.cuda.Event(), cp.cuda.Event()
@@ -52,8 +81,25 @@ def _time(cp, fn, iters: int, graph: bool = True) -> tuple[float, float]:
     e.record()
     e.synchronize()
     eager = cp.cuda.get_elapsed_time(s, e) / 1e3 / iters
-    if not graph:
-        return eager, eager
+    if replay is None:
+        return eager, eager, "eager"
+    if replay == "held":
+        from ..engine import kernels
+        hold_s = 2 * eager * iters + 1e-3
+        for _ in range(3):
+            wait_ns = cp.asarray([int(hold_s * 1e9)], dtype=cp.int64)
+            kernels.function("spin.cu", "spin_ns")((1,), (1,), (wait_ns,))
+            s.record()
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            queued = time.perf_counter() - t0
+            e.record()
+            e.synchronize()
+            if queued < hold_s:
+                return cp.cuda.get_elapsed_time(s, e) / 1e3 / iters, eager, "held"
+            hold_s *= 4
+        return eager, eager, "eager"
     from ..engine.graph_gpu import capture
     stream, pool = cp.cuda.Stream(non_blocking=True), cp.cuda.MemoryPool()
     graph, _ = capture(stream, pool, lambda: [fn() for _ in range(iters)])
@@ -63,7 +109,7 @@ def _time(cp, fn, iters: int, graph: bool = True) -> tuple[float, float]:
         graph.launch(stream)
         e.record(stream)
         e.synchronize()
-    return cp.cuda.get_elapsed_time(s, e) / 1e3 / iters, eager
+    return cp.cuda.get_elapsed_time(s, e) / 1e3 / iters, eager, "graph"
 
 
 def copy_bandwidth(cp, nbytes: int = 2 ** 30) -> float:
@@ -72,7 +118,7 @@ def copy_bandwidth(cp, nbytes: int = 2 ** 30) -> float:
     moves data markedly slower than the copy does outside one (2.7 against 4.2 TB/s on an H200)."""
     a = cp.empty(nbytes, dtype=cp.uint8)
     b = cp.empty_like(a)
-    t = _time(cp, lambda: b.__setitem__(Ellipsis, a), 10, graph=False)[1]
+    t = _time(cp, lambda: b.__setitem__(Ellipsis, a), 10, replay=None)[1]
     return 2 * nbytes / t
 
 
@@ -85,9 +131,19 @@ def run(variant: str = "q2", iters: int = 200) -> dict:
     rng = np.random.default_rng(0)
     ceiling = copy_bandwidth(cp)
     rows = []
+
+    def timed(label, nbytes, fn, replay="graph"):
+        t, eager, how = _time(cp, fn, iters, replay)
+        rows.append({"kernel": label, "bytes": int(nbytes), "us": t * 1e6, "gbs": nbytes / t / 1e9,
+                     "pct_ceiling": 100 * nbytes / t / ceiling, "eager_us": eager * 1e6, "timing": how})
+
     quant = kernels.function("q8_0.cu", "quantize_q8_0")
     mm = kernels.function("q8_0.cu", "matmul_q8_0")
     fused = kernels.function("q8_0.cu", "matmul_q8_0_fused")
+    wide = kernels.function("q8_0.cu", "matmul_q8_0_wide_1")                    # DS4BENCH_Q8_KERNEL=wide, T = 1
+    wide_fused = kernels.function("q8_0.cu", "matmul_q8_0_wide_fused_1")
+    to_f16 = kernels.function("q8_0.cu", "dequant_q8_0_f16")
+    plan = q8_plan()
     for name, O, K, G in Q8_SHAPES:
         Kg = K // G
         W0 = cp.asarray(quantize_q8_0((rng.standard_normal((O, Kg)) * 0.02).astype(np.float32)))
@@ -95,21 +151,30 @@ def run(variant: str = "q2", iters: int = 200) -> dict:
         x = cp.asarray(rng.standard_normal((1, K)).astype(np.float32))
         xq, xd = cp.empty((1, K), cp.int8), cp.empty((1, K // 32), cp.float32)
         y = cp.empty((1, O), cp.float32)
+        quant((K // 32, 1), (32,), (x, xq, xd, np.int32(K)))
 
         args = (np.int32(O), np.int32(Kg), np.int32(1), np.int32(O // G), np.int32(K))
         grid = ((O + 7) // 8, 1)
-        label = f"q8_0 {name} [{O}x{Kg}]" + (f" x{G} groups" if G > 1 else "")
-
-        def timed(suffix, fn):
-            t, eager = _time(cp, fn, iters)
-            rows.append({"kernel": label + suffix, "bytes": int(W0.nbytes), "us": t * 1e6, "gbs": W0.nbytes / t / 1e9,
-                         "pct_ceiling": 100 * W0.nbytes / t / ceiling, "eager_us": eager * 1e6})
-
-        quant((K // 32, 1), (32,), (x, xq, xd, np.int32(K)))
-        timed("", lambda: (quant((K // 32, 1), (32,), (x, xq, xd, np.int32(K))),
-                           mm(grid, (256,), (W.next(), xq, xd, y) + args)))
-        timed(" fused", lambda: fused(grid, (256,), (W.next(), x, y) + args, shared_mem=Kg + Kg // 8))
-        timed(" matmul only", lambda: mm(grid, (256,), (W.next(), xq, xd, y) + args))
+        S = kernels.q8_wide_split(O, Kg // 32, kernels.sm_count())
+        wargs, wgrid = (np.int32(O), np.int32(Kg), np.int32(O // G), np.int32(K), np.int32(S)), (-(-O * S // 256),)
+        # the peer: the same matrix as F16 (the dequant cache's values); [O, K] @ [K], or for
+        # groups [G, O/G, K/G] @ [G, K/G, 1] (a strided batched GEMM)
+        F0 = cp.empty((O, Kg), cp.float16)
+        to_f16((-(-O * Kg // 256),), (256,), (W0, F0, np.int64(O * Kg)))
+        Fw = _Rotating(F0 if G == 1 else F0.reshape(G, O // G, Kg))
+        xf = x[0].astype(cp.float16) if G == 1 else x.astype(cp.float16).reshape(G, Kg, 1)
+        launch = {
+            "two": lambda: (quant((K // 32, 1), (32,), (x, xq, xd, np.int32(K))),
+                            mm(grid, (256,), (W.next(), xq, xd, y) + args)),
+            "fused": lambda: fused(grid, (256,), (W.next(), x, y) + args, shared_mem=Kg + Kg // 8),
+            "matmul": lambda: mm(grid, (256,), (W.next(), xq, xd, y) + args),
+            "wide": lambda: (quant((K // 32, 1), (32,), (x, xq, xd, np.int32(K))),
+                             wide(wgrid, (256,), (W.next(), xq, xd, y) + wargs)),
+            "wide_fused": lambda: wide_fused(wgrid, (256,), (W.next(), x, y) + wargs, shared_mem=Kg + Kg // 8),
+            "wide_matmul": lambda: wide(wgrid, (256,), (W.next(), xq, xd, y) + wargs),
+            "peer": lambda: cp.matmul(Fw.next(), xf)}
+        for r in (r for r in plan if r["shape"] == name):
+            timed(r["kernel"], r["bytes"], launch[r["run"]], "held" if r["run"] == "peer" else "graph")
     cfg = C.preset("flash", variant)
     gate_t, down_t = (QT.IQ2_XXS, QT.Q2_K) if variant == "q2" else (QT.Q4_K, QT.Q4_K)
     E, F, D, A = cfg.n_expert, cfg.expert_ff, cfg.n_embd, cfg.n_expert_used
@@ -136,9 +201,7 @@ def run(variant: str = "q2", iters: int = 200) -> dict:
              lambda: moe(0, x, next(sels), w)),
             (f"moe {variant}: gate/up only", n_gu, lambda: moe.gate_up(0, *xq, next(sels32), w)),
             (f"moe {variant}: down only", n_down, lambda: moe.down(0, *mq, next(sels32)))):
-        t, eager = _time(cp, fn, iters)
-        rows.append({"kernel": label, "bytes": int(nbytes), "us": t * 1e6, "gbs": nbytes / t / 1e9,
-                     "pct_ceiling": 100 * nbytes / t / ceiling, "eager_us": eager * 1e6})
+        timed(label, nbytes, fn)
     return {"device": device_facts(), "copy_ceiling_gbs": ceiling / 1e9, "variant": variant, "rows": rows}
 
 
@@ -190,11 +253,12 @@ def decode_layers(model_path: str, cache: str, placement: str, steps: int = 20, 
 
 def report(res: dict) -> str:
     lines = [f"{res['device']['gpu_name']}: copy ceiling {res['copy_ceiling_gbs']:.0f} GB/s (read+write); "
-             "us, GB/s, % ceil: GPU time (calls replayed from a CUDA graph); eager us: issued from Python",
-             f"{'kernel':58s} {'bytes':>12s} {'us':>9s} {'GB/s':>8s} {'% ceil':>7s} {'eager us':>9s}"]
+             "us, GB/s, % ceil: GPU time (timed: graph = calls replayed from a CUDA graph, held = queued behind "
+             "a spin kernel, as cuBLAS cannot be captured through CuPy); eager us: issued from Python",
+             f"{'kernel':58s} {'bytes':>12s} {'us':>9s} {'GB/s':>8s} {'% ceil':>7s} {'eager us':>9s} {'timed':>6s}"]
     for r in res["rows"]:
         lines.append(f"{r['kernel']:58s} {r['bytes']:12,d} {r['us']:9.1f} {r['gbs']:8.0f} {r['pct_ceiling']:7.1f}"
-                     f" {r['eager_us']:9.1f}")
+                     f" {r['eager_us']:9.1f} {r['timing']:>6s}")
     return "\n".join(lines)
 
 
