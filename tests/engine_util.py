@@ -3,6 +3,8 @@ import functools
 import json
 import os
 
+import pytest
+
 from ds4bench.engine import config
 from ds4bench.engine.generate import Engine, generate
 from ds4bench.engine.prompts import load_prompts
@@ -52,3 +54,15 @@ def write_golden() -> None:
 if __name__ == "__main__":
     write_golden()
     print(f"wrote {GOLDEN}")
+
+
+def require_gpu():
+    """CuPy with a CUDA device, or skip the calling test module: call at module level of a
+    gpu-marked module (`cp = require_gpu()`)."""
+    cp = pytest.importorskip("cupy")
+    try:
+        if cp.cuda.runtime.getDeviceCount() < 1:
+            raise RuntimeError
+    except Exception:
+        pytest.skip("no CUDA device", allow_module_level=True)
+    return cp

@@ -25,15 +25,10 @@ import pytest
 from ds4bench.engine import config, formats as F
 from ds4bench.engine.ops_ref import RefOps, _sub
 
-from .engine_util import default_prompts, tiny_model
+from .engine_util import default_prompts, require_gpu, tiny_model
 
-cp = pytest.importorskip("cupy")
+cp = require_gpu()
 pytestmark = pytest.mark.gpu
-try:
-    if cp.cuda.runtime.getDeviceCount() < 1:
-        raise RuntimeError
-except Exception:
-    pytest.skip("no CUDA device", allow_module_level=True)
 
 from ds4bench.engine import kernels  # noqa: E402
 from ds4bench.engine.generate import Engine, generate  # noqa: E402

@@ -16,13 +16,10 @@ from ds4bench.engine import faults as FL
 from ds4bench.engine import formats as F
 from ds4bench.engine.ops_ref import _sub
 
-cp = pytest.importorskip("cupy")
+from .engine_util import require_gpu
+
+cp = require_gpu()
 pytestmark = pytest.mark.gpu
-try:
-    if cp.cuda.runtime.getDeviceCount() < 1:
-        raise RuntimeError
-except Exception:
-    pytest.skip("no CUDA device", allow_module_level=True)
 
 from ds4bench.engine import kernels  # noqa: E402
 

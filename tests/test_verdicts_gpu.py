@@ -4,13 +4,10 @@ broken kernel is named at the stage the kernel serves."""
 import numpy as np
 import pytest
 
-cp = pytest.importorskip("cupy")
+from .engine_util import require_gpu
+
+cp = require_gpu()
 pytestmark = pytest.mark.gpu
-try:
-    if cp.cuda.runtime.getDeviceCount() < 1:
-        raise RuntimeError
-except Exception:
-    pytest.skip("no CUDA device", allow_module_level=True)
 
 from ds4bench.harness import probe as PR  # noqa: E402
 from ds4bench.engine.generate import make_ops  # noqa: E402
