@@ -72,6 +72,17 @@ def test_gpu_spec_expands_cache_placement_batch():
     assert {c.params["placement"] for c in cells} == set(M.PLACEMENTS)
 
 
+@pytest.mark.parametrize("name", sorted(p.stem for p in M.MATRICES_DIR.glob("*.toml")))
+def test_every_shipped_spec_loads_and_expands(name):
+    """A spec in benchmarks/matrices/ that a script or the docs name must not fail at its first
+    GPU call: each one parses, validates and expands to cells with one baseline a group."""
+    spec = M.load_spec(name)
+    backend = "external" if spec.engine != "ds4bench" else "cupy"
+    cells, _ = M.expand(spec, backend)
+    assert cells and all(c.baseline_cell for c in cells)
+    assert {c.baseline_cell for c in cells} <= {c.cell_id for c in cells if c.is_baseline}
+
+
 def test_excludes_and_an_added_baseline():
     spec = M.spec_from_mapping({"cache": ["q8", "f16"], "batch": [1, 16],
                                 "exclude": [{"cache": "q8", "batch": 16}]}, "test")

@@ -46,6 +46,11 @@ SMEM_DEFAULT_MAX = 48 * 1024         # dynamic shared memory a launch gets witho
 # but a captured step without the fused kernel decoded no faster (14ae248 against 9a7c7c5,
 # results/runs/20261126-0456-h200-flash-4l-graph-nofuse-*), so the captured step fuses too.
 FUSED_Q8_MAX_WORK = 1 << 20
+# The wide matvec's CTAs are more (a CTA reads fewer rows), so the fused kernel's redundant
+# quantization costs more per byte read. H100, bench-kernels at 2dfb77f (captured, fused against
+# quantize + matmul): won at 0.13M (attn_output_a 4.7 against 5.3 us), lost at 0.5M (ffn_down_shexp
+# 9.2 against 7.1) and at 1M (attn_q_a 11.1 against 5.3, attn_kv 10.2 against 4.5).
+FUSED_Q8W_MAX_WORK = 1 << 18
 ROUTE_MAX_USED = kernels.define("router.cu", "RT_MAX_USED")
 HC_MAX_STREAMS = kernels.define("hc.cu", "HC_MAX_STREAMS")
 TOPK_COUNT_MAX = 1 << 32             # comparisons above which an eager top-k sorts instead of ranking
@@ -159,7 +164,8 @@ class GpuOps(Ops):
     def _q8(self, name: str, x: cp.ndarray, O: int, K: int, rows_per_group: int) -> cp.ndarray:
         """x [N, G*K] -> [N, O] with Q8_0 weights; groups of rows read their K-slice of x.
         One launch with the quantization fused in where the token tile's quantized activations
-        fit shared memory and the blocks' repeated quantization is cheap (FUSED_Q8_MAX_WORK),
+        fit shared memory and the blocks' repeated quantization is cheap (FUSED_Q8_MAX_WORK,
+        FUSED_Q8W_MAX_WORK for the wide matvec),
         else quantize_q8_0 then the matmul (the same bits either way). The matmul is
         matmul_q8_0, or with DS4BENCH_Q8_KERNEL=wide and at most TOKEN_TILE tokens
         matmul_q8_0_wide_<N> (the reference's result too; S = 32 threads a row gives
@@ -173,12 +179,13 @@ class GpuOps(Ops):
             tail = (np.int32(O), np.int32(K), np.int32(rows_per_group), np.int32(stride), np.int32(S))
             grid = (-(-O // rows),)
             static = 8 * N * Q8W_THREADS // 32             # q8w_rows' static `red`: a double a warp and token
+            max_work = FUSED_Q8W_MAX_WORK
         else:
             rows, block = ROWS_PER_BLOCK, (256,)
             plain, fused = "matmul_q8_0", "matmul_q8_0_fused"
             tail = (np.int32(O), np.int32(K), np.int32(N), np.int32(rows_per_group), np.int32(stride))
-            grid, static = _grid(O, N), 0
-        fuse = smem + static <= SMEM_DEFAULT_MAX and K * grid[0] <= FUSED_Q8_MAX_WORK   # grid[0]: blocks of rows
+            grid, static, max_work = _grid(O, N), 0, FUSED_Q8_MAX_WORK
+        fuse = smem + static <= SMEM_DEFAULT_MAX and K * grid[0] <= max_work   # grid[0]: blocks of rows
         y = cp.empty((N, O), dtype=cp.float32)
         if fuse and rows_per_group % rows == 0 and "q8quant" not in self.unfused:
             self._fn("q8_0.cu", fused, name)(grid, block, (self.w[name], x, y) + tail, shared_mem=smem)
