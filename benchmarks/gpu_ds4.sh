@@ -9,7 +9,8 @@
 #   3. ds4bench matrix --engine ds4, batch 1, over DS4_CUDA_NO_Q8_F16_CACHE (the batched Q8
 #      matmuls of prefill through F16 copies, off) and DS4_CUDA_NO_Q8_DP4A (the dp4a Q8 dot
 #      products, off): each alone and neither, as results/runs/<stamp>-<card>-ds4
-#   4. our CuPy engine on the same file, q8, device placement, batch 1, as results/runs/<stamp>-<card>-ds4bench-flash
+#   4. our CuPy engine on the same file, q8, device placement, batch 1, the decode graph (how
+#      batch-1 speed is measured, docs/speed.md), as results/runs/<stamp>-<card>-ds4bench-flash
 #      (no stage probe: its NumPy reference at full Flash would take the call)
 #   5. benchmarks/compare_engines.py: every ds4 cell against ours, prompt by prompt
 # Environment:
@@ -18,7 +19,7 @@
 #   DS4_SRC=.ds4src   the ds4 clone      ARCH=sm_90 (default: the card's)   CUBLAS=DIR (default: found)
 #   WORKERS=12        writer processes (the file takes 87 GB of the 128 GiB in memory; each worker up to 1.5 GiB, one 8)
 #   N=16              tokens per prompt  PROMPTS=capital (one prompt; smoke: three, about 3x the matrix time)
-#   OUT=DIR           also write ds4-<card>.txt (the log, as it goes) and ds4-<card>.tgz (the runs, without fingerprints) there
+#   OUT=DIR           also write ds4-<card>.txt (the log, as it goes) and ds4-<card>.tgz (the runs, fingerprints included: compare_engines.py reads them) there
 #   DEADLINE_S=S      a matrix still running S seconds after the start is stopped with SIGTERM (its finished
 #                     cells kept), so that the comparison and the tarball are written inside a call's limit
 # Expected on an H200 (estimates from the device notes: ds4's build ~30 s, the write ~90 s with 15
@@ -82,8 +83,8 @@ matrix --engine ds4 --preset "$preset" --model "$model" -n "$n" --prompts "$prom
   --exclude env.DS4_CUDA_NO_Q8_F16_CACHE=1,env.DS4_CUDA_NO_Q8_DP4A=1 --id "$ds4_id" 2>>"$log" | tee -a "$log"
 say "exit status $? (0: every cell identical, close or drift)"
 
-say "## our engine on the same file: q8, device, batch 1"
-DS4BENCH_PROBE_TOKENS=0 matrix --preset "$preset" --model "$model" --mode q8 --placement device \
+say "## our engine on the same file: q8, device, batch 1, decode graph"
+DS4BENCH_PROBE_TOKENS=0 DS4BENCH_DECODE_GRAPH=on matrix --preset "$preset" --model "$model" --mode q8 --placement device \
   --batch 1 --nvtx off --baseline cache=q8,placement=device,batch=1 -n "$n" --prompts "$prompts" --reps 1 \
   --id "$ours_id" 2>>"$log" | tee -a "$log"
 say "exit status $?"
@@ -91,7 +92,7 @@ say "exit status $?"
 say "## ds4's cells against ours"
 python3 benchmarks/compare_engines.py "results/runs/$ours_id" "results/runs/$ds4_id" | tee -a "$log"
 if [ -n "${OUT:-}" ]; then
-  tar czf "$OUT/ds4-$card.tgz" --exclude=fingerprints $(ls -d "results/runs/$ds4_id" "results/runs/$ours_id" 2>/dev/null)
+  tar czf "$OUT/ds4-$card.tgz" $(ls -d "results/runs/$ds4_id" "results/runs/$ours_id" 2>/dev/null)
 else
   rm -f "$log"
 fi
