@@ -154,6 +154,40 @@ def test_reference_cache(tmp_path, monkeypatch):
         tmp_path, PR.model_key(params), "f32", ids, 2)
 
 
+def _reference_in_a_process(cache_dir, counter, go):
+    """A cell's process asking for the f32 reference; each computation appends to `counter`."""
+    real = PR.record_reference
+
+    def counted(*a, **kw):
+        with open(counter, "a") as fh:
+            fh.write("computed\n")
+        return real(*a, **kw)
+
+    PR.record_reference = counted
+    go.wait()
+    ids = PR.probe_tokens(smoke_prompts(), 20)
+    params = {"preset": "tiny", "variant": None, "seed": 0, "model_file": None}
+    ref, _ = PR.reference(tiny_model(0), params, "f32", ids, 2, cache_dir)
+    assert ref["fed"]
+
+
+def test_cells_at_once_compute_the_reference_once(tmp_path):
+    """Three processes that want the same reference at the same moment (cells of one mode through
+    the pool): one computes it, the others wait for its cache file and read it."""
+    import multiprocessing as mp
+    ctx = mp.get_context("fork")
+    go, counter = ctx.Event(), tmp_path / "computed.txt"
+    procs = [ctx.Process(target=_reference_in_a_process, args=(tmp_path / "cache", counter, go)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    go.set()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert counter.read_text().count("computed") == 1
+    assert len(list((tmp_path / "cache").glob("probe-ref-f32-*.npz"))) == 1
+
+
 def test_a_lead_puts_the_probe_past_the_window_and_the_top_k(tmp_path):
     """Probed from position 0, 16 tokens (+4 steps) stay inside tiny's 32-row window and below its
     indexer top-k: the window and top-k faults escape. With the lead (the reference alone runs
