@@ -2,6 +2,7 @@
 the spec's small pieces of math, conditioning of synthetic models, and golden outputs."""
 import json
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -74,6 +75,33 @@ def test_batch_fills_every_slot_with_replicas():
     assert [f.prompt_id for f in res.fingerprints] == ["a", "b"]
     assert all(f.replica_mismatch == 0 for f in res.fingerprints)
     assert res.timing.step_tokens == [4, 4, 4]
+
+
+def test_experts_in_threads_give_the_serial_bits(monkeypatch):
+    """The reference computes a big call's routed experts in parallel threads (each its own rows,
+    the layouts' memo shared): the output is the serial loop's, bit for bit, with the memo held
+    to a budget of about one layout so that threads evict each other's entries."""
+    from ds4bench.engine import formats, ops_ref
+    ops = RefOps(tiny_model(0), "q8")
+    cfg = ops.cfg
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((40, cfg.n_embd)).astype(np.float32)
+    sel = np.stack([rng.permutation(cfg.n_expert)[:cfg.n_expert_used] for _ in range(40)])
+    w = rng.random((40, cfg.n_expert_used)).astype(np.float32)
+    serial = ops.experts(1, x, sel, w)
+    monkeypatch.setattr(ops_ref, "PARALLEL_EXPERT_WEIGHTS", 0)
+    monkeypatch.setattr(ops_ref, "EXPERT_THREADS", 4)
+    monkeypatch.setattr(formats.PREPARED, "budget", 1)
+    threads, real = set(), formats.int_matmul
+
+    def counted(*a, **k):
+        threads.add(threading.get_ident())
+        return real(*a, **k)
+
+    monkeypatch.setattr(formats, "int_matmul", counted)
+    threaded = ops.experts(1, x, sel, w)
+    assert len(threads) > 1                                     # it did run in several threads
+    np.testing.assert_array_equal(threaded, serial)
 
 
 def test_snapshot_restore_rolls_back():

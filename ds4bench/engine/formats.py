@@ -34,6 +34,7 @@ rounding on the e4m3fn (max 448, subnormal step 2⁻⁹) or e2m1 ({0, .5, 1, 1.5
 """
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -281,37 +282,42 @@ class PreparedMemo:
     tensor: entries are keyed by where their arrays live and hold those arrays, so a key cannot
     be reused while its entry exists. Unbounded, a reference run that touches every routed
     expert (a prefill of a few thousand tokens on Flash shapes: 256 experts x 3 matrices x 4
-    layers of 34 MB) would keep 100 GB of layouts; the newest entry is always kept."""
+    layers of 34 MB) would keep 100 GB of layouts; the newest entry is always kept. Threads may
+    share it (the reference's experts are computed in parallel): a lock guards the order."""
 
     def __init__(self, budget: int = PREPARED_BUDGET):
         self.budget, self.nbytes, self._d = budget, 0, OrderedDict()
+        self._lock = threading.Lock()
 
     @staticmethod
     def _size(p: "_Prepared") -> int:
         return sum(a.nbytes for a in (p.w, p.dw, p.m, p.dmin) if a is not None)
 
     def get(self, key):
-        p = self._d.get(key)
-        if p is not None:
-            self._d.move_to_end(key)
-        return p
+        with self._lock:
+            p = self._d.get(key)
+            if p is not None:
+                self._d.move_to_end(key)
+            return p
 
     def __setitem__(self, key, p: "_Prepared") -> None:
-        old = self._d.pop(key, None)
-        if old is not None:
-            self.nbytes -= self._size(old)
-        self._d[key] = p
-        self.nbytes += self._size(p)
-        while self.nbytes > self.budget and len(self._d) > 1:
-            _, gone = self._d.popitem(last=False)
-            self.nbytes -= self._size(gone)
+        with self._lock:
+            old = self._d.pop(key, None)
+            if old is not None:
+                self.nbytes -= self._size(old)
+            self._d[key] = p
+            self.nbytes += self._size(p)
+            while self.nbytes > self.budget and len(self._d) > 1:
+                _, gone = self._d.popitem(last=False)
+                self.nbytes -= self._size(gone)
 
     def __len__(self) -> int:
         return len(self._d)
 
     def clear(self) -> None:
-        self._d.clear()
-        self.nbytes = 0
+        with self._lock:
+            self._d.clear()
+            self.nbytes = 0
 
 
 PREPARED = PreparedMemo()

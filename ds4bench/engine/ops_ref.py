@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from gguf import GGMLQuantizationType as QT
@@ -24,6 +27,12 @@ from .engine_api import Ops
 from .gguf_io import ModelFile
 
 CACHE_MODES = ("q8", "f16", "f32")
+# Routed experts are computed in parallel threads (NumPy releases the GIL in the layout build and
+# the matmuls; each expert writes its own rows) when a layer's call touches at least this many
+# expert weights: a prefill on Flash shapes builds each touched expert's int_matmul layout, which
+# is most of a flash-4l reference's time. Small models and single tokens stay serial.
+PARALLEL_EXPERT_WEIGHTS = 1 << 26
+EXPERT_THREADS = min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 # Q8_0 tensors the dequant cache covers (ds4-spec 6.3): attention projections and shared expert.
 CACHE_ELIGIBLE = ("attn_q_a.weight", "attn_q_b.weight", "attn_kv.weight", "attn_output_a.weight",
                   "attn_output_b.weight", "ffn_gate_shexp.weight", "ffn_up_shexp.weight",
@@ -205,7 +214,8 @@ class RefOps(Ops):
             w = np.roll(w, -1, axis=1)                     # slot a scaled by slot (a + 1) % A's weight
         xq, xd, xb = F.quantize_act_q8_k(np.ascontiguousarray(x, dtype=np.float32))
         y = np.zeros((N, A, x.shape[1]), dtype=np.float32)                             # [N, A, D]
-        for e in np.unique(sel):
+
+        def expert(e):
             n, a = np.nonzero(sel == e)
             ge, ue, de = _sub(Wg, e), _sub(Wu, e), _sub(Wd, e)
             g = F.int_matmul(ge, xq[n], xd[n], xb[n])                                  # [n_e, F]
@@ -214,6 +224,15 @@ class RefOps(Ops):
             mid = (g / (1.0 + np.exp(-g))) * np.clip(u, -c, c) * w[n, a][:, None]      # [n_e, F]
             mq, md, mb = F.quantize_act_q8_k(mid.astype(np.float32))
             y[n, a] = F.int_matmul(de, mq, md, mb)                                     # [n_e, D]
+
+        used = np.unique(sel)
+        per_expert = sum(math.prod(W.shape[1:]) for W in (Wg, Wu, Wd))
+        if EXPERT_THREADS > 1 and len(used) > 1 and len(used) * per_expert >= PARALLEL_EXPERT_WEIGHTS:
+            with ThreadPoolExecutor(min(EXPERT_THREADS, len(used))) as pool:
+                list(pool.map(expert, used))                                           # raises what a thread raised
+        else:
+            for e in used:
+                expert(e)
         out = y[:, 0].copy()
         for a in range(1, A):                                                          # fixed summation order
             out += y[:, a]
