@@ -104,6 +104,24 @@ def test_experts_in_threads_give_the_serial_bits(monkeypatch):
     np.testing.assert_array_equal(threaded, serial)
 
 
+@pytest.mark.parametrize("cache", ["q8", "f32"])
+def test_prepare_in_threads_expands_the_same_weights(monkeypatch, cache):
+    """The start-up expansion of a large model runs in threads: every tensor's expansion is the
+    serial one's."""
+    from ds4bench.engine import ops_ref
+    serial = RefOps(tiny_model(0), cache)
+    monkeypatch.setattr(ops_ref, "PARALLEL_EXPERT_WEIGHTS", 0)
+    monkeypatch.setattr(ops_ref, "EXPERT_THREADS", 4)
+    threaded = RefOps(tiny_model(0), cache)
+    assert threaded._int.keys() == serial._int.keys() and threaded._dense.keys() == serial._dense.keys()
+    assert any(n.endswith("_exps.weight") for n in threaded._int)
+    for name, W in serial._int.items():
+        V = threaded._int[name]
+        assert all(np.array_equal(getattr(W, f), getattr(V, f)) for f in ("q", "sc", "d") ), name
+    for name, W in serial._dense.items():
+        np.testing.assert_array_equal(threaded._dense[name], W)
+
+
 def test_snapshot_restore_rolls_back():
     eng = engine()
     first = eng.prefill(0, prompt(90))

@@ -30,7 +30,8 @@ CACHE_MODES = ("q8", "f16", "f32")
 # Routed experts are computed in parallel threads (NumPy releases the GIL in the layout build and
 # the matmuls; each expert writes its own rows) when a layer's call touches at least this many
 # expert weights: a prefill on Flash shapes builds each touched expert's int_matmul layout, which
-# is most of a flash-4l reference's time. Small models and single tokens stay serial.
+# is most of a flash-4l reference's time. The start-up expansion (`prepare`) is threaded past the
+# same size. Small models stay serial; the results are the same bits either way.
 PARALLEL_EXPERT_WEIGHTS = 1 << 26
 EXPERT_THREADS = min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 # Q8_0 tensors the dequant cache covers (ds4-spec 6.3): attention projections and shared expert.
@@ -78,12 +79,24 @@ class RefOps(Ops):
 
     def prepare(self) -> None:
         """Expand every projection once up front, so no timed step pays for it (the GPU engine
-        builds its dequant cache at start-up the same way)."""
+        builds its dequant cache at start-up the same way). Tensors are independent: a large
+        model expands them in threads (flash-4l's routed experts alone are 3,072 matrices)."""
+        work, weights = [], 0
         for name, t in self.model.tensors.items():
             if t.qtype in (QT.Q8_0, QT.F16) and len(t.spec.shape) == 2 and t.spec.kind != "embedding":
-                self.intw(name) if self.path(name) == "q8" else self.dense(name)
+                work.append(self.intw if self.path(name) == "q8" else self.dense)
             elif t.spec.kind == "experts":
-                self.intw(name)
+                work.append(self.intw)
+            else:
+                continue
+            work[-1] = functools.partial(work[-1], name)
+            weights += math.prod(t.spec.shape)
+        if EXPERT_THREADS > 1 and len(work) > 1 and weights >= PARALLEL_EXPERT_WEIGHTS:
+            with ThreadPoolExecutor(EXPERT_THREADS) as pool:
+                list(pool.map(lambda f: f(), work))
+        else:
+            for f in work:
+                f()
 
     # -- weights ---------------------------------------------------------------------------------
     def param(self, name: str) -> np.ndarray:
