@@ -3,6 +3,8 @@
     ds4bench faults                          # benchmarks/matrices/faults-tiny.toml (faults-gpu on a GPU)
     ds4bench faults --spec faults-gpu --batch 1,16 --seed 1
     ds4bench faults --list                   # the catalogue (ds4bench/engine/faults.py) as markdown
+    ds4bench faults --resume RUN             # finish an interrupted faults run, then its table
+    ds4bench faults --report RUN             # the table of a run as it stands (cells not run: said)
 
 A faults spec is an ordinary matrix spec with an env axis over DS4BENCH_FAULT: healthy cells
 (the variable unset) in every mode, and one cell per fault. After the run, `confusion.md` (and
@@ -10,8 +12,8 @@ A faults spec is an ordinary matrix spec with an env axis over DS4BENCH_FAULT: h
 the verdict, the stage and layer the verdict names (record fields `verdict_stage` and
 `verdict_layer` where the verdicts provide them), whether the fault was caught (verdict broken)
 and whether the named stage is the fault's; then, per healthy cell, whether it was falsely
-flagged broken. Exit status: 0 when every fault is caught and no healthy cell is broken, 1
-otherwise, 2 for a user error.
+flagged broken. Exit status: 0 when every cell ran, every fault is caught and no healthy cell is
+broken, 1 otherwise, 2 for a user error.
 """
 from __future__ import annotations
 
@@ -29,7 +31,10 @@ def register(sub) -> None:
     _run_args(p)
     executor_args(p)
     p.add_argument("--list", action="store_true", help="print the fault catalogue and exit")
-    p.set_defaults(func=cmd_faults, trace=False, trace_one=False, resume=None)
+    p.add_argument("--resume", metavar="RUN", help="finish an interrupted faults run, then write its table")
+    p.add_argument("--report", metavar="RUN",
+                   help="write and print the table of a run as it stands, running no cell (a partial run says so)")
+    p.set_defaults(func=cmd_faults, trace=False, trace_one=False)
 
 
 def cmd_faults(a) -> int:
@@ -40,22 +45,37 @@ def cmd_faults(a) -> int:
     if a.list:
         sys.stdout.write(FL.catalogue_md())
         return 0
-    if a.spec is None:
-        from .harness.matrix import resolve_backend
-        a.spec = "faults-gpu" if resolve_backend(a.backend or "auto")[0] == "cupy" else "faults-tiny"
-    cmd_matrix(a)
-    run = RunDir.open(str(a.run_path), a.out)
+    if a.report:
+        if a.resume:
+            raise UserError("--report reads a run as it stands; drop --resume")
+        try:
+            run = RunDir.open(a.report, a.out)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    else:
+        if a.spec is None and not a.resume:
+            from .harness.matrix import resolve_backend
+            a.spec = "faults-gpu" if resolve_backend(a.backend or "auto")[0] == "cupy" else "faults-tiny"
+        cmd_matrix(a)
+        run = RunDir.open(str(a.run_path), a.out)
     recs = run.records()
-    if not any(FAULT_VAR in (r.get("env") or {}) for r in recs):
-        raise UserError(f"spec {a.spec}: no cell sets {FAULT_VAR}; a faults spec needs an env axis "
+    planned = run.meta().get("cells") or []
+    if not any(FAULT_VAR in (r.get("env") or {}) for r in recs) and not any(
+            FAULT_VAR in ((c.get("params") or {}).get("env") or {}) for c in planned):
+        raise UserError(f"run {run.run_id}: no cell sets {FAULT_VAR}; a faults spec needs an env axis "
                         f"{FAULT_VAR} = [\"unset\", <faults>]")
     table = confusion(recs)
     md = confusion_md(table, run.run_id)
+    missing = len(planned) - len(recs)
+    if missing > 0:
+        table["missing"] = missing
+        md += (f"\n(partial: {missing} of {len(planned)} cells have no record; finish them with "
+               f"`ds4bench faults --resume {run.run_id}`)\n")
     (run.path / "confusion.md").write_text(md, encoding="utf-8")
     (run.path / "confusion.json").write_text(json.dumps(table, indent=1), encoding="utf-8")
     sys.stdout.write("\n" + md)
     print(f"confusion table: {run.path / 'confusion.md'}", file=sys.stderr)
-    return int(bool(table["escaped"] or table["false_broken"]))
+    return int(bool(table["escaped"] or table["false_broken"] or table.get("missing")))
 
 
 def confusion(recs: list[dict]) -> dict:

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -292,6 +293,32 @@ def test_fault_specs_cover_the_catalogue():
         cells, _ = M.expand(spec, "numpy")
         faulted = [c for c in cells if "DS4BENCH_FAULT" in c.params["env"]]
         assert {c.params["cache"] for c in faulted} == {"q8"} and cells[0].params["env_unset"] == ["DS4BENCH_FAULT"]
+
+
+def test_report_on_a_partial_run_says_what_is_missing(tmp_path):
+    """`ds4bench faults --report RUN` writes the table of a run as it stands, running nothing: a
+    run stopped early (a call's deadline) says how many cells have no record and how to finish
+    them, and exits 1 even when the cells it has are all caught."""
+    import shutil
+    src = Path(REPO) / "results" / "runs" / "20261204-1754-h200-faults-q8-s0"
+    run = tmp_path / "partial"
+    shutil.copytree(src, run, ignore=shutil.ignore_patterns("confusion.*", "cells.parquet", "cells.csv"))
+    lines = (run / "cells.jsonl").read_text().splitlines()
+    recs = [json.loads(x) for x in lines]
+    keep = [x for x, r in zip(lines, recs) if r["verdict"] == "broken" or not (r.get("env") or {}).get("DS4BENCH_FAULT")]
+    (run / "cells.jsonl").write_text("\n".join(keep) + "\n")
+    planned = len(json.loads((run / "run.json").read_text())["cells"])
+    env = {**os.environ, "PYTHONPATH": REPO}
+    r = subprocess.run([sys.executable, "-m", "ds4bench", "faults", "--report", str(run)], capture_output=True,
+                       text=True, env=env, cwd=REPO, timeout=300)
+    assert r.returncode == 1, r.stderr[-2000:]
+    md = (run / "confusion.md").read_text()
+    assert f"partial: {planned - len(keep)} of {planned} cells have no record" in md
+    assert "faults --resume partial" in md and "escaped" not in md and "falsely broken (" not in md
+    assert md in r.stdout
+    r = subprocess.run([sys.executable, "-m", "ds4bench", "faults", "--report", str(run), "--resume", "x"],
+                       capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert r.returncode == 2 and "drop --resume" in r.stderr
 
 
 def test_confusion_table_marks_escapes_and_false_alarms():
