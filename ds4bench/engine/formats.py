@@ -347,10 +347,14 @@ def _prepared(W: IntWeights) -> _Prepared:
         O, n = W.q.shape
         nb, spb = n // W.blk, W.blk // W.sub
         w = W.q.astype(F32).reshape(O, n // W.sub, W.sub)                       # [O, nsub, sub]
+        # Σ|sc·q| per sub-block in integers (one pass over the int8 weights); a group of g ≥ sub
+        # weights sums whole sub-blocks (the worst cases above keep g ≥ sub)
+        mag = np.abs(W.q.reshape(O, n // W.sub, W.sub), dtype=np.int16).sum(axis=-1, dtype=np.int64)
         if W.qtype != QT.Q8_0:
             w *= W.sc[:, :, None]                                                # exact, |sc·q| ≤ 1333
+            mag *= np.abs(W.sc.astype(np.int64))
         g = W.blk
-        while np.abs(w).reshape(O, n // g, g).sum(axis=-1).max(initial=0) > _EXACT_F32_SUM:
+        while g > W.sub and mag.reshape(O, n // g, g // W.sub).sum(axis=-1).max(initial=0) > _EXACT_F32_SUM:
             g //= 2
         w = np.ascontiguousarray(w.reshape(O, n // g, g).transpose(1, 0, 2))     # [G, O, g]
         per_block = lambda a: np.ascontiguousarray(a.T, dtype=np.float64)[:, None, :]  # [nb, 1, O]
