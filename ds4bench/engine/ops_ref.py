@@ -91,12 +91,7 @@ class RefOps(Ops):
                 continue
             work[-1] = functools.partial(work[-1], name)
             weights += math.prod(t.spec.shape)
-        if EXPERT_THREADS > 1 and len(work) > 1 and weights >= PARALLEL_EXPERT_WEIGHTS:
-            with ThreadPoolExecutor(EXPERT_THREADS) as pool:
-                list(pool.map(lambda f: f(), work))
-        else:
-            for f in work:
-                f()
+        _each(lambda f: f(), work, weights)
 
     # -- weights ---------------------------------------------------------------------------------
     def param(self, name: str) -> np.ndarray:
@@ -239,18 +234,24 @@ class RefOps(Ops):
             y[n, a] = F.int_matmul(de, mq, md, mb)                                     # [n_e, D]
 
         used = np.unique(sel)
-        per_expert = sum(math.prod(W.shape[1:]) for W in (Wg, Wu, Wd))
-        if EXPERT_THREADS > 1 and len(used) > 1 and len(used) * per_expert >= PARALLEL_EXPERT_WEIGHTS:
-            with ThreadPoolExecutor(min(EXPERT_THREADS, len(used))) as pool:
-                list(pool.map(expert, used))                                           # raises what a thread raised
-        else:
-            for e in used:
-                expert(e)
+        _each(expert, used, len(used) * sum(math.prod(W.shape[1:]) for W in (Wg, Wu, Wd)))
         out = y[:, 0].copy()
         for a in range(1, A):                                                          # fixed summation order
             out += y[:, a]
         return out
 
+
+
+def _each(fn, items, weights: int) -> None:
+    """fn(item) for every item: in up to EXPERT_THREADS threads when the work touches at least
+    PARALLEL_EXPERT_WEIGHTS weights (each call writes its own output), else in order. Raises what
+    a call raised."""
+    if EXPERT_THREADS > 1 and len(items) > 1 and weights >= PARALLEL_EXPERT_WEIGHTS:
+        with ThreadPoolExecutor(min(EXPERT_THREADS, len(items))) as pool:
+            list(pool.map(fn, items))
+    else:
+        for item in items:
+            fn(item)
 
 
 def _faulted(W: F.IntWeights, name: str, faults) -> F.IntWeights:
