@@ -319,6 +319,9 @@ def test_report_on_a_partial_run_says_what_is_missing(tmp_path):
     r = subprocess.run([sys.executable, "-m", "ds4bench", "faults", "--report", str(run), "--resume", "x"],
                        capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert r.returncode == 2 and "drop --resume" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "ds4bench", "faults", "--report", str(tmp_path / "none")],
+                       capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "no run.json" in r.stderr
 
 
 def test_confusion_table_marks_escapes_and_false_alarms():
