@@ -3,6 +3,7 @@ deep synthetic network say little about whether a kernel is right (docs/verdicts
 
     python -m benchmarks.perturbation_growth --preset small [--mode f32] [--eps 1e-4] [--backend numpy]
     python -m benchmarks.perturbation_growth --preset flash --model F.gguf --backend cupy --json out.json
+    python -m benchmarks.perturbation_growth --preset small --branch-rms 0.05   # a conditioning experiment
 
 Two measurements on the prompt set's prefill (teacher-forced: every run sees the same tokens):
   1. injected: the hyper-connection state after layer 0's attention is multiplied by (1 + eps*z),
@@ -26,6 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from ds4bench.engine import synth  # noqa: E402
 from ds4bench.engine.generate import Engine  # noqa: E402
 from ds4bench.engine.model import no_tap  # noqa: E402
 from ds4bench.engine.models import load_model  # noqa: E402
@@ -33,6 +35,9 @@ from ds4bench.engine.prompts import load_prompts  # noqa: E402
 from ds4bench.engine.tokenizer import Tokenizer  # noqa: E402
 
 MODES = ("f32", "q8", "f16")
+# layer 0's FFN sublayer, where a first amplifier shows: its input, the shared expert (float path)
+# and the routed experts (Q8_K activations)
+FFN0 = {"hc_pre": "ffn input", "moe.shared": "shared expert", "moe.experts": "routed experts"}
 
 
 class StateTap:
@@ -43,6 +48,7 @@ class StateTap:
         self.eps, self.seed = eps, seed
         self.states: list[np.ndarray] = []
         self.routes: list[np.ndarray] = []             # each layer's selected experts [N, A], sorted
+        self.ffn0: dict[str, np.ndarray] = {}          # layer 0's FFN: its input, shared and routed outputs
         self.logits: np.ndarray | None = None
 
     def __call__(self, stage: str, il: int, *arrays):
@@ -58,6 +64,8 @@ class StateTap:
             self.states.append(_host(x).astype(np.float64))
         elif stage == "moe.router":
             self.routes.append(np.sort(_host(arrays[0]), axis=-1))
+        if il == 0 and stage in FFN0:                      # hc_pre twice a layer: the FFN's is the last
+            self.ffn0[FFN0[stage]] = _host(arrays[0]).astype(np.float64)
         elif stage == "head":
             self.logits = _host(out).astype(np.float64)
         return out
@@ -89,6 +97,7 @@ def compare(test: StateTap, base: StateTap) -> dict:
     lt, lb = test.logits.reshape(-1, test.logits.shape[-1]), base.logits.reshape(-1, base.logits.shape[-1])
     routed = [float((t != b).any(-1).mean()) for t, b in zip(test.routes, base.routes)]
     return {"sublayer": d, "layer": layer_out, "routes_changed": routed,
+            "ffn0": {k: rel(test.ffn0[k], base.ffn0[k]) for k in base.ffn0},
             "growth_per_layer": math.exp(np.mean(np.log(ratios))) if ratios else None,
             "logit_nmse": rel(lt, lb) ** 2,
             "top1_changed": float((lt.argmax(-1) != lb.argmax(-1)).mean()),
@@ -102,30 +111,55 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--mode", default="f32", choices=MODES, help="the run the others are measured against")
     ap.add_argument("--backend", default="numpy", choices=("numpy", "cupy"))
-    ap.add_argument("--eps", type=float, default=1e-4, help="relative RMS of the injected error")
+    ap.add_argument("--eps", default="1e-4",
+                    help="relative RMS of the injected error; several (comma list) add a sweep table, the first "
+                         "one is the main table's")
     ap.add_argument("--prompts", default="smoke")
     ap.add_argument("--tokens", type=int, default=64, help="prefill positions (the prompts' tokens, cut or repeated)")
+    ap.add_argument("--branch-rms", type=float,
+                    help="synthesize the preset with this residual-branch RMS instead of synth.BRANCH_RMS "
+                         "(a conditioning experiment; not with --model)")
     ap.add_argument("--json", help="also write the numbers here")
     a = ap.parse_args(argv)
+    try:
+        eps = [float(e) for e in a.eps.split(",")]
+    except ValueError:
+        ap.error(f"--eps {a.eps!r}: numbers, comma-separated")
+    if a.branch_rms is not None:
+        if a.model:
+            ap.error("--branch-rms changes synthesized weights; it does not apply to --model")
+        synth.BRANCH_RMS = a.branch_rms
     mf = load_model(a.model, a.preset, None, a.seed)
     tok = Tokenizer.from_gguf_metadata(mf.metadata)
     ids = [t for p in load_prompts(a.prompts) for t in tok.chat(p.text)]
     ids = (ids * (a.tokens // max(1, len(ids)) + 1))[:a.tokens]
     base = run(mf, a.mode, a.backend, ids, StateTap())
     out = {"preset": mf.cfg.name, "layers": mf.cfg.n_layer, "mode": a.mode, "backend": a.backend,
-           "eps": a.eps, "tokens": len(ids), "injected": compare(run(mf, a.mode, a.backend, ids, StateTap(a.eps)), base),
+           "branch_rms": synth.BRANCH_RMS if not a.model else None,
+           "eps": eps[0], "tokens": len(ids),
+           "sweep": {e: compare(run(mf, a.mode, a.backend, ids, StateTap(e)), base) for e in eps},
            "modes": {m: compare(run(mf, m, a.backend, ids, StateTap()), base) for m in MODES if m != a.mode}}
-    print(f"# Perturbation growth: {out['preset']} ({out['layers']} layers), {a.backend}, against {a.mode}, "
+    rms = "" if a.branch_rms is None else f", branch RMS {a.branch_rms:g}"
+    print(f"# Perturbation growth: {out['preset']} ({out['layers']} layers{rms}), {a.backend}, against {a.mode}, "
           f"{len(ids)} prefill positions\n")
     print("| run | relative distance after each layer | growth per layer | tokens routed differently, per layer "
           "| head logit NMSE | top-1 changed |")
     print("|---|---|---|---|---|---|")
-    rows = [(f"{a.mode} with eps = {a.eps:g} injected after layer 0's attention", out["injected"])]
+    out["injected"] = out["sweep"][eps[0]]
+    rows = [(f"{a.mode} with eps = {eps[0]:g} injected after layer 0's attention", out["injected"])]
     rows += [(f"{m} against {a.mode}", r) for m, r in out["modes"].items()]
     for name, r in rows:
         g = r["growth_per_layer"]
         print(f"| {name} | {', '.join(f'{x:.2g}' for x in r['layer'])} | {'–' if g is None else f'{g:.2f}'} "
               f"| {', '.join(f'{x:.0%}' for x in r['routes_changed'])} | {r['logit_nmse']:.2g} | {r['top1_changed']:.0%} |")
+    f = out["injected"]["ffn0"]
+    print(f"\nLayer 0's FFN with eps injected (relative distance): input {f['ffn input']:.2g}, "
+          f"shared expert output {f['shared expert']:.2g}, routed experts output {f['routed experts']:.2g}")
+    if len(eps) > 1:
+        print("\n| eps | after layer 0's attention | after layer 0's FFN | after the last layer |\n|---|---|---|---|")
+        for e, r in out["sweep"].items():
+            print(f"| {e:g} | {r['sublayer'][0]:.2g} | {r['sublayer'][1]:.2g} | {r['sublayer'][-1]:.2g} |")
+    out["sweep"] = {f"{e:g}": r for e, r in out["sweep"].items()}
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1) + "\n")
     return 0
